@@ -1,0 +1,1 @@
+"""Reading inputs with validation and writing outputs atomically."""

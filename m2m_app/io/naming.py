@@ -1,0 +1,76 @@
+"""BIDS-Derivatives file names shared by ``m2m-train prepare`` and the app.
+
+Tensor maps follow BEP016 (``model-tensor_param-<p>_dwimap``), tractograms BEP046
+(``tract-<t>_track-<method>_tractogram``), everything in the T1w space.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Order of entities in a file name (BIDS entity table order, derivative entities last).
+ENTITY_ORDER = ("sub", "ses", "acq", "run", "from", "to", "mode", "space", "tract", "track",
+                "model", "param", "label", "desc")
+
+#: The tensor maps m2m writes: ``param`` value → (sidecar description, units).
+TENSOR_PARAMS: dict[str, tuple[str, str]] = {
+    "fa": ("fractional anisotropy", "arbitrary"),
+    "md": ("mean diffusivity", "mm^2/s"),
+    "ad": ("axial diffusivity (largest eigenvalue)", "mm^2/s"),
+    "rd": ("radial diffusivity (mean of the two smaller eigenvalues)", "mm^2/s"),
+    "diffusivity": ("diffusion tensor D11 D12 D13 D22 D23 D33 in the RAS+ world frame", "mm^2/s"),
+    "v1": ("principal eigenvector (x, y, z) in the RAS+ world frame", "unitless"),
+    "colfa": ("colour FA: |V1| * FA as red (left-right), green (anterior-posterior), blue (inferior-superior)",
+              "arbitrary"),
+}
+
+#: Track-density maps derived from a tractogram: ``param`` value → description.
+TDI_PARAMS: dict[str, str] = {
+    "tdi": "track density: number of streamlines visiting each voxel",
+    "dectdi": "directionally encoded track density: mean |segment direction| (R=x, G=y, B=z) per voxel",
+}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One unit of processing: a participant, optionally one of its sessions."""
+
+    participant: str
+    session: str | None = None
+
+    @property
+    def entities(self) -> dict[str, str]:
+        """The ``sub``/``ses`` entities of this unit."""
+        return {"sub": self.participant, **({"ses": self.session} if self.session else {})}
+
+    @property
+    def label(self) -> str:
+        """``sub-01`` or ``sub-01_ses-a``, used as a unique key in logs and tables."""
+        return "_".join(f"{k}-{v}" for k, v in self.entities.items())
+
+    def folder(self, root: Path, datatype: str) -> Path:
+        """``root/sub-X[/ses-Y]/<datatype>``."""
+        path = Path(root) / f"sub-{self.participant}"
+        if self.session:
+            path = path / f"ses-{self.session}"
+        return path / datatype
+
+
+def derivative_path(root: Path, subject: Subject, datatype: str, suffix: str,
+                    extension: str = ".nii.gz", **entities: str) -> Path:
+    """Build ``root/sub-X[/ses-Y]/<datatype>/sub-X[_ses-Y]_<entities>_<suffix><extension>``."""
+    unknown = set(entities) - set(ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"unknown BIDS entities {sorted(unknown)}")
+    all_entities = {**subject.entities, **entities}
+    parts = [f"{key}-{all_entities[key]}" for key in ENTITY_ORDER if all_entities.get(key)]
+    return subject.folder(root, datatype) / ("_".join(parts + [suffix]) + extension)
+
+
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar beside a derivative file."""
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".trx", ".tck", ".trk", ".txt", ".h5"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")

@@ -1,0 +1,141 @@
+"""Validated NIfTI loading and atomic writing.
+
+Every loader reads the voxel data eagerly, so a truncated or corrupt file fails here
+with a message naming the file, not later deep inside a workflow node.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from m2m_app.errors import BadDataError, MissingInputError, OutputError
+
+#: Smallest number of voxels accepted along each spatial axis of an input image.
+MIN_AXIS_VOXELS = 8
+
+
+def load_image(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Load a NIfTI image and its data as float32, failing clearly on missing or corrupt files.
+
+    Returns the image (with its original header and affine) and the scaled voxel data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path}: file not found")
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise BadDataError(f"{path}: cannot be read as NIfTI (truncated or corrupt file?): {err}") from None
+    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
+        raise BadDataError(f"{path}: the image affine is degenerate (no usable orientation)")
+    return img, data
+
+
+def _check_finite_nonempty(path: Path, data: np.ndarray) -> None:
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise BadDataError(f"{path}: {bad} voxels are NaN or infinite")
+    if not np.any(data):
+        raise BadDataError(f"{path}: the image is all zeros")
+
+
+def load_t1w(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Load a T1-weighted image: 3D (a trailing singleton 4th axis is dropped), finite, non-empty."""
+    path = Path(path)
+    img, data = load_image(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise BadDataError(f"{path}: a T1w must be a 3D image, this one has shape {data.shape}")
+    if min(data.shape) < MIN_AXIS_VOXELS:
+        raise BadDataError(f"{path}: a T1w must have at least {MIN_AXIS_VOXELS} voxels on each "
+                           f"axis, this one has shape {data.shape} (a 2D slice?)")
+    _check_finite_nonempty(path, data)
+    return img, data
+
+
+def load_dwi(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, np.ndarray]:
+    """Load a 4D DWI series with its BIDS ``.bval``/``.bvec`` sidecars.
+
+    Returns the image, data ``(X, Y, Z, N)``, b-values ``(N,)`` in s/mm² and b-vectors
+    ``(N, 3)`` as written in the file (FSL convention: voxel axes, x flipped when the
+    affine's determinant is positive).
+    """
+    path = Path(path)
+    img, data = load_image(path)
+    if data.ndim != 4 or data.shape[3] < 7:
+        raise BadDataError(f"{path}: a DWI must be 4D with at least 7 volumes "
+                           f"(1 b0 + 6 directions), this one has shape {data.shape}")
+    stem = str(path)[: -len(".nii.gz")] if str(path).endswith(".nii.gz") else str(path.with_suffix(""))
+    bval_path, bvec_path = Path(stem + ".bval"), Path(stem + ".bvec")
+    for side in (bval_path, bvec_path):
+        if not side.exists():
+            raise MissingInputError(f"{side}: missing (required beside {path.name})")
+    try:
+        bvals = np.loadtxt(bval_path, ndmin=1, dtype=float)
+        bvecs = np.loadtxt(bvec_path, ndmin=2, dtype=float)
+    except ValueError as err:
+        raise BadDataError(f"{bval_path.parent}: unreadable .bval/.bvec: {err}") from None
+    if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
+        bvecs = bvecs.T
+    n = data.shape[3]
+    if bvals.shape != (n,) or bvecs.shape != (3, n):
+        raise BadDataError(f"{path}: {n} volumes but .bval has {bvals.size} values and .bvec "
+                           f"has shape {bvecs.shape}; they must match")
+    if not np.any(bvals <= 50):
+        raise BadDataError(f"{path}: no b=0 volume (b <= 50 s/mm²); the tensor fit needs one")
+    _check_finite_nonempty(path, data)
+    return img, data, bvals, bvecs.T
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+
+
+def atomic_write(path: str | os.PathLike, writer) -> Path:
+    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path``.
+
+    A crash, a SIGTERM or a full disk therefore never leaves a half-written output
+    under its final name.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = _atomic_target(path)
+    except OSError as err:
+        raise OutputError(f"{path.parent}: cannot write here: {err.strerror}") from None
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OutputError(f"{path}: writing failed: {err.strerror or err}") from None
+        raise
+    return path
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
+               header: nib.Nifti1Header | None = None, dtype: Any = np.float32) -> Path:
+    """Write ``data`` with ``affine`` to ``path`` atomically (qform/sform set, float32 by default)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header)
+    img.set_data_dtype(dtype)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,1 @@
+"""Pure numerical helpers (no file I/O): tensor algebra and image geometry."""

@@ -1,0 +1,100 @@
+"""Diffusion-tensor algebra on NumPy arrays.
+
+Conventions used throughout m2m:
+
+* A tensor field is stored as 6 components in the order
+  ``D11 D12 D13 D22 D23 D33`` (the BEP016 ``param-diffusivity`` order), in mm²/s,
+  expressed in the RAS+ world frame of the image (not its voxel axes).
+* Arrays carry the components on the **last** axis, shape ``(..., 6)``; full
+  matrices have shape ``(..., 3, 3)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from dipy.reconst import dti
+
+#: (row, column) of each of the 6 stored components in the 3×3 tensor.
+COMPONENT_INDEX: tuple[tuple[int, int], ...] = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+COMPONENT_NAMES: tuple[str, ...] = ("D11", "D12", "D13", "D22", "D23", "D33")
+
+
+def components_to_matrix(components: np.ndarray) -> np.ndarray:
+    """Expand ``(..., 6)`` components into symmetric ``(..., 3, 3)`` matrices."""
+    components = np.asarray(components)
+    matrix = np.empty(components.shape[:-1] + (3, 3), dtype=components.dtype)
+    for k, (i, j) in enumerate(COMPONENT_INDEX):
+        matrix[..., i, j] = components[..., k]
+        matrix[..., j, i] = components[..., k]
+    return matrix
+
+
+def matrix_to_components(matrix: np.ndarray) -> np.ndarray:
+    """Collapse symmetric ``(..., 3, 3)`` matrices into ``(..., 6)`` components."""
+    matrix = np.asarray(matrix)
+    return np.stack([matrix[..., i, j] for i, j in COMPONENT_INDEX], axis=-1)
+
+
+def rotate_tensors(matrix: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Return ``R D Rᵀ`` for every tensor: the same diffusion seen in a rotated frame.
+
+    Parameters
+    ----------
+    matrix : (..., 3, 3) symmetric tensors.
+    rotation : (3, 3) proper rotation taking vectors of the old frame to the new one.
+    """
+    return np.einsum("ij,...jk,lk->...il", rotation, matrix, rotation)
+
+
+def _eigh_map(matrix: np.ndarray, function) -> np.ndarray:
+    """Apply a scalar function to the eigenvalues of symmetric matrices."""
+    evals, evecs = np.linalg.eigh(matrix)
+    return np.einsum("...ij,...j,...kj->...ik", evecs, function(evals), evecs)
+
+
+def log_tensors(matrix: np.ndarray, floor: float = 1e-6) -> np.ndarray:
+    """Matrix logarithm of positive(-semi)definite tensors (eigenvalues floored at ``floor`` mm²/s)."""
+    return _eigh_map(matrix, lambda ev: np.log(np.maximum(ev, floor)))
+
+
+def exp_tensors(matrix: np.ndarray) -> np.ndarray:
+    """Matrix exponential of symmetric matrices (always positive-definite)."""
+    return _eigh_map(matrix, np.exp)
+
+
+def eigen_decomposition(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues sorted largest first ``(..., 3)`` and eigenvectors as columns ``(..., 3, 3)``."""
+    evals, evecs = np.linalg.eigh(matrix)
+    return evals[..., ::-1], evecs[..., :, ::-1]
+
+
+def frame_rotation(affine: np.ndarray) -> np.ndarray:
+    """The rotation part of a voxel-to-world affine (polar decomposition; drops zooms, shears, flips' scale).
+
+    A flip (negative determinant) is kept as a reflection, so that voxel-axis vectors
+    map onto world-axis vectors exactly as the affine maps them.
+    """
+    u, _, vt = np.linalg.svd(np.asarray(affine, dtype=float)[:3, :3])
+    return u @ vt
+
+
+def scalar_maps(evals: np.ndarray) -> dict[str, np.ndarray]:
+    """FA (unitless), MD, AD, RD (mm²/s) from eigenvalues sorted largest first ``(..., 3)``.
+
+    Thin wrapper over dipy's definitions so m2m and dipy agree to the last digit.
+    """
+    evals = np.clip(np.asarray(evals, dtype=float), 0.0, None)
+    return {"fa": np.nan_to_num(dti.fractional_anisotropy(evals)),
+            "md": dti.mean_diffusivity(evals), "ad": dti.axial_diffusivity(evals),
+            "rd": dti.radial_diffusivity(evals)}
+
+
+def tensor_derivatives(components: np.ndarray) -> dict[str, np.ndarray]:
+    """All maps m2m writes, from a ``(..., 6)`` tensor field in the world frame.
+
+    Returns ``fa``, ``md``, ``ad``, ``rd`` (shape ``(...)``), ``v1`` and ``colfa`` (``(..., 3)``).
+    """
+    evals, evecs = eigen_decomposition(components_to_matrix(components))
+    maps = scalar_maps(evals)
+    maps["v1"] = evecs[..., :, 0]
+    maps["colfa"] = dti.color_fa(maps["fa"], evecs)
+    return maps
