@@ -5,9 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from dipy.align.imaffine import AffineMap, AffineRegistration, MutualInformationMetric
+from dipy.align.imaffine import (AffineMap, AffineRegistration, MutualInformationMetric,
+                                 transform_centers_of_mass)
 from dipy.align.transforms import RigidTransform3D, TranslationTransform3D
-from dipy.align.imaffine import transform_centers_of_mass
+
+from m2m_app.maths.tensor import (components_to_matrix, exp_tensors, frame_rotation, log_tensors,
+                                  matrix_to_components, rotate_tensors)
 
 
 @dataclass
@@ -54,7 +57,8 @@ def resample_to_t1w(volume: np.ndarray, dwi_affine: np.ndarray, result: RigidRes
                     t1w_shape: tuple[int, ...], t1w_affine: np.ndarray,
                     interpolation: str = "linear") -> np.ndarray:
     """Resample a DWI-grid scalar volume onto the T1w grid with the rigid transform."""
-    mapping = AffineMap(result.t1w_to_dwi, t1w_shape[:3], t1w_affine, volume.shape[:3], dwi_affine)
+    mapping = AffineMap(result.t1w_to_dwi, domain_grid_shape=t1w_shape[:3], domain_grid2world=t1w_affine,
+                        codomain_grid_shape=volume.shape[:3], codomain_grid2world=dwi_affine)
     return mapping.transform(volume, interpolation=interpolation)
 
 
@@ -63,3 +67,28 @@ def save_itk_transform(result: RigidResult, path: Path) -> None:
     from nitransforms.linear import Affine
 
     Affine(result.t1w_to_dwi).to_filename(str(path), fmt="itk")
+
+
+def tensor_to_t1w(components: np.ndarray, dwi_affine: np.ndarray, result: RigidResult,
+                  t1w_shape: tuple[int, ...], t1w_affine: np.ndarray) -> np.ndarray:
+    """Bring a world-frame tensor field ``(X, Y, Z, 6)`` from the DWI grid onto the T1w grid.
+
+    The tensors are interpolated in the log-Euclidean domain (linear interpolation of
+    ``log D``, so the result stays positive-definite and does not swell) and rotated
+    by the rotation of the DWI→T1w transform (``D' = R D Rᵀ``): resampling the six
+    components alone would leave the fibre directions pointing the old way.
+    Returns ``(X', Y', Z', 6)`` float32 in mm²/s, world frame of the T1w; zero where
+    the DWI had no tensor.
+    """
+    support = np.any(components != 0, axis=-1)
+    logs = np.zeros_like(components, dtype=np.float64)
+    logs[support] = matrix_to_components(log_tensors(components_to_matrix(components[support])))
+    resampled = np.stack([resample_to_t1w(logs[..., k], dwi_affine, result, t1w_shape, t1w_affine)
+                          for k in range(6)], axis=-1)
+    inside = resample_to_t1w(support.astype(np.float32), dwi_affine, result, t1w_shape,
+                             t1w_affine, interpolation="nearest") > 0
+    rotation = frame_rotation(result.dwi_to_t1w)
+    out = np.zeros(tuple(t1w_shape[:3]) + (6,), dtype=np.float32)
+    rotated = rotate_tensors(components_to_matrix(resampled[inside]), rotation)
+    out[inside] = matrix_to_components(exp_tensors(rotated))
+    return out

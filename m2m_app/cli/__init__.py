@@ -1,0 +1,1 @@
+"""Command-line interfaces: ``m2m`` (the BIDS-App) and ``m2m-train`` (training)."""

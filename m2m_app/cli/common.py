@@ -1,0 +1,120 @@
+"""What both command lines share: logging, error reporting, output checks, running Nipype."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from m2m_app.errors import EX_FAILURE, M2MError, OutputError, UsageError
+
+LOGGER = logging.getLogger("m2m")
+
+
+def setup_logging(verbose: int, quiet: int) -> None:
+    """Log to stderr at WARNING/INFO/DEBUG from ``-q``/default/``-v``; Nipype is kept quieter."""
+    level = max(logging.DEBUG, logging.INFO - 10 * verbose + 10 * quiet)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR if level > logging.DEBUG else logging.DEBUG)
+
+
+def exits_cleanly(func):
+    """Turn :class:`M2MError` into a one-line message and its exit code (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except M2MError as err:
+            click.echo(f"m2m: error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("m2m: interrupted; re-run the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def writable_dir(path: Path, what: str, forbidden_inside: Path | None = None) -> Path:
+    """Create ``path`` if needed and check it is writable; refuse it inside ``forbidden_inside``."""
+    path = Path(path).absolute()
+    if forbidden_inside is not None:
+        root = Path(forbidden_inside).resolve()
+        resolved = path.resolve()
+        if resolved == root or root in resolved.parents:
+            raise UsageError(f"the {what} {path} must not be the input dataset or inside it ({root})")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the {what} {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"the {what} {path} is not writable")
+    return path
+
+
+def plugin_settings(nprocs: int | None, mem_mb: int | None, plugin_file: Path | None) -> dict:
+    """Nipype plugin and its arguments: MultiProc by default, or what ``--use-plugin`` YAML says.
+
+    The YAML follows fMRIPrep's: ``plugin: SLURM`` and ``plugin_args: {...}``.
+    """
+    if plugin_file is not None:
+        try:
+            settings = yaml.safe_load(Path(plugin_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UsageError(f"{plugin_file}: unreadable plugin file: {err}") from None
+        if not isinstance(settings, dict) or "plugin" not in settings:
+            raise UsageError(f"{plugin_file}: a plugin file needs a 'plugin:' key")
+        settings.setdefault("plugin_args", {})
+    else:
+        settings = {"plugin": "MultiProc", "plugin_args": {"raise_insufficient": False,
+                                                           "maxtasksperchild": 1}}
+    if settings["plugin"] == "MultiProc":
+        settings["plugin_args"]["n_procs"] = nprocs or os.cpu_count() or 1
+        if mem_mb:
+            settings["plugin_args"]["memory_gb"] = mem_mb / 1024
+    if nprocs == 1 and plugin_file is None:
+        settings = {"plugin": "Linear", "plugin_args": {}}
+    return settings
+
+
+def run_workflow(workflow, settings: dict, stop_on_first_crash: bool) -> bool:
+    """Run a Nipype workflow; return False when some node crashed (the others still ran)."""
+    workflow.config["execution"].update({"stop_on_first_crash": stop_on_first_crash,
+                                         "crashfile_format": "txt", "remove_unnecessary_outputs": False})
+    try:
+        workflow.run(plugin=settings["plugin"], plugin_args=settings["plugin_args"])
+    except RuntimeError as err:
+        LOGGER.debug("workflow reported: %s", err)
+        return False
+    return True
+
+
+def crash_reasons(crash_dir: Path) -> dict[str, str]:
+    """Map each crashed node's name to the last line of its error, read from Nipype crash files."""
+    reasons = {}
+    for crash in sorted(Path(crash_dir).glob("crash-*.txt")):
+        text = crash.read_text(errors="replace")
+        node = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                     if line.startswith("Node:")), crash.stem)
+        lines = [line for line in text.splitlines() if line.strip()]
+        error = next((line for line in reversed(lines) if "Error:" in line), lines[-1] if lines else "")
+        reasons[node] = error.split("Error: ", 1)[-1].strip()
+    return reasons
+
+
+def exit_code_for(codes: set[int], workflow_ok: bool = True) -> int:
+    """The exit code once every participant ran: 0 if none failed, the failures' common code
+    if they share one (e.g. 65 for bad data), else 1."""
+    if not workflow_ok:
+        codes = codes | {EX_FAILURE}
+    if not codes:
+        return 0
+    return codes.pop() if len(codes) == 1 else EX_FAILURE

@@ -1,0 +1,119 @@
+"""``m2m-train``: build training targets from a BIDS dataset with DWI, train and evaluate."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from m2m_app import __version__
+from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings,
+                                run_workflow, setup_logging, writable_dir)
+from m2m_app.errors import EX_FAILURE, M2MError
+from m2m_app.io import bids as bids_io
+
+LOGGER = logging.getLogger("m2m.train")
+
+verbosity = [click.option("-v", "--verbose", count=True, help="More log output (-vv: debug)."),
+             click.option("-q", "--quiet", count=True, help="Less log output.")]
+
+
+def with_verbosity(func):
+    """Add ``-v``/``-q`` to a command."""
+    for option in reversed(verbosity):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="m2m-train")
+def main() -> None:
+    """Train m2m's translators on your own data.
+
+    \b
+    1. m2m-train prepare BIDS_DIR PREP_DIR   # teacher: tensor fit, registration, tractography
+    2. m2m-train phase1 PREP_DIR MODEL_DIR   # T1w -> DTI translator
+    3. m2m-train phase2 PREP_DIR MODEL_DIR   # DTI -> tractography-slice translator
+    4. m2m-train evaluate PREP_DIR MODEL_DIR # held-out metrics against baselines
+
+    Then run the app with `m2m --weights-dir MODEL_DIR ...` to use your weights.
+    """
+
+
+@main.command()
+@click.argument("bids_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("prep_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--participant-label", "participant_labels", multiple=True,
+              help="Participant(s) to prepare, with or without 'sub-' (default: all). Repeatable.")
+@click.option("--session-label", "session_labels", multiple=True, help="Session(s) to prepare. Repeatable.")
+@click.option("--bids-filter-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help='JSON selecting files, e.g. {"t1w": {"acquisition": "mprage"}, "dwi": {"run": 1}}.')
+@click.option("--nprocs", type=click.IntRange(min=1), default=None,
+              help="Participants processed in parallel (Nipype MultiProc; default: all cores).")
+@click.option("--use-plugin", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Nipype plugin YAML (e.g. SLURM) instead of MultiProc.")
+@click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Nipype work folder (default: PREP_DIR/.m2m_work).")
+@click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the tractography.")
+@with_verbosity
+@exits_cleanly
+def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
+            session_labels: tuple[str, ...], bids_filter_file: Path | None, nprocs: int | None,
+            use_plugin: Path | None, work_dir: Path | None, random_seed: int, verbose: int,
+            quiet: int) -> None:
+    """Compute training targets from every T1w + DWI pair in BIDS_DIR into PREP_DIR.
+
+    For each participant/session: tensor fit (dipy WLS), b0->T1w rigid registration,
+    tensor maps on the T1w grid, deterministic tractography (.trx), track-density maps;
+    then PREP_DIR/manifest.tsv lists the pairs with QC numbers. Finished units are
+    skipped on a re-run; a failed unit does not stop the others and makes the exit code 1.
+    """
+    from m2m_app.io.nifti import load_t1w
+    from m2m_app.teacher.prepare import load_dwi_runs, qc_path, write_manifest
+    from m2m_app.workflows.prepare import init_prepare_wf, node_name
+
+    setup_logging(verbose, quiet)
+    layout = bids_io.load_layout(bids_dir)
+    prep_dir = writable_dir(prep_dir, "prep folder", forbidden_inside=bids_dir)
+    work_dir = writable_dir(work_dir or prep_dir / ".m2m_work", "work folder", forbidden_inside=bids_dir)
+    filters = bids_io.read_filters(bids_filter_file)
+    units, failures, codes = {}, {}, set()
+    for subject in bids_io.collect_subjects(layout, list(participant_labels), list(session_labels)):
+        if qc_path(prep_dir, subject).exists():
+            LOGGER.info("%s: already prepared, skipping", subject.label)
+            continue
+        try:
+            t1w, dwi = bids_io.find_t1w(layout, subject, filters), bids_io.find_dwi(layout, subject, filters)
+        except M2MError as err:  # a unit without DWI is no training pair: skip unless asked for
+            LOGGER.warning("%s", err)
+            if participant_labels:
+                failures[subject.label], codes = str(err), codes | {err.exit_code}
+            continue
+        try:  # read every input once now, so bad data fails with its own message and exit code
+            load_t1w(t1w)
+            load_dwi_runs(dwi)
+        except M2MError as err:
+            failures[subject.label], codes = str(err), codes | {err.exit_code}
+            continue
+        units[subject] = (t1w, dwi)
+    ok = True
+    if units:
+        LOGGER.info("preparing %d unit(s): %s", len(units), ", ".join(s.label for s in units))
+        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed)
+        workflow.config["execution"]["crashdump_dir"] = str(prep_dir / "logs")
+        ok = run_workflow(workflow, plugin_settings(nprocs, None, use_plugin), stop_on_first_crash=False)
+        reasons = crash_reasons(prep_dir / "logs")
+        for subject in units:
+            if not qc_path(prep_dir, subject).exists():
+                failures[subject.label] = reasons.get(node_name(subject), "see the crash file in PREP_DIR/logs")
+                codes.add(EX_FAILURE)
+    manifest = write_manifest(prep_dir, failures)
+    for label, message in sorted(failures.items()):
+        click.echo(f"m2m-train prepare: {label} FAILED: {message}", err=True)
+    LOGGER.info("manifest: %s", manifest)
+    sys.exit(exit_code_for(codes, ok))
+
+
+if __name__ == "__main__":
+    main()

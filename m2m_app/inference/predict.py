@@ -1,0 +1,151 @@
+"""Loading the shipped translators and running them over whole volumes (multi-view 2.5D).
+
+The 2D network runs over every axial, coronal and sagittal slice of the model grid and
+the three raw predictions are averaged (multi-view fusion: no stair-steps between
+slices), then decoded and resampled onto the T1w's own grid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from m2m_app.errors import BadDataError, MissingInputError, UsageError
+from m2m_app.inference.conform import ConformedGrid, resample_tensor
+from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_inputs, phase2_inputs, slab_along
+from m2m_app.models.translator import Translator
+
+log = logging.getLogger(__name__)
+
+#: Folder of the packaged weights (``<phase>.safetensors`` + ``<phase>.json``).
+PACKAGED_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "models"
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda was asked for but no CUDA GPU is available")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[Translator, PhaseSpec]:
+    """Load the generator of ``phase_name`` from ``weights_dir`` (default: the packaged weights).
+
+    Reads ``<phase>.json``, checks the SHA-256 of ``<phase>.safetensors`` against it and
+    that its channels match the phase. Returns the model in eval mode (CPU) and its spec.
+    """
+    spec = get_phase(phase_name)
+    folder = Path(weights_dir) if weights_dir is not None else PACKAGED_WEIGHTS
+    weights, meta_path = folder / f"{spec.name}.safetensors", folder / f"{spec.name}.json"
+    for path in (weights, meta_path):
+        if not path.exists():
+            raise MissingInputError(f"{path}: translator weights not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+        recorded, phase, architecture = meta["sha256"], meta["phase"], meta["architecture"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise BadDataError(f"{meta_path}: unreadable weights metadata: {err}") from None
+    if file_sha256(weights) != recorded:
+        raise BadDataError(f"{weights}: SHA-256 checksum does not match the one recorded in "
+                           f"{meta_path.name}; the weight file is corrupted or was replaced")
+    if phase != spec.metadata():
+        raise BadDataError(f"{meta_path}: weights were trained for {phase}, not for {spec.metadata()}")
+    model = Translator(**architecture)
+    model.load_state_dict(load_file(weights))
+    log.info("loaded %s (%s, sha256 %s…)", weights, architecture, recorded[:12])
+    return model.eval(), spec
+
+
+def predict_volume(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device: str = "auto",
+                   batch_size: int = 16) -> np.ndarray:
+    """Run the 2D net over the three views of ``inputs (C, X, Y, Z)`` and average them.
+
+    Returns the fused raw output ``(K, X, Y, Z)`` float32 (logits and log-domain values,
+    before :attr:`PhaseSpec.decode`).
+    """
+    torch_device = resolve_device(device)
+    model = model.to(torch_device).eval()
+    fused = np.zeros((spec.out_channels,) + inputs.shape[1:], dtype=np.float32)
+    with torch.inference_mode():
+        for axis in range(3):
+            size = inputs.shape[1 + axis]
+            for first in range(0, size, batch_size):
+                slices = range(first, min(first + batch_size, size))
+                batch = np.stack([slab_along(inputs, axis, neighbours(k, size, spec.context)) for k in slices])
+                batch = torch.from_numpy(batch.reshape((len(slices), -1) + batch.shape[-2:]))
+                out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
+                view = np.moveaxis(fused, 1 + axis, 0)  # (size, K, H, W) view onto fused
+                view[first:first + len(slices)] += out
+    return fused / 3.0
+
+
+def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = None,
+                   weights_dir: str | os.PathLike | None = None, device: str = "auto",
+                   batch_size: int = 16) -> dict:
+    """Diffusion tensors and brain mask predicted from a T1w, on the T1w's own grid.
+
+    Parameters
+    ----------
+    t1w_img, t1w_data : the T1w image and its data ``(X, Y, Z)`` (see :func:`m2m_app.io.nifti.load_t1w`).
+    model : a loaded phase-1 translator; loaded from ``weights_dir`` (default packaged) if None.
+
+    Returns ``tensor`` ``(X, Y, Z, 6)`` float32 (D11 D12 D13 D22 D23 D33, mm²/s, RAS+ world
+    frame, positive-definite inside the mask, zero outside), ``mask`` ``(X, Y, Z)`` bool,
+    and ``grid`` (the :class:`ConformedGrid`, to pass on to :func:`predict_phase2`).
+    """
+    if model is None:
+        model, _ = load_translator("phase1", weights_dir)
+    spec = get_phase("phase1")
+    inputs, grid = phase1_inputs(t1w_img, t1w_data)
+    maps = spec.decode(predict_volume(model, spec, inputs, device, batch_size))
+    inside = maps["mask"] >= 0.5
+    tensor = resample_tensor(np.where(inside[..., None], maps["tensor"], 0.0), grid, to_model=False)
+    mask = (grid.to_source(maps["mask"].astype(np.float32)) >= 0.5) & np.any(tensor != 0, axis=-1)
+    tensor[~mask] = 0.0
+    return {"tensor": tensor, "mask": mask, "grid": grid}
+
+
+def predict_phase2(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: ConformedGrid,
+                   mask: np.ndarray | None = None, model: Translator | None = None,
+                   weights_dir: str | os.PathLike | None = None, device: str = "auto",
+                   batch_size: int = 16) -> dict:
+    """Track density and directional track density from tensor maps, on the T1w's own grid.
+
+    Parameters
+    ----------
+    fa, md, colfa : ``(X, Y, Z)``, ``(X, Y, Z)`` mm²/s and ``(X, Y, Z, 3)`` on the T1w grid.
+    grid : the T1w's :class:`ConformedGrid` (``predict_phase1(...)["grid"]``).
+    mask : optional brain mask ``(X, Y, Z)``; both maps are zero outside it.
+
+    Returns ``tdi`` ``(X, Y, Z)`` relative density (1 = the subject's 99th percentile
+    inside the brain; multiply by a streamline budget for counts) and ``dectdi``
+    ``(X, Y, Z, 3)`` mean |direction| (x, y, z world axes) in [0, 1].
+    """
+    if model is None:
+        model, _ = load_translator("phase2", weights_dir)
+    spec = get_phase("phase2")
+    maps = spec.decode(predict_volume(model, spec, phase2_inputs(fa, md, colfa, grid), device, batch_size))
+    tdi = np.clip(grid.to_source(maps["tdi"]), 0.0, None)
+    dectdi = np.clip(grid.to_source(maps["dectdi"]), 0.0, 1.0)
+    if mask is not None:
+        tdi[~mask], dectdi[~mask] = 0.0, 0.0
+    return {"tdi": tdi, "dectdi": dectdi}

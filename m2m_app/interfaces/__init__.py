@@ -1,0 +1,1 @@
+"""Nipype interfaces: thin wrappers around m2m's library functions."""

@@ -1,0 +1,37 @@
+"""Nipype interface around :func:`m2m_app.teacher.prepare.prepare_subject`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, InputMultiObject,
+                                    SimpleInterface, Str, TraitedSpec, traits)
+
+
+class _PrepareSubjectInputSpec(BaseInterfaceInputSpec):
+    participant = Str(mandatory=True, desc="participant label, without 'sub-'")
+    session = Str("", usedefault=True, desc="session label, without 'ses-' (empty: none)")
+    t1w = File(exists=True, mandatory=True, desc="the T1w image")
+    dwi = InputMultiObject(File(exists=True), mandatory=True, desc="DWI runs to concatenate")
+    prep_dir = Directory(mandatory=True, desc="the prep (derivatives) folder to write into")
+    random_seed = traits.Int(0, usedefault=True, desc="seed of the tractography")
+
+
+class _PrepareSubjectOutputSpec(TraitedSpec):
+    qc_file = File(exists=True, desc="the unit's QC JSON (its presence marks it finished)")
+
+
+class PrepareSubject(SimpleInterface):
+    """Fit, register and track one participant/session; write its training targets."""
+
+    input_spec = _PrepareSubjectInputSpec
+    output_spec = _PrepareSubjectOutputSpec
+
+    def _run_interface(self, runtime):
+        from m2m_app.io.naming import Subject
+        from m2m_app.teacher.prepare import prepare_subject, qc_path
+
+        subject = Subject(self.inputs.participant, self.inputs.session or None)
+        prepare_subject(subject, Path(self.inputs.t1w), [Path(p) for p in self.inputs.dwi],
+                        Path(self.inputs.prep_dir), self.inputs.random_seed)
+        self._results["qc_file"] = str(qc_path(Path(self.inputs.prep_dir), subject))
+        return runtime

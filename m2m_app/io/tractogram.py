@@ -1,0 +1,43 @@
+"""Writing tractograms (.trx, .tck, .trk) in RASMM with a NIfTI reference."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from dipy.io.stateful_tractogram import Space, StatefulTractogram
+from dipy.io.streamline import save_tractogram as dipy_save_tractogram
+
+from m2m_app.io.nifti import atomic_write
+
+#: File extensions m2m can write, and the format name used on the command line.
+TRACTOGRAM_FORMATS = ("trx", "tck", "trk")
+
+
+def save_tractogram(streamlines: Sequence[np.ndarray], reference: nib.Nifti1Image,
+                    path: str | Path) -> Path:
+    """Write streamlines given in world mm (RASMM) to ``path``; the format follows the extension.
+
+    ``.trx`` goes through trx-python, ``.tck``/``.trk`` through dipy/nibabel; all three
+    record ``reference``'s grid so that other tools (MRtrix, DSI Studio, TrackVis, dipy)
+    place the streamlines on the T1w. Written atomically.
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".")
+    if fmt not in TRACTOGRAM_FORMATS:
+        raise ValueError(f"{path}: unknown tractogram format, use one of {TRACTOGRAM_FORMATS}")
+    sft = StatefulTractogram([np.asarray(s, dtype=np.float32) for s in streamlines], reference,
+                             Space.RASMM)
+
+    def write(tmp: str) -> None:
+        if fmt == "trx":
+            from trx.trx_file_memmap import TrxFile, save
+
+            trx = TrxFile.from_sft(sft)
+            save(trx, tmp)
+            trx.close()
+        else:
+            dipy_save_tractogram(sft, tmp, bbox_valid_check=False)
+
+    return atomic_write(path, write)

@@ -1,0 +1,1 @@
+"""Learned models: the continuous tractography field (NeRF) fitted to track-density slices."""

@@ -1,0 +1,338 @@
+"""A continuous 3D tractography field ("NeRF") fitted to 2D track-density slices.
+
+The field maps a world point (RAS+ mm) to a track density and a sign-free fibre
+orientation. It is a dense learned feature grid (``C`` channels at ``1/grid_factor`` of the
+input resolution, read with trilinear ``grid_sample``) concatenated with a NeRF positional
+encoding of the coordinates, followed by a small MLP with 4 outputs:
+
+* ``softplus(out[0])``: density, in units of the input's robust maximum (``density_scale``);
+* ``|out[1:4]|``: the directionally encoded colour, compared with the input's mean
+  ``|fibre direction|`` per world axis (R=x, G=y, B=z). The input carries no signs, so the
+  signs of ``out[1:4]`` are arbitrary and only the absolute components are meaningful.
+
+Coordinates are normalised per voxel axis to ``[-1, 1]``: voxel index ``i`` of an axis with
+``n`` voxels sits at ``2 i / (n - 1) - 1`` (``align_corners=True`` in torch terms).
+
+Training data are the three stacks of slices (axial, coronal, sagittal) of the input
+volume. All three stacks index the same voxel grid, so a batch of pixels drawn from random
+slices of random axes is a batch of voxels; it is drawn that way, vectorised, with half of it
+drawn among voxels that carry tracks so that thin bundles are learnt within the time budget.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from m2m_app.errors import BadDataError
+from m2m_app.io.nifti import atomic_write
+
+LOGGER = logging.getLogger(__name__)
+
+#: Version of the saved-field format (bumped when the architecture or metadata change).
+FORMAT_VERSION = 1
+#: Key of the JSON metadata inside the safetensors header.
+METADATA_KEY = "m2m_field"
+#: Percentile of the non-zero in-mask density used as the density unit.
+DENSITY_PERCENTILE = 99.5
+
+
+@dataclass(frozen=True)
+class FieldConfig:
+    """Architecture of the field; saved with the weights so that a file rebuilds its network."""
+
+    grid_shape: tuple[int, int, int]
+    channels: int = 12
+    frequencies: int = 6
+    hidden: int = 64
+
+    @property
+    def in_features(self) -> int:
+        """Width of the MLP input: grid features, raw coordinates, sin and cos of each frequency."""
+        return self.channels + 3 + 6 * self.frequencies
+
+
+class FieldNet(torch.nn.Module):
+    """Feature grid + positional encoding + MLP; ``forward`` maps ``(N, 3)`` normalised coordinates.
+
+    Returns the raw ``(N, 4)`` output: density logit, then the signed orientation vector.
+    """
+
+    def __init__(self, config: FieldConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.grid = torch.nn.Parameter(0.01 * torch.randn(1, config.channels, *config.grid_shape))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(config.in_features, config.hidden), torch.nn.ReLU(),
+            torch.nn.Linear(config.hidden, config.hidden), torch.nn.ReLU(),
+            torch.nn.Linear(config.hidden, 4))
+        self.register_buffer("bands", math.pi * 2.0 ** torch.arange(config.frequencies, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        n = coords.shape[0]
+        # grid_sample wants (x, y, z) = (last, middle, first) axis of the (X, Y, Z) grid.
+        features = F.grid_sample(self.grid, coords.flip(-1).view(1, n, 1, 1, 3), mode="bilinear",
+                                 padding_mode="border", align_corners=True)
+        angles = (coords[:, :, None] * self.bands).flatten(1)
+        x = torch.cat([features.view(self.config.channels, n).T, coords, torch.sin(angles),
+                       torch.cos(angles)], dim=1)
+        return self.mlp(x)
+
+
+def decode(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density ``(N,)`` (softplus, >= 0) and colour ``(N, 3)`` (absolute orientation) from raw outputs."""
+    return F.softplus(raw[:, 0]), raw[:, 1:].abs()
+
+
+def psnr(prediction: np.ndarray, target: np.ndarray, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``prediction`` against ``target`` (same shape)."""
+    mse = float(np.mean((np.asarray(prediction, float) - np.asarray(target, float)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(peak ** 2 / mse)
+
+
+def voxel_to_normalised(ijk: np.ndarray | torch.Tensor, shape: tuple[int, ...]):
+    """Map voxel indices ``(N, 3)`` to ``[-1, 1]`` per axis (index 0 → -1, index n-1 → +1)."""
+    n = np.asarray(shape[:3], dtype=float)
+    scale = 2.0 / np.maximum(n - 1, 1)
+    if isinstance(ijk, torch.Tensor):
+        return ijk * torch.as_tensor(scale, dtype=ijk.dtype, device=ijk.device) - 1.0
+    return np.asarray(ijk) * scale - 1.0
+
+
+@dataclass
+class FittedField:
+    """A fitted field with the geometry of the volume it was fitted to.
+
+    ``affine`` is the ``(4, 4)`` voxel-to-world (RAS+ mm) matrix of a grid of ``shape``;
+    densities are returned in units of ``density_scale`` (the input's robust maximum, so
+    ~1 in the densest bundles); ``info`` holds the fit report (PSNR in dB, steps, seconds).
+    """
+
+    net: FieldNet
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    density_scale: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """``(2, 3)`` world bounding box (min, max corner, mm) of the voxel grid, voxel edges included."""
+        corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in self.shape], indexing="ij")).reshape(3, -1).T
+        world = corners @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return np.stack([world.min(0), world.max(0)])
+
+    def normalised_coords(self, points_world: np.ndarray) -> torch.Tensor:
+        """Map ``(N, 3)`` world points (mm) to the field's ``[-1, 1]`` coordinates, float32 ``(N, 3)``."""
+        points = np.asarray(points_world, dtype=float).reshape(-1, 3)
+        ijk = points @ np.linalg.inv(self.affine)[:3, :3].T + np.linalg.inv(self.affine)[:3, 3]
+        return torch.as_tensor(voxel_to_normalised(ijk, self.shape), dtype=torch.float32)
+
+    @torch.inference_mode()
+    def _evaluate(self, coords: torch.Tensor, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+        """Density ``(N,)`` and colour ``(N, 3)`` at normalised coordinates; 0 outside ``[-1, 1]³``."""
+        self.net.eval()
+        device = self.net.grid.device
+        densities, colours = [], []
+        for start in range(0, coords.shape[0], chunk):
+            part = coords[start:start + chunk].to(device)
+            density, colour = decode(self.net(part))
+            inside = (part.abs() <= 1.0).all(dim=1)
+            densities.append((density * inside).cpu().numpy())
+            colours.append((colour * inside[:, None]).cpu().numpy())
+        if not densities:
+            return np.zeros(0, np.float32), np.zeros((0, 3), np.float32)
+        return np.concatenate(densities), np.concatenate(colours)
+
+    def query(self, points_world_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Density ``(N,)`` (units of ``density_scale``) and orientation ``(N, 3)`` at world points.
+
+        The orientation is sign-free: the absolute world components (R=x, G=y, B=z) of the
+        fibre direction, i.e. the reconstructed directionally encoded colour; its norm drops
+        below 1 where the input's directions disperse. Both are 0 outside the voxel grid.
+        """
+        return self._evaluate(self.normalised_coords(points_world_mm))
+
+    def sample_volume(self, shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluate the field on a regular grid spanning the input grid's voxel centres.
+
+        ``shape`` defaults to the input's; another shape resamples the same extent (first and
+        last voxel centres kept). Returns density ``shape`` and colour ``shape + (3,)``, float32.
+        """
+        shape = tuple(self.shape if shape is None else shape)
+        axes = [torch.linspace(-1.0, 1.0, n) for n in shape]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        density, colour = self._evaluate(coords)
+        return density.reshape(shape), colour.reshape(shape + (3,))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the weights and the JSON metadata (geometry, normalisation, fit report) to one safetensors file."""
+        metadata = {"version": FORMAT_VERSION, "config": {**self.net.config.__dict__},
+                    "affine": np.asarray(self.affine).tolist(), "shape": list(self.shape),
+                    "density_scale": self.density_scale, "info": self.info}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        header = {METADATA_KEY: json.dumps(metadata)}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> FittedField:
+        """Read a field written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        if METADATA_KEY not in header:
+            raise BadDataError(f"{path}: not an m2m field (no '{METADATA_KEY}' metadata)")
+        metadata = json.loads(header[METADATA_KEY])
+        if metadata.get("version") != FORMAT_VERSION:
+            raise BadDataError(f"{path}: field format version {metadata.get('version')}, "
+                               f"this m2m reads version {FORMAT_VERSION}")
+        config = metadata["config"]
+        net = FieldNet(FieldConfig(**{**config, "grid_shape": tuple(config["grid_shape"])}))
+        net.load_state_dict(load_file(str(path)))
+        return cls(net.to(device), np.asarray(metadata["affine"], dtype=float), tuple(metadata["shape"]),
+                   float(metadata["density_scale"]), metadata["info"])
+
+
+def _check_inputs(density: np.ndarray, direction: np.ndarray, mask: np.ndarray) -> None:
+    if density.ndim != 3 or direction.shape != density.shape + (3,) or mask.shape != density.shape:
+        raise BadDataError(f"field inputs disagree: density {density.shape}, direction "
+                           f"{direction.shape}, mask {mask.shape}; expected (X, Y, Z), (X, Y, Z, 3), (X, Y, Z)")
+    if not np.any(mask) or not np.any(density[mask] > 0):
+        raise BadDataError("the track density is empty inside the mask; nothing to fit")
+
+
+def _density_unit(density: np.ndarray, mask: np.ndarray) -> float:
+    """Robust maximum of the in-mask track density (its ``DENSITY_PERCENTILE`` non-zero percentile)."""
+    values = density[mask & (density > 0)]
+    return float(np.percentile(values, DENSITY_PERCENTILE))
+
+
+class _SliceSampler:
+    """Vectorised random batches of pixels from random slices of the three stacks (see module doc).
+
+    Pixels are jittered uniformly within their voxel (targets are then read trilinearly), so
+    the field is fitted between voxel centres too and stays smooth where it is queried later.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], foreground: np.ndarray, rng: np.random.Generator) -> None:
+        self.shape = np.asarray(shape)
+        self.foreground = np.argwhere(foreground)
+        self.rng = rng
+
+    def __call__(self, batch: int) -> np.ndarray:
+        """Normalised coordinates ``(batch, 3)``: half uniform over slices and pixels, half in track voxels."""
+        n_uniform = batch - batch // 2
+        axis = self.rng.integers(0, 3, n_uniform)
+        ijk = (self.rng.random((n_uniform, 3)) * self.shape).astype(np.int64)  # pixel in the slice plane,
+        ijk[np.arange(n_uniform), axis] = self.rng.integers(0, self.shape[axis])  # slice index along `axis`
+        ijk = np.concatenate([ijk, self.foreground[self.rng.integers(0, len(self.foreground), batch // 2)]])
+        jittered = np.clip(ijk + self.rng.uniform(-0.5, 0.5, ijk.shape), 0, self.shape - 1)
+        return voxel_to_normalised(jittered, tuple(self.shape))
+
+
+def _stalled(history: list[float], patience: int, min_rel_improvement: float) -> bool:
+    """True when the best windowed loss of the last ``patience`` windows is no better than before."""
+    if len(history) <= patience:
+        return False
+    best_before = min(history[:-patience])
+    return min(history[-patience:]) > best_before * (1.0 - min_rel_improvement)
+
+
+def fit_field(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affine: np.ndarray, *,
+              seed: int = 0, device: str = "cpu", max_steps: int = 1500, batch_size: int = 8192,
+              grid_factor: int = 3, channels: int = 12, frequencies: int = 6, hidden: int = 64,
+              learning_rate: float = 1e-2, check_every: int = 50, patience: int = 4,
+              min_rel_improvement: float = 0.01) -> FittedField:
+    """Fit a field to track-density slices.
+
+    Parameters
+    ----------
+    density : (X, Y, Z) track density >= 0, any unit (normalised by its robust maximum).
+    direction : (X, Y, Z, 3) mean |fibre direction| per world axis, in [0, 1].
+    mask : (X, Y, Z) bool brain mask (the PSNR is measured inside it).
+    affine : (4, 4) voxel-to-world (RAS+ mm).
+    seed : seeds torch and the NumPy batch generator; on CPU two fits with the same seed and
+        thread count give bit-identical weights.
+    max_steps : Adam steps at most; the fit stops earlier when the loss, averaged over
+        windows of ``check_every`` steps, improved by less than ``min_rel_improvement`` over the
+        last ``patience`` windows.
+    grid_factor : the feature grid has ``ceil(n / grid_factor)`` points per axis.
+
+    The loss is the mean squared error of the density (in units of the robust maximum) plus
+    that of the colour ``|orientation|`` against ``direction``. ``info`` of the result holds
+    ``psnr_density_db`` and ``psnr_direction_db`` of the reconstructed slices (all voxels in
+    the mask) against the inputs, ``steps``, ``seconds`` and ``final_loss``.
+    """
+    density = np.asarray(density, dtype=np.float32)
+    direction = np.asarray(direction, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    _check_inputs(density, direction, mask)
+    unit = _density_unit(density, mask)
+    shape = density.shape
+    started = time.perf_counter()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        config = FieldConfig(tuple(math.ceil(n / grid_factor) for n in shape), channels, frequencies, hidden)
+        net = FieldNet(config).to(device)
+        targets = torch.as_tensor(np.concatenate([(density / unit)[..., None], direction], axis=-1),
+                                  device=device).permute(3, 0, 1, 2)[None]
+        steps, final_loss = _optimise(net, targets, _SliceSampler(shape, mask & (density > 0), rng),
+                                      max_steps, batch_size, learning_rate, check_every, patience,
+                                      min_rel_improvement)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+    fitted = FittedField(net, np.asarray(affine, dtype=float), tuple(shape), unit)
+    fit_density, fit_colour = fitted.sample_volume()
+    fitted.info = {"psnr_density_db": psnr(fit_density[mask], density[mask] / unit),
+                   "psnr_direction_db": psnr(fit_colour[mask], direction[mask]),
+                   "steps": steps, "final_loss": final_loss, "seed": seed,
+                   "seconds": time.perf_counter() - started}
+    LOGGER.info("field fitted in %d steps, %.1f s: PSNR density %.1f dB, direction %.1f dB", steps,
+                fitted.info["seconds"], fitted.info["psnr_density_db"], fitted.info["psnr_direction_db"])
+    return fitted
+
+
+def _optimise(net: FieldNet, targets: torch.Tensor, sampler: _SliceSampler, max_steps: int,
+              batch_size: int, learning_rate: float, check_every: int, patience: int,
+              min_rel_improvement: float) -> tuple[int, float]:
+    """Adam on random slice-pixel batches until ``max_steps`` or a loss plateau; returns (steps, last window loss).
+
+    ``targets`` is the ``(1, 4, X, Y, Z)`` volume of normalised density and direction.
+    """
+    optimiser = torch.optim.Adam([{"params": [net.grid], "lr": learning_rate},
+                                  {"params": net.mlp.parameters(), "lr": learning_rate / 2}])
+    net.train()
+    history: list[float] = []
+    window = 0.0
+    step = 0
+    for step in range(1, max_steps + 1):
+        coords = torch.as_tensor(sampler(batch_size), dtype=torch.float32, device=targets.device)
+        target = F.grid_sample(targets, coords.flip(-1).view(1, -1, 1, 1, 3), mode="bilinear",
+                               align_corners=True).view(4, -1).T
+        density, colour = decode(net(coords))
+        loss = F.mse_loss(density, target[:, 0]) + F.mse_loss(colour, target[:, 1:])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        window += float(loss.detach())
+        if step % check_every == 0:
+            history.append(window / check_every)
+            window = 0.0
+            LOGGER.debug("field fit step %d: loss %.5f", step, history[-1])
+            if _stalled(history, patience, min_rel_improvement):
+                break
+    return step, history[-1] if history else float("nan")

@@ -1,0 +1,294 @@
+"""What each translator phase reads, predicts and learns; one :class:`PhaseSpec` per phase.
+
+* ``phase1``: normalised T1w (2.5D) → 6 log-Euclidean tensor components
+  ``logm(D / 1e-3 mm²/s)`` + a brain-mask logit.
+* ``phase2``: FA, MD / 3e-3 mm²/s, colour FA (2.5D) → ``log1p(TDI / p99)`` + 3 DEC-TDI
+  channels (sigmoid). TDI is divided by its 99th percentile inside the brain mask, so the
+  model predicts a relative, streamline-count-free density.
+
+Volumes on the model grid are channel-first ``(C, X, Y, Z)``; network tensors are
+``(N, C, H, W)`` slices.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from m2m_app.errors import BadDataError, UsageError
+from m2m_app.inference.conform import ConformedGrid, conform_t1w, resample_tensor
+from m2m_app.io.nifti import load_image, load_t1w
+from m2m_app.maths.tensor import components_to_matrix, eigen_decomposition, log_tensors, matrix_to_components
+
+#: Diffusivity unit of the log-Euclidean targets, mm²/s (D / DIFFUSIVITY_SCALE is ~0.1–3).
+DIFFUSIVITY_SCALE = 1e-3
+#: MD is divided by this (mm²/s) to bring it to ~[0, 1] as a phase-2 input.
+MD_SCALE = 3e-3
+#: Predicted eigenvalues are clamped to this range, mm²/s (positive-definite and finite in float32).
+EIGENVALUE_RANGE = (1e-6, 1e-2)
+#: The same range for the eigenvalues of ``logm(D / DIFFUSIVITY_SCALE)``.
+LOG_EIGENVALUE_RANGE = tuple(float(np.log(v / DIFFUSIVITY_SCALE)) for v in EIGENVALUE_RANGE)
+#: Upper bound of the raw log1p relative track density before ``expm1``.
+LOG_DENSITY_MAX = 10.0
+#: Weight of each log-tensor component in the L1 loss: off-diagonals appear twice in the matrix.
+TENSOR_COMPONENT_WEIGHTS = (1.0, 2.0, 2.0, 1.0, 2.0, 1.0)
+#: Percentile of the in-mask TDI that is mapped to a relative density of 1.
+TDI_PERCENTILE = 99.0
+
+
+@dataclass
+class Sample:
+    """One subject on the model grid: ``inputs (C, X, Y, Z)``, ``targets (K, X, Y, Z)``, ``weight (X, Y, Z)``.
+
+    ``weight`` is 1 where the masked outputs are supervised (the teacher's brain mask).
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    weight: np.ndarray
+    grid: ConformedGrid
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """Everything the dataset, the training loop and inference need to know about one phase.
+
+    Attributes
+    ----------
+    name : ``phase1`` or ``phase2``; also the stem of the weight files.
+    inputs, outputs : channel names of one input slice (before 2.5D stacking) and of the output.
+    context : neighbouring slices on each side (2.5D); the network sees
+        ``len(inputs) * (2 * context + 1)`` channels, channel-major.
+    x_flip_signs : sign of each output channel under a left-right (world x) flip.
+    sigmoid_outputs : outputs that are logits (sigmoid gives the map in target space).
+    masked_outputs : outputs supervised only inside ``Sample.weight``.
+    intensity_augment : whether the input is an MR intensity image (gamma, bias field, noise,
+        thick slices) rather than quantitative maps.
+    build_sample : ``(row, prep_dir, inputs_dir) -> Sample`` for one manifest row.
+    decode : raw network output on the model grid ``(K, X, Y, Z)`` → named maps.
+    loss : ``(raw, target, weight) -> {term: scalar}`` on slices; ``"total"`` is optimised.
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    context: int
+    x_flip_signs: tuple[float, ...]
+    sigmoid_outputs: tuple[bool, ...]
+    masked_outputs: tuple[bool, ...]
+    intensity_augment: bool
+    build_sample: Callable[[dict[str, str], Path, Path | None], Sample]
+    decode: Callable[[np.ndarray], dict[str, np.ndarray]]
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the network input: every input channel with its 2.5D neighbours."""
+        return len(self.inputs) * (2 * self.context + 1)
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the raw network output."""
+        return len(self.outputs)
+
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw output ``(N, K, H, W)`` → target space (sigmoid on the logit channels)."""
+        flags = torch.tensor(self.sigmoid_outputs, device=raw.device).view(1, -1, 1, 1)
+        return torch.where(flags, torch.sigmoid(raw), raw)
+
+    def metadata(self) -> dict:
+        """JSON-serialisable description stored beside the weights."""
+        return {"name": self.name, "inputs": list(self.inputs), "outputs": list(self.outputs),
+                "context": self.context, "in_channels": self.in_channels, "out_channels": self.out_channels}
+
+
+def read_manifest(prep_dir: Path) -> list[dict[str, str]]:
+    """The ``ok`` rows of ``prep_dir/manifest.tsv`` as dicts of column → string."""
+    path = Path(prep_dir) / "manifest.tsv"
+    if not path.exists():
+        raise UsageError(f"{path}: not found; is {prep_dir} a folder written by 'm2m-train prepare'?")
+    with path.open(newline="") as handle:
+        return [row for row in csv.DictReader(handle, delimiter="\t") if row.get("status") == "ok"]
+
+
+def _load_map(folder: Path, row: dict[str, str], column: str) -> np.ndarray:
+    """The image named by ``row[column]`` (relative to ``folder``), float32 data."""
+    if not row.get(column):
+        raise BadDataError(f"{folder}/manifest.tsv: subject {row.get('subject')} has no '{column}' file")
+    return load_image(folder / row[column])[1]
+
+
+def neighbours(index: int, size: int, context: int) -> np.ndarray:
+    """Slice indices ``index - context .. index + context``, clamped to ``[0, size)``."""
+    return np.clip(np.arange(index - context, index + context + 1), 0, size - 1)
+
+
+def slab_along(volume: np.ndarray, axis: int, indices: np.ndarray, flip_x: bool = False) -> np.ndarray:
+    """``volume (C, X, Y, Z)`` slices ``indices`` along spatial ``axis`` → ``(C, len(indices), H, W)``.
+
+    ``(H, W)`` are the two other spatial axes in order. ``flip_x`` mirrors the world x
+    (left-right) axis first; for sagittal slices that reverses the neighbour order, i.e.
+    it yields the mirrored slice of the flipped volume.
+    """
+    slab = np.take(volume, indices, axis=1 + axis)
+    if flip_x:
+        slab = slab[:, ::-1]
+    return np.moveaxis(slab, 1 + axis, 1)
+
+
+def _masked_l1(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+               channel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |prediction − target| over voxels with ``weight`` (N, 1, H, W), channel-weighted."""
+    error = (prediction - target).abs() * weight
+    if channel_weights is not None:
+        error = error * channel_weights.view(1, -1, 1, 1)
+        return error.sum() / (weight.sum() * channel_weights.sum()).clamp(min=1.0)
+    return error.sum() / (weight.sum() * prediction.shape[1]).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- phase 1
+
+
+def phase1_inputs(t1w_img, t1w_data: np.ndarray) -> tuple[np.ndarray, ConformedGrid]:
+    """The phase-1 network input ``(1, X, Y, Z)`` (normalised conformed T1w) and its grid."""
+    conformed, grid = conform_t1w(t1w_img, t1w_data)
+    return conformed[None], grid
+
+
+def tensor_to_log(components: np.ndarray) -> np.ndarray:
+    """``(..., 6)`` tensors in mm²/s → ``(..., 6)`` components of ``logm(D / DIFFUSIVITY_SCALE)``; zeros stay zero."""
+    out = np.zeros(components.shape, dtype=np.float32)
+    support = np.any(components != 0, axis=-1)
+    matrix = components_to_matrix(components[support].astype(float) / DIFFUSIVITY_SCALE)
+    out[support] = matrix_to_components(log_tensors(matrix, floor=1e-6 / DIFFUSIVITY_SCALE))
+    return out
+
+
+def log_to_tensor(log_components: np.ndarray) -> np.ndarray:
+    """``(..., 6)`` log components (any real values) → positive-definite tensors ``(..., 6)`` in mm²/s.
+
+    The matrix exponential, with eigenvalues clamped to :data:`EIGENVALUE_RANGE`.
+    """
+    evals, evecs = eigen_decomposition(components_to_matrix(log_components.astype(float)))
+    evals = np.exp(np.clip(evals, *LOG_EIGENVALUE_RANGE)) * DIFFUSIVITY_SCALE
+    return matrix_to_components(np.einsum("...ij,...j,...kj->...ik", evecs, evals, evecs)).astype(np.float32)
+
+
+def _build_phase1(row: dict[str, str], prep_dir: Path, inputs_dir: Path | None) -> Sample:
+    inputs, grid = phase1_inputs(*load_t1w(row["t1w"]))
+    mask = grid.to_model(_load_map(prep_dir, row, "mask")) >= 0.5
+    logs = tensor_to_log(resample_tensor(_load_map(prep_dir, row, "diffusivity"), grid))
+    weight = mask & np.any(logs != 0, axis=-1)
+    targets = np.concatenate([np.moveaxis(logs, -1, 0), mask[None]], axis=0).astype(np.float32)
+    return Sample(inputs, targets, weight.astype(np.float32), grid)
+
+
+def _decode_phase1(raw: np.ndarray) -> dict[str, np.ndarray]:
+    """``tensor`` (X, Y, Z, 6) positive-definite mm²/s everywhere, ``mask`` probability (X, Y, Z)."""
+    return {"tensor": log_to_tensor(np.moveaxis(raw[:6], 0, -1)),
+            "mask": 1.0 / (1.0 + np.exp(-raw[6].astype(np.float64)))}
+
+
+def _torch_matrix(components: torch.Tensor) -> torch.Tensor:
+    """``(M, 6)`` → symmetric ``(M, 3, 3)``."""
+    d11, d12, d13, d22, d23, d33 = components.unbind(-1)
+    return torch.stack([torch.stack([d11, d12, d13], -1), torch.stack([d12, d22, d23], -1),
+                        torch.stack([d13, d23, d33], -1)], -2)
+
+
+def fa_from_log(log_components: torch.Tensor) -> torch.Tensor:
+    """FA ``(M,)`` of ``exp`` of log-tensor components ``(M, 6)``: eigenvalues of the log, exponentiated."""
+    evals = torch.linalg.eigvalsh(_torch_matrix(log_components.float())).clamp(*LOG_EIGENVALUE_RANGE).exp()
+    deviation = evals - evals.mean(-1, keepdim=True)
+    return torch.sqrt(1.5 * deviation.pow(2).sum(-1) / evals.pow(2).sum(-1).clamp(min=1e-12))
+
+
+def _loss_phase1(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L1 on log-tensor components and on FA inside the brain, BCE on the mask everywhere."""
+    channel_weights = torch.tensor(TENSOR_COMPONENT_WEIGHTS, device=raw.device)
+    tensor = _masked_l1(raw[:, :6], target[:, :6], weight, channel_weights)
+    mask = F.binary_cross_entropy_with_logits(raw[:, 6], target[:, 6])
+    inside = weight[:, 0] > 0
+    if inside.any():
+        voxels_pred = raw[:, :6].permute(0, 2, 3, 1)[inside]
+        voxels_true = target[:, :6].permute(0, 2, 3, 1)[inside]
+        fa = (fa_from_log(voxels_pred) - fa_from_log(voxels_true)).abs().mean()
+    else:
+        fa = raw.sum() * 0.0
+    return {"tensor_l1": tensor, "mask_bce": mask, "fa_l1": fa, "total": tensor + 0.5 * mask + fa}
+
+
+PHASE1 = PhaseSpec(
+    name="phase1", inputs=("t1w",),
+    outputs=("logD11", "logD12", "logD13", "logD22", "logD23", "logD33", "brainmask"), context=2,
+    x_flip_signs=(1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0),
+    sigmoid_outputs=(False,) * 6 + (True,), masked_outputs=(True,) * 6 + (False,),
+    intensity_augment=True, build_sample=_build_phase1, decode=_decode_phase1, loss=_loss_phase1)
+
+
+# ----------------------------------------------------------------------------- phase 2
+
+
+def phase2_inputs(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: ConformedGrid) -> np.ndarray:
+    """The phase-2 network input ``(5, X, Y, Z)`` on the model grid from source-grid maps.
+
+    ``fa`` (X, Y, Z) in [0, 1], ``md`` (X, Y, Z) mm²/s, ``colfa`` (X, Y, Z, 3); channels are
+    FA, MD / :data:`MD_SCALE` (clipped to [0, 2]), colour FA, each resampled linearly.
+    """
+    scaled = np.concatenate([np.clip(fa, 0, 1)[..., None], np.clip(md / MD_SCALE, 0, 2)[..., None],
+                             np.clip(colfa, 0, 1)], axis=-1)
+    return np.moveaxis(grid.to_model(scaled), -1, 0).astype(np.float32)
+
+
+def relative_tdi(tdi: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Track density divided by its :data:`TDI_PERCENTILE` th percentile inside ``mask`` (unitless)."""
+    reference = np.percentile(tdi[mask], TDI_PERCENTILE) if mask.any() else 0.0
+    if reference <= 0:
+        raise BadDataError("the track-density map is empty inside the brain mask")
+    return (tdi / reference).astype(np.float32)
+
+
+def _build_phase2(row: dict[str, str], prep_dir: Path, inputs_dir: Path | None) -> Sample:
+    _, grid = phase1_inputs(*load_t1w(row["t1w"]))
+    source = inputs_dir or prep_dir
+    inputs = phase2_inputs(*(_load_map(source, row, c) for c in ("fa", "md", "colfa")), grid)
+    mask = _load_map(prep_dir, row, "mask") > 0
+    tdi = relative_tdi(_load_map(prep_dir, row, "tdi"), mask)
+    targets = grid.to_model(np.concatenate([np.log1p(tdi)[..., None], _load_map(prep_dir, row, "dectdi")], -1))
+    weight = grid.to_model(mask.astype(np.float32)) >= 0.5
+    return Sample(inputs, np.moveaxis(targets, -1, 0).astype(np.float32), weight.astype(np.float32), grid)
+
+
+def _decode_phase2(raw: np.ndarray) -> dict[str, np.ndarray]:
+    """``tdi`` (X, Y, Z) relative density (1 = the subject's 99th percentile), ``dectdi`` (X, Y, Z, 3)."""
+    return {"tdi": np.expm1(np.clip(raw[0], 0.0, LOG_DENSITY_MAX)).astype(np.float32),
+            "dectdi": (1.0 / (1.0 + np.exp(-np.moveaxis(raw[1:4], 0, -1).astype(np.float64)))).astype(np.float32)}
+
+
+def _loss_phase2(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L1 on log1p relative density and on DEC-TDI (after sigmoid), inside the brain."""
+    density = _masked_l1(raw[:, :1], target[:, :1], weight)
+    direction = _masked_l1(torch.sigmoid(raw[:, 1:4]), target[:, 1:4], weight)
+    return {"tdi_l1": density, "dec_l1": direction, "total": density + direction}
+
+
+PHASE2 = PhaseSpec(
+    name="phase2", inputs=("fa", "md", "colfa_r", "colfa_g", "colfa_b"),
+    outputs=("log1p_tdi", "dec_x", "dec_y", "dec_z"), context=2, x_flip_signs=(1.0,) * 4,
+    sigmoid_outputs=(False, True, True, True), masked_outputs=(True,) * 4,
+    intensity_augment=False, build_sample=_build_phase2, decode=_decode_phase2, loss=_loss_phase2)
+
+#: All phases by name.
+PHASES: dict[str, PhaseSpec] = {spec.name: spec for spec in (PHASE1, PHASE2)}
+
+
+def get_phase(name: str) -> PhaseSpec:
+    """The :class:`PhaseSpec` called ``name``; a clear error for unknown names."""
+    if name not in PHASES:
+        raise UsageError(f"unknown phase {name!r}; choose one of {', '.join(PHASES)}")
+    return PHASES[name]

@@ -1,0 +1,1 @@
+"""Streamlines and rendered views from the continuous tractography field."""

@@ -1,0 +1,1 @@
+"""Training the translators: slice datasets, the adversarial training loop and evaluation."""

@@ -1,0 +1,248 @@
+"""Held-out evaluation of the translators against the teacher, with simple baselines.
+
+* phase 1: FA MAE and Pearson r (brain, white matter), MD MAE, V1 angular error where the
+  teacher's FA > 0.3, FA PSNR and SSIM. Baseline: FA from T1w intensity alone (mean FA
+  per normalised-intensity bin, fitted on the training subjects).
+* phase 2: Pearson r and Dice (relative density above a threshold) of the track density,
+  DEC-TDI angular error where the teacher's density is high. Baseline: TDI = f(FA) (mean
+  relative density per FA bin, fitted on the training subjects) with colour FA as direction.
+
+All maps are compared on the T1w's own grid.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from m2m_app.inference.conform import normalise_intensity
+from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
+from m2m_app.io.nifti import atomic_write, load_image, load_t1w
+from m2m_app.maths.tensor import tensor_derivatives
+from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
+from m2m_app.training.loop import select_rows
+
+log = logging.getLogger(__name__)
+
+#: V1 angular errors are measured where the teacher's FA exceeds this.
+FA_ANGLE_THRESHOLD = 0.3
+#: Relative track density (1 = the 99th percentile) above which a voxel counts as "tracked" for Dice.
+DICE_DENSITY = 0.1
+#: Relative track density above which DEC-TDI directions are compared.
+HIGH_DENSITY = 0.5
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two flat arrays (NaN when either is constant)."""
+    a, b = a.astype(float) - a.mean(), b.astype(float) - b.mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def angular_error_deg(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Sign-free angle (degrees) between vectors ``(..., 3)``; NaN where either is zero."""
+    norms = np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.abs((u * v).sum(-1)) / norms
+    return np.degrees(np.arccos(np.clip(cosine, 0.0, 1.0)))
+
+
+def psnr(prediction: np.ndarray, truth: np.ndarray, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio (dB)."""
+    mse = float(np.mean((prediction.astype(float) - truth) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(data_range ** 2 / mse)
+
+
+def ssim(prediction: np.ndarray, truth: np.ndarray, data_range: float = 1.0) -> float:
+    """Structural similarity of two volumes (scikit-image when installed, else a Gaussian-window SSIM)."""
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:
+        from scipy.ndimage import gaussian_filter
+
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        x, y = prediction.astype(float), truth.astype(float)
+        mx, my = gaussian_filter(x, 1.5), gaussian_filter(y, 1.5)
+        vx, vy = gaussian_filter(x * x, 1.5) - mx ** 2, gaussian_filter(y * y, 1.5) - my ** 2
+        cov = gaussian_filter(x * y, 1.5) - mx * my
+        return float(np.mean((2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))))
+    return float(structural_similarity(prediction.astype(float), truth.astype(float), data_range=data_range))
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Smallest box holding ``mask``."""
+    where = np.argwhere(mask)
+    return tuple(slice(lo, hi + 1) for lo, hi in zip(where.min(0), where.max(0)))
+
+
+def fa_metrics(pred_fa: np.ndarray, true_fa: np.ndarray, brain: np.ndarray, wm: np.ndarray) -> dict[str, float]:
+    """FA MAE / Pearson r in the brain and in WM, and FA PSNR / SSIM in the brain's bounding box."""
+    box = _bounding_box(brain)
+    inside_pred, inside_true = np.where(brain, pred_fa, 0)[box], np.where(brain, true_fa, 0)[box]
+    return {"fa_mae_brain": float(np.abs(pred_fa - true_fa)[brain].mean()),
+            "fa_r_brain": pearson(pred_fa[brain], true_fa[brain]),
+            "fa_mae_wm": float(np.abs(pred_fa - true_fa)[wm].mean()) if wm.any() else float("nan"),
+            "fa_r_wm": pearson(pred_fa[wm], true_fa[wm]) if wm.any() else float("nan"),
+            "fa_psnr": psnr(inside_pred, inside_true), "fa_ssim": ssim(inside_pred, inside_true)}
+
+
+def phase1_metrics(pred_tensor: np.ndarray, true_tensor: np.ndarray, brain: np.ndarray,
+                   wm: np.ndarray) -> dict[str, float]:
+    """Phase-1 metrics of predicted vs teacher tensors ``(X, Y, Z, 6)`` (mm²/s) within ``brain``/``wm`` (bool).
+
+    MD MAE is in mm²/s, the V1 angular error in degrees (mean where teacher FA > 0.3).
+    """
+    pred, true = tensor_derivatives(pred_tensor[brain]), tensor_derivatives(true_tensor[brain])
+    pred_fa, true_fa = np.zeros(brain.shape), np.zeros(brain.shape)
+    pred_fa[brain], true_fa[brain] = pred["fa"], true["fa"]
+    fibres = true["fa"] > FA_ANGLE_THRESHOLD
+    angles = angular_error_deg(pred["v1"][fibres], true["v1"][fibres])
+    return {**fa_metrics(pred_fa, true_fa, brain, wm & brain),
+            "md_mae_brain": float(np.abs(pred["md"] - true["md"]).mean()),
+            "v1_angle_deg": float(np.nanmean(angles)) if angles.size else float("nan")}
+
+
+def phase2_metrics(pred_tdi: np.ndarray, pred_dec: np.ndarray, true_tdi: np.ndarray, true_dec: np.ndarray,
+                   brain: np.ndarray) -> dict[str, float]:
+    """Phase-2 metrics; ``*_tdi`` are relative densities ``(X, Y, Z)``, ``*_dec`` ``(X, Y, Z, 3)``.
+
+    Dice compares voxels above :data:`DICE_DENSITY`; the DEC angular error (degrees) is
+    averaged where the teacher's density exceeds :data:`HIGH_DENSITY`.
+    """
+    pred_on, true_on = (pred_tdi > DICE_DENSITY) & brain, (true_tdi > DICE_DENSITY) & brain
+    total = pred_on.sum() + true_on.sum()
+    dense = (true_tdi > HIGH_DENSITY) & brain
+    angles = angular_error_deg(pred_dec[dense], true_dec[dense])
+    return {"tdi_r_brain": pearson(pred_tdi[brain], true_tdi[brain]),
+            "tdi_dice": float(2 * (pred_on & true_on).sum() / total) if total else float("nan"),
+            "dec_angle_deg": float(np.nanmean(angles)) if np.isfinite(angles).any() else float("nan")}
+
+
+@dataclass
+class BinnedRegression:
+    """``y ≈ mean of y in the bin of x``: ``bins`` equal bins on ``[low, high]`` (values clipped)."""
+
+    low: float
+    high: float
+    bins: int = 64
+
+    def __post_init__(self) -> None:
+        self.sums, self.counts = np.zeros(self.bins), np.zeros(self.bins)
+
+    def _bin(self, x: np.ndarray) -> np.ndarray:
+        scaled = (np.clip(x, self.low, self.high) - self.low) / (self.high - self.low)
+        return np.minimum((scaled * self.bins).astype(int), self.bins - 1)
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> BinnedRegression:
+        """Accumulate the pairs ``(x, y)`` (flat arrays); call once per training subject."""
+        index = self._bin(x)
+        self.sums += np.bincount(index, weights=y, minlength=self.bins)
+        self.counts += np.bincount(index, minlength=self.bins)
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Bin means at ``x`` (empty bins give the overall mean)."""
+        overall = self.sums.sum() / max(self.counts.sum(), 1)
+        means = np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), overall)
+        return means[self._bin(x)]
+
+
+def _mask(prep: Path, row: dict, column: str) -> np.ndarray:
+    return load_image(prep / row[column])[1] > 0
+
+
+def _evaluate_phase1(rows: list, train_rows: list, model, device: str) -> list[dict]:
+    baseline = BinnedRegression(0.0, 1.0)
+    for row, prep in train_rows:
+        brain = _mask(prep, row, "mask")
+        baseline.fit(normalise_intensity(load_t1w(row["t1w"])[1])[brain], load_image(prep / row["fa"])[1][brain])
+    results = []
+    for row, prep in rows:
+        img, data = load_t1w(row["t1w"])
+        brain, wm = _mask(prep, row, "mask"), _mask(prep, row, "wm")
+        true_tensor = load_image(prep / row["diffusivity"])[1]
+        pred = predict_phase1(img, data, model=model, device=device)
+        results.append({"subject": row["subject"], "method": "m2m",
+                        **phase1_metrics(pred["tensor"], true_tensor, brain, wm),
+                        "mask_dice": float(2 * (pred["mask"] & brain).sum() / (pred["mask"].sum() + brain.sum()))})
+        true_fa = load_image(prep / row["fa"])[1]
+        results.append({"subject": row["subject"], "method": "baseline_fa_from_t1w",
+                        **fa_metrics(baseline.predict(normalise_intensity(data)), true_fa, brain, wm & brain)})
+    return results
+
+
+def _evaluate_phase2(rows: list, train_rows: list, model, device: str, predicted_inputs: Path | None) -> list[dict]:
+    baseline = BinnedRegression(0.0, 1.0)
+    for row, prep in train_rows:
+        brain = _mask(prep, row, "mask")
+        density = relative_tdi(load_image(prep / row["tdi"])[1], brain)
+        baseline.fit(load_image(prep / row["fa"])[1][brain], density[brain])
+    results = []
+    for row, prep in rows:
+        source = predicted_inputs or prep
+        fa, md, colfa = (load_image(source / row[c])[1] for c in ("fa", "md", "colfa"))
+        _, grid = phase1_inputs(*load_t1w(row["t1w"]))
+        brain = _mask(prep, row, "mask")
+        true_tdi = relative_tdi(load_image(prep / row["tdi"])[1], brain)
+        true_dec = load_image(prep / row["dectdi"])[1]
+        pred = predict_phase2(fa, md, colfa, grid, mask=brain, model=model, device=device)
+        results.append({"subject": row["subject"], "method": "m2m",
+                        **phase2_metrics(pred["tdi"], pred["dectdi"], true_tdi, true_dec, brain)})
+        results.append({"subject": row["subject"], "method": "baseline_tdi_from_fa",
+                        **phase2_metrics(np.where(brain, baseline.predict(fa), 0.0), colfa, true_tdi, true_dec, brain)})
+    return results
+
+
+def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str | os.PathLike | None,
+                   test_subjects: list[str], train_subjects: list[str] | None = None,
+                   out_tsv: str | os.PathLike | None = None, device: str = "auto",
+                   predicted_inputs: str | os.PathLike | None = None) -> list[dict]:
+    """Per-subject metrics of the trained translator and of its baseline on held-out subjects.
+
+    Parameters
+    ----------
+    spec_name : ``phase1`` or ``phase2``.
+    prep_dir : the prep dir holding the teacher maps of every subject.
+    weights_dir : folder with ``<phase>.safetensors``/``.json`` (None: the packaged weights).
+    test_subjects : held-out subjects (``sub-01``, ``01`` or ``sub-01_ses-a``).
+    train_subjects : subjects the baseline is fitted on (default: every other ``ok`` subject).
+    out_tsv : where to write the table (tab-separated, one row per subject and method).
+    predicted_inputs : phase 2 only: take FA/MD/colour FA from this folder of phase-1
+        predictions (prep-dir layout) instead of the teacher's.
+
+    Returns the rows: ``subject``, ``method`` (``m2m`` or ``baseline_*``) and the metrics.
+    """
+    spec = get_phase(spec_name)
+    rows = select_rows([Path(prep_dir)], test_subjects)
+    tested = {row["subject"] for row, _ in rows}
+    train_rows = [(row, prep) for row, prep in select_rows([Path(prep_dir)], train_subjects)
+                  if row["subject"] not in tested]
+    model, _ = load_translator(spec.name, weights_dir)
+    if spec.name == "phase1":
+        results = _evaluate_phase1(rows, train_rows, model, device)
+    else:
+        predicted = Path(predicted_inputs) if predicted_inputs else None
+        results = _evaluate_phase2(rows, train_rows, model, device, predicted)
+    for method in sorted({r["method"] for r in results}):
+        chosen = [r for r in results if r["method"] == method]
+        log.info("%s %s: %s", spec.name, method, ", ".join(
+            f"{k} {np.nanmean([r[k] for r in chosen]):.4g}" for k in chosen[0] if k not in ("subject", "method")))
+    if out_tsv is not None:
+        _write_table(Path(out_tsv), results)
+    return results
+
+
+def _write_table(path: Path, results: list[dict]) -> None:
+    """Tab-separated table of the rows (union of columns, blanks where a method lacks a metric)."""
+    columns = list(dict.fromkeys(k for row in results for k in row))
+
+    def writer(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            table = csv.DictWriter(handle, columns, delimiter="\t", restval="")
+            table.writeheader()
+            table.writerows(results)
+    atomic_write(path, writer)

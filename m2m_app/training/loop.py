@@ -1,0 +1,295 @@
+"""One adversarial training loop for any :class:`~m2m_app.models.phases.PhaseSpec`.
+
+Generator: :class:`~m2m_app.models.translator.Translator`, trained with the phase's
+reconstruction loss plus a small LSGAN term from two conditional discriminators (global
+and PatchGAN). Everything is seeded; a checkpoint is written after every epoch and a
+run restarts from the last one automatically. Under ``torchrun`` (``WORLD_SIZE > 1``) it
+runs with DistributedDataParallel and only rank 0 writes files.
+
+Files in ``model_out``: ``<phase>_losses.csv`` (one row per epoch: mean of each loss term
+over rank 0's batches), ``checkpoints/<phase>_last.pt``, ``cache/`` (conformed subjects),
+and at the end ``<phase>.safetensors`` (generator weights) with ``<phase>.json`` (metadata, recipe, SHA-256).
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from m2m_app import __version__
+from m2m_app.errors import UsageError
+from m2m_app.inference.predict import file_sha256, resolve_device
+from m2m_app.io.nifti import atomic_write, save_json
+from m2m_app.models.phases import PhaseSpec, get_phase, read_manifest
+from m2m_app.models.translator import GlobalDiscriminator, PatchDiscriminator, Translator, parameter_count
+from m2m_app.training.slices import SliceDataset, Source, cache_sample, training_sources, worker_threads
+
+log = logging.getLogger(__name__)
+
+#: Weight of each discriminator's LSGAN term in the generator loss.
+ADVERSARIAL_WEIGHT = 0.01
+#: Adam betas (pix2pix).
+BETAS = (0.5, 0.999)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _distributed_context() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the torchrun environment (0, 1, 0 when not distributed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def select_rows(prep_dirs: list[Path], subjects: list[str] | None) -> list[tuple[dict, Path]]:
+    """``(row, prep_dir)`` for every ``ok`` manifest row, restricted to ``subjects``.
+
+    Subjects may be given as ``sub-01``, ``01`` (every session of that participant) or ``sub-01_ses-a``.
+    """
+    rows = [(row, Path(prep)) for prep in prep_dirs for row in read_manifest(Path(prep))]
+    if subjects is not None:
+        wanted = {s if s.startswith("sub-") else f"sub-{s}" for s in subjects}
+        rows = [(row, prep) for row, prep in rows
+                if row["subject"] in wanted or f"sub-{row['participant']}" in wanted]
+    if not rows:
+        raise UsageError(f"no usable subject (status ok{', in the given list' if subjects else ''}) "
+                         f"in {', '.join(str(p) for p in prep_dirs)}")
+    return rows
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _cached_dataset(spec: PhaseSpec, sources: list[Source], cache_dir: Path, seed: int, rank: int,
+                    world: int) -> SliceDataset:
+    """Conform every source into ``cache_dir`` (rank 0 only; the other ranks wait, then read it)."""
+    if rank == 0:
+        files = [cache_sample(spec, s, cache_dir) for s in tqdm(sources, desc=f"{spec.name}: conform")]
+    _barrier(world)
+    if rank != 0:
+        files = [cache_sample(spec, s, cache_dir) for s in sources]
+    return SliceDataset(spec, files, augment=True, seed=seed)
+
+
+class _Networks(nn.Module):
+    """The generator and both discriminators of one phase, as one module for checkpointing."""
+
+    def __init__(self, spec: PhaseSpec, base: int, depth: int, disc_base: int) -> None:
+        super().__init__()
+        self.generator = Translator(spec.in_channels, spec.out_channels, base=base, depth=depth)
+        self.global_d = GlobalDiscriminator(spec.in_channels + spec.out_channels, base=disc_base)
+        self.patch_d = PatchDiscriminator(spec.in_channels + spec.out_channels, base=disc_base)
+
+
+def _lsgan(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """Least-squares GAN loss towards 1 (real) or 0 (fake)."""
+    return F.mse_loss(logits, torch.full_like(logits, 1.0 if real else 0.0))
+
+
+class _Step:
+    """One optimisation step on a batch: discriminators first, then the generator."""
+
+    def __init__(self, spec: PhaseSpec, generator: nn.Module, discriminators: list[nn.Module],
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, adversarial_weight: float) -> None:
+        self.spec, self.generator, self.discriminators = spec, generator, discriminators
+        self.opt_g, self.opt_d, self.adversarial_weight = opt_g, opt_d, adversarial_weight
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        x, target, weight = batch["input"], batch["target"], batch["weight"]
+        masked = torch.tensor(self.spec.masked_outputs, device=x.device).view(1, -1, 1, 1)
+        channel_weight = torch.where(masked, weight, torch.ones_like(weight))
+        raw = self.generator(x)
+        fake, real = self.spec.activate(raw) * channel_weight, target * channel_weight
+
+        loss_d = x.new_zeros(())
+        for disc in self.discriminators:  # real and fake in one forward (one DDP pass)
+            logits_real, logits_fake = disc(torch.cat([x, x]), torch.cat([real, fake.detach()])).chunk(2)
+            loss_d = loss_d + 0.5 * (_lsgan(logits_real, True) + _lsgan(logits_fake, False))
+        self.opt_d.zero_grad()
+        loss_d.backward()
+        self.opt_d.step()
+
+        terms = self.spec.loss(raw, target, weight)
+        adversarial = sum(_lsgan(disc(x, fake), True) for disc in self.discriminators)
+        self.opt_g.zero_grad()
+        (terms["total"] + self.adversarial_weight * adversarial).backward()
+        self.opt_g.step()
+        return {**{k: v.item() for k, v in terms.items()}, "adv_g": adversarial.item(), "adv_d": loss_d.item()}
+
+
+def _write_losses(path: Path, rows: list[dict]) -> None:
+    """Rewrite the per-epoch loss table (atomic)."""
+    def writer(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            table = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=",")
+            table.writeheader()
+            table.writerows(rows)
+    atomic_write(path, writer)
+
+
+def _read_losses(path: Path, up_to_epoch: int) -> list[dict]:
+    """Rows of an existing loss table for epochs ``<= up_to_epoch`` (what a resumed run keeps)."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if int(row["epoch"]) <= up_to_epoch]
+
+
+def export_generator(generator: Translator, spec: PhaseSpec, model_out: Path, recipe: dict) -> Path:
+    """Write ``<phase>.safetensors`` (generator state dict, float32) and ``<phase>.json``; returns the weights path.
+
+    The JSON holds the phase metadata, the architecture kwargs (``Translator(**architecture)``),
+    the training recipe, the m2m version and the SHA-256 of the weights file.
+    """
+    weights = Path(model_out) / f"{spec.name}.safetensors"
+    state = {k: v.detach().float().cpu().contiguous() for k, v in generator.state_dict().items()}
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"phase": spec.name}))
+    save_json({"phase": spec.metadata(), "architecture": generator.config, "recipe": recipe,
+               "parameters": parameter_count(generator), "m2m_version": __version__,
+               "sha256": file_sha256(weights)}, weights.with_suffix(".json"))
+    return weights
+
+
+def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os.PathLike, epochs: int,
+                batch_size: int = 16, device: str = "auto", seed: int = 0, lr: float = 2e-4,
+                subjects: list[str] | None = None, extra_prep_dirs: list[str | os.PathLike] | None = None,
+                predicted_inputs: str | os.PathLike | None = None, base: int = 24, depth: int = 4, disc_base: int = 32,
+                adversarial_weight: float = ADVERSARIAL_WEIGHT, workers: int | None = None) -> Path:
+    """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
+
+    Parameters
+    ----------
+    spec_name : ``phase1`` or ``phase2``.
+    prep_dir : folder written by ``m2m-train prepare`` (``manifest.tsv`` + teacher maps).
+    model_out : output folder (losses CSV, checkpoints, cache, exported weights).
+    epochs : total number of epochs; a resumed run continues up to this number.
+    batch_size : slices per optimisation step (per process under DDP).
+    device : ``auto``, ``cpu`` or ``cuda``.
+    seed : seeds initialisation, shuffling and augmentation.
+    lr : Adam learning rate (generator and discriminators).
+    subjects : subject labels to train on (``sub-01``, ``01`` or ``sub-01_ses-a``); all ``ok`` rows if None.
+    extra_prep_dirs : more prep dirs whose subjects are pooled with ``prep_dir``'s.
+    predicted_inputs : phase 2 only: folder of phase-1 predicted maps laid out like the prep
+        dir (see :mod:`m2m_app.training.slices`); those subjects are used with both inputs.
+    base, depth : translator width and number of poolings.
+    disc_base : width of both discriminators (not exported).
+    adversarial_weight : weight of each discriminator's LSGAN term.
+    workers : DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
+
+    Returns the path of the exported ``<phase>.safetensors``.
+    """
+    spec = get_phase(spec_name)
+    if predicted_inputs is not None and spec.name != "phase2":
+        raise UsageError("predicted_inputs only applies to phase2 (its inputs are phase-1 maps)")
+    model_out = Path(model_out)
+    rank, world, local_rank = _distributed_context()
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+    torch_device = resolve_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    seed_everything(seed)
+
+    prep_dirs = [Path(prep_dir)] + [Path(p) for p in extra_prep_dirs or []]
+    rows = select_rows(prep_dirs, subjects)
+    sources = training_sources(rows, Path(predicted_inputs) if predicted_inputs else None)
+    dataset = _cached_dataset(spec, sources, model_out / "cache", seed, rank, world)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    workers = (4 if torch_device.type == "cuda" else 0) if workers is None else workers
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        worker_init_fn=worker_threads, pin_memory=torch_device.type == "cuda")
+
+    networks = _Networks(spec, base, depth, disc_base).to(torch_device)
+    opt_g = torch.optim.Adam(networks.generator.parameters(), lr=lr, betas=BETAS)
+    opt_d = torch.optim.Adam(list(networks.global_d.parameters()) + list(networks.patch_d.parameters()),
+                             lr=lr, betas=BETAS)
+    recipe = {"phase": spec.name, "epochs": epochs, "batch_size": batch_size * world, "lr": lr, "seed": seed,
+              "adversarial_weight": adversarial_weight, "disc_base": disc_base, "world_size": world,
+              "prep_dirs": [str(p) for p in prep_dirs], "predicted_inputs": str(predicted_inputs or ""),
+              "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset)}
+    checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
+    architecture = {**networks.generator.config, "disc_base": disc_base}
+    start = _resume(checkpoint, networks, opt_g, opt_d, architecture, torch_device)
+
+    def wrap(module: nn.Module) -> nn.Module:
+        if world == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[local_rank] if torch_device.type == "cuda" else None)
+
+    step = _Step(spec, wrap(networks.generator), [wrap(networks.global_d), wrap(networks.patch_d)],
+                 opt_g, opt_d, adversarial_weight)
+    losses_csv = model_out / f"{spec.name}_losses.csv"
+    history = _read_losses(losses_csv, start) if rank == 0 else []
+    for epoch in range(start + 1, epochs + 1):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        networks.train()
+        began, sums, batches = time.monotonic(), {}, 0
+        for batch in tqdm(loader, desc=f"{spec.name} epoch {epoch}/{epochs}", disable=rank != 0, leave=False):
+            values = step({k: v.to(torch_device, non_blocking=True) for k, v in batch.items()})
+            sums = {k: sums.get(k, 0.0) + v for k, v in values.items()}
+            batches += 1
+        if rank == 0:
+            row = {"epoch": epoch, **{k: v / max(batches, 1) for k, v in sums.items()},
+                   "seconds": round(time.monotonic() - began, 1), "batches": batches}
+            history.append(row)
+            _write_losses(losses_csv, history)
+            _save_checkpoint(checkpoint, epoch, networks, opt_g, opt_d, architecture)
+            log.info("%s epoch %d/%d: %s", spec.name, epoch, epochs,
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        _barrier(world)
+    weights = model_out / f"{spec.name}.safetensors"
+    if rank == 0:
+        recipe["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        recipe["final_losses"] = history[-1] if history else {}
+        export_generator(networks.generator, spec, model_out, recipe)
+    if owns_group:
+        _barrier(world)
+        dist.destroy_process_group()
+    return weights
+
+
+def _save_checkpoint(path: Path, epoch: int, networks: nn.Module, opt_g: torch.optim.Optimizer,
+                     opt_d: torch.optim.Optimizer, architecture: dict) -> None:
+    """Atomically write the state after ``epoch`` completed epochs."""
+    state = {"epoch": epoch, "networks": networks.state_dict(), "opt_g": opt_g.state_dict(),
+             "opt_d": opt_d.state_dict(),
+             "architecture": architecture}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _resume(path: Path, networks: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+            architecture: dict, device: torch.device) -> int:
+    """Load the last checkpoint if there is one; returns the number of epochs already done."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state["architecture"] != architecture:
+        raise UsageError(f"{path}: checkpoint of a different architecture {state['architecture']} "
+                         f"(now {architecture}); use another output folder or delete it")
+    networks.load_state_dict(state["networks"])
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])
+    log.info("resuming %s after epoch %d", path, state["epoch"])
+    return int(state["epoch"])

@@ -1,0 +1,167 @@
+"""A torch Dataset of 2.5D slices along all three axes of conformed training subjects.
+
+Each training source (a manifest row, with the folder its inputs come from) is conformed
+once by its phase's ``build_sample`` and cached on disk as one ``.npy`` array
+``(C + K + 1, X, Y, Z)`` (inputs, targets, weight), memory-mapped afterwards.
+
+Phase-2 inputs from phase-1 predictions
+---------------------------------------
+Give ``predicted_inputs``: a folder holding phase 1's predicted ``fa``, ``md`` and
+``colfa`` for the training subjects under the *same relative paths* as in the prep dir's
+``manifest.tsv`` (e.g. ``<predicted_inputs>/sub-01/dwi/sub-01_model-tensor_param-fa_dwimap.nii.gz``
+when the manifest says ``sub-01/dwi/sub-01_model-tensor_param-fa_dwimap.nii.gz``).
+Every subject that has all three predicted maps is then used twice: once with the
+teacher's maps as input and once with the predicted ones; targets are always the teacher's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from m2m_app.inference.conform import MODEL_SHAPE
+from m2m_app.io.nifti import atomic_write
+from m2m_app.models.phases import PhaseSpec, neighbours, slab_along
+
+log = logging.getLogger(__name__)
+
+#: Slices are zero-padded to this square size so that all three views batch together.
+SLICE_SIZE = max(MODEL_SHAPE)
+#: A slice is used for training if its weight map has at least this many voxels.
+MIN_SLICE_VOXELS = 16
+#: Probabilities of each augmentation.
+P_FLIP, P_GAMMA, P_BIAS, P_NOISE, P_THICK = 0.5, 0.8, 0.5, 0.5, 0.3
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training unit: a manifest row, its prep dir, and where its inputs come from (None: the prep dir)."""
+
+    row: dict
+    prep_dir: Path
+    inputs_dir: Path | None = None
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe cache key, unique for the phase inputs' provenance."""
+        provenance = json.dumps([str(self.prep_dir), str(self.inputs_dir), sorted(self.row.items())])
+        tag = "predicted" if self.inputs_dir else "teacher"
+        return f"{self.row['subject']}_{tag}_{hashlib.sha1(provenance.encode()).hexdigest()[:10]}"
+
+
+def training_sources(rows: list[tuple[dict, Path]], predicted_inputs: Path | None) -> list[Source]:
+    """Teacher-input sources for every ``(row, prep_dir)``, plus predicted-input ones where all maps exist."""
+    sources = [Source(row, Path(prep)) for row, prep in rows]
+    if predicted_inputs is None:
+        return sources
+    folder = Path(predicted_inputs)
+    for row, prep in rows:
+        if all(row.get(c) and (folder / row[c]).exists() for c in ("fa", "md", "colfa")):
+            sources.append(Source(row, Path(prep), folder))
+        else:
+            log.warning("%s: no predicted fa/md/colfa under %s; teacher inputs only", row["subject"], folder)
+    return sources
+
+
+def cache_sample(spec: PhaseSpec, source: Source, cache_dir: Path) -> Path:
+    """Conform ``source`` with ``spec.build_sample`` into ``cache_dir`` (once) and return the ``.npy`` path."""
+    path = Path(cache_dir) / f"{spec.name}_{source.key}.npy"
+    if not path.exists():
+        sample = spec.build_sample(source.row, source.prep_dir, source.inputs_dir)
+        stacked = np.concatenate([sample.inputs, sample.targets, sample.weight[None]]).astype(np.float32)
+        atomic_write(path, lambda tmp: np.save(tmp, stacked))
+    return path
+
+
+def _thick_slices(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Simulate thick or anisotropic slices along one random axis of ``slab (C, D, H, W)``."""
+    axis = int(rng.integers(1, 4))
+    factor = int(rng.integers(2, 4))
+    if axis == 1:
+        return ndimage.uniform_filter1d(slab, 3, axis=1, mode="nearest")
+    blurred = ndimage.uniform_filter1d(slab, factor, axis=axis, mode="nearest")
+    size = slab.shape[axis]
+    return np.take(blurred, np.minimum((np.arange(size) // factor) * factor + factor // 2, size - 1), axis=axis)
+
+
+def _bias_field(shape: tuple[int, int], rng: np.random.Generator, strength: float = 0.25) -> np.ndarray:
+    """A smooth multiplicative field ``(H, W)`` around 1 (a 4×4 random grid, cubic-upsampled, exponentiated)."""
+    coarse = rng.normal(0.0, strength, (4, 4))
+    return np.exp(ndimage.zoom(coarse, (shape[0] / 4, shape[1] / 4), order=3, mode="nearest"))[:shape[0], :shape[1]]
+
+
+def augment_intensity(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Thick-slice degradation, bias field, gamma and Gaussian noise on a [0, 1] MR slab ``(C, D, H, W)``."""
+    if rng.random() < P_THICK:
+        slab = _thick_slices(slab, rng)
+    if rng.random() < P_BIAS:
+        slab = slab * _bias_field(slab.shape[-2:], rng)
+    if rng.random() < P_GAMMA:
+        slab = np.clip(slab, 0.0, None) ** np.exp(rng.normal(0.0, 0.25))
+    if rng.random() < P_NOISE:
+        slab = slab + rng.normal(0.0, rng.uniform(0.0, 0.03), slab.shape)
+    return np.clip(slab, 0.0, 1.5)
+
+
+def _pad(array: np.ndarray) -> np.ndarray:
+    """Zero-pad the last two axes to ``SLICE_SIZE``."""
+    pad = [(0, 0)] * (array.ndim - 2) + [(0, SLICE_SIZE - array.shape[-2]), (0, SLICE_SIZE - array.shape[-1])]
+    return np.pad(array, pad)
+
+
+class SliceDataset(Dataset):
+    """2.5D slices along the three axes of every cached source, with their targets and weights.
+
+    Item: ``{"input": (spec.in_channels, S, S), "target": (K, S, S), "weight": (1, S, S)}``
+    float32 tensors, ``S`` = :data:`SLICE_SIZE`. Augmentations are drawn from a generator
+    seeded by (seed, epoch, index), so an epoch is reproducible and resumable.
+    """
+
+    def __init__(self, spec: PhaseSpec, cache_files: list[Path], augment: bool = True, seed: int = 0) -> None:
+        self.spec, self.files, self.augment, self.seed = spec, list(cache_files), augment, seed
+        self.epoch = 0
+        self.index: list[tuple[int, int, int]] = []
+        for number, path in enumerate(self.files):
+            weight = self._volume(number)[-1]
+            for axis in range(3):
+                counts = (weight > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+                self.index += [(number, axis, int(k)) for k in np.flatnonzero(counts >= MIN_SLICE_VOXELS)]
+        log.info("%s: %d slices from %d sources", spec.name, len(self.index), len(self.files))
+
+    def _volume(self, number: int) -> np.ndarray:
+        return np.load(self.files[number], mmap_mode="r")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        number, axis, k = self.index[item]
+        rng = np.random.default_rng([self.seed, self.epoch, item])
+        volume = self._volume(number)
+        n_in, n_out = len(self.spec.inputs), self.spec.out_channels
+        flip = self.augment and rng.random() < P_FLIP
+        slab = slab_along(volume[:n_in], axis, neighbours(k, volume.shape[1 + axis], self.spec.context), flip)
+        if self.augment and self.spec.intensity_augment:
+            slab = augment_intensity(slab, rng)
+        centre = slab_along(volume[n_in:], axis, np.array([k]), flip)[:, 0]
+        target = centre[:n_out]
+        if flip:
+            target = target * np.array(self.spec.x_flip_signs, dtype=np.float32)[:, None, None]
+        arrays = {"input": slab.reshape((-1,) + slab.shape[2:]), "target": target, "weight": centre[n_out:]}
+        return {name: torch.from_numpy(np.ascontiguousarray(_pad(a), dtype=np.float32)) for name, a in arrays.items()}
+
+
+def worker_threads(_: int) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread per worker (the main process owns the cores)."""
+    torch.set_num_threads(1)

@@ -1,0 +1,1 @@
+"""Nipype workflows assembled from m2m's interfaces."""

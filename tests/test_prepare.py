@@ -1,0 +1,166 @@
+"""The teacher (``m2m-train prepare``) on real data, and its handling of bad input."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import DS_REAL, ds_real_unit, make_bids, requires_ds_real, run_cli
+from m2m_app.errors import BadDataError, MissingInputError
+from m2m_app.io.nifti import load_dwi
+
+UNITS = ["sub-01", "sub-02_ses-hfdl", "sub-02_ses-hfdr", "sub-02_ses-hfp", "sub-02_ses-hfs"]
+#: Units whose head lies square in the scanner, so the corpus callosum runs along world x.
+UPRIGHT = ["sub-01", "sub-02_ses-hfs", "sub-02_ses-hfp"]
+
+
+def manifest_rows(prep):
+    return {row["subject"]: row for row in json.loads((prep / "manifest.json").read_text())["pairs"]}
+
+
+def load(prep, row, key):
+    return nib.load(prep / row[key])
+
+
+@requires_ds_real
+def test_prepare_completes_on_every_unit(prepared_ds_real):
+    prep, result = prepared_ds_real
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = manifest_rows(prep)
+    assert sorted(rows) == UNITS
+    assert all(row["status"] == "ok" for row in rows.values())
+    header = (prep / "manifest.tsv").read_text().splitlines()[0].split("\t")
+    assert {"t1w", "fa", "diffusivity", "tdi", "dectdi", "mean_fa_wm", "registration_cost"} <= set(header)
+
+
+@requires_ds_real
+@pytest.mark.parametrize("unit", UNITS)
+def test_prepared_maps_are_physically_plausible_and_on_the_t1w_grid(prepared_ds_real, unit):
+    prep, _ = prepared_ds_real
+    row = manifest_rows(prep)[unit]
+    t1w = nib.load(row["t1w"])
+    fa_img = load(prep, row, "fa")
+    assert fa_img.shape == t1w.shape and np.allclose(fa_img.affine, t1w.affine, atol=1e-4)
+    fa, md = fa_img.get_fdata(), load(prep, row, "md").get_fdata()
+    brain = load(prep, row, "mask").get_fdata() > 0
+    wm = load(prep, row, "wm").get_fdata() > 0
+    assert 5e-4 < np.median(md[brain]) < 1.2e-3
+    assert 0.15 < fa[brain].mean() < 0.45
+    # the DWI-derived FA must land on the T1w's own white matter (registration + orientation)
+    assert wm[fa > 0.3].mean() > 0.7
+    tensor = load(prep, row, "diffusivity")
+    assert tensor.shape == t1w.shape + (6,)
+    assert load(prep, row, "tdi").get_fdata()[brain].mean() > 1
+    assert row["n_streamlines"] > 5000
+
+
+@requires_ds_real
+@pytest.mark.parametrize("unit", UPRIGHT)
+def test_corpus_callosum_is_left_right(prepared_ds_real, unit):
+    """Voxels of the corpus-callosum body (midline, above the brain centre) have V1 along x."""
+    prep, _ = prepared_ds_real
+    row = manifest_rows(prep)[unit]
+    fa_img = load(prep, row, "fa")
+    fa, v1 = fa_img.get_fdata(), load(prep, row, "v1").get_fdata()
+    brain = load(prep, row, "mask").get_fdata() > 0
+    ijk = np.indices(fa.shape).reshape(3, -1).T
+    xyz = (ijk @ fa_img.affine[:3, :3].T + fa_img.affine[:3, 3]).reshape(fa.shape + (3,))
+    centre = np.median(xyz[brain], axis=0)
+    offset = xyz - centre
+    body = ((np.abs(offset[..., 0]) < 3) & (offset[..., 2] > 0) & (offset[..., 2] < 30)
+            & (np.abs(offset[..., 1]) < 30) & (fa > 0.3) & brain)
+    assert body.sum() > 100
+    mean_abs = np.abs(v1[body]).mean(axis=0)
+    assert mean_abs[0] > mean_abs[1] and mean_abs[0] > mean_abs[2], mean_abs
+
+
+@requires_ds_real
+def test_rerun_skips_finished_units(prepared_ds_real):
+    prep, _ = prepared_ds_real
+    fa_file = prep / manifest_rows(prep)["sub-01"]["fa"]
+    before = fa_file.stat().st_mtime_ns
+    result = run_cli("train", "prepare", DS_REAL, prep, "--participant-label", "sub-01")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already prepared" in result.stderr
+    assert fa_file.stat().st_mtime_ns == before
+
+
+@requires_ds_real
+def test_one_bad_unit_leaves_the_others_intact(tmp_path):
+    """A truncated DWI in sub-03 fails with exit 65 naming the file; sub-02 is still prepared."""
+    good = ds_real_unit("02", "hfs")
+    raw = (DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi.nii.gz").read_bytes()
+    bad = {"sub-03/anat/sub-03_T1w.nii.gz": DS_REAL / "sub-01/anat/sub-01_T1w.nii.gz",
+           "sub-03/dwi/sub-03_dwi.nii.gz": raw[: len(raw) // 3],
+           "sub-03/dwi/sub-03_dwi.bval": DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi.bval",
+           "sub-03/dwi/sub-03_dwi.bvec": DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi.bvec"}
+    bids = make_bids(tmp_path / "bids", {**good, **bad})
+    prep = tmp_path / "prep"
+    result = run_cli("train", "prepare", bids, prep, "--nprocs", "1")
+    assert result.returncode == 65, result.stderr[-2000:]
+    assert "sub-03" in result.stderr and "sub-03_dwi.nii.gz" in result.stderr
+    assert "Traceback" not in result.stderr
+    rows = manifest_rows(prep)
+    assert rows["sub-02_ses-hfs"]["status"] == "ok" and rows["sub-03"]["status"] == "failed"
+    assert (prep / rows["sub-02_ses-hfs"]["fa"]).exists()
+
+
+def test_unknown_participant_and_missing_dataset_give_documented_codes(tmp_path):
+    bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": b"x"})
+    result = run_cli("train", "prepare", bids, tmp_path / "prep", "--participant-label", "99")
+    assert result.returncode == 66 and "99" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("train", "prepare", tmp_path / "nothing", tmp_path / "prep2")
+    assert result.returncode == 66 and "not a BIDS dataset" in result.stderr
+    result = run_cli("train", "prepare", bids, bids / "derivatives" / "m2m")
+    assert result.returncode == 64 and "inside" in result.stderr
+
+
+def _write_dwi(folder, data, bvals, bvecs, name="dwi", affine=None):
+    path = folder / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), path)
+    if bvals is not None:
+        np.savetxt(folder / f"{name}.bval", np.atleast_2d(bvals), fmt="%g")
+    if bvecs is not None:
+        np.savetxt(folder / f"{name}.bvec", bvecs, fmt="%.6f")
+    return path
+
+
+def _gradients(n):
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(3, n))
+    vecs /= np.linalg.norm(vecs, axis=0)
+    vecs[:, 0] = 0
+    return np.r_[0, np.full(n - 1, 1000.0)], vecs
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("missing_bval", MissingInputError, ".bval"),
+    ("mismatched_bvec", BadDataError, "must match"),
+    ("three_d", BadDataError, "4D"),
+    ("no_b0", BadDataError, "no b=0"),
+    ("nan", BadDataError, "NaN"),
+    ("truncated", BadDataError, "truncated"),
+])
+def test_bad_dwi_inputs_fail_clearly(tmp_path, case, error, words):
+    data = np.random.default_rng(1).uniform(100, 200, size=(10, 10, 10, 8)).astype(np.float32)
+    bvals, bvecs = _gradients(8)
+    if case == "missing_bval":
+        path = _write_dwi(tmp_path, data, None, bvecs)
+    elif case == "mismatched_bvec":
+        path = _write_dwi(tmp_path, data, bvals, bvecs[:, :7])
+    elif case == "three_d":
+        path = _write_dwi(tmp_path, data[..., 0], bvals[:1], bvecs[:, :1])
+    elif case == "no_b0":
+        path = _write_dwi(tmp_path, data, np.full(8, 1000.0), bvecs)
+    elif case == "nan":
+        data[2, 2, 2, 3] = np.nan
+        path = _write_dwi(tmp_path, data, bvals, bvecs)
+    else:
+        path = _write_dwi(tmp_path, data, bvals, bvecs)
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(error, match=words) as info:
+        load_dwi(path)
+    assert str(path.name) in str(info.value) or str(path.parent) in str(info.value)

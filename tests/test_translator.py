@@ -1,0 +1,256 @@
+"""Translators (phases 1 and 2): networks, conforming, inference, training loop — tiny and synthetic."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from m2m_app.errors import BadDataError
+from m2m_app.inference import conform
+from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2, predict_volume
+from m2m_app.maths.tensor import components_to_matrix, tensor_derivatives
+from m2m_app.models.phases import PHASE1, PHASE2, fa_from_log, tensor_to_log
+from m2m_app.models.translator import Encoder, GlobalDiscriminator, PatchDiscriminator, Translator
+from m2m_app.training import slices
+from m2m_app.training.evaluate import evaluate_phase
+from m2m_app.training.loop import export_generator, train_phase
+
+TINY = {"base": 4, "depth": 2}
+
+# A left-right fibre in white matter, isotropic grey matter (mm²/s).
+WM_EVALS, GM_EVAL = (1.7e-3, 0.3e-3, 0.3e-3), 0.8e-3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+def _affine(kind: str, zooms: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> np.ndarray:
+    """RAS, LAS or oblique (15° about z, 10° about x) voxel-to-world affine."""
+    linear = np.diag(zooms)
+    if kind == "las":
+        linear[0, 0] *= -1
+    elif kind == "oblique":
+        a, b = np.radians(15), np.radians(10)
+        rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+        linear = rz @ rx @ linear
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    return affine
+
+
+def _head(kind: str = "ras", shape: tuple[int, int, int] = (48, 56, 48),
+          zooms: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> dict[str, np.ndarray]:
+    """A synthetic head on a grid centred on the world origin: T1w, masks, tensors and track maps."""
+    affine = _affine(kind, zooms)
+    affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2) + np.array([3.0, -5.0, 10.0])
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
+    xyz = nib.affines.apply_affine(affine, ijk) - np.array([3.0, -5.0, 10.0])
+
+    def inside(radii):
+        return ((xyz / np.array(radii)) ** 2).sum(-1) < 1
+
+    head, brain, wm = inside((70, 85, 75)), inside((30, 40, 30)), inside((20, 28, 12))
+    t1w = np.where(head, 300.0, 5.0) + brain * 300.0 + wm * 250.0
+    t1w += 5.0 * np.random.default_rng(0).standard_normal(shape)
+    tensor = np.zeros(shape + (6,), np.float32)
+    tensor[brain] = [GM_EVAL, 0, 0, GM_EVAL, 0, GM_EVAL]
+    tensor[wm] = [WM_EVALS[0], 0, 0, WM_EVALS[1], 0, WM_EVALS[2]]
+    maps = tensor_derivatives(tensor)
+    for name in ("fa", "md", "ad", "rd", "v1", "colfa"):
+        maps[name] = np.where(brain[..., None] if maps[name].ndim == 4 else brain, maps[name], 0)
+    tdi = np.where(wm, 40.0, 0.0) + brain * 2.0
+    dectdi = np.where(wm[..., None], [1.0, 0.1, 0.1], [0.4, 0.4, 0.4]) * brain[..., None]
+    return {"affine": affine, "t1w": t1w.astype(np.float32), "mask": brain.astype(np.uint8),
+            "wm": wm.astype(np.uint8), "diffusivity": tensor, "tdi": tdi, "dectdi": dectdi, **maps}
+
+
+def make_prep_dir(root: Path, kinds: tuple[str, ...] = ("ras", "oblique")) -> Path:
+    """A fake ``m2m-train prepare`` output with one synthetic subject per ``kinds`` entry."""
+    prep, columns = root / "prep", ("mask", "wm", "fa", "md", "ad", "rd", "diffusivity", "v1", "colfa", "tdi", "dectdi")
+    rows = []
+    for number, kind in enumerate(kinds, start=1):
+        subject = f"sub-{number:02d}"
+        maps = _head(kind)
+        t1w_path = root / "bids" / subject / "anat" / f"{subject}_T1w.nii.gz"
+        t1w_path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(maps["t1w"], maps["affine"]), t1w_path)
+        row = {"subject": subject, "participant": f"{number:02d}", "session": "", "t1w": str(t1w_path), "status": "ok"}
+        for column in columns:
+            relative = Path(subject) / "dwi" / f"{subject}_{column}.nii.gz"
+            (prep / relative).parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.asarray(maps[column], np.float32), maps["affine"]), prep / relative)
+            row[column] = str(relative)
+        rows.append(row)
+    with (prep / "manifest.tsv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]) + ["mean_fa_wm"], delimiter="\t", restval="0.5")
+        writer.writeheader()
+        writer.writerows(rows)
+    return prep
+
+
+def test_network_shapes():
+    x = torch.randn(2, PHASE1.in_channels, 37, 50)
+    features = Encoder(PHASE1.in_channels, **TINY)(x)
+    assert [f.shape[-1] for f in features] == [50, 25, 12]
+    model = Translator(PHASE1.in_channels, PHASE1.out_channels, **TINY)
+    y = torch.randn(2, PHASE1.out_channels, 37, 50)
+    assert model(x).shape == (2, 7, 37, 50)
+    assert GlobalDiscriminator(12, base=8)(x, y).shape == (2, 1)
+    patch = PatchDiscriminator(12, base=8)(x, y)
+    assert patch.shape[:2] == (2, 1) and patch.shape[2] > 1 and patch.shape[3] > 1
+
+
+def test_any_network_output_gives_positive_definite_tensors():
+    raw = np.random.default_rng(1).normal(0, 30, (7, 4, 5, 6)).astype(np.float32)
+    decoded = PHASE1.decode(raw)
+    evals = np.linalg.eigvalsh(components_to_matrix(decoded["tensor"].astype(float)))
+    assert np.all(evals > 0) and decoded["tensor"].shape == (4, 5, 6, 6)
+    assert np.all((decoded["mask"] >= 0) & (decoded["mask"] <= 1))
+    fa = fa_from_log(torch.from_numpy(raw[:6].reshape(6, -1).T))
+    assert torch.all(torch.isfinite(fa)) and torch.all((fa >= 0) & (fa <= 1 + 1e-5))
+    # The log-Euclidean target round-trips to the tensor it came from.
+    tensor = np.array([[1.7e-3, 1e-4, 0, 0.3e-3, 0, 0.4e-3]], np.float32)
+    assert np.allclose(PHASE1.decode(np.concatenate([tensor_to_log(tensor).T[:, :, None, None],
+                                                     np.zeros((1, 1, 1, 1))]))["tensor"][0, 0, 0], tensor[0],
+                       rtol=1e-4, atol=1e-9)
+
+
+def test_tiny_model_overfits_two_slices():
+    rng = np.random.default_rng(0)
+    size = 32
+    yy, xx = np.mgrid[:size, :size] / size
+    inputs = torch.from_numpy(np.stack([np.stack([np.sin(6 * xx + k) * yy] * PHASE1.in_channels)
+                                        for k in range(2)]).astype(np.float32))
+    mask = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.12).astype(np.float32)
+    logs = np.zeros((2, size, size, 6), np.float32)
+    logs[..., [0, 3, 5]] = rng.normal(0, 0.1, 3) + np.array([0.5, -1.0, -1.2])
+    logs[..., 1] = 0.3 * inputs[:, 0].numpy()
+    target = torch.from_numpy(np.concatenate([np.moveaxis(logs, -1, 1) * mask, np.stack([mask[None]] * 2)], 1))
+    weight = torch.from_numpy(np.stack([mask[None]] * 2))
+    model = Translator(PHASE1.in_channels, PHASE1.out_channels, base=8, depth=2)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = PHASE1.loss(model(inputs), target, weight)["total"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert min(losses[-10:]) * 10 <= losses[0]
+
+
+@pytest.mark.parametrize("kind", ["oblique", "las"])
+def test_round_trip_to_original_grid(kind):
+    maps = _head(kind, shape=(40, 46, 34), zooms=(4.0, 4.0, 4.8))
+    img = nib.Nifti1Image(maps["t1w"], maps["affine"])
+    conformed, grid = conform.conform_t1w(img, maps["t1w"])
+    assert conformed.shape == conform.MODEL_SHAPE and 0 <= conformed.min() and conformed.max() <= 1
+    assert np.allclose(grid.affine[:3, :3], np.diag([conform.MODEL_VOXEL_MM] * 3))
+    back = grid.to_source(grid.to_model(maps["mask"].astype(np.float32), order=0), order=0)
+    assert back.shape == maps["t1w"].shape and (back == maps["mask"]).mean() > 0.97
+    # A constant oblique tensor across the brain survives the round trip unrotated, edges included.
+    constant = np.where(maps["mask"][..., None] > 0, [1.2e-3, 3e-4, -2e-4, 6e-4, 1e-4, 4e-4], 0).astype(np.float32)
+    tensor = conform.resample_tensor(conform.resample_tensor(constant, grid), grid, to_model=False)
+    kept = np.any(tensor != 0, axis=-1)
+    assert kept[ndimage.binary_erosion(maps["mask"])].all()
+    assert np.allclose(tensor[kept], constant[ndimage.binary_erosion(maps["mask"])][0], rtol=1e-3, atol=1e-8)
+
+    model = Translator(PHASE1.in_channels, PHASE1.out_channels, **TINY)
+    with torch.no_grad():
+        model.generator.head.bias[6] = 5.0  # everything "brain"
+    pred = predict_phase1(img, maps["t1w"], model=model, device="cpu", batch_size=32)
+    assert pred["tensor"].shape == maps["t1w"].shape + (6,) and pred["mask"].shape == maps["t1w"].shape
+    assert pred["mask"].any()
+    evals = np.linalg.eigvalsh(components_to_matrix(pred["tensor"][pred["mask"]].astype(float)))
+    assert np.all(evals > 0)
+    derived = tensor_derivatives(pred["tensor"])
+    out = predict_phase2(derived["fa"], derived["md"], derived["colfa"], pred["grid"], mask=pred["mask"],
+                         model=Translator(PHASE2.in_channels, PHASE2.out_channels, **TINY), device="cpu")
+    assert out["tdi"].shape == maps["t1w"].shape and out["dectdi"].shape == maps["t1w"].shape + (3,)
+    assert not out["tdi"][~pred["mask"]].any()
+
+
+def test_predict_volume_fuses_three_views():
+    class Identity(torch.nn.Module):  # returns the centre slice of the 2.5D stack
+        def forward(self, x):
+            return x[:, PHASE1.context:PHASE1.context + 1].repeat(1, PHASE1.out_channels, 1, 1)
+
+    volume = np.random.default_rng(0).random((1, 6, 7, 8)).astype(np.float32)
+    out = predict_volume(Identity(), PHASE1, volume, device="cpu", batch_size=4)
+    assert out.shape == (7, 6, 7, 8) and np.allclose(out[3], volume[0], atol=1e-6)
+
+
+def test_corrupted_weights_fail_with_a_clear_error(tmp_path):
+    model = Translator(PHASE2.in_channels, PHASE2.out_channels, **TINY)
+    weights = export_generator(model, PHASE2, tmp_path, {"epochs": 0})
+    loaded, spec = load_translator("phase2", tmp_path)
+    assert spec is PHASE2 and loaded.config == model.config
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BadDataError, match="checksum does not match") as error:
+        load_translator("phase2", tmp_path)
+    assert "phase2.safetensors" in str(error.value)
+
+
+def test_flip_augmentation_negates_off_diagonals(tmp_path, monkeypatch):
+    prep = make_prep_dir(tmp_path, kinds=("oblique",))
+    row = next(csv.DictReader((prep / "manifest.tsv").open(), delimiter="\t"))
+    cache = slices.cache_sample(PHASE1, slices.Source(row, prep), tmp_path / "cache")
+    plain = slices.SliceDataset(PHASE1, [cache], augment=False)
+    monkeypatch.setattr(slices, "P_FLIP", 1.0)
+    monkeypatch.setattr(slices, "P_THICK", 0.0)
+    flipped = slices.SliceDataset(PHASE1, [cache], augment=True)
+    item = next(i for i, (_, axis, _) in enumerate(plain.index) if axis == 2)  # axial: x is the first in-plane axis
+    a, b = plain[item]["target"], flipped[item]["target"]
+    height = conform.MODEL_SHAPE[0]
+    signs = torch.tensor(PHASE1.x_flip_signs).view(-1, 1, 1)
+    assert torch.allclose(b[:, :height], a[:, :height].flip(1) * signs)
+
+
+def test_training_resumes_and_exports(tmp_path, caplog):
+    prep = make_prep_dir(tmp_path)
+    out = tmp_path / "model"
+    options = {"batch_size": 16, "device": "cpu", "seed": 3, "lr": 1e-3, "disc_base": 4, "subjects": ["01"], **TINY}
+    train_phase("phase1", prep, out, epochs=1, **options)
+    first = list(csv.DictReader((out / "phase1_losses.csv").open()))
+    assert [r["epoch"] for r in first] == ["1"]
+    caplog.set_level("INFO")
+    train_phase("phase1", prep, out, epochs=2, **options)
+    assert "resuming" in caplog.text
+    rows = list(csv.DictReader((out / "phase1_losses.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == first[0]
+    meta = json.loads((out / "phase1.json").read_text())
+    assert meta["recipe"]["epochs"] == 2 and meta["recipe"]["subjects"] == ["sub-01"]
+    assert meta["architecture"] == {"in_channels": 5, "out_channels": 7, **TINY}
+    results = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], out_tsv=out / "eval.tsv", device="cpu")
+    assert {r["method"] for r in results} == {"m2m", "baseline_fa_from_t1w"}
+    assert np.isfinite(results[0]["fa_mae_brain"]) and (out / "eval.tsv").exists()
+
+
+def test_phase2_sample_from_predicted_inputs(tmp_path):
+    prep = make_prep_dir(tmp_path, kinds=("las",))
+    row = next(csv.DictReader((prep / "manifest.tsv").open(), delimiter="\t"))
+    predicted = tmp_path / "predicted"
+    for column in ("fa", "md", "colfa"):
+        img = nib.load(prep / row[column])
+        (predicted / row[column]).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 0.5, img.affine), predicted / row[column])
+    sources = slices.training_sources([(row, prep)], predicted)
+    assert [s.inputs_dir for s in sources] == [None, predicted]
+    teacher, from_phase1 = (PHASE2.build_sample(s.row, s.prep_dir, s.inputs_dir) for s in sources)
+    assert teacher.inputs.shape == (5,) + conform.MODEL_SHAPE and teacher.targets.shape == (4,) + conform.MODEL_SHAPE
+    assert np.allclose(from_phase1.inputs, teacher.inputs * 0.5, atol=1e-5)
+    assert np.array_equal(from_phase1.targets, teacher.targets)
+    brain = teacher.weight > 0
+    assert np.percentile(np.expm1(teacher.targets[0][brain]), 99) == pytest.approx(1.0, abs=0.3)
