@@ -1,13 +1,16 @@
 """Time phase 3 (field fit, views, turntable, tracking, .trx) on a synthetic brain-sized volume.
 
 Usage: ``python benchmarks/bench_nerf.py --threads 2 --size 128``. Prints one row per stage
-with its wall time and its peak resident memory (the kernel's high-water mark, reset before
-each stage where ``/proc/self/clear_refs`` allows it, otherwise the process peak so far).
+with its wall time, its CPU time (user + system, all threads: a check on wall times taken
+on a shared machine, whose load average is printed too) and its peak resident memory (the
+kernel's high-water mark, reset before each stage where ``/proc/self/clear_refs`` allows it,
+otherwise the process peak so far).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import tempfile
 import time
@@ -87,33 +90,33 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_nerf_"))
-    rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, float, float, float]] = []
     results: dict[str, object] = {}
 
     def stage(name, function):
         _reset_peak_rss()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         results[name] = function()
-        rows.append((name, time.perf_counter() - started, _peak_rss_mb()))
+        rows.append((name, time.perf_counter() - started, time.process_time() - cpu_started, _peak_rss_mb()))
 
     stage("synthetic volume", lambda: synthetic_brain(args.size))
     density, direction, mask, affine = results["synthetic volume"]
     stage("fit field", lambda: fit_field(density, direction, mask, affine, seed=0, max_steps=args.max_steps))
     field = results["fit field"]
     stage("render 4 views (256 px)", lambda: write_standard_views(field, out))
-    stage("turntable (30 x 160 px)", lambda: write_turntable(field, out / "turntable.gif"))
+    stage("turntable (24 x 160 px)", lambda: write_turntable(field, out / "turntable.gif"))
     stage(f"track ({args.n_seeds} seeds)", lambda: track_field(field, mask, affine, n_seeds=args.n_seeds, seed=0))
     streamlines = results[f"track ({args.n_seeds} seeds)"]
     reference = nib.Nifti1Image(np.zeros(density.shape, np.uint8), affine)
     stage("save .trx", lambda: save_tractogram(streamlines, reference, out / "tracks.trx"))
 
     info = field.info
-    print(f"\nsize {args.size}^3, {args.threads} threads, outputs in {out}")
+    print(f"\nsize {args.size}^3, {args.threads} threads, load average {os.getloadavg()[0]:.1f}, outputs in {out}")
     print(f"fit: {info['steps']} steps, PSNR density {info['psnr_density_db']:.1f} dB, "
           f"direction {info['psnr_direction_db']:.1f} dB; {len(streamlines)} streamlines")
-    print(f"{'stage':<28}{'wall s':>8}{'peak RSS MB':>13}")
-    for name, seconds, rss in rows:
-        print(f"{name:<28}{seconds:>8.2f}{rss:>13.0f}")
+    print(f"{'stage':<28}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}")
+    for name, seconds, cpu, rss in rows:
+        print(f"{name:<28}{seconds:>8.2f}{cpu:>8.2f}{rss:>13.0f}")
 
 
 if __name__ == "__main__":

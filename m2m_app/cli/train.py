@@ -115,5 +115,121 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     sys.exit(exit_code_for(codes, ok))
 
 
+def training_options(func):
+    """Options shared by ``phase1`` and ``phase2``."""
+    options = [
+        click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path)),
+        click.argument("model_out", type=click.Path(file_okay=False, path_type=Path)),
+        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+                     help="Total epochs; a re-run resumes from the last checkpoint up to this number."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Slices per step (per GPU under torchrun)."),
+        click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--random-seed", "seed", type=int, default=0, show_default=True,
+                     help="Seeds weights, shuffling and augmentation."),
+        click.option("--subject", "subjects", multiple=True,
+                     help="Train only on these (sub-01, 01 or sub-01_ses-a); repeatable. Default: all."),
+        click.option("--width", "base", type=click.IntRange(min=4), default=24, show_default=True,
+                     help="Channels of the first encoder level (doubles per level); 16 trains ~2x faster."),
+        click.option("--extra-prep-dir", "extra_prep_dirs", multiple=True,
+                     type=click.Path(file_okay=False, exists=True, path_type=Path),
+                     help="Pool subjects of further prep dirs (e.g. several sites). Repeatable."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return with_verbosity(func)
+
+
+def _train(phase: str, prep_dir: Path, model_out: Path, subjects: tuple[str, ...],
+           extra_prep_dirs: tuple[Path, ...], verbose: int, quiet: int, **kwargs) -> None:
+    from m2m_app.training.loop import train_phase
+
+    setup_logging(verbose, quiet)
+    writable_dir(model_out, "model folder")
+    weights = train_phase(phase, prep_dir, model_out, subjects=list(subjects) or None,
+                          extra_prep_dirs=list(extra_prep_dirs) or None, **kwargs)
+    click.echo(f"weights: {weights}")
+
+
+@main.command()
+@training_options
+@exits_cleanly
+def phase1(prep_dir: Path, model_out: Path, **kwargs) -> None:
+    """Train the T1w -> DTI translator on PREP_DIR's pairs; write MODEL_OUT/phase1.safetensors.
+
+    \b
+    Logs: MODEL_OUT/phase1_losses.csv; checkpoints: MODEL_OUT/checkpoints/.
+    Several GPUs: torchrun --nproc_per_node 4 -m m2m_app.cli.train phase1 ...
+    """
+    _train("phase1", prep_dir, model_out, **kwargs)
+
+
+@main.command()
+@training_options
+@click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder of phase-1 predictions (from `m2m-train predict`) used as extra inputs, "
+                   "so phase 2 also learns on what it will see at inference.")
+@exits_cleanly
+def phase2(prep_dir: Path, model_out: Path, **kwargs) -> None:
+    """Train the DTI -> tractography-slice translator; write MODEL_OUT/phase2.safetensors."""
+    _train("phase2", prep_dir, model_out, **kwargs)
+
+
+@main.command()
+@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--weights-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder with phase1.safetensors (default: the packaged weights).")
+@click.option("--subject", "subjects", multiple=True, help="Only these subjects. Repeatable.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@with_verbosity
+@exits_cleanly
+def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: tuple[str, ...],
+            device: str, verbose: int, quiet: int) -> None:
+    """Write phase-1 predicted FA/MD/colour-FA for PREP_DIR's subjects into OUT_DIR (prep layout)."""
+    from m2m_app.training.evaluate import write_phase1_predictions
+
+    setup_logging(verbose, quiet)
+    writable_dir(out_dir, "output folder")
+    write_phase1_predictions(prep_dir, out_dir, weights_dir, list(subjects) or None, device)
+
+
+@main.command()
+@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--phase", type=click.Choice(["1", "2"]), default="1", show_default=True)
+@click.option("--test-subject", "test_subjects", multiple=True, required=True,
+              help="Held-out subject(s) to score. Repeatable.")
+@click.option("--train-subject", "train_subjects", multiple=True,
+              help="Subjects the baseline is fitted on (default: all others).")
+@click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Phase 2: score on phase-1 predictions instead of the teacher's maps.")
+@click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the table as TSV here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@with_verbosity
+@exits_cleanly
+def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
+             train_subjects: tuple[str, ...], predicted_inputs: Path | None, out_tsv: Path | None,
+             device: str, verbose: int, quiet: int) -> None:
+    """Score a translator (WEIGHTS_DIR, default: packaged) on held-out subjects against a baseline.
+
+    Prints one row per subject and method (m2m, baseline_*) with FA MAE / Pearson r / PSNR /
+    SSIM, MD MAE and V1 angular error (phase 1), or TDI Pearson r / Dice and direction error
+    (phase 2).
+    """
+    from m2m_app.training.evaluate import evaluate_phase
+
+    setup_logging(verbose, quiet)
+    rows = evaluate_phase(f"phase{phase}", prep_dir, weights_dir, list(test_subjects),
+                          list(train_subjects) or None, out_tsv, device, predicted_inputs)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    click.echo("\t".join(columns))
+    for row in rows:
+        click.echo("\t".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                             for c in columns))
+
+
 if __name__ == "__main__":
     main()

@@ -74,3 +74,22 @@ def sidecar_path(path: Path) -> Path:
         if name.endswith(ext):
             return path.with_name(name[: -len(ext)] + ".json")
     return path.with_suffix(".json")
+
+
+def derivative_paths(root: Path, subject: Subject, track_method: str,
+                     tractogram_format: str = "trx") -> dict[str, Path]:
+    """The maps, masks, transform and tractogram of one unit, keyed like the prep manifest columns.
+
+    ``m2m-train prepare`` (``track_method`` ``tensordet``) and the app (``nerf``) share these names.
+    """
+    paths = {param: derivative_path(root, subject, "dwi", "dwimap", space="T1w",
+                                    model="tensor", param=param) for param in TENSOR_PARAMS}
+    paths |= {param: derivative_path(root, subject, "dwi", "dwimap", space="T1w",
+                                     tract="wholebrain", param=param) for param in TDI_PARAMS}
+    paths["mask"] = derivative_path(root, subject, "anat", "mask", space="T1w", desc="brain")
+    paths["wm"] = derivative_path(root, subject, "anat", "mask", space="T1w", label="WM")
+    paths["tractogram"] = derivative_path(root, subject, "dwi", "tractogram", f".{tractogram_format}",
+                                          space="T1w", tract="wholebrain", track=track_method)
+    paths["xfm"] = derivative_path(root, subject, "dwi", "xfm", ".txt", **{
+        "from": "T1w", "to": "dwi", "mode": "image"})
+    return paths

@@ -21,7 +21,8 @@ from skimage.filters import threshold_multiotsu
 
 from m2m_app import __version__
 from m2m_app.errors import BadDataError
-from m2m_app.io.naming import TDI_PARAMS, TENSOR_PARAMS, Subject, derivative_path, sidecar_path
+from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, derivative_path, derivative_paths,
+                               sidecar_path)
 from m2m_app.io.nifti import load_dwi, load_t1w, save_json, save_nifti
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.maths.streamlines import directional_density, track_density
@@ -44,21 +45,6 @@ QC_COLUMNS = ("mean_fa_wm", "mean_fa_brain", "median_md", "n_streamlines", "regi
 def qc_path(prep_dir: Path, subject: Subject) -> Path:
     """Where a unit's QC JSON lives; its presence marks the unit as finished."""
     return derivative_path(prep_dir, subject, "", "qc", ".json", desc="prepare")
-
-
-def output_paths(prep_dir: Path, subject: Subject, track_method: str = "tensordet") -> dict[str, Path]:
-    """Every file ``prepare`` writes for one unit, keyed like the manifest columns."""
-    paths = {param: derivative_path(prep_dir, subject, "dwi", "dwimap", space="T1w",
-                                    model="tensor", param=param) for param in TENSOR_PARAMS}
-    paths |= {param: derivative_path(prep_dir, subject, "dwi", "dwimap", space="T1w",
-                                     tract="wholebrain", param=param) for param in TDI_PARAMS}
-    paths["mask"] = derivative_path(prep_dir, subject, "anat", "mask", space="T1w", desc="brain")
-    paths["wm"] = derivative_path(prep_dir, subject, "anat", "mask", space="T1w", label="WM")
-    paths["tractogram"] = derivative_path(prep_dir, subject, "dwi", "tractogram", ".trx",
-                                          space="T1w", tract="wholebrain", track=track_method)
-    paths["xfm"] = derivative_path(prep_dir, subject, "dwi", "xfm", ".txt", **{
-        "from": "T1w", "to": "dwi", "mode": "image"})
-    return paths
 
 
 def load_dwi_runs(paths: list[Path]) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, np.ndarray]:
@@ -94,6 +80,11 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
                     random_seed: int = 0) -> dict:
     """Run the teacher on one unit and write its outputs; returns the unit's QC record."""
     start = time.monotonic()
+    stages: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        stages[name] = round(time.monotonic() - start - sum(stages.values()), 2)
+
     prep_dir = Path(prep_dir)
     t1w_img, t1w = load_t1w(t1w_path)
     dwi_img, data, bvals, bvecs = load_dwi_runs(dwi_paths)
@@ -102,9 +93,11 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     dwi_mask = dwi_math.dwi_brain_mask(data, bvals)
     fit = dwi_math.fit_tensor(data, bvals, bvecs, dwi_mask)
     world = dwi_math.world_tensor_components(fit, dwi_img.affine)
+    lap("load_and_tensor_fit")
 
     LOGGER.info("%s: rigid b0 → T1w registration", subject.label)
     reg = register_b0_to_t1w(dwi_math.mean_b0(data, bvals), dwi_img.affine, t1w, t1w_img.affine)
+    lap("registration")
     shape, affine = t1w.shape, t1w_img.affine
     tensor = tensor_to_t1w(world, dwi_img.affine, reg, shape, affine)
     brain = resample_to_t1w(dwi_mask.astype(np.float32), dwi_img.affine, reg, shape, affine,
@@ -116,6 +109,7 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     for key, values in tensor_derivatives(tensor[brain]).items():
         maps[key][brain] = values
     wm = white_matter_mask(t1w, brain)
+    lap("to_t1w_grid_and_maps")
 
     LOGGER.info("%s: deterministic tensor tractography", subject.label)
     streamlines, track_params = track_tensor(fit.evecs[..., :, 0], np.nan_to_num(fit.fa),
@@ -123,8 +117,9 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     streamlines = list(transform_streamlines(streamlines, reg.dwi_to_t1w))
     tdi = {"tdi": track_density(streamlines, shape, affine),
            "dectdi": directional_density(streamlines, shape, affine)}
+    lap("tractography_and_tdi")
 
-    paths = output_paths(prep_dir, subject)
+    paths = derivative_paths(prep_dir, subject, "tensordet")
     for param, (description, units) in TENSOR_PARAMS.items():
         image = tensor if param == "diffusivity" else maps[param]
         save_nifti(image, affine, paths[param], dtype=np.float32)
@@ -152,6 +147,8 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
           "median_md": float(np.median(maps["md"][brain])), "n_streamlines": len(streamlines),
           "registration_cost": reg.cost, "runtime_s": round(time.monotonic() - start, 1),
           "version": __version__}
+    lap("writing")
+    qc["stage_seconds"] = stages
     save_json(qc, qc_path(prep_dir, subject))
     LOGGER.info("%s: done in %.0f s (%d streamlines)", subject.label, qc["runtime_s"], len(streamlines))
     return qc

@@ -188,10 +188,11 @@ def track_field(field_or_query_fn: FittedField | FieldQuery, mask: np.ndarray, a
     """
     if seeds_per_voxel is not None and n_seeds is not None:
         raise ValueError("give seeds_per_voxel or n_seeds, not both")
+    if seeds_per_voxel is None and n_seeds is None:
+        seeds_per_voxel = 1
     query = _as_query(field_or_query_fn)
-    rng = np.random.default_rng(seed)
     seeds = seed_points(query, mask, affine, threshold=seed_density_threshold, n_seeds=n_seeds,
-                        seeds_per_voxel=seeds_per_voxel or (1 if n_seeds is None else None), rng=rng)
+                        seeds_per_voxel=seeds_per_voxel, rng=np.random.default_rng(seed))
     if not len(seeds):
         LOGGER.warning("no voxel reaches the seed density %.3g; no streamlines", seed_density_threshold)
         return []

@@ -1,8 +1,8 @@
 """Rendered views of a fitted tractography field: four standard PNGs and a turntable GIF.
 
-The field is baked once onto a regular grid (at most ``BAKE_SIZE`` points per axis) and the
+The field is baked once onto a regular grid (at most ``bake_size`` points per axis) and the
 renderer reads that grid trilinearly: a view then costs grid lookups rather than one MLP
-evaluation per ray sample, which keeps a 30-frame turntable to seconds on two CPU cores.
+evaluation per ray sample, which keeps a 24-frame turntable to seconds on two CPU cores.
 Colours are the field's directionally encoded orientation (R=x, G=y, B=z) and the extinction
 is proportional to its density.
 """
@@ -23,8 +23,6 @@ from m2m_app.models.nerf import FittedField
 
 LOGGER = logging.getLogger(__name__)
 
-#: Largest number of grid points per axis of the baked field.
-BAKE_SIZE = 96
 #: Optical depth (sigma × path, unitless) of a straight path of density 1 across the mean grid extent.
 OPTICAL_DEPTH = 8.0
 #: View name → (azimuth, elevation) in degrees, see :mod:`m2m_app.maths.render` for the convention.
@@ -32,7 +30,7 @@ STANDARD_VIEWS: dict[str, tuple[float, float]] = {
     "left": (180.0, 0.0), "right": (0.0, 0.0), "top": (0.0, 90.0), "front": (90.0, 0.0)}
 
 
-def baked_query(field: FittedField, bake_size: int = BAKE_SIZE) -> QueryFn:
+def baked_query(field: FittedField, bake_size: int) -> QueryFn:
     """A renderer query (world mm → extinction 1/mm, unit colour) reading the field baked on a grid."""
     shape = tuple(min(n, bake_size) for n in field.shape)
     density, colour = field.sample_volume(shape)
@@ -56,7 +54,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def write_standard_views(field: FittedField, out: str | os.PathLike | dict[str, str | os.PathLike], *,
-                         size: int = 256, n_samples: int = 160) -> dict[str, Path]:
+                         size: int = 256, n_samples: int = 128, bake_size: int = 96) -> dict[str, Path]:
     """Write the left, right, top and front views as ``size``-pixel PNGs.
 
     ``out`` is either a folder (files ``left.png``, ``right.png``, ``top.png``, ``front.png``)
@@ -67,7 +65,7 @@ def write_standard_views(field: FittedField, out: str | os.PathLike | dict[str, 
     unknown = set(paths) - set(STANDARD_VIEWS)
     if unknown:
         raise ValueError(f"unknown views {sorted(unknown)}; known: {sorted(STANDARD_VIEWS)}")
-    query = baked_query(field)
+    query = baked_query(field, bake_size)
     for name, path in paths.items():
         image = render_view(query, field.bounds, *STANDARD_VIEWS[name], size, n_samples=n_samples)
         atomic_write(path, lambda tmp, img=image: iio.imwrite(tmp, _to_uint8(img)))
@@ -75,10 +73,11 @@ def write_standard_views(field: FittedField, out: str | os.PathLike | dict[str, 
     return paths
 
 
-def write_turntable(field: FittedField, path: str | os.PathLike, *, n_frames: int = 30, size: int = 160,
-                    elevation_deg: float = 20.0, n_samples: int = 96, frame_ms: int = 80) -> Path:
+def write_turntable(field: FittedField, path: str | os.PathLike, *, n_frames: int = 24, size: int = 160,
+                    elevation_deg: float = 20.0, n_samples: int = 96, bake_size: int = 64,
+                    frame_ms: int = 100) -> Path:
     """Write an endlessly looping animated GIF of ``n_frames`` views turning once around the vertical axis."""
-    query = baked_query(field)
+    query = baked_query(field, bake_size)
     frames = np.stack([_to_uint8(render_view(query, field.bounds, azimuth, elevation_deg, size,
                                              n_samples=n_samples))
                        for azimuth in np.linspace(0.0, 360.0, n_frames, endpoint=False)])

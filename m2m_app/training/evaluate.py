@@ -21,7 +21,7 @@ import numpy as np
 
 from m2m_app.inference.conform import normalise_intensity
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
-from m2m_app.io.nifti import atomic_write, load_image, load_t1w
+from m2m_app.io.nifti import atomic_write, load_image, load_t1w, save_nifti
 from m2m_app.maths.tensor import tensor_derivatives
 from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
 from m2m_app.training.loop import select_rows
@@ -246,3 +246,22 @@ def _write_table(path: Path, results: list[dict]) -> None:
             table.writeheader()
             table.writerows(results)
     atomic_write(path, writer)
+
+
+def write_phase1_predictions(prep_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                             weights_dir: str | os.PathLike | None, subjects: list[str] | None,
+                             device: str = "auto") -> list[Path]:
+    """Predict FA, MD and colour FA from each subject's T1w into ``out_dir`` (prep-dir layout).
+
+    The files take the manifest's relative paths, so ``out_dir`` can be passed as
+    ``predicted_inputs`` to phase-2 training and evaluation.
+    """
+    model, _ = load_translator("phase1", weights_dir)
+    written = []
+    for row, _prep in select_rows([Path(prep_dir)], subjects):
+        img, data = load_t1w(row["t1w"])
+        maps = tensor_derivatives(predict_phase1(img, data, model=model, device=device)["tensor"])
+        for key in ("fa", "md", "colfa"):
+            written.append(save_nifti(maps[key], img.affine, Path(out_dir) / row[key]))
+        log.info("%s: phase-1 predictions written", row["subject"])
+    return written

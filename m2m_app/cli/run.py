@@ -1,0 +1,182 @@
+"""``m2m``: the BIDS-App. ``m2m BIDS_DIR OUTPUT_DIR participant`` predicts DTI maps and a
+tractogram from each T1w; ``m2m BIDS_DIR OUTPUT_DIR group`` writes the QC table;
+``m2m example-data DIR`` writes the embedded example dataset."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from m2m_app import __version__
+from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings,
+                                run_workflow, setup_logging, writable_dir)
+from m2m_app.errors import EX_FAILURE, M2MError
+from m2m_app.io import bids as bids_io
+
+LOGGER = logging.getLogger("m2m")
+
+EPILOG = """\b
+Examples:
+  m2m example-data /tmp/ds && m2m /tmp/ds /tmp/out participant
+  m2m /data/bids /data/derivatives/m2m participant --participant-label 01 02 -w /scratch/work
+  m2m /data/bids /data/derivatives/m2m group
+Exit codes: 0 success, 1 a participant failed, 64 usage, 65 bad data, 66 missing input,
+73 cannot create output. Re-running the same command resumes from the work folder.
+"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.argument("bids_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("analysis_level", type=click.Choice(["participant", "group"]))
+@click.option("--participant-label", "participant_labels", multiple=True,
+              help="Participant label(s), with or without 'sub-' (default: all). Repeatable; "
+                   "space-separated lists also work: --participant-label 01 --participant-label 02.")
+@click.option("--session-label", "session_labels", multiple=True, help="Session label(s). Repeatable.")
+@click.option("--bids-filter-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help='JSON choosing the T1w when there are several, e.g. {"t1w": {"acquisition": "mprage"}}.')
+@click.option("--skip-bids-validation", is_flag=True, help="Do not validate the input dataset.")
+@click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Nipype work folder; keep it to resume (default: OUTPUT_DIR/../m2m_work).")
+@click.option("--nprocs", "--n-cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs for the whole run (Nipype MultiProc). Default: all.")
+@click.option("--omp-nthreads", type=click.IntRange(min=1), default=None,
+              help="Threads per task (torch). Default: min(nprocs, 8).")
+@click.option("--mem-mb", type=click.IntRange(min=256), default=None,
+              help="Memory the scheduler may use, MB (MultiProc).")
+@click.option("--use-plugin", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Nipype plugin YAML, e.g. 'plugin: SLURM' + 'plugin_args: {sbatch_args: ...}'.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the networks run.")
+@click.option("--weights-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Use your own weights (from m2m-train) instead of the packaged ones.")
+@click.option("--stop-on-first-crash", is_flag=True, help="Stop everything at the first failure.")
+@click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the NeRF fit and tracking.")
+@click.option("--tractogram-format", type=click.Choice(["trx", "tck", "trk"]), default="trx", show_default=True)
+@click.option("--skip-phase2", is_flag=True, help="Tensor maps only (no track density, no NeRF, no streamlines).")
+@click.option("--skip-nerf", is_flag=True, help="Stop after the track-density maps (no NeRF, no streamlines).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output.")
+@click.version_option(__version__, prog_name="m2m")
+@exits_cleanly
+def participant_main(bids_dir: Path, output_dir: Path, analysis_level: str, participant_labels: tuple[str, ...],
+                     session_labels: tuple[str, ...], bids_filter_file: Path | None, skip_bids_validation: bool,
+                     work_dir: Path | None, nprocs: int | None, omp_nthreads: int | None, mem_mb: int | None,
+                     use_plugin: Path | None, device: str, weights_dir: Path | None, stop_on_first_crash: bool,
+                     random_seed: int, tractogram_format: str, skip_phase2: bool, skip_nerf: bool,
+                     verbose: int, quiet: int) -> None:
+    """Predict diffusion-tensor maps and a whole-brain tractogram from T1w images (BIDS-App).
+
+    Reads BIDS_DIR with pybids and writes BIDS-Derivatives to OUTPUT_DIR: per subject
+    FA/MD/AD/RD/V1/colour-FA/tensor maps (BEP016 names), a brain mask, track-density maps,
+    a tractogram (BEP046 names), the fitted NeRF field, figures and sub-<label>.html.
+    Everything is predicted from the T1w alone: these are model estimates, not measurements.
+    """
+    setup_logging(verbose, quiet)
+    if analysis_level == "group":
+        from m2m_app.reports.group import write_group_outputs
+
+        tsv = write_group_outputs(Path(output_dir))
+        click.echo(f"group QC table: {tsv}")
+        return
+    _run_participants(bids_dir, output_dir, participant_labels, session_labels, bids_filter_file,
+                      skip_bids_validation, work_dir, nprocs, omp_nthreads, mem_mb, use_plugin, device,
+                      weights_dir, stop_on_first_crash, random_seed, tractogram_format, skip_phase2, skip_nerf)
+
+
+def _run_participants(bids_dir, output_dir, participant_labels, session_labels, bids_filter_file,
+                      skip_bids_validation, work_dir, nprocs, omp_nthreads, mem_mb, use_plugin, device,
+                      weights_dir, stop_on_first_crash, random_seed, tractogram_format, skip_phase2,
+                      skip_nerf) -> None:
+    from m2m_app.inference.predict import load_translator, resolve_device
+    from m2m_app.io.derivatives import dataset_description
+    from m2m_app.io.naming import Subject
+    from m2m_app.io.nifti import load_t1w
+    from m2m_app.reports.subject import write_report
+    from m2m_app.workflows.base import RunOptions, init_m2m_wf, node_prefix
+
+    start = time.monotonic()
+    layout = bids_io.load_layout(bids_dir, validate=not skip_bids_validation)
+    output_dir = writable_dir(output_dir, "output folder", forbidden_inside=bids_dir)
+    work_dir = writable_dir(work_dir or output_dir.parent / "m2m_work", "work folder", forbidden_inside=bids_dir)
+    resolve_device(device)
+    for phase in ("phase1",) + (() if skip_phase2 else ("phase2",)):
+        load_translator(phase, weights_dir)  # checksum and metadata checked once, before any work
+    filters = bids_io.read_filters(bids_filter_file)
+    units, failures, codes = {}, {}, set()
+    for subject in bids_io.collect_subjects(layout, list(participant_labels), list(session_labels)):
+        try:
+            t1w = bids_io.find_t1w(layout, subject, filters)
+            load_t1w(t1w)
+            units[subject] = t1w
+        except M2MError as err:
+            LOGGER.error("%s", err)
+            failures[subject.label], codes = (str(err), None), codes | {err.exit_code}
+    dataset_description(output_dir, bids_dir)
+    nprocs = nprocs or len(units) or 1
+    options = RunOptions(output_dir=output_dir, weights_dir=str(weights_dir) if weights_dir else None,
+                         device=device, omp_nthreads=omp_nthreads or min(nprocs, 8), random_seed=random_seed,
+                         tractogram_format=tractogram_format, skip_phase2=skip_phase2, skip_nerf=skip_nerf)
+    ok = True
+    if units and not (stop_on_first_crash and failures):
+        LOGGER.info("running %d participant/session(s): %s", len(units), ", ".join(s.label for s in units))
+        workflow = init_m2m_wf(units, options, work_dir)
+        _write_citation(output_dir, workflow)
+        ok = run_workflow(workflow, plugin_settings(nprocs, mem_mb, use_plugin), stop_on_first_crash)
+    for subject, t1w in units.items():
+        if not _qc_file(output_dir, subject).exists():
+            reasons = crash_reasons(subject.folder(output_dir, "log"))
+            message = "; ".join(f"{node.split('.')[-1]}: {why}" for node, why in reasons.items()
+                                if node.startswith(f"m2m_wf.{node_prefix(subject)}")) or "did not finish"
+            failures[subject.label], codes = (message, t1w), codes | {EX_FAILURE}
+    for label, (message, t1w) in sorted(failures.items()):
+        subject = next((s for s in units if s.label == label), None) or Subject(*_split_label(label))
+        write_report(output_dir, subject, str(t1w or ""), None, {}, "", [message])
+        click.echo(f"m2m: {label} FAILED: {message} (crash files: {subject.folder(output_dir, 'log')})", err=True)
+    LOGGER.info("finished in %.0f s: %d ok, %d failed", time.monotonic() - start,
+                len(units) - len([f for f in failures if any(s.label == f for s in units)]), len(failures))
+    sys.exit(exit_code_for(codes, ok or bool(failures)))
+
+
+def _split_label(label: str) -> tuple[str, str | None]:
+    parts = dict(part.split("-", 1) for part in label.split("_"))
+    return parts["sub"], parts.get("ses")
+
+
+def _qc_file(output_dir: Path, subject) -> Path:
+    from m2m_app.io.naming import derivative_path
+
+    return derivative_path(output_dir, subject, "", "qc", ".json", desc="m2m")
+
+
+def _write_citation(output_dir: Path, workflow) -> None:
+    from m2m_app.io.nifti import atomic_write
+
+    text = "# Methods (generated by m2m {})\n\n{}\n".format(__version__, workflow.visit_desc())
+    atomic_write(Path(output_dir) / "logs" / "CITATION.md", lambda tmp: Path(tmp).write_text(text))
+
+
+@click.command(name="example-data", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@exits_cleanly
+def example_data(target: Path) -> None:
+    """Write a one-subject BIDS dataset (the MNI152 2009 T1w shipped with nilearn) to TARGET."""
+    from m2m_app.data.example import write_example_dataset
+
+    click.echo(f"example dataset: {write_example_dataset(writable_dir(target, 'example folder'))}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``m2m`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["example-data"]:
+        example_data.main(argv[1:], prog_name="m2m example-data")
+    else:
+        participant_main.main(argv, prog_name="m2m")
+
+
+if __name__ == "__main__":
+    main()

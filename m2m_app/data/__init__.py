@@ -1,0 +1,1 @@
+"""Data shipped in the package: translator weights and the example dataset."""

@@ -1,0 +1,127 @@
+"""Nipype interfaces around phase 3: the NeRF field, its rendered views and its streamlines."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    traits)
+
+
+class _FitFieldInputSpec(BaseInterfaceInputSpec):
+    t1w = File(exists=True, mandatory=True, desc="the T1w (defines the model grid)")
+    tdi = File(exists=True, mandatory=True)
+    dectdi = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+    random_seed = traits.Int(0, usedefault=True)
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _FitFieldOutputSpec(TraitedSpec):
+    field = File(exists=True, desc="the fitted field (safetensors with JSON metadata)")
+    mask = File(exists=True, desc="the brain mask on the field's grid")
+    report = traits.Dict(desc="fit report: PSNR (dB), steps, seconds")
+
+
+class FitField(SimpleInterface):
+    """Fit the continuous 3D field to the phase-2 slices, on the 2 mm model grid."""
+
+    input_spec = _FitFieldInputSpec
+    output_spec = _FitFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        import torch
+
+        from m2m_app.inference.conform import conform_t1w
+        from m2m_app.inference.predict import resolve_device
+        from m2m_app.io.nifti import load_image, load_t1w, save_nifti
+        from m2m_app.models.nerf import fit_field
+
+        torch.set_num_threads(self.inputs.num_threads)
+        img, data = load_t1w(self.inputs.t1w)
+        _, grid = conform_t1w(img, data)
+        tdi = np.clip(grid.to_model(load_image(self.inputs.tdi)[1]), 0, None)
+        dectdi = np.clip(grid.to_model(load_image(self.inputs.dectdi)[1]), 0, 1)
+        mask = grid.to_model(load_image(self.inputs.mask)[1], order=0) > 0
+        field = fit_field(tdi, dectdi, mask, grid.affine, seed=self.inputs.random_seed,
+                          device=str(resolve_device(self.inputs.device)))
+        self._results["field"] = str(field.save(os.path.abspath("field.safetensors")))
+        self._results["mask"] = str(save_nifti(mask, grid.affine, os.path.abspath("field_mask.nii.gz"),
+                                               dtype=np.uint8))
+        self._results["report"] = dict(field.info)
+        return runtime
+
+
+class _RenderFieldInputSpec(BaseInterfaceInputSpec):
+    field = File(exists=True, mandatory=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _RenderFieldOutputSpec(TraitedSpec):
+    views = traits.List(File(exists=True), desc="left, right, top, front PNGs")
+    turntable = File(exists=True, desc="animated GIF turning around the head")
+
+
+class RenderField(SimpleInterface):
+    """Volume-render the field: four standard views and a turntable animation."""
+
+    input_spec = _RenderFieldInputSpec
+    output_spec = _RenderFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        import torch
+
+        from m2m_app.models.nerf import FittedField
+        from m2m_app.tractography.views import write_standard_views, write_turntable
+
+        torch.set_num_threads(self.inputs.num_threads)
+        field = FittedField.load(self.inputs.field)
+        views = write_standard_views(field, os.getcwd())
+        self._results["views"] = [str(views[k]) for k in sorted(views)]
+        self._results["turntable"] = str(write_turntable(field, os.path.abspath("turntable.gif")))
+        return runtime
+
+
+class _TrackFieldInputSpec(BaseInterfaceInputSpec):
+    field = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True, desc="brain mask on the field's grid")
+    t1w = File(exists=True, mandatory=True, desc="reference image of the tractogram")
+    tractogram_format = traits.Enum("trx", "tck", "trk", usedefault=True)
+    random_seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _TrackFieldOutputSpec(TraitedSpec):
+    tractogram = File(exists=True)
+    sidecar = traits.Dict(desc="BEP046 tractography metadata")
+
+
+class TrackField(SimpleInterface):
+    """Deterministic RK4 streamlines through the field, written in RASMM with the T1w as reference."""
+
+    input_spec = _TrackFieldInputSpec
+    output_spec = _TrackFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import torch
+
+        from m2m_app.io.nifti import load_image
+        from m2m_app.io.tractogram import save_tractogram
+        from m2m_app.models.nerf import FittedField
+        from m2m_app.tractography.streamlines import bep046_sidecar, track_field
+
+        torch.set_num_threads(self.inputs.num_threads)
+        field = FittedField.load(self.inputs.field)
+        mask_img, mask = load_image(self.inputs.mask)
+        params = {"seed": self.inputs.random_seed}
+        streamlines = track_field(field, mask > 0, mask_img.affine, **params)
+        path = os.path.abspath(f"tractogram.{self.inputs.tractogram_format}")
+        self._results["tractogram"] = str(save_tractogram(streamlines, nib.load(self.inputs.t1w), path))
+        self._results["sidecar"] = json.loads(json.dumps(
+            bep046_sidecar({**params, "n_streamlines": len(streamlines)}), default=str))
+        return runtime
+
+

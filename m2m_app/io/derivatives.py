@@ -1,0 +1,116 @@
+"""Writing one subject's BIDS-Derivatives (maps, tractogram, sidecars, QC) and the dataset description."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from m2m_app import __version__
+from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, derivative_path, derivative_paths,
+                               sidecar_path)
+from m2m_app.io.nifti import atomic_write, save_json, save_nifti
+
+LOGGER = logging.getLogger(__name__)
+
+#: What every sidecar says about where the values come from.
+PREDICTED = ("predicted by m2m from the T1-weighted image alone (no diffusion data was acquired "
+             "or used); a model estimate, not a measurement")
+
+
+def dataset_description(output_dir: Path, bids_dir: Path) -> Path:
+    """Write ``dataset_description.json`` (DatasetType derivative, GeneratedBy, SourceDatasets)."""
+    container = {"Type": "docker", "Tag": f"m2m:{__version__}"} if os.environ.get("M2M_CONTAINER") else None
+    generated = {"Name": "m2m", "Version": __version__,
+                 "Description": "T1w -> DTI -> tractography translation",
+                 "CodeURL": "https://pypi.org/project/m2m-app/"}
+    if container:
+        generated["Container"] = container
+    return save_json({"Name": "m2m derivatives", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+                      "GeneratedBy": [generated], "SourceDatasets": [{"URL": Path(bids_dir).absolute().as_uri()}],
+                      "HowToAcknowledge": "Cite m2m and the methods in CITATION.md."},
+                     Path(output_dir) / "dataset_description.json")
+
+
+def weights_provenance(weights_dir: str | None) -> dict:
+    """Version and SHA-256 of the translator weights used (packaged ones when ``weights_dir`` is None)."""
+    from m2m_app.inference.predict import PACKAGED_WEIGHTS
+
+    folder = Path(weights_dir) if weights_dir else PACKAGED_WEIGHTS
+    out = {}
+    for phase in ("phase1", "phase2"):
+        meta_path = folder / f"{phase}.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            out[phase] = {"file": f"{phase}.safetensors", "sha256": meta.get("sha256"),
+                          "trained_on": meta.get("recipe", {}).get("subjects"),
+                          "m2m_version": meta.get("m2m_version", meta.get("version"))}
+    return out
+
+
+def _copy(source: str | Path, target: Path) -> Path:
+    return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_subject(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str],
+                  tractogram: str | None, tracking: dict, field: str | None, figures: dict[str, str],
+                  weights_dir: str | None, nerf_report: dict) -> dict[str, Path]:
+    """Copy one subject's results under their BIDS-Derivatives names, each with a JSON sidecar.
+
+    ``maps`` holds work-dir NIfTI files keyed like :func:`derivative_paths` (``fa``, ``md``,
+    ``ad``, ``rd``, ``diffusivity``, ``v1``, ``colfa``, ``tdi``, ``dectdi``, ``mask``). Returns
+    the written paths; the QC JSON written last marks the subject complete. ``tractogram``
+    and ``field`` are None when phase 3 was skipped.
+    """
+    output_dir = Path(output_dir)
+    fmt = Path(tractogram).suffix.lstrip(".") if tractogram else "trx"
+    paths = derivative_paths(output_dir, subject, "nerf", fmt)
+    sources = [f"bids:raw:{t1w}"]
+    common = {"Sources": sources, "GeneratedBy": [{"Name": "m2m", "Version": __version__}],
+              "Weights": weights_provenance(weights_dir)}
+    written = {}
+    for key, source in maps.items():
+        _copy(source, paths[key])
+        if key in TENSOR_PARAMS:
+            description, units = TENSOR_PARAMS[key]
+            extra = {"Model": "tensor", "Units": units}
+        elif key in TDI_PARAMS:
+            description = TDI_PARAMS[key] + " (relative: 1 = the subject's 99th percentile in the brain)"
+            extra = {}
+        else:
+            description, extra = "brain mask", {"Type": "Brain"}
+        save_json({"Description": f"{description}; {PREDICTED}", **extra, **common}, sidecar_path(paths[key]))
+        written[key] = paths[key]
+    if tractogram:
+        _copy(tractogram, paths["tractogram"])
+        save_json({**tracking, "Description": f"{tracking.get('Description', '')} Streamlines {PREDICTED}.",
+                   **common}, sidecar_path(paths["tractogram"]))
+        written["tractogram"] = paths["tractogram"]
+    if field:
+        written["field"] = _copy(field, derivative_path(output_dir, subject, "dwi", "model", ".safetensors",
+                                                        space="T1w", tract="wholebrain", desc="nerf"))
+    for name, source in figures.items():
+        target = derivative_path(output_dir, subject, "figures", "nerf", Path(source).suffix, desc=name)
+        written[f"figure_{name}"] = _copy(source, target)
+    written["qc"] = save_json(subject_qc(subject, written, nerf_report),
+                              derivative_path(output_dir, subject, "", "qc", ".json", desc="m2m"))
+    return written
+
+
+def subject_qc(subject: Subject, written: dict[str, Path], nerf_report: dict) -> dict:
+    """One row of the group QC table: brain volume, mean FA, median MD, streamlines, NeRF PSNR."""
+    mask_img = nib.load(written["mask"])
+    mask = np.asarray(mask_img.dataobj) > 0
+    voxel_ml = float(np.prod(mask_img.header.get_zooms()[:3])) / 1000
+    fa = np.asarray(nib.load(written["fa"]).dataobj)
+    md = np.asarray(nib.load(written["md"]).dataobj)
+    tracking = json.loads(sidecar_path(written["tractogram"]).read_text()) if "tractogram" in written else {}
+    return {"subject": subject.label, "brain_volume_ml": round(float(mask.sum()) * voxel_ml, 1),
+            "mean_fa": float(fa[mask].mean()) if mask.any() else float("nan"),
+            "median_md": float(np.median(md[mask])) if mask.any() else float("nan"),
+            "n_streamlines": tracking.get("Count"), "nerf_psnr_density_db": nerf_report.get("psnr_density_db"),
+            "m2m_version": __version__}

@@ -1,0 +1,1 @@
+"""Visual reports: per-subject HTML pages and the group QC table."""

@@ -1,0 +1,158 @@
+"""The BIDS-App end to end on a real subject, and its bad-input matrix."""
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from bids import BIDSLayout
+
+from conftest import DS_REAL, ds_real_unit, make_bids, requires_ds_real, run_cli
+
+REAL_T1W = DS_REAL / "sub-02/ses-hfs/anat/sub-02_ses-hfs_acq-fl2d_T1w.nii.gz"
+PARAMS = ("fa", "md", "ad", "rd", "diffusivity", "v1", "colfa")
+
+
+@pytest.fixture(scope="module")
+def app_run(tmp_path_factory):
+    """One run on a real subject (sub-02, ses-hfs: PSR, 1x1x4.8 mm) beside a subject with a NaN T1w."""
+    if not DS_REAL.exists():
+        pytest.skip(f"{DS_REAL} is not present")
+    root = tmp_path_factory.mktemp("app")
+    nan = np.asarray(nib.load(REAL_T1W).dataobj, dtype=np.float32)
+    nan[10, 10, 10] = np.nan
+    bad = nib.Nifti1Image(nan, nib.load(REAL_T1W).affine)
+    bad_path = root / "bad_T1w.nii"
+    nib.save(bad, bad_path)
+    bids = make_bids(root / "bids", {**ds_real_unit("02", "hfs", ("anat",)),
+                                     "sub-03/anat/sub-03_T1w.nii": bad_path})
+    out, work = root / "out", root / "work"
+    result = run_cli("run", bids, out, "participant", "-w", work, "--nprocs", "2", "--omp-nthreads", "2",
+                     "--skip-bids-validation")
+    return bids, out, work, result
+
+
+@requires_ds_real
+def test_participant_run_writes_every_derivative(app_run):
+    bids, out, _, result = app_run
+    assert result.returncode == 65, result.stderr[-3000:]  # sub-03's NaN T1w is bad data ...
+    assert "sub-03" in result.stderr and "NaN" in result.stderr and "Traceback" not in result.stderr
+    t1w = nib.load(REAL_T1W)
+    dwi = out / "sub-02" / "ses-hfs" / "dwi"
+    prefix = "sub-02_ses-hfs_space-T1w"
+    for param in PARAMS:  # ... while sub-02 is complete
+        img = nib.load(dwi / f"{prefix}_model-tensor_param-{param}_dwimap.nii.gz")
+        assert img.shape[:3] == t1w.shape and np.allclose(img.affine, t1w.affine, atol=1e-4)
+        sidecar = json.loads((dwi / f"{prefix}_model-tensor_param-{param}_dwimap.json").read_text())
+        assert "predicted" in sidecar["Description"] and sidecar["Weights"]["phase1"]["sha256"]
+    assert nib.load(dwi / f"{prefix}_model-tensor_param-diffusivity_dwimap.nii.gz").shape[3] == 6
+    fa = nib.load(dwi / f"{prefix}_model-tensor_param-fa_dwimap.nii.gz").get_fdata()
+    mask = nib.load(out / "sub-02/ses-hfs/anat" / f"{prefix}_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert mask.sum() > 1000 and 0.0 < fa[mask].mean() < 1.0
+    for param in ("tdi", "dectdi"):
+        assert nib.load(dwi / f"{prefix}_tract-wholebrain_param-{param}_dwimap.nii.gz").shape[:3] == t1w.shape
+    tractogram = dwi / f"{prefix}_tract-wholebrain_track-nerf_tractogram.trx"
+    sidecar = json.loads(tractogram.with_suffix(".json").read_text())
+    assert sidecar["TractographyMethod"] == "deterministic" and "SeedingMethod" in sidecar
+    from trx.trx_file_memmap import load as load_trx
+
+    trx = load_trx(str(tractogram))
+    assert len(trx.streamlines) == sidecar["Count"] > 0
+    trx.close()
+    assert (out / "sub-02_ses-hfs.html").exists() and (out / "sub-03.html").exists()
+    assert "NaN" in (out / "sub-03.html").read_text()
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "m2m"
+    assert "tensor" in (out / "logs" / "CITATION.md").read_text()
+
+
+@requires_ds_real
+def test_derivatives_are_indexed_by_pybids(app_run):
+    bids, out, _, _ = app_run
+    layout = BIDSLayout(str(bids), validate=False, derivatives=str(out))
+    found = layout.get(scope="derivatives", subject="02", session="hfs", suffix="dwimap",
+                       extension=".nii.gz", return_type="file")
+    names = {os.path.basename(f) for f in found}
+    assert "sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz" in names
+    assert len(names) == len(PARAMS) + 2
+
+
+@requires_ds_real
+def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
+    bids, out, work, _ = app_run
+    fa = out / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz"
+    before = fa.read_bytes()
+    result = run_cli("run", bids, out, "participant", "-w", work, "--participant-label", "02",
+                     "--skip-bids-validation", "--nprocs", "2", "--omp-nthreads", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert fa.read_bytes() == before
+    result = run_cli("run", bids, out, "group")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (out / "group_qc.tsv").read_text().splitlines()
+    assert table[0].startswith("subject") and any(line.startswith("sub-02_ses-hfs") for line in table[1:])
+
+
+def _tiny_t1w(path, data):
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), path)
+    return path
+
+
+@pytest.mark.parametrize("case, code, words", [
+    ("no_t1w", 66, "no T1w"),
+    ("four_d", 65, "3D"),
+    ("two_d", 65, "2D"),
+    ("nan", 65, "NaN"),
+    ("zeros", 65, "all zeros"),
+    ("truncated", 65, "truncated"),
+    ("unknown_label", 66, "not found"),
+    ("output_is_input", 64, "must not be"),
+    ("work_in_input", 64, "must not be"),
+    ("read_only_output", 73, "not writable"),
+    ("output_under_a_file", 73, "cannot create"),
+])
+def test_bad_inputs_give_clear_messages_and_codes(tmp_path, case, code, words):
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(0, 100, size=(20, 20, 20))
+    files = {"four_d": _tiny_t1w(tmp_path / "a.nii", rng.uniform(0, 100, size=(20, 20, 20, 3))),
+             "two_d": _tiny_t1w(tmp_path / "b.nii", rng.uniform(0, 100, size=(20, 20, 1))),
+             "nan": _tiny_t1w(tmp_path / "c.nii", np.where(volume > 99, np.nan, volume)),
+             "zeros": _tiny_t1w(tmp_path / "d.nii", np.zeros((20, 20, 20)))}
+    good = _tiny_t1w(tmp_path / "good.nii", volume)
+    if case == "truncated":
+        raw = nib.Nifti1Image(volume.astype(np.float32), np.eye(4))
+        nib.save(raw, tmp_path / "t.nii.gz")
+        content = (tmp_path / "t.nii.gz").read_bytes()
+        layout = {"sub-01/anat/sub-01_T1w.nii.gz": content[: len(content) // 2]}
+    elif case == "no_t1w":
+        layout = {"sub-01/dwi/sub-01_dwi.nii": good}
+    else:
+        layout = {"sub-01/anat/sub-01_T1w.nii": files.get(case, good)}
+    bids = make_bids(tmp_path / "bids", layout)
+    out = tmp_path / "out"
+    args = [bids, out, "participant", "--skip-bids-validation", "--skip-phase2"]
+    if case == "unknown_label":
+        args += ["--participant-label", "sub-99"]
+    elif case == "output_is_input":
+        args[1] = bids
+    elif case == "work_in_input":
+        args += ["-w", bids / "work"]
+    elif case == "output_under_a_file":
+        (tmp_path / "a_file").write_text("")
+        args[1] = tmp_path / "a_file" / "out"
+    elif case == "read_only_output":
+        if os.geteuid() == 0:
+            pytest.skip("root ignores folder permissions")
+        out.mkdir()
+        out.chmod(0o500)
+    result = run_cli("run", *args)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_teaches():
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    for word in ("participant", "--participant-label", "--use-plugin", "Exit codes", "example-data"):
+        assert word in result.stdout
