@@ -32,9 +32,11 @@ def bundle_curves() -> list[np.ndarray]:
     """Seven smooth bundles (points ``(n, 3)`` in world mm): a callosal arch, cingula, CSTs, arcuates."""
     t = np.linspace(0.0, 1.0, 600)
     arch = np.stack([45 * np.cos(np.pi * t), np.zeros_like(t), 10 + 40 * np.sin(np.pi * t)], -1)
-    cingula = [np.stack([np.full_like(t, x), -55 + 100 * t, 28 + 8 * np.sin(np.pi * t)], -1) for x in (-10, 10)]
+    cingula = [np.stack([np.full_like(t, x), -55 + 100 * t, 28 + 8 * np.sin(np.pi * t)], -1)
+               for x in (-10, 10)]
     csts = [np.stack([x + 8 * np.sin(np.pi * t), np.full_like(t, -10), -55 + 100 * t], -1) for x in (-28, 28)]
-    arcuates = [np.stack([np.full_like(t, x), -10 + 35 * np.cos(1.2 * np.pi * t), 5 + 30 * np.sin(1.2 * np.pi * t)], -1)
+    turn = 1.2 * np.pi * t
+    arcuates = [np.stack([np.full_like(t, x), -10 + 35 * np.cos(turn), 5 + 30 * np.sin(turn)], -1)
                 for x in (-42, 42)]
     return [arch, *cingula, *csts, *arcuates]
 
@@ -81,11 +83,11 @@ def _peak_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, all stages")
     parser.add_argument("--size", type=int, default=128, help="voxels per axis of the synthetic volume")
     parser.add_argument("--max-steps", type=int, default=1500, help="Adam steps at most for the fit")
     parser.add_argument("--n-seeds", type=int, default=5000, help="tracking seeds")
-    parser.add_argument("--out", type=Path, default=None, help="keep the outputs here (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=None, help="keep outputs here (default: a temporary dir)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -101,17 +103,20 @@ def main() -> None:
 
     stage("synthetic volume", lambda: synthetic_brain(args.size))
     density, direction, mask, affine = results["synthetic volume"]
-    stage("fit field", lambda: fit_field(density, direction, mask, affine, seed=0, max_steps=args.max_steps))
+    stage("fit field", lambda: fit_field(density, direction, mask, affine, seed=0, max_steps=args.max_steps,
+                                         num_threads=args.threads))
     field = results["fit field"]
     stage("render 4 views (256 px)", lambda: write_standard_views(field, out))
     stage("turntable (24 x 160 px)", lambda: write_turntable(field, out / "turntable.gif"))
-    stage(f"track ({args.n_seeds} seeds)", lambda: track_field(field, mask, affine, n_seeds=args.n_seeds, seed=0))
-    streamlines = results[f"track ({args.n_seeds} seeds)"]
+    tracking = f"track ({args.n_seeds} seeds)"
+    stage(tracking, lambda: track_field(field, mask, affine, n_seeds=args.n_seeds, seed=0))
+    streamlines = results[tracking]
     reference = nib.Nifti1Image(np.zeros(density.shape, np.uint8), affine)
     stage("save .trx", lambda: save_tractogram(streamlines, reference, out / "tracks.trx"))
 
     info = field.info
-    print(f"\nsize {args.size}^3, {args.threads} threads, load average {os.getloadavg()[0]:.1f}, outputs in {out}")
+    print(f"\nsize {args.size}^3, {args.threads} threads, load average {os.getloadavg()[0]:.1f}, "
+          f"outputs in {out}")
     print(f"fit: {info['steps']} steps, PSNR density {info['psnr_density_db']:.1f} dB, "
           f"direction {info['psnr_direction_db']:.1f} dB; {len(streamlines)} streamlines")
     print(f"{'stage':<28}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}")

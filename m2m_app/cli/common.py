@@ -21,7 +21,9 @@ def setup_logging(verbose: int, quiet: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+        nipype_logger = logging.getLogger(name)  # Nipype prints through its own handler
+        nipype_logger.setLevel(max(level, logging.WARNING))
+        nipype_logger.propagate = False
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR if level > logging.DEBUG else logging.DEBUG)
 

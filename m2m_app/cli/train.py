@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from m2m_app import __version__
 from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings,
@@ -229,6 +230,45 @@ def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects
     for row in rows:
         click.echo("\t".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
                              for c in columns))
+
+
+@main.command("evaluate-tractogram")
+@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("m2m_output_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--subject", "subjects", multiple=True, required=True,
+              help="Subject(s) present in both (sub-01 or sub-01_ses-a). Repeatable.")
+@with_verbosity
+@exits_cleanly
+def evaluate_tractogram(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[str, ...], verbose: int,
+                        quiet: int) -> None:
+    """Compare the app's tractogram (from the T1w alone) with the teacher's (from the DWI).
+
+    Prints TDI correlation, Dice of visited voxels, and the fraction of predicted streamlines
+    within 2 mm of a teacher streamline and vice versa.
+    """
+    import nibabel as nib
+    from dipy.io.streamline import load_tractogram
+
+    from m2m_app.errors import MissingInputError
+    from m2m_app.io.naming import Subject, derivative_paths
+    from m2m_app.training.evaluate import tractogram_metrics
+    from m2m_app.training.loop import select_rows
+
+    setup_logging(verbose, quiet)
+    click.echo("subject\ttdi_r_brain\tvisited_dice\tpredicted_near_teacher\tteacher_near_predicted"
+               "\tn_predicted\tn_teacher")
+    for row, prep in select_rows([prep_dir], list(subjects)):
+        subject = Subject(row["participant"], row["session"] or None)
+        ours = next((p for fmt in ("trx", "tck", "trk")
+                     if (p := derivative_paths(m2m_output_dir, subject, "nerf", fmt)["tractogram"]).exists()), None)
+        if ours is None:
+            raise MissingInputError(f"{subject.label}: no m2m tractogram in {m2m_output_dir}")
+        reference = nib.load(row["t1w"])
+        brain = np.asarray(nib.load(prep / row["mask"]).dataobj) > 0
+        load = lambda path: list(load_tractogram(str(path), reference, bbox_valid_check=False).streamlines)  # noqa: E731
+        metrics = tractogram_metrics(load(ours), load(prep / row["tractogram"]), reference.shape[:3],
+                                     reference.affine, brain)
+        click.echo("\t".join([row["subject"], *(f"{v:.4g}" for v in metrics.values())]))
 
 
 if __name__ == "__main__":

@@ -55,3 +55,31 @@ def directional_density(streamlines: Sequence[np.ndarray], shape: tuple[int, int
         total[..., axis].flat[:] += np.bincount(index, weights=units[inside, axis], minlength=count.size)
     np.divide(total, count[..., None], out=total, where=count[..., None] > 0)
     return total.astype(np.float32)
+
+
+def fraction_near(streamlines: Sequence[np.ndarray], reference: Sequence[np.ndarray],
+                  distance_mm: float = 2.0, max_points: int = 2_000_000, seed: int = 0) -> float:
+    """Fraction of ``streamlines`` whose mean distance to the nearest ``reference`` point is below ``distance_mm``.
+
+    Both sets are ``(K_i, 3)`` arrays in world mm. Reference points are subsampled to at
+    most ``max_points`` (uniformly, seeded) to bound memory; a k-d tree (SciPy) answers
+    the nearest-point queries.
+    """
+    from scipy.spatial import cKDTree
+
+    if len(streamlines) == 0 or len(reference) == 0:
+        return float("nan")
+    points = np.concatenate(reference)
+    if len(points) > max_points:
+        points = points[np.random.default_rng(seed).choice(len(points), max_points, replace=False)]
+    tree = cKDTree(points)
+    lengths = np.array([len(s) for s in streamlines])
+    distances, _ = tree.query(np.concatenate(streamlines))
+    means = np.add.reduceat(distances, np.r_[0, np.cumsum(lengths)[:-1]]) / lengths
+    return float(np.mean(means < distance_mm))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (NaN when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")

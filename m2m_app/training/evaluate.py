@@ -22,6 +22,7 @@ import numpy as np
 from m2m_app.inference.conform import normalise_intensity
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
 from m2m_app.io.nifti import atomic_write, load_image, load_t1w, save_nifti
+from m2m_app.maths.streamlines import dice, fraction_near, track_density
 from m2m_app.maths.tensor import tensor_derivatives
 from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
 from m2m_app.training.loop import select_rows
@@ -114,11 +115,10 @@ def phase2_metrics(pred_tdi: np.ndarray, pred_dec: np.ndarray, true_tdi: np.ndar
     averaged where the teacher's density exceeds :data:`HIGH_DENSITY`.
     """
     pred_on, true_on = (pred_tdi > DICE_DENSITY) & brain, (true_tdi > DICE_DENSITY) & brain
-    total = pred_on.sum() + true_on.sum()
     dense = (true_tdi > HIGH_DENSITY) & brain
     angles = angular_error_deg(pred_dec[dense], true_dec[dense])
     return {"tdi_r_brain": pearson(pred_tdi[brain], true_tdi[brain]),
-            "tdi_dice": float(2 * (pred_on & true_on).sum() / total) if total else float("nan"),
+            "tdi_dice": dice(pred_on, true_on),
             "dec_angle_deg": float(np.nanmean(angles)) if np.isfinite(angles).any() else float("nan")}
 
 
@@ -168,7 +168,7 @@ def _evaluate_phase1(rows: list, train_rows: list, model, device: str) -> list[d
         pred = predict_phase1(img, data, model=model, device=device)
         results.append({"subject": row["subject"], "method": "m2m",
                         **phase1_metrics(pred["tensor"], true_tensor, brain, wm),
-                        "mask_dice": float(2 * (pred["mask"] & brain).sum() / (pred["mask"].sum() + brain.sum()))})
+                        "mask_dice": dice(pred["mask"], brain)})
         true_fa = load_image(prep / row["fa"])[1]
         results.append({"subject": row["subject"], "method": "baseline_fa_from_t1w",
                         **fa_metrics(baseline.predict(normalise_intensity(data)), true_fa, brain, wm & brain)})
@@ -265,3 +265,19 @@ def write_phase1_predictions(prep_dir: str | os.PathLike, out_dir: str | os.Path
             written.append(save_nifti(maps[key], img.affine, Path(out_dir) / row[key]))
         log.info("%s: phase-1 predictions written", row["subject"])
     return written
+
+
+def tractogram_metrics(predicted: list[np.ndarray], teacher: list[np.ndarray], shape: tuple[int, int, int],
+                       affine: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+    """Agreement of a predicted tractogram with the teacher's, both in world mm on one grid.
+
+    TDI Pearson r in the brain, Dice of the voxels visited by any streamline, and the
+    fraction of predicted streamlines within 2 mm (mean closest-point distance) of the
+    teacher's points and vice versa.
+    """
+    pred_tdi, true_tdi = track_density(predicted, shape, affine), track_density(teacher, shape, affine)
+    return {"tdi_r_brain": pearson(pred_tdi[brain], true_tdi[brain]),
+            "visited_dice": dice((pred_tdi > 0) & brain, (true_tdi > 0) & brain),
+            "predicted_near_teacher": fraction_near(predicted, teacher),
+            "teacher_near_predicted": fraction_near(teacher, predicted),
+            "n_predicted": len(predicted), "n_teacher": len(teacher)}
