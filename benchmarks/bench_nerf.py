@@ -22,7 +22,8 @@ import torch
 from scipy.spatial import cKDTree
 
 from m2m_app.models.nerf import fit_field
-from m2m_app.tractography.streamlines import save_tractogram, track_field
+from m2m_app.io.tractogram import save_tractogram
+from m2m_app.tractography.streamlines import track_field
 from m2m_app.tractography.views import write_standard_views, write_turntable
 
 SIGMA_MM = 3.0

@@ -17,7 +17,8 @@ from trx import trx_file_memmap
 
 from m2m_app.maths.render import composite, render_view
 from m2m_app.models.nerf import FittedField, fit_field
-from m2m_app.tractography.streamlines import align_axis, bep046_sidecar, save_tractogram, track_field
+from m2m_app.io.tractogram import save_tractogram
+from m2m_app.tractography.streamlines import align_axis, bep046_sidecar, track_field
 from m2m_app.tractography.views import write_standard_views, write_turntable
 
 N, ZOOM, SIGMA_MM = 32, 1.25, 1.8

@@ -45,6 +45,21 @@ def exits_cleanly(func):
     return wrapper
 
 
+def run_click(command: click.Command, argv: list[str], prog_name: str) -> None:
+    """Run a click command so that usage errors exit with 64 (BIDS-Apps/sysexits), not click's 2."""
+    from m2m_app.errors import EX_USAGE
+
+    try:
+        result = command.main(argv, prog_name=prog_name, standalone_mode=False)
+    except click.UsageError as err:
+        err.show()
+        sys.exit(EX_USAGE)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(EX_FAILURE)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
 def writable_dir(path: Path, what: str, forbidden_inside: Path | None = None) -> Path:
     """Create ``path`` if needed and check it is writable; refuse it inside ``forbidden_inside``."""
     path = Path(path).absolute()

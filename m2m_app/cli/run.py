@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from m2m_app import __version__
-from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings,
+from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings, run_click,
                                 run_workflow, setup_logging, writable_dir)
-from m2m_app.errors import EX_FAILURE, M2MError
+from m2m_app.errors import EX_FAILURE, EX_USAGE, M2MError
 from m2m_app.io import bids as bids_io
 
 LOGGER = logging.getLogger("m2m")
@@ -33,9 +33,9 @@ Exit codes: 0 success, 1 a participant failed, 64 usage, 65 bad data, 66 missing
 @click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("analysis_level", type=click.Choice(["participant", "group"]))
 @click.option("--participant-label", "participant_labels", multiple=True,
-              help="Participant label(s), with or without 'sub-' (default: all). Repeatable; "
-                   "space-separated lists also work: --participant-label 01 --participant-label 02.")
-@click.option("--session-label", "session_labels", multiple=True, help="Session label(s). Repeatable.")
+              help="Participant label(s), with or without 'sub-' (default: all), as in the "
+                   "BIDS-Apps spec: --participant-label 01 02.")
+@click.option("--session-label", "session_labels", multiple=True, help="Session label(s): --session-label a b.")
 @click.option("--bids-filter-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help='JSON choosing the T1w when there are several, e.g. {"t1w": {"acquisition": "mprage"}}.')
 @click.option("--skip-bids-validation", is_flag=True, help="Do not validate the input dataset.")
@@ -92,7 +92,7 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
                       weights_dir, stop_on_first_crash, random_seed, tractogram_format, skip_phase2,
                       skip_nerf) -> None:
     from m2m_app.inference.predict import load_translator, resolve_device
-    from m2m_app.io.derivatives import dataset_description
+    from m2m_app.io.derivatives import dataset_description, qc_path
     from m2m_app.io.naming import Subject
     from m2m_app.io.nifti import load_t1w
     from m2m_app.reports.subject import write_report
@@ -127,7 +127,7 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
         _write_citation(output_dir, workflow)
         ok = run_workflow(workflow, plugin_settings(nprocs, mem_mb, use_plugin), stop_on_first_crash)
     for subject, t1w in units.items():
-        if not _qc_file(output_dir, subject).exists():
+        if not qc_path(output_dir, subject).exists():
             reasons = crash_reasons(subject.folder(output_dir, "log"))
             message = "; ".join(f"{node.split('.')[-1]}: {why}" for node, why in reasons.items()
                                 if node.startswith(f"m2m_wf.{node_prefix(subject)}")) or "did not finish"
@@ -144,12 +144,6 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
 def _split_label(label: str) -> tuple[str, str | None]:
     parts = dict(part.split("-", 1) for part in label.split("_"))
     return parts["sub"], parts.get("ses")
-
-
-def _qc_file(output_dir: Path, subject) -> Path:
-    from m2m_app.io.naming import derivative_path
-
-    return derivative_path(output_dir, subject, "", "qc", ".json", desc="m2m")
 
 
 def _write_citation(output_dir: Path, workflow) -> None:
@@ -169,13 +163,40 @@ def example_data(target: Path) -> None:
     click.echo(f"example dataset: {write_example_dataset(writable_dir(target, 'example folder'))}")
 
 
+#: Options that take a space-separated list, as the BIDS-Apps spec writes them.
+LIST_OPTIONS = ("--participant-label", "--participant_label", "--session-label")
+
+
+def expand_list_options(argv: list[str]) -> list[str]:
+    """``--participant-label 01 02`` → ``--participant-label 01 --participant-label 02`` (click's form)."""
+    out, current = [], None
+    for token in argv:
+        if token in LIST_OPTIONS:
+            current = "--participant-label" if "participant" in token else token
+            continue
+        if current and not token.startswith("-"):
+            out += [current, token]
+            continue
+        if current and out[-2:-1] != [current]:
+            raise click.UsageError(f"{current} needs at least one label")
+        current = None
+        out.append(token)
+    if current and out[-2:-1] != [current]:
+        raise click.UsageError(f"{current} needs at least one label")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``m2m`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["example-data"]:
-        example_data.main(argv[1:], prog_name="m2m example-data")
-    else:
-        participant_main.main(argv, prog_name="m2m")
+        run_click(example_data, argv[1:], "m2m example-data")
+    try:
+        argv = expand_list_options(argv)
+    except click.UsageError as err:
+        click.echo(f"m2m: error: {err.message}", err=True)
+        sys.exit(EX_USAGE)
+    run_click(participant_main, argv, "m2m")
 
 
 if __name__ == "__main__":

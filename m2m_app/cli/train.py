@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from m2m_app import __version__
-from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings,
+from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings, run_click,
                                 run_workflow, setup_logging, writable_dir)
 from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
@@ -29,7 +29,7 @@ def with_verbosity(func):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="m2m-train")
-def main() -> None:
+def cli() -> None:
     """Train m2m's translators on your own data.
 
     \b
@@ -42,7 +42,7 @@ def main() -> None:
     """
 
 
-@main.command()
+@cli.command()
 @click.argument("bids_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("prep_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--participant-label", "participant_labels", multiple=True,
@@ -153,7 +153,7 @@ def _train(phase: str, prep_dir: Path, model_out: Path, subjects: tuple[str, ...
     click.echo(f"weights: {weights}")
 
 
-@main.command()
+@cli.command()
 @training_options
 @exits_cleanly
 def phase1(prep_dir: Path, model_out: Path, **kwargs) -> None:
@@ -166,7 +166,7 @@ def phase1(prep_dir: Path, model_out: Path, **kwargs) -> None:
     _train("phase1", prep_dir, model_out, **kwargs)
 
 
-@main.command()
+@cli.command()
 @training_options
 @click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Folder of phase-1 predictions (from `m2m-train predict`) used as extra inputs, "
@@ -177,7 +177,7 @@ def phase2(prep_dir: Path, model_out: Path, **kwargs) -> None:
     _train("phase2", prep_dir, model_out, **kwargs)
 
 
-@main.command()
+@cli.command()
 @click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--weights-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
@@ -196,7 +196,7 @@ def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: t
     write_phase1_predictions(prep_dir, out_dir, weights_dir, list(subjects) or None, device)
 
 
-@main.command()
+@cli.command()
 @click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--phase", type=click.Choice(["1", "2"]), default="1", show_default=True)
@@ -232,7 +232,7 @@ def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects
                              for c in columns))
 
 
-@main.command("evaluate-tractogram")
+@cli.command("evaluate-tractogram")
 @click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("m2m_output_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--subject", "subjects", multiple=True, required=True,
@@ -269,6 +269,11 @@ def evaluate_tractogram(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[st
         metrics = tractogram_metrics(load(ours), load(prep / row["tractogram"]), reference.shape[:3],
                                      reference.affine, brain)
         click.echo("\t".join([row["subject"], *(f"{v:.4g}" for v in metrics.values())]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``m2m-train`` console script (usage errors exit with 64)."""
+    run_click(cli, list(sys.argv[1:] if argv is None else argv), "m2m-train")
 
 
 if __name__ == "__main__":

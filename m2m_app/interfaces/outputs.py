@@ -1,18 +1,37 @@
-"""Nipype interface writing a subject's derivatives and report into the output folder."""
+"""Nipype interfaces writing a subject's derivatives and report into the output folder.
+
+Maps, phase-3 outputs and the report are three nodes, so that a failure in phase 3 does
+not keep the tensor maps from reaching the output folder.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface, Str,
                                     TraitedSpec, isdefined, traits)
 
-MAP_KEYS = ("fa", "md", "ad", "rd", "v1", "colfa", "mask", "tdi", "dectdi")
+MAP_KEYS = ("fa", "md", "ad", "rd", "v1", "colfa", "mask", "tdi", "dectdi", "diffusivity")
 
 
-class _WriteSubjectInputSpec(BaseInterfaceInputSpec):
+class _SubjectInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True)
     participant = Str(mandatory=True)
     session = Str("", usedefault=True)
     t1w = File(exists=True, mandatory=True)
-    t1w_summary = traits.Dict(desc="from CheckT1w")
+    weights_dir = traits.Either(None, Str, default=None, usedefault=True)
+
+
+def _subject(inputs):
+    from m2m_app.io.naming import Subject
+
+    return Subject(inputs.participant, inputs.session or None)
+
+
+class _WrittenOutputSpec(TraitedSpec):
+    written = traits.Dict(Str, Str, desc="written derivative paths by key")
+
+
+class _WriteMapsInputSpec(_SubjectInputSpec):
     diffusivity = File(exists=True, mandatory=True, desc="the predicted tensor")
     fa = File(exists=True, mandatory=True)
     md = File(exists=True, mandatory=True)
@@ -23,49 +42,79 @@ class _WriteSubjectInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True)
     tdi = File(exists=True, desc="phase 2 (absent with --skip-phase2)")
     dectdi = File(exists=True)
-    tractogram = File(exists=True, desc="phase 3 (absent with --skip-nerf)")
-    tracking = traits.Dict()
-    field = File(exists=True)
-    field_report = traits.Dict()
-    views = traits.List(File(exists=True))
-    turntable = File(exists=True)
-    weights_dir = traits.Either(None, Str, default=None, usedefault=True)
+
+
+class WriteMaps(SimpleInterface):
+    """Write the tensor maps, mask and track-density maps with BIDS names and sidecars."""
+
+    input_spec = _WriteMapsInputSpec
+    output_spec = _WrittenOutputSpec
+
+    def _run_interface(self, runtime):
+        from m2m_app.io.derivatives import write_maps
+
+        maps = {key: getattr(self.inputs, key) for key in MAP_KEYS if isdefined(getattr(self.inputs, key))}
+        written = write_maps(Path(self.inputs.output_dir), _subject(self.inputs), self.inputs.t1w, maps,
+                             self.inputs.weights_dir)
+        self._results["written"] = {k: str(v) for k, v in written.items()}
+        return runtime
+
+
+class _WriteNerfInputSpec(_SubjectInputSpec):
+    tractogram = File(exists=True, mandatory=True)
+    tracking = traits.Dict(mandatory=True, desc="BEP046 sidecar of the tractogram")
+    field = File(exists=True, mandatory=True)
+    views = traits.List(File(exists=True), mandatory=True)
+    turntable = File(exists=True, mandatory=True)
+
+
+class WriteNerf(SimpleInterface):
+    """Write the tractogram, the fitted field and the rendered views."""
+
+    input_spec = _WriteNerfInputSpec
+    output_spec = _WrittenOutputSpec
+
+    def _run_interface(self, runtime):
+        from m2m_app.io.derivatives import write_nerf
+
+        figures = {Path(v).stem: v for v in self.inputs.views} | {"turntable": self.inputs.turntable}
+        written = write_nerf(Path(self.inputs.output_dir), _subject(self.inputs), self.inputs.t1w,
+                             self.inputs.tractogram, self.inputs.tracking, self.inputs.field, figures,
+                             self.inputs.weights_dir)
+        self._results["written"] = {k: str(v) for k, v in written.items()}
+        return runtime
+
+
+class _WriteReportInputSpec(_SubjectInputSpec):
+    maps = traits.Dict(Str, Str, mandatory=True, desc="from WriteMaps")
+    nerf = traits.Dict(Str, Str, desc="from WriteNerf (absent when phase 3 is skipped)")
+    field_report = traits.Dict(desc="NeRF fit report")
+    t1w_summary = traits.Dict(desc="from CheckT1w")
     boilerplate = Str("", usedefault=True)
 
 
-class _WriteSubjectOutputSpec(TraitedSpec):
+class _WriteReportOutputSpec(TraitedSpec):
     qc = File(exists=True, desc="the subject's QC JSON (written last: marks completion)")
     report = File(exists=True)
 
 
-class WriteSubject(SimpleInterface):
-    """Write maps, tractogram, field and figures with BIDS names and sidecars, then the HTML report."""
+class WriteReport(SimpleInterface):
+    """Write ``sub-<label>.html`` and, last, the subject's QC JSON."""
 
-    input_spec = _WriteSubjectInputSpec
-    output_spec = _WriteSubjectOutputSpec
+    input_spec = _WriteReportInputSpec
+    output_spec = _WriteReportOutputSpec
 
     def _run_interface(self, runtime):
-        from pathlib import Path
-
-        from m2m_app.io.derivatives import write_subject
-        from m2m_app.io.naming import Subject
+        from m2m_app.io.derivatives import qc_path, subject_qc
+        from m2m_app.io.nifti import save_json
         from m2m_app.reports.subject import write_report
 
-        inputs = self.inputs
-        subject = Subject(inputs.participant, inputs.session or None)
-        maps = {key: getattr(inputs, key) for key in (*MAP_KEYS, "diffusivity")
-                if isdefined(getattr(inputs, key))}
-        optional = {name: getattr(inputs, name) if isdefined(getattr(inputs, name)) else None
-                    for name in ("tractogram", "field", "turntable")}
-        figures = {Path(v).stem: v for v in (inputs.views if isdefined(inputs.views) else [])}
-        if optional["turntable"]:
-            figures["turntable"] = optional["turntable"]
-        written = write_subject(Path(inputs.output_dir), subject, inputs.t1w, maps, optional["tractogram"],
-                                inputs.tracking if isdefined(inputs.tracking) else {}, optional["field"],
-                                figures, inputs.weights_dir,
-                                inputs.field_report if isdefined(inputs.field_report) else {})
+        inputs, subject = self.inputs, _subject(self.inputs)
+        written = {k: Path(v) for k, v in {**inputs.maps, **(inputs.nerf if isdefined(inputs.nerf) else {})}.items()}
         summary = {"input T1w": inputs.t1w, **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {})}
-        self._results["qc"] = str(written["qc"])
         self._results["report"] = str(write_report(Path(inputs.output_dir), subject, inputs.t1w, written,
                                                    summary, inputs.boilerplate, []))
+        field_report = inputs.field_report if isdefined(inputs.field_report) else {}
+        self._results["qc"] = str(save_json(subject_qc(subject, written, field_report),
+                                            qc_path(Path(inputs.output_dir), subject)))
         return runtime

@@ -13,7 +13,7 @@ import numpy as np
 from m2m_app import __version__
 from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, derivative_path, derivative_paths,
                                sidecar_path)
-from m2m_app.io.nifti import atomic_write, save_json, save_nifti
+from m2m_app.io.nifti import atomic_write, save_json
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,25 +56,23 @@ def _copy(source: str | Path, target: Path) -> Path:
     return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def write_subject(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str],
-                  tractogram: str | None, tracking: dict, field: str | None, figures: dict[str, str],
-                  weights_dir: str | None, nerf_report: dict) -> dict[str, Path]:
-    """Copy one subject's results under their BIDS-Derivatives names, each with a JSON sidecar.
+def _common_sidecar(t1w: str, weights_dir: str | None) -> dict:
+    return {"Sources": [f"bids:raw:{t1w}"], "GeneratedBy": [{"Name": "m2m", "Version": __version__}],
+            "Weights": weights_provenance(weights_dir)}
+
+
+def write_maps(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str],
+               weights_dir: str | None) -> dict[str, Path]:
+    """Copy the phase-1/2 maps under their BIDS-Derivatives names, each with a JSON sidecar.
 
     ``maps`` holds work-dir NIfTI files keyed like :func:`derivative_paths` (``fa``, ``md``,
-    ``ad``, ``rd``, ``diffusivity``, ``v1``, ``colfa``, ``tdi``, ``dectdi``, ``mask``). Returns
-    the written paths; the QC JSON written last marks the subject complete. ``tractogram``
-    and ``field`` are None when phase 3 was skipped.
+    ``ad``, ``rd``, ``diffusivity``, ``v1``, ``colfa``, ``mask`` and, with phase 2, ``tdi``,
+    ``dectdi``). Returns the written paths by key.
     """
-    output_dir = Path(output_dir)
-    fmt = Path(tractogram).suffix.lstrip(".") if tractogram else "trx"
-    paths = derivative_paths(output_dir, subject, "nerf", fmt)
-    sources = [f"bids:raw:{t1w}"]
-    common = {"Sources": sources, "GeneratedBy": [{"Name": "m2m", "Version": __version__}],
-              "Weights": weights_provenance(weights_dir)}
+    paths = derivative_paths(Path(output_dir), subject, "nerf")
+    common = _common_sidecar(t1w, weights_dir)
     written = {}
     for key, source in maps.items():
-        _copy(source, paths[key])
         if key in TENSOR_PARAMS:
             description, units = TENSOR_PARAMS[key]
             extra = {"Model": "tensor", "Units": units}
@@ -83,22 +81,30 @@ def write_subject(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, 
             extra = {}
         else:
             description, extra = "brain mask", {"Type": "Brain"}
+        written[key] = _copy(source, paths[key])
         save_json({"Description": f"{description}; {PREDICTED}", **extra, **common}, sidecar_path(paths[key]))
-        written[key] = paths[key]
-    if tractogram:
-        _copy(tractogram, paths["tractogram"])
-        save_json({**tracking, "Description": f"{tracking.get('Description', '')} Streamlines {PREDICTED}.",
-                   **common}, sidecar_path(paths["tractogram"]))
-        written["tractogram"] = paths["tractogram"]
-    if field:
-        written["field"] = _copy(field, derivative_path(output_dir, subject, "dwi", "model", ".safetensors",
-                                                        space="T1w", tract="wholebrain", desc="nerf"))
-    for name, source in figures.items():
-        target = derivative_path(output_dir, subject, "figures", "nerf", Path(source).suffix, desc=name)
-        written[f"figure_{name}"] = _copy(source, target)
-    written["qc"] = save_json(subject_qc(subject, written, nerf_report),
-                              derivative_path(output_dir, subject, "", "qc", ".json", desc="m2m"))
     return written
+
+
+def write_nerf(output_dir: Path, subject: Subject, t1w: str, tractogram: str, tracking: dict, field: str,
+               figures: dict[str, str], weights_dir: str | None) -> dict[str, Path]:
+    """Copy phase 3's tractogram (BEP046 sidecar), fitted field and rendered figures into place."""
+    output_dir = Path(output_dir)
+    target = derivative_paths(output_dir, subject, "nerf", Path(tractogram).suffix.lstrip("."))["tractogram"]
+    written = {"tractogram": _copy(tractogram, target)}
+    save_json({**tracking, "Description": f"{tracking.get('Description', '')} Streamlines {PREDICTED}.",
+               **_common_sidecar(t1w, weights_dir)}, sidecar_path(target))
+    written["field"] = _copy(field, derivative_path(output_dir, subject, "dwi", "model", ".safetensors",
+                                                    space="T1w", tract="wholebrain", desc="nerf"))
+    for name, source in figures.items():
+        written[f"figure_{name}"] = _copy(source, derivative_path(output_dir, subject, "figures", "nerf",
+                                                                  Path(source).suffix, desc=name))
+    return written
+
+
+def qc_path(output_dir: Path, subject: Subject) -> Path:
+    """The subject's QC JSON; written last, its presence marks the subject complete."""
+    return derivative_path(Path(output_dir), subject, "", "qc", ".json", desc="m2m")
 
 
 def subject_qc(subject: Subject, written: dict[str, Path], nerf_report: dict) -> dict:

@@ -5,6 +5,7 @@ with a message naming the file, not later deep inside a workflow node.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -139,3 +140,21 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tsv(rows: list[dict], path: str | os.PathLike, columns: list[str] | None = None,
+             missing: str = "n/a") -> Path:
+    """Write dict rows as a tab-separated table atomically.
+
+    ``columns`` defaults to the union of the rows' keys in first-seen order; absent values
+    read ``missing`` (BIDS uses ``n/a``).
+    """
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+
+    def writer(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            table = csv.DictWriter(handle, columns, delimiter="\t", restval=missing, extrasaction="ignore")
+            table.writeheader()
+            table.writerows(rows)
+
+    return atomic_write(path, writer)

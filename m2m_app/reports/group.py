@@ -1,13 +1,12 @@
 """Group level: one QC row per subject, as TSV and a small HTML table."""
 from __future__ import annotations
 
-import csv
 import html
 import json
 from pathlib import Path
 
 from m2m_app.errors import MissingInputError
-from m2m_app.io.nifti import atomic_write
+from m2m_app.io.nifti import atomic_write, save_tsv
 
 
 def write_group_outputs(output_dir: Path) -> Path:
@@ -17,14 +16,7 @@ def write_group_outputs(output_dir: Path) -> Path:
     if not rows:
         raise MissingInputError(f"{output_dir}: no participant results; run the participant level first")
     columns = list(dict.fromkeys(key for row in rows for key in row))
-
-    def write_tsv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, columns, delimiter="\t", restval="n/a")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    tsv = atomic_write(output_dir / "group_qc.tsv", write_tsv)
+    tsv = save_tsv(rows, output_dir / "group_qc.tsv", columns)
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, 'n/a')))}</td>" for c in columns)
                     + f'<td><a href="{html.escape(row["subject"])}.html">report</a></td></tr>' for row in rows)
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>m2m group QC</title></head>"

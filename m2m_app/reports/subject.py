@@ -35,8 +35,9 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
         "md": mosaic_png(_load(written["md"])[0], affine, cmap="viridis", vmax=2e-3, title="MD (mm²/s)"),
         "colfa": mosaic_png(_load(written["colfa"])[0], affine, vmax=0.8,
                             title="colour FA (red L-R, green A-P, blue I-S)"),
-        "tdi": mosaic_png(_load(written["tdi"])[0], affine, cmap="hot", title="predicted track density"),
     }
+    if "tdi" in written:
+        drawn["tdi"] = mosaic_png(_load(written["tdi"])[0], affine, cmap="hot", title="predicted track density")
     out = {}
     for name, png in drawn.items():
         path = derivative_path(output_dir, subject, "figures", name, ".png", desc="m2m")
@@ -61,10 +62,13 @@ def write_report(output_dir: Path, subject: Subject, t1w: str, written: dict[str
         figures = report_figures(output_dir, subject, t1w, written)
         for name, title in (("brainmask", "Brain mask"), ("fa", "Fractional anisotropy"),
                             ("md", "Mean diffusivity"), ("colfa", "Colour FA"), ("tdi", "Track density (phase 2)")):
-            parts.append(f"<h2>{title}</h2><img src=\"{figures[name].relative_to(output_dir).as_posix()}\" alt=\"{name}\">")
+            if name in figures:
+                parts.append(f"<h2>{title}</h2><img src=\"{figures[name].relative_to(output_dir).as_posix()}\" "
+                             f"alt=\"{name}\">")
         views = [written[f"figure_{v}"] for v in ("left", "right", "top", "front") if f"figure_{v}" in written]
-        parts.append("<h2>NeRF tractography field</h2><div class=\"views\">" + "".join(
-            f'<img src="{v.relative_to(output_dir).as_posix()}" alt="{v.stem}">' for v in views) + "</div>")
+        if views:
+            parts.append("<h2>NeRF tractography field</h2><div class=\"views\">" + "".join(
+                f'<img src="{v.relative_to(output_dir).as_posix()}" alt="{v.stem}">' for v in views) + "</div>")
         if "figure_turntable" in written:
             parts.append(f'<img src="{written["figure_turntable"].relative_to(output_dir).as_posix()}" alt="turntable">')
     parts.append(f"<h2>Methods</h2><p>{html.escape(boilerplate)}</p>")

@@ -8,7 +8,6 @@ track-density images, and a QC JSON. :func:`write_manifest` gathers the QC files
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -23,7 +22,7 @@ from m2m_app import __version__
 from m2m_app.errors import BadDataError
 from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, derivative_path, derivative_paths,
                                sidecar_path)
-from m2m_app.io.nifti import load_dwi, load_t1w, save_json, save_nifti
+from m2m_app.io.nifti import load_dwi, load_t1w, save_json, save_nifti, save_tsv
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.maths.streamlines import directional_density, track_density
 from m2m_app.maths.tensor import tensor_derivatives
@@ -162,10 +161,6 @@ def write_manifest(prep_dir: Path, failures: dict[str, str] | None = None) -> Pa
     rows += [{"subject": label, "status": "failed", "error": message}
              for label, message in sorted((failures or {}).items()) if label not in done]
     columns = ["subject", "participant", "session", "t1w", "status", *PATH_COLUMNS, *QC_COLUMNS, "error"]
-    tsv = prep_dir / "manifest.tsv"
-    with open(tsv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns, delimiter="\t", extrasaction="ignore", restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    tsv = save_tsv(rows, prep_dir / "manifest.tsv", columns, missing="")
     save_json({"pairs": rows}, prep_dir / "manifest.json")
     return tsv

@@ -19,17 +19,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import nibabel as nib
 import numpy as np
-from dipy.io.stateful_tractogram import Space, StatefulTractogram
-from dipy.io.streamline import save_tractogram as dipy_save_tractogram
-from trx import trx_file_memmap
 
-from m2m_app.io.nifti import atomic_write
 from m2m_app.models.nerf import FittedField
 
 LOGGER = logging.getLogger(__name__)
@@ -41,8 +34,6 @@ FieldQuery = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 _SIGN_PATTERNS = np.array([[1, 1, 1], [1, -1, 1], [-1, 1, 1], [-1, -1, 1]], dtype=float)
 #: Distances (in steps) at which the density is probed to pick a seed's initial axis.
 _PROBE_STEPS = (2.0, 4.0, 6.0)
-#: Tractogram formats written by :func:`save_tractogram`.
-TRACTOGRAM_EXTENSIONS = (".trx", ".tck", ".trk")
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -208,31 +199,6 @@ def track_field(field_or_query_fn: FittedField | FieldQuery, mask: np.ndarray, a
             streamlines.append(line.astype(np.float32))
     LOGGER.info("tracked %d streamlines from %d seeds", len(streamlines), len(seeds))
     return streamlines
-
-
-def save_tractogram(streamlines: list[np.ndarray], reference_nifti_img: nib.Nifti1Image | str | os.PathLike,
-                    path: str | os.PathLike) -> Path:
-    """Write world (RAS+ mm) streamlines to ``.trx``, ``.tck`` or ``.trk`` (by extension), atomically.
-
-    The reference image gives the voxel grid stored in the header (``.trk``, ``.trx``).
-    """
-    path = Path(path)
-    if path.suffix not in TRACTOGRAM_EXTENSIONS:
-        raise ValueError(f"{path}: tractograms are written as {', '.join(TRACTOGRAM_EXTENSIONS)}")
-    sft = StatefulTractogram(streamlines, reference_nifti_img, Space.RASMM)
-    if path.suffix == ".trx":
-        def write(tmp: str) -> None:
-            trx = trx_file_memmap.TrxFile.from_sft(sft)
-            try:
-                trx_file_memmap.save(trx, tmp)
-            finally:
-                trx.close()
-    else:
-        def write(tmp: str) -> None:
-            dipy_save_tractogram(sft, tmp, bbox_valid_check=False)
-    written = atomic_write(path, write)
-    LOGGER.info("wrote %d streamlines to %s", len(streamlines), written)
-    return written
 
 
 def bep046_sidecar(params: Mapping[str, Any]) -> dict[str, Any]:

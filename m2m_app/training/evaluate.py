@@ -11,7 +11,6 @@ All maps are compared on the T1w's own grid.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 
 from m2m_app.inference.conform import normalise_intensity
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
-from m2m_app.io.nifti import atomic_write, load_image, load_t1w, save_nifti
+from m2m_app.io.nifti import load_image, load_t1w, save_nifti, save_tsv
 from m2m_app.maths.streamlines import dice, fraction_near, track_density
 from m2m_app.maths.tensor import tensor_derivatives
 from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
@@ -232,20 +231,8 @@ def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str
         log.info("%s %s: %s", spec.name, method, ", ".join(
             f"{k} {np.nanmean([r[k] for r in chosen]):.4g}" for k in chosen[0] if k not in ("subject", "method")))
     if out_tsv is not None:
-        _write_table(Path(out_tsv), results)
+        save_tsv(results, Path(out_tsv), missing="")
     return results
-
-
-def _write_table(path: Path, results: list[dict]) -> None:
-    """Tab-separated table of the rows (union of columns, blanks where a method lacks a metric)."""
-    columns = list(dict.fromkeys(k for row in results for k in row))
-
-    def writer(tmp: str) -> None:
-        with open(tmp, "w", newline="") as handle:
-            table = csv.DictWriter(handle, columns, delimiter="\t", restval="")
-            table.writeheader()
-            table.writerows(results)
-    atomic_write(path, writer)
 
 
 def write_phase1_predictions(prep_dir: str | os.PathLike, out_dir: str | os.PathLike,

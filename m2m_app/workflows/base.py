@@ -12,7 +12,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow
 
 from m2m_app.interfaces.nerf import FitField, RenderField, TrackField
-from m2m_app.interfaces.outputs import WriteSubject
+from m2m_app.interfaces.outputs import WriteMaps, WriteNerf, WriteReport
 from m2m_app.interfaces.translators import CheckT1w, PredictTensor, PredictTracts, TensorMaps
 from m2m_app.io.naming import Subject
 
@@ -60,15 +60,18 @@ def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions) -> 
     check = pe.Node(CheckT1w(t1w=str(t1w)), name="check_t1w")
     phase1 = pe.Node(PredictTensor(**torch_args), name="phase1", n_procs=options.omp_nthreads, mem_gb=3)
     maps = pe.Node(TensorMaps(), name="tensor_maps", mem_gb=3)
-    write = pe.Node(WriteSubject(output_dir=str(options.output_dir), participant=subject.participant,
-                                 session=subject.session or "", weights_dir=options.weights_dir,
-                                 boilerplate=workflow.__desc__), name="write_derivatives", mem_gb=2)
+    where = {"output_dir": str(options.output_dir), "participant": subject.participant,
+             "session": subject.session or "", "weights_dir": options.weights_dir}
+    write_maps = pe.Node(WriteMaps(**where), name="write_maps", mem_gb=2)
+    report = pe.Node(WriteReport(boilerplate=workflow.__desc__, **where), name="write_report", mem_gb=2)
     workflow.connect([
         (check, phase1, [("t1w", "t1w")]),
-        (check, write, [("t1w", "t1w"), ("summary", "t1w_summary")]),
+        (check, write_maps, [("t1w", "t1w")]),
+        (check, report, [("t1w", "t1w"), ("summary", "t1w_summary")]),
         (phase1, maps, [("tensor", "tensor"), ("mask", "mask")]),
-        (phase1, write, [("tensor", "diffusivity"), ("mask", "mask")]),
-        (maps, write, [(k, k) for k in ("fa", "md", "ad", "rd", "v1", "colfa")]),
+        (phase1, write_maps, [("tensor", "diffusivity"), ("mask", "mask")]),
+        (maps, write_maps, [(k, k) for k in ("fa", "md", "ad", "rd", "v1", "colfa")]),
+        (write_maps, report, [("written", "maps")]),
     ])
     if not options.skip_phase2:
         phase2 = pe.Node(PredictTracts(**torch_args), name="phase2", n_procs=options.omp_nthreads, mem_gb=3)
@@ -76,7 +79,7 @@ def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions) -> 
             (check, phase2, [("t1w", "t1w")]),
             (phase1, phase2, [("mask", "mask")]),
             (maps, phase2, [("fa", "fa"), ("md", "md"), ("colfa", "colfa")]),
-            (phase2, write, [("tdi", "tdi"), ("dectdi", "dectdi")]),
+            (phase2, write_maps, [("tdi", "tdi"), ("dectdi", "dectdi")]),
         ])
         if not options.skip_nerf:
             seed = {"random_seed": options.random_seed, "num_threads": options.omp_nthreads}
@@ -85,14 +88,17 @@ def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions) -> 
                              n_procs=options.omp_nthreads)
             track = pe.Node(TrackField(tractogram_format=options.tractogram_format, **seed),
                             name="nerf_track", n_procs=options.omp_nthreads)
+            write_nerf = pe.Node(WriteNerf(**where), name="write_nerf", mem_gb=1)
             workflow.connect([
                 (check, fit, [("t1w", "t1w")]), (phase1, fit, [("mask", "mask")]),
                 (phase2, fit, [("tdi", "tdi"), ("dectdi", "dectdi")]),
                 (fit, render, [("field", "field")]),
                 (fit, track, [("field", "field"), ("mask", "mask")]), (check, track, [("t1w", "t1w")]),
-                (fit, write, [("field", "field"), ("report", "field_report")]),
-                (render, write, [("views", "views"), ("turntable", "turntable")]),
-                (track, write, [("tractogram", "tractogram"), ("sidecar", "tracking")]),
+                (check, write_nerf, [("t1w", "t1w")]),
+                (fit, write_nerf, [("field", "field")]), (fit, report, [("report", "field_report")]),
+                (render, write_nerf, [("views", "views"), ("turntable", "turntable")]),
+                (track, write_nerf, [("tractogram", "tractogram"), ("sidecar", "tracking")]),
+                (write_nerf, report, [("written", "nerf")]),
             ])
     log_dir = subject.folder(options.output_dir, "log")
     for name in workflow.list_node_names():
