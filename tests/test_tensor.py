@@ -84,3 +84,13 @@ def test_track_density_and_direction_of_a_straight_bundle():
     assert tdi[:, 5, 5].tolist() == [2.0] * 10 and tdi.sum() == 20  # the third is outside
     dec = directional_density([line], shape, affine)
     np.testing.assert_allclose(dec[1:9, 5, 5], np.tile([1.0, 0, 0], (8, 1)), atol=1e-6)
+
+
+def test_clip_eigenvalues_keeps_directions():
+    from m2m_app.maths.tensor import clip_eigenvalues
+
+    wild = stick(np.array([0.0, 1.0, 1.0])) * 5.0  # largest eigenvalue 8.5e-3 mm²/s
+    clipped = clip_eigenvalues(wild, 0.0, 4e-3)
+    assert np.linalg.eigvalsh(clipped).max() == pytest.approx(4e-3)
+    np.testing.assert_allclose(np.abs(tensor_derivatives(matrix_to_components(clipped))["v1"]),
+                               np.array([0, 1, 1]) / np.sqrt(2), atol=1e-9)

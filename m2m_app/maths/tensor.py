@@ -56,6 +56,11 @@ def log_tensors(matrix: np.ndarray, floor: float = 1e-6) -> np.ndarray:
     return _eigh_map(matrix, lambda ev: np.log(np.maximum(ev, floor)))
 
 
+def clip_eigenvalues(matrix: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Tensors with eigenvalues clipped to ``[low, high]`` mm²/s, eigenvectors kept."""
+    return _eigh_map(matrix, lambda ev: np.clip(ev, low, high))
+
+
 def exp_tensors(matrix: np.ndarray) -> np.ndarray:
     """Matrix exponential of symmetric matrices (always positive-definite)."""
     return _eigh_map(matrix, np.exp)

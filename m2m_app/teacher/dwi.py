@@ -6,10 +6,13 @@ from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorFit, TensorModel
 from dipy.segment.mask import median_otsu
 
-from m2m_app.maths.tensor import frame_rotation, matrix_to_components, rotate_tensors
+from m2m_app.maths.tensor import clip_eigenvalues, frame_rotation, matrix_to_components, rotate_tensors
 
 #: b-values at or below this (s/mm²) count as b=0.
 B0_THRESHOLD = 50.0
+#: Physical range of tensor eigenvalues, mm²/s: free water at 37 °C diffuses at about
+#: 3.0e-3, so larger fitted values (noise, partial volume at the brain's edge) are clipped.
+EIGENVALUE_RANGE = (0.0, 4e-3)
 
 
 def fsl_bvecs_to_voxel(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -49,6 +52,10 @@ def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs_voxel: np.ndarray,
 
 
 def world_tensor_components(fit: TensorFit, affine: np.ndarray) -> np.ndarray:
-    """The fitted tensors rotated from the voxel frame to the RAS+ world frame, ``(X, Y, Z, 6)`` mm²/s."""
-    world = rotate_tensors(fit.quadratic_form, frame_rotation(affine))
+    """The fitted tensors rotated from the voxel frame to the RAS+ world frame, ``(X, Y, Z, 6)`` mm²/s.
+
+    Eigenvalues are clipped to :data:`EIGENVALUE_RANGE` first, so that a few diverging
+    voxels cannot dominate the targets or the evaluation.
+    """
+    world = rotate_tensors(clip_eigenvalues(fit.quadratic_form, *EIGENVALUE_RANGE), frame_rotation(affine))
     return matrix_to_components(world).astype(np.float32)
