@@ -94,3 +94,15 @@ def test_clip_eigenvalues_keeps_directions():
     assert np.linalg.eigvalsh(clipped).max() == pytest.approx(4e-3)
     np.testing.assert_allclose(np.abs(tensor_derivatives(matrix_to_components(clipped))["v1"]),
                                np.array([0, 1, 1]) / np.sqrt(2), atol=1e-9)
+
+
+def test_tensor_to_t1w_does_not_swell_at_the_edge_of_the_data():
+    """Interpolating next to voxels without a tensor must not mix in log(D) = 0 (D = 1 mm²/s)."""
+    shape, affine = (10, 10, 10), np.eye(4)
+    field = np.zeros(shape + (6,))
+    field[:5] = matrix_to_components(stick(np.array([0.0, 0.0, 1.0])))
+    shift = np.eye(4)
+    shift[0, 3] = 0.5  # half a voxel: every output voxel interpolates between two input voxels
+    moved = tensor_to_t1w(field, affine, RigidResult(t1w_to_dwi=shift, cost=0.0), shape, affine)
+    eigen = np.linalg.eigvalsh(components_to_matrix(moved[np.any(moved != 0, axis=-1)]))
+    assert eigen.max() <= EVALS.max() * (1 + 1e-6)

@@ -104,12 +104,13 @@ def tensor_to_t1w(components: np.ndarray, dwi_affine: np.ndarray, result: RigidR
     support = np.any(components != 0, axis=-1)
     logs = np.zeros_like(components, dtype=np.float64)
     logs[support] = matrix_to_components(log_tensors(components_to_matrix(components[support])))
-    resampled = np.stack([resample_to_t1w(logs[..., k], dwi_affine, result, t1w_shape, t1w_affine)
-                          for k in range(6)], axis=-1)
-    inside = resample_to_t1w(support.astype(np.float32), dwi_affine, result, t1w_shape,
-                             t1w_affine, interpolation="nearest") > 0
+    # normalised interpolation: voxels without a tensor get no say (a zero log would mean D = I mm²/s)
+    weight = resample_to_t1w(support.astype(np.float64), dwi_affine, result, t1w_shape, t1w_affine)
+    inside = weight > 0.5
+    resampled = np.stack([resample_to_t1w(logs[..., k], dwi_affine, result, t1w_shape, t1w_affine)[inside]
+                          for k in range(6)], axis=-1) / weight[inside][:, None]
     rotation = frame_rotation(result.dwi_to_t1w)
     out = np.zeros(tuple(t1w_shape[:3]) + (6,), dtype=np.float32)
-    rotated = rotate_tensors(components_to_matrix(resampled[inside]), rotation)
+    rotated = rotate_tensors(components_to_matrix(resampled), rotation)
     out[inside] = matrix_to_components(exp_tensors(rotated))
     return out
