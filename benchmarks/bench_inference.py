@@ -2,7 +2,7 @@
 
     python benchmarks/bench_inference.py [--threads 2] [--weights-dir DIR] [--t1w PATH]
 
-Uses ``/work/shared/data/ds-real/sub-01/anat/sub-01_T1w.nii.gz`` when it exists, else
+Uses ``../shared/data/ds-real/sub-01/anat/sub-01_T1w.nii.gz`` (beside the repository) when it exists, else
 nilearn's 1 mm MNI152 template. Phases whose weights are missing run with randomly
 initialised networks of the default architecture (same cost; marked ``random`` below).
 """
@@ -29,7 +29,7 @@ from m2m_app.models.translator import Translator, parameter_count
 
 log = logging.getLogger("bench_inference")
 
-REAL_T1W = Path("/work/shared/data/ds-real/sub-01/anat/sub-01_T1w.nii.gz")
+REAL_T1W = Path(__file__).resolve().parents[2] / "shared" / "data" / "ds-real" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
 
 
 def peak_rss_mib() -> float:
