@@ -106,3 +106,4 @@ def test_tensor_to_t1w_does_not_swell_at_the_edge_of_the_data():
     moved = tensor_to_t1w(field, affine, RigidResult(t1w_to_dwi=shift, cost=0.0), shape, affine)
     eigen = np.linalg.eigvalsh(components_to_matrix(moved[np.any(moved != 0, axis=-1)]))
     assert eigen.max() <= EVALS.max() * (1 + 1e-6)
+
