@@ -15,7 +15,7 @@ def write_group_outputs(output_dir: Path) -> Path:
     rows = [json.loads(p.read_text()) for p in sorted(output_dir.glob("sub-*/**/*_desc-m2m_qc.json"))]
     if not rows:
         raise MissingInputError(f"{output_dir}: no participant results; run the participant level first")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(dict.fromkeys(["subject", *(key for row in rows for key in row)]))
     tsv = save_tsv(rows, output_dir / "group_qc.tsv", columns)
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, 'n/a')))}</td>" for c in columns)
                     + f'<td><a href="{html.escape(row["subject"])}.html">report</a></td></tr>' for row in rows)
