@@ -156,3 +156,14 @@ def test_help_teaches():
     assert result.returncode == 0
     for word in ("participant", "--participant-label", "--use-plugin", "Exit codes", "example-data"):
         assert word in result.stdout
+
+
+def test_readme_example_runs_end_to_end(tmp_path):
+    """The README's first command: the embedded example dataset through the whole app."""
+    result = run_cli("run", "example-data", tmp_path / "example")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("run", tmp_path / "example", tmp_path / "out", "participant", "-w", tmp_path / "work",
+                     "--nprocs", "1", "--omp-nthreads", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "out" / "sub-MNI152.html").read_text()
+    assert "predicted from the T1w" in report and "figures/" in report

@@ -10,6 +10,7 @@ import pytest
 from conftest import DS_REAL, ds_real_unit, make_bids, requires_ds_real, run_cli
 from m2m_app.errors import BadDataError, MissingInputError
 from m2m_app.io.nifti import load_dwi
+from m2m_app.teacher.prepare import load_dwi_runs
 
 UNITS = ["sub-01", "sub-02_ses-hfdl", "sub-02_ses-hfdr", "sub-02_ses-hfp", "sub-02_ses-hfs"]
 #: Units whose head lies square in the scanner, so the corpus callosum runs along world x.
@@ -31,6 +32,7 @@ def test_prepare_completes_on_every_unit(prepared_ds_real):
     rows = manifest_rows(prep)
     assert sorted(rows) == UNITS
     assert all(row["status"] == "ok" for row in rows.values())
+    assert json.loads((prep / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     header = (prep / "manifest.tsv").read_text().splitlines()[0].split("\t")
     assert {"t1w", "fa", "diffusivity", "tdi", "dectdi", "mean_fa_wm", "registration_cost"} <= set(header)
 
@@ -164,3 +166,16 @@ def test_bad_dwi_inputs_fail_clearly(tmp_path, case, error, words):
     with pytest.raises(error, match=words) as info:
         load_dwi(path)
     assert str(path.name) in str(info.value) or str(path.parent) in str(info.value)
+
+
+def test_dwi_runs_are_concatenated_and_checked(tmp_path):
+    """dir-AP and dir-PA style runs on one grid become one series; another grid is refused."""
+    data = np.random.default_rng(2).uniform(100, 200, size=(10, 10, 10, 8)).astype(np.float32)
+    bvals, bvecs = _gradients(8)
+    first = _write_dwi(tmp_path, data, bvals, bvecs, name="run1")
+    second = _write_dwi(tmp_path, data[..., :7], bvals[:7], bvecs[:, :7], name="run2")
+    _, joined, joined_bvals, joined_bvecs = load_dwi_runs([first, second])
+    assert joined.shape == (10, 10, 10, 15) and joined_bvals.shape == (15,) and joined_bvecs.shape == (15, 3)
+    other = _write_dwi(tmp_path, data, bvals, bvecs, name="run3", affine=np.diag([3.0, 3.0, 3.0, 1.0]))
+    with pytest.raises(BadDataError, match="share one grid"):
+        load_dwi_runs([first, other])

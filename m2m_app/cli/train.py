@@ -70,6 +70,7 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     then PREP_DIR/manifest.tsv lists the pairs with QC numbers. Finished units are
     skipped on a re-run; a failed unit does not stop the others and makes the exit code 1.
     """
+    from m2m_app.io.derivatives import dataset_description
     from m2m_app.io.nifti import load_t1w
     from m2m_app.teacher.prepare import load_dwi_runs, qc_path, write_manifest
     from m2m_app.workflows.prepare import init_prepare_wf, node_name
@@ -109,6 +110,7 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
             if not qc_path(prep_dir, subject).exists():
                 failures[subject.label] = reasons.get(node_name(subject), "see the crash file in PREP_DIR/logs")
                 codes.add(EX_FAILURE)
+    dataset_description(prep_dir, bids_dir, name="m2m teacher targets (m2m-train prepare)")
     manifest = write_manifest(prep_dir, failures)
     for label, message in sorted(failures.items()):
         click.echo(f"m2m-train prepare: {label} FAILED: {message}", err=True)

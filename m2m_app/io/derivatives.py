@@ -22,7 +22,7 @@ PREDICTED = ("predicted by m2m from the T1-weighted image alone (no diffusion da
              "or used); a model estimate, not a measurement")
 
 
-def dataset_description(output_dir: Path, bids_dir: Path) -> Path:
+def dataset_description(output_dir: Path, bids_dir: Path, name: str = "m2m derivatives") -> Path:
     """Write ``dataset_description.json`` (DatasetType derivative, GeneratedBy, SourceDatasets)."""
     container = {"Type": "docker", "Tag": f"m2m:{__version__}"} if os.environ.get("M2M_CONTAINER") else None
     generated = {"Name": "m2m", "Version": __version__,
@@ -30,7 +30,7 @@ def dataset_description(output_dir: Path, bids_dir: Path) -> Path:
                  "CodeURL": "https://pypi.org/project/m2m-app/"}
     if container:
         generated["Container"] = container
-    return save_json({"Name": "m2m derivatives", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+    return save_json({"Name": name, "BIDSVersion": "1.10.0", "DatasetType": "derivative",
                       "GeneratedBy": [generated], "SourceDatasets": [{"URL": Path(bids_dir).absolute().as_uri()}],
                       "HowToAcknowledge": "Cite m2m and the methods in CITATION.md."},
                      Path(output_dir) / "dataset_description.json")
