@@ -47,6 +47,7 @@ def test_participant_run_writes_every_derivative(app_run):
         assert img.shape[:3] == t1w.shape and np.allclose(img.affine, t1w.affine, atol=1e-4)
         sidecar = json.loads((dwi / f"{prefix}_model-tensor_param-{param}_dwimap.json").read_text())
         assert "predicted" in sidecar["Description"] and sidecar["Weights"]["phase1"]["sha256"]
+        assert sidecar["Sources"] == ["bids:raw:sub-02/ses-hfs/anat/sub-02_ses-hfs_acq-fl2d_T1w.nii.gz"]
     assert nib.load(dwi / f"{prefix}_model-tensor_param-diffusivity_dwimap.nii.gz").shape[3] == 6
     fa = nib.load(dwi / f"{prefix}_model-tensor_param-fa_dwimap.nii.gz").get_fdata()
     mask = nib.load(out / "sub-02/ses-hfs/anat" / f"{prefix}_desc-brain_mask.nii.gz").get_fdata() > 0

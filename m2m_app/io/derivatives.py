@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
-from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, derivative_path, derivative_paths,
-                               sidecar_path)
+from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, derivative_path,
+                               derivative_paths, sidecar_path)
 from m2m_app.io.nifti import atomic_write, save_json
 
 LOGGER = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def dataset_description(output_dir: Path, bids_dir: Path, name: str = "m2m deriv
         generated["Container"] = container
     return save_json({"Name": name, "BIDSVersion": "1.10.0", "DatasetType": "derivative",
                       "GeneratedBy": [generated], "SourceDatasets": [{"URL": Path(bids_dir).absolute().as_uri()}],
+                      "DatasetLinks": {"raw": Path(bids_dir).absolute().as_uri()},
                       "HowToAcknowledge": "Cite m2m and the methods in CITATION.md."},
                      Path(output_dir) / "dataset_description.json")
 
@@ -57,7 +58,7 @@ def _copy(source: str | Path, target: Path) -> Path:
 
 
 def _common_sidecar(t1w: str, weights_dir: str | None) -> dict:
-    return {"Sources": [f"bids:raw:{t1w}"], "GeneratedBy": [{"Name": "m2m", "Version": __version__}],
+    return {"Sources": [bids_uri(t1w)], "GeneratedBy": [{"Name": "m2m", "Version": __version__}],
             "Weights": weights_provenance(weights_dir)}
 
 

@@ -67,6 +67,17 @@ def derivative_path(root: Path, subject: Subject, datatype: str, suffix: str,
     return subject.folder(root, datatype) / ("_".join(parts + [suffix]) + extension)
 
 
+def bids_uri(path: str | Path, dataset: str = "raw") -> str:
+    """``bids:raw:sub-01/anat/sub-01_T1w.nii.gz`` for a file inside a BIDS dataset (BIDS URI).
+
+    The dataset root is taken to be the folder above the first ``sub-*`` component.
+    """
+    parts = Path(path).parts
+    start = next((i for i, part in enumerate(parts) if part.startswith("sub-")), None)
+    relative = "/".join(parts[start:]) if start is not None else Path(path).name
+    return f"bids:{dataset}:{relative}"
+
+
 def sidecar_path(path: Path) -> Path:
     """The JSON sidecar beside a derivative file."""
     name = path.name

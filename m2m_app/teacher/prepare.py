@@ -20,8 +20,8 @@ from skimage.filters import threshold_multiotsu
 
 from m2m_app import __version__
 from m2m_app.errors import BadDataError
-from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, derivative_path, derivative_paths,
-                               sidecar_path)
+from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, derivative_path,
+                               derivative_paths, sidecar_path)
 from m2m_app.io.nifti import load_dwi, load_t1w, save_json, save_nifti, save_tsv
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.maths.streamlines import directional_density, track_density
@@ -87,7 +87,7 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     prep_dir = Path(prep_dir)
     t1w_img, t1w = load_t1w(t1w_path)
     dwi_img, data, bvals, bvecs = load_dwi_runs(dwi_paths)
-    sources = [f"bids:raw:{p}" for p in [t1w_path, *dwi_paths]]
+    sources = [bids_uri(p) for p in [t1w_path, *dwi_paths]]
     LOGGER.info("%s: tensor fit on %s (%d volumes)", subject.label, dwi_img.shape[:3], data.shape[-1])
     dwi_mask = dwi_math.dwi_brain_mask(data, bvals)
     fit = dwi_math.fit_tensor(data, bvals, bvecs, dwi_mask)
