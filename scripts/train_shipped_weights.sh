@@ -1,25 +1,46 @@
 #!/usr/bin/env bash
 # The exact commands that produced the weights shipped in m2m_app/data/models/ and the
-# held-out numbers of its model card. Runs on CPU in about an hour (2 cores; one torch
-# thread per process is fastest on 2 cores); pass DEVICE=cuda to use a GPU.
-# Usage: scripts/train_shipped_weights.sh [DS_REAL] [WORK]
+# leave-one-subject-out numbers of its model card.
+#
+#   scripts/train_shipped_weights.sh [DS_REAL] [WORK] [FOLD]
+#
+# FOLD is "a" (train on sub-02, test on sub-01: the shipped weights), "b" (train on sub-01,
+# test on sub-02) or "all" (both, one after the other; default). The two folds can run at
+# the same time in two shells. Each fold takes about 45 min (a) or 15 min (b) on one CPU
+# core (one torch thread per process is fastest on 2 cores); DEVICE=cuda uses a GPU.
+# Re-running resumes: prepare skips finished units and training restarts from its checkpoint.
 set -euo pipefail
 DS_REAL=${1:-../shared/data/ds-real}
 WORK=${2:-runs}
+FOLD=${3:-all}
 DEVICE=${DEVICE:-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed 0)
+PHASE1_EPOCHS=15
+PHASE2_EPOCHS=6
 
-m2m-train prepare "$DS_REAL" "$WORK/prep-ds-real" --nprocs 2
-# Held-out design: train on sub-02 (4 sessions, 2D FLASH, 1x1x4.8 mm), test on sub-01 (3D MPRAGE, 1 mm).
-m2m-train phase1 "$WORK/prep-ds-real" "$WORK/models" --subject sub-02 --epochs 10 "${COMMON[@]}"
-m2m-train evaluate "$WORK/prep-ds-real" "$WORK/models" --phase 1 --test-subject sub-01 \
-  --out "$WORK/phase1_heldout_sub-01.tsv"
-m2m-train predict "$WORK/prep-ds-real" "$WORK/pred-phase1" --weights-dir "$WORK/models"
-m2m-train phase2 "$WORK/prep-ds-real" "$WORK/models" --subject sub-02 --epochs 4 \
-  --predicted-inputs "$WORK/pred-phase1" "${COMMON[@]}"
-m2m-train evaluate "$WORK/prep-ds-real" "$WORK/models" --phase 2 --test-subject sub-01 \
-  --predicted-inputs "$WORK/pred-phase1" --out "$WORK/phase2_heldout_sub-01_predicted_inputs.tsv"
-m2m-train evaluate "$WORK/prep-ds-real" "$WORK/models" --phase 2 --test-subject sub-01 \
-  --out "$WORK/phase2_heldout_sub-01_teacher_inputs.tsv"
-cp "$WORK"/models/phase{1,2}.{safetensors,json} m2m_app/data/models/
+m2m-train prepare "$DS_REAL" "$WORK/prep" --nprocs 2
+
+# fold TRAIN TEST: both translators trained on TRAIN, scored on the held-out TEST.
+fold() {
+  local train=$1 test=$2 out="$WORK/fold-test-$2"
+  m2m-train phase1 "$WORK/prep" "$out" --subject "$train" --epochs "$PHASE1_EPOCHS" "${COMMON[@]}"
+  m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" \
+    --out "$out/phase1_heldout.tsv"
+  # phase 2 learns from the teacher's maps and from phase 1's predictions of its training subjects
+  m2m-train predict "$WORK/prep" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
+  m2m-train phase2 "$WORK/prep" "$out" --subject "$train" --epochs "$PHASE2_EPOCHS" \
+    --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"
+  m2m-train evaluate "$WORK/prep" "$out" --phase 2 --test-subject "$test" --device "$DEVICE" \
+    --predicted-inputs "$out/pred-phase1" --out "$out/phase2_heldout_predicted_inputs.tsv"
+  m2m-train evaluate "$WORK/prep" "$out" --phase 2 --test-subject "$test" --device "$DEVICE" \
+    --out "$out/phase2_heldout_teacher_inputs.tsv"
+}
+
+if [[ $FOLD == a || $FOLD == all ]]; then
+  fold sub-02 sub-01
+  cp "$WORK"/fold-test-sub-01/phase{1,2}.{safetensors,json} m2m_app/data/models/
+fi
+if [[ $FOLD == b || $FOLD == all ]]; then
+  fold sub-01 sub-02
+fi

@@ -7,16 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+
+from m2m_app.maths.tensor import tensor_derivatives
 
 DS_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ds-real"
 
 requires_ds_real = pytest.mark.skipif(not DS_REAL.exists(), reason=f"{DS_REAL} is not present")
 
 
-def run_cli(module: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    """Run ``python -m m2m_app.cli.<module> ARGS`` and return the finished process (text output)."""
-    return subprocess.run([sys.executable, "-m", f"m2m_app.cli.{module}", *map(str, args)],
+def run_cli(module: str, *args: str, timeout: float = 1200, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``[PREFIX] python -m m2m_app.cli.<module> ARGS`` and return the finished process (text output)."""
+    return subprocess.run([*prefix, sys.executable, "-m", f"m2m_app.cli.{module}", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -62,3 +66,50 @@ def copy_of(tmp_path):
         shutil.copyfile(source, target)
         return target
     return _copy
+
+
+# A left-right fibre in white matter, isotropic grey matter (mm²/s).
+WM_EVALS, GM_EVAL = (1.7e-3, 0.3e-3, 0.3e-3), 0.8e-3
+
+
+def synthetic_affine(kind: str, zooms: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> np.ndarray:
+    """RAS, LAS, PSR or oblique (15° about z, 10° about x) voxel-to-world affine."""
+    linear = np.diag(zooms)
+    if kind == "las":
+        linear[0, 0] *= -1
+    elif kind == "psr":  # voxel axes i, j, k run posterior, superior, right (sub-02's sagittal T1w)
+        linear = np.array([[0, 0, 1], [-1, 0, 0], [0, 1, 0]]) @ linear
+    elif kind == "oblique":
+        a, b = np.radians(15), np.radians(10)
+        rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+        linear = rz @ rx @ linear
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    return affine
+
+
+def synthetic_head(kind: str = "ras", shape: tuple[int, int, int] = (48, 56, 48),
+                   zooms: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> dict[str, np.ndarray]:
+    """A synthetic head on a grid centred on the world origin: T1w, masks, tensors and track maps."""
+    affine = synthetic_affine(kind, zooms)
+    affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2) + np.array([3.0, -5.0, 10.0])
+    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
+    xyz = nib.affines.apply_affine(affine, ijk) - np.array([3.0, -5.0, 10.0])
+
+    def inside(radii):
+        return ((xyz / np.array(radii)) ** 2).sum(-1) < 1
+
+    head, brain, wm = inside((70, 85, 75)), inside((30, 40, 30)), inside((20, 28, 12))
+    t1w = np.where(head, 300.0, 5.0) + brain * 300.0 + wm * 250.0
+    t1w += 5.0 * np.random.default_rng(0).standard_normal(shape)
+    tensor = np.zeros(shape + (6,), np.float32)
+    tensor[brain] = [GM_EVAL, 0, 0, GM_EVAL, 0, GM_EVAL]
+    tensor[wm] = [WM_EVALS[0], 0, 0, WM_EVALS[1], 0, WM_EVALS[2]]
+    maps = tensor_derivatives(tensor)
+    for name in ("fa", "md", "ad", "rd", "v1", "colfa"):
+        maps[name] = np.where(brain[..., None] if maps[name].ndim == 4 else brain, maps[name], 0)
+    tdi = np.where(wm, 40.0, 0.0) + brain * 2.0
+    dectdi = np.where(wm[..., None], [1.0, 0.1, 0.1], [0.4, 0.4, 0.4]) * brain[..., None]
+    return {"affine": affine, "t1w": t1w.astype(np.float32), "mask": brain.astype(np.uint8),
+            "wm": wm.astype(np.uint8), "diffusivity": tensor, "tdi": tdi, "dectdi": dectdi, **maps}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 
 import nibabel as nib
 import numpy as np
@@ -95,6 +97,46 @@ def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
     assert table[0].startswith("subject") and any(line.startswith("sub-02_ses-hfs") for line in table[1:])
 
 
+def _browser():
+    """A headless Chromium driven by Selenium, with the browser console captured (skip without one)."""
+    binary, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("Chromium and chromedriver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@requires_ds_real
+def test_reports_load_in_a_real_browser(app_run):
+    """Every report page loads with no console error and every image (mosaics, views, turntable) decodes."""
+    bids, out, _, _ = app_run
+    run_cli("run", bids, out, "group")
+    browser = _browser()
+    try:
+        for page in ("sub-02_ses-hfs.html", "sub-03.html", "group.html"):
+            browser.get((out / page).as_uri())
+            images = browser.execute_script(
+                "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);")
+            assert all(ok for _, ok in images), (page, [src for src, ok in images if not ok])
+            errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+            assert not errors, (page, errors)
+            if page == "sub-02_ses-hfs.html":
+                sources = {src.rsplit("/", 1)[-1] for src, _ in images}
+                assert len(images) >= 10 and any(s.endswith(".gif") for s in sources), sources
+                text = browser.find_element("tag name", "body").text
+                assert "streamlines" in text and "phase1" in text and "Methods" in text
+    finally:
+        browser.quit()
+
+
 def _tiny_t1w(path, data):
     nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), path)
     return path
@@ -105,6 +147,7 @@ def _tiny_t1w(path, data):
     ("four_d", 65, "3D"),
     ("two_d", 65, "2D"),
     ("nan", 65, "NaN"),
+    ("inf", 65, "infinite"),
     ("zeros", 65, "all zeros"),
     ("truncated", 65, "truncated"),
     ("unknown_label", 66, "not found"),
@@ -119,6 +162,7 @@ def test_bad_inputs_give_clear_messages_and_codes(tmp_path, case, code, words):
     files = {"four_d": _tiny_t1w(tmp_path / "a.nii", rng.uniform(0, 100, size=(20, 20, 20, 3))),
              "two_d": _tiny_t1w(tmp_path / "b.nii", rng.uniform(0, 100, size=(20, 20, 1))),
              "nan": _tiny_t1w(tmp_path / "c.nii", np.where(volume > 99, np.nan, volume)),
+             "inf": _tiny_t1w(tmp_path / "e.nii", np.where(volume > 99, -np.inf, volume)),
              "zeros": _tiny_t1w(tmp_path / "d.nii", np.zeros((20, 20, 20)))}
     good = _tiny_t1w(tmp_path / "good.nii", volume)
     if case == "truncated":
@@ -142,12 +186,16 @@ def test_bad_inputs_give_clear_messages_and_codes(tmp_path, case, code, words):
     elif case == "output_under_a_file":
         (tmp_path / "a_file").write_text("")
         args[1] = tmp_path / "a_file" / "out"
-    elif case == "read_only_output":
-        if os.geteuid() == 0:
-            pytest.skip("root ignores folder permissions")
+    prefix = ()
+    if case == "read_only_output":
         out.mkdir()
-        out.chmod(0o500)
-    result = run_cli("run", *args)
+        if os.geteuid() == 0:  # root ignores permission bits: mount a read-only file system there instead
+            prefix = ("unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro,size=1m none "$0" && exec "$@"', str(out))
+            if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+                pytest.skip("cannot mount a read-only file system here")
+        else:
+            out.chmod(0o500)
+    result = run_cli("run", *args, prefix=prefix)
     assert result.returncode == code, result.stderr[-2000:]
     assert words in result.stderr and "Traceback" not in result.stderr
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from conftest import synthetic_head as _head
 from m2m_app.errors import BadDataError
 from m2m_app.inference import conform
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2, predict_volume
@@ -23,55 +25,11 @@ from m2m_app.training.loop import export_generator, train_phase
 
 TINY = {"base": 4, "depth": 2}
 
-# A left-right fibre in white matter, isotropic grey matter (mm²/s).
-WM_EVALS, GM_EVAL = (1.7e-3, 0.3e-3, 0.3e-3), 0.8e-3
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
     torch.manual_seed(0)
-
-
-def _affine(kind: str, zooms: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> np.ndarray:
-    """RAS, LAS or oblique (15° about z, 10° about x) voxel-to-world affine."""
-    linear = np.diag(zooms)
-    if kind == "las":
-        linear[0, 0] *= -1
-    elif kind == "oblique":
-        a, b = np.radians(15), np.radians(10)
-        rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-        rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-        linear = rz @ rx @ linear
-    affine = np.eye(4)
-    affine[:3, :3] = linear
-    return affine
-
-
-def _head(kind: str = "ras", shape: tuple[int, int, int] = (48, 56, 48),
-          zooms: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> dict[str, np.ndarray]:
-    """A synthetic head on a grid centred on the world origin: T1w, masks, tensors and track maps."""
-    affine = _affine(kind, zooms)
-    affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2) + np.array([3.0, -5.0, 10.0])
-    ijk = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
-    xyz = nib.affines.apply_affine(affine, ijk) - np.array([3.0, -5.0, 10.0])
-
-    def inside(radii):
-        return ((xyz / np.array(radii)) ** 2).sum(-1) < 1
-
-    head, brain, wm = inside((70, 85, 75)), inside((30, 40, 30)), inside((20, 28, 12))
-    t1w = np.where(head, 300.0, 5.0) + brain * 300.0 + wm * 250.0
-    t1w += 5.0 * np.random.default_rng(0).standard_normal(shape)
-    tensor = np.zeros(shape + (6,), np.float32)
-    tensor[brain] = [GM_EVAL, 0, 0, GM_EVAL, 0, GM_EVAL]
-    tensor[wm] = [WM_EVALS[0], 0, 0, WM_EVALS[1], 0, WM_EVALS[2]]
-    maps = tensor_derivatives(tensor)
-    for name in ("fa", "md", "ad", "rd", "v1", "colfa"):
-        maps[name] = np.where(brain[..., None] if maps[name].ndim == 4 else brain, maps[name], 0)
-    tdi = np.where(wm, 40.0, 0.0) + brain * 2.0
-    dectdi = np.where(wm[..., None], [1.0, 0.1, 0.1], [0.4, 0.4, 0.4]) * brain[..., None]
-    return {"affine": affine, "t1w": t1w.astype(np.float32), "mask": brain.astype(np.uint8),
-            "wm": wm.astype(np.uint8), "diffusivity": tensor, "tdi": tdi, "dectdi": dectdi, **maps}
 
 
 def make_prep_dir(root: Path, kinds: tuple[str, ...] = ("ras", "oblique")) -> Path:
@@ -210,12 +168,38 @@ def test_flip_augmentation_negates_off_diagonals(tmp_path, monkeypatch):
     plain = slices.SliceDataset(PHASE1, [cache], augment=False)
     monkeypatch.setattr(slices, "P_FLIP", 1.0)
     monkeypatch.setattr(slices, "P_THICK", 0.0)
+    monkeypatch.setattr(slices, "P_AFFINE", 0.0)
     flipped = slices.SliceDataset(PHASE1, [cache], augment=True)
     item = next(i for i, (_, axis, _) in enumerate(plain.index) if axis == 2)  # axial: x is the first in-plane axis
     a, b = plain[item]["target"], flipped[item]["target"]
     height = conform.MODEL_SHAPE[0]
     signs = torch.tensor(PHASE1.x_flip_signs).view(-1, 1, 1)
     assert torch.allclose(b[:, :height], a[:, :height].flip(1) * signs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_geometric_augmentation_rotates_tensors_with_the_image(seed):
+    """A bar along x with x-oriented sticks, randomly rotated/scaled in the axial plane:
+    the bar's direction in the warped image and V1 of the warped tensors must agree."""
+    size, centre = 64, 31.5
+    hh, ww = np.mgrid[:size, :size]
+    bar = (np.abs(ww - centre) < 2.5) & (np.abs(hh - centre) < 24)
+    slab = np.broadcast_to(bar.astype(np.float32), (1, 5, size, size)).copy()
+    logs = tensor_to_log(np.array([[1.7e-3, 0, 0, 0.3e-3, 0, 0.3e-3]], np.float32))[0]
+    target = np.concatenate([np.broadcast_to(logs[:, None, None], (6, size, size)), np.ones((1, size, size))])
+    spec = dataclasses.replace(PHASE1, max_rotation_deg=60.0)
+    rng = np.random.default_rng(seed)
+    warped, rotated, weight = slices.augment_geometry(slab, target.astype(np.float32), np.ones((1, size, size)),
+                                                      2, spec, rng)
+    image = warped[0, 2]
+    points = np.argwhere(image > 0.5) - np.argwhere(image > 0.5).mean(0)
+    bar_axis = np.linalg.eigh(points.T @ points)[1][:, -1]          # (h, w) = (x, y) of the axial plane
+    tensor = PHASE1.decode(rotated[:, 32:33, 32:33, None])["tensor"][0, 0, 0]
+    v1 = tensor_derivatives(tensor)["v1"]
+    assert abs(v1[2]) < 1e-6 and weight[0, 32, 32] == 1
+    assert np.degrees(np.arccos(min(1.0, abs(v1[:2] @ bar_axis)))) < 4.0
+    assert tensor_derivatives(tensor)["fa"] == pytest.approx(tensor_derivatives(
+        np.array([1.7e-3, 0, 0, 0.3e-3, 0, 0.3e-3]))["fa"], rel=1e-3)
 
 
 def test_training_resumes_and_exports(tmp_path, caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,19 +29,33 @@ def setup_logging(verbose: int, quiet: int) -> None:
     logging.getLogger("py.warnings").setLevel(logging.ERROR if level > logging.DEBUG else logging.DEBUG)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, ``docker stop``), raised in the main process to stop cleanly."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def exits_cleanly(func):
-    """Turn :class:`M2MError` into a one-line message and its exit code (no traceback)."""
+    """Turn :class:`M2MError` into a one-line message and its exit code (no traceback).
+
+    SIGINT and SIGTERM stop the run the same way: temporary files are removed, finished
+    stages stay in the work folder, and the exit code is 130 (SIGINT) or 143 (SIGTERM).
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return func(*args, **kwargs)
         except M2MError as err:
             click.echo(f"m2m: error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("m2m: interrupted; re-run the same command to resume", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:
+            what = "terminated" if isinstance(err, Terminated) else "interrupted"
+            click.echo(f"m2m: {what}; re-run the same command to resume", err=True)
+            sys.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT))
 
     return wrapper
 
@@ -91,8 +106,10 @@ def plugin_settings(nprocs: int | None, mem_mb: int | None, plugin_file: Path | 
             raise UsageError(f"{plugin_file}: a plugin file needs a 'plugin:' key")
         settings.setdefault("plugin_args", {})
     else:
-        settings = {"plugin": "MultiProc", "plugin_args": {"raise_insufficient": False,
-                                                           "maxtasksperchild": 1}}
+        # forkserver, as fMRIPrep does: a worker forked from a process whose torch/OpenMP
+        # thread pool is running can deadlock.
+        settings = {"plugin": "MultiProc", "plugin_args": {"raise_insufficient": False, "maxtasksperchild": 1,
+                                                           "mp_context": "forkserver"}}
     if settings["plugin"] == "MultiProc":
         settings["plugin_args"]["n_procs"] = nprocs or os.cpu_count() or 1
         if mem_mb:
@@ -102,12 +119,19 @@ def plugin_settings(nprocs: int | None, mem_mb: int | None, plugin_file: Path | 
     return settings
 
 
-def run_workflow(workflow, settings: dict, stop_on_first_crash: bool) -> bool:
-    """Run a Nipype workflow; return False when some node crashed (the others still ran)."""
+def run_workflow(workflow, settings: dict, stop_on_first_crash: bool, status_callback=None) -> bool:
+    """Run a Nipype workflow; return False when some node crashed (the others still ran).
+
+    ``status_callback(node, status)`` is handed to the plugin (e.g. a
+    :class:`~m2m_app.workflows.timing.StageTimer`).
+    """
     workflow.config["execution"].update({"stop_on_first_crash": stop_on_first_crash,
                                          "crashfile_format": "txt", "remove_unnecessary_outputs": False})
+    plugin_args = dict(settings["plugin_args"])
+    if status_callback is not None:
+        plugin_args["status_callback"] = status_callback
     try:
-        workflow.run(plugin=settings["plugin"], plugin_args=settings["plugin_args"])
+        workflow.run(plugin=settings["plugin"], plugin_args=plugin_args)
     except RuntimeError as err:
         LOGGER.debug("workflow reported: %s", err)
         return False

@@ -91,12 +91,13 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
                       skip_bids_validation, work_dir, nprocs, omp_nthreads, mem_mb, use_plugin, device,
                       weights_dir, stop_on_first_crash, random_seed, tractogram_format, skip_phase2,
                       skip_nerf) -> None:
-    from m2m_app.inference.predict import load_translator, resolve_device
+    from m2m_app.inference.predict import resolve_device, verify_weights
     from m2m_app.io.derivatives import dataset_description, qc_path
     from m2m_app.io.naming import Subject
     from m2m_app.io.nifti import load_t1w
     from m2m_app.reports.subject import write_report
     from m2m_app.workflows.base import RunOptions, init_m2m_wf, node_prefix
+    from m2m_app.workflows.timing import StageTimer
 
     start = time.monotonic()
     layout = bids_io.load_layout(bids_dir, validate=not skip_bids_validation)
@@ -104,7 +105,7 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
     work_dir = writable_dir(work_dir or output_dir.parent / "m2m_work", "work folder", forbidden_inside=bids_dir)
     resolve_device(device)
     for phase in ("phase1",) + (() if skip_phase2 else ("phase2",)):
-        load_translator(phase, weights_dir)  # checksum and metadata checked once, before any work
+        verify_weights(phase, weights_dir)  # checksum and metadata checked once, before any work
     filters = bids_io.read_filters(bids_filter_file)
     units, failures, codes = {}, {}, set()
     for subject in bids_io.collect_subjects(layout, list(participant_labels), list(session_labels)):
@@ -125,7 +126,8 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
         LOGGER.info("running %d participant/session(s): %s", len(units), ", ".join(s.label for s in units))
         workflow = init_m2m_wf(units, options, work_dir)
         _write_citation(output_dir, workflow)
-        ok = run_workflow(workflow, plugin_settings(nprocs, mem_mb, use_plugin), stop_on_first_crash)
+        ok = run_workflow(workflow, plugin_settings(nprocs, mem_mb, use_plugin), stop_on_first_crash,
+                          StageTimer(work_dir))
     for subject, t1w in units.items():
         if not qc_path(output_dir, subject).exists():
             reasons = crash_reasons(subject.folder(output_dir, "log"))

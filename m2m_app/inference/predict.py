@@ -47,11 +47,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[Translator, PhaseSpec]:
-    """Load the generator of ``phase_name`` from ``weights_dir`` (default: the packaged weights).
+def verify_weights(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[PhaseSpec, dict, Path]:
+    """Check the weights of ``phase_name`` in ``weights_dir`` (default: the packaged weights) without loading them.
 
-    Reads ``<phase>.json``, checks the SHA-256 of ``<phase>.safetensors`` against it and
-    that its channels match the phase. Returns the model in eval mode (CPU) and its spec.
+    Reads ``<phase>.json`` and checks that ``<phase>.safetensors`` exists, that its SHA-256
+    matches the recorded one and that its channels match the phase. Touches no torch
+    operation, so it is safe in a process that later forks workers.
+    Returns the phase spec, the metadata and the weights path.
     """
     spec = get_phase(phase_name)
     folder = Path(weights_dir) if weights_dir is not None else PACKAGED_WEIGHTS
@@ -61,17 +63,29 @@ def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = Non
             raise MissingInputError(f"{path}: translator weights not found")
     try:
         meta = json.loads(meta_path.read_text())
-        recorded, phase, architecture = meta["sha256"], meta["phase"], meta["architecture"]
+        recorded, phase = meta["sha256"], meta["phase"]
     except (ValueError, KeyError, TypeError) as err:
         raise BadDataError(f"{meta_path}: unreadable weights metadata: {err}") from None
+    if not isinstance(meta.get("architecture"), dict):
+        raise BadDataError(f"{meta_path}: unreadable weights metadata: no 'architecture'")
     if file_sha256(weights) != recorded:
         raise BadDataError(f"{weights}: SHA-256 checksum does not match the one recorded in "
                            f"{meta_path.name}; the weight file is corrupted or was replaced")
     if phase != spec.metadata():
         raise BadDataError(f"{meta_path}: weights were trained for {phase}, not for {spec.metadata()}")
-    model = Translator(**architecture)
+    return spec, meta, weights
+
+
+def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[Translator, PhaseSpec]:
+    """Load the generator of ``phase_name`` from ``weights_dir`` (default: the packaged weights).
+
+    The files are checked first (:func:`verify_weights`). Returns the model in eval mode
+    (CPU) and its spec.
+    """
+    spec, meta, weights = verify_weights(phase_name, weights_dir)
+    model = Translator(**meta["architecture"])
     model.load_state_dict(load_file(weights))
-    log.info("loaded %s (%s, sha256 %s…)", weights, architecture, recorded[:12])
+    log.info("loaded %s (%s, sha256 %s…)", weights, meta["architecture"], meta["sha256"][:12])
     return model.eval(), spec
 
 

@@ -19,12 +19,19 @@ class _SubjectInputSpec(BaseInterfaceInputSpec):
     session = Str("", usedefault=True)
     t1w = File(exists=True, mandatory=True)
     weights_dir = traits.Either(None, Str, default=None, usedefault=True)
+    timings = Str("", usedefault=True, desc="stage wall-time JSON kept by StageTimer ('' for none)")
 
 
 def _subject(inputs):
     from m2m_app.io.naming import Subject
 
     return Subject(inputs.participant, inputs.session or None)
+
+
+def _timings(inputs) -> dict[str, float]:
+    from m2m_app.workflows.timing import read_timings
+
+    return read_timings(inputs.timings)
 
 
 class _WrittenOutputSpec(TraitedSpec):
@@ -55,7 +62,7 @@ class WriteMaps(SimpleInterface):
 
         maps = {key: getattr(self.inputs, key) for key in MAP_KEYS if isdefined(getattr(self.inputs, key))}
         written = write_maps(Path(self.inputs.output_dir), _subject(self.inputs), self.inputs.t1w, maps,
-                             self.inputs.weights_dir)
+                             self.inputs.weights_dir, _timings(self.inputs))
         self._results["written"] = {k: str(v) for k, v in written.items()}
         return runtime
 
@@ -80,7 +87,7 @@ class WriteNerf(SimpleInterface):
         figures = {Path(v).stem: v for v in self.inputs.views} | {"turntable": self.inputs.turntable}
         written = write_nerf(Path(self.inputs.output_dir), _subject(self.inputs), self.inputs.t1w,
                              self.inputs.tractogram, self.inputs.tracking, self.inputs.field, figures,
-                             self.inputs.weights_dir)
+                             self.inputs.weights_dir, _timings(self.inputs))
         self._results["written"] = {k: str(v) for k, v in written.items()}
         return runtime
 
@@ -107,14 +114,15 @@ class WriteReport(SimpleInterface):
     def _run_interface(self, runtime):
         from m2m_app.io.derivatives import qc_path, subject_qc
         from m2m_app.io.nifti import save_json
-        from m2m_app.reports.subject import write_report
+        from m2m_app.reports.subject import report_summary, write_report
 
         inputs, subject = self.inputs, _subject(self.inputs)
         written = {k: Path(v) for k, v in {**inputs.maps, **(inputs.nerf if isdefined(inputs.nerf) else {})}.items()}
-        summary = {"input T1w": inputs.t1w, **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {})}
-        self._results["report"] = str(write_report(Path(inputs.output_dir), subject, inputs.t1w, written,
-                                                   summary, inputs.boilerplate, []))
         field_report = inputs.field_report if isdefined(inputs.field_report) else {}
+        summary = {"input T1w": inputs.t1w, **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {}),
+                   **report_summary(written, field_report, inputs.weights_dir)}
+        self._results["report"] = str(write_report(Path(inputs.output_dir), subject, inputs.t1w, written,
+                                                   summary, inputs.boilerplate, [], _timings(inputs)))
         self._results["qc"] = str(save_json(subject_qc(subject, written, field_report),
                                             qc_path(Path(inputs.output_dir), subject)))
         return runtime

@@ -57,21 +57,22 @@ def _copy(source: str | Path, target: Path) -> Path:
     return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def _common_sidecar(t1w: str, weights_dir: str | None) -> dict:
+def _common_sidecar(t1w: str, weights_dir: str | None, timings: dict[str, float]) -> dict:
+    """Keys of every sidecar: sources, software, weights and the wall time of the stages run so far."""
     return {"Sources": [bids_uri(t1w)], "GeneratedBy": [{"Name": "m2m", "Version": __version__}],
-            "Weights": weights_provenance(weights_dir)}
+            "Weights": weights_provenance(weights_dir), "StageWallTimeSeconds": timings}
 
 
 def write_maps(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str],
-               weights_dir: str | None) -> dict[str, Path]:
+               weights_dir: str | None, timings: dict[str, float] | None = None) -> dict[str, Path]:
     """Copy the phase-1/2 maps under their BIDS-Derivatives names, each with a JSON sidecar.
 
     ``maps`` holds work-dir NIfTI files keyed like :func:`derivative_paths` (``fa``, ``md``,
     ``ad``, ``rd``, ``diffusivity``, ``v1``, ``colfa``, ``mask`` and, with phase 2, ``tdi``,
-    ``dectdi``). Returns the written paths by key.
+    ``dectdi``). ``timings`` ({stage: seconds}) goes into every sidecar. Returns the written paths by key.
     """
     paths = derivative_paths(Path(output_dir), subject, "nerf")
-    common = _common_sidecar(t1w, weights_dir)
+    common = _common_sidecar(t1w, weights_dir, timings or {})
     written = {}
     for key, source in maps.items():
         if key in TENSOR_PARAMS:
@@ -88,13 +89,14 @@ def write_maps(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str
 
 
 def write_nerf(output_dir: Path, subject: Subject, t1w: str, tractogram: str, tracking: dict, field: str,
-               figures: dict[str, str], weights_dir: str | None) -> dict[str, Path]:
+               figures: dict[str, str], weights_dir: str | None,
+               timings: dict[str, float] | None = None) -> dict[str, Path]:
     """Copy phase 3's tractogram (BEP046 sidecar), fitted field and rendered figures into place."""
     output_dir = Path(output_dir)
     target = derivative_paths(output_dir, subject, "nerf", Path(tractogram).suffix.lstrip("."))["tractogram"]
     written = {"tractogram": _copy(tractogram, target)}
     save_json({**tracking, "Description": f"{tracking.get('Description', '')} Streamlines {PREDICTED}.",
-               **_common_sidecar(t1w, weights_dir)}, sidecar_path(target))
+               **_common_sidecar(t1w, weights_dir, timings or {})}, sidecar_path(target))
     written["field"] = _copy(field, derivative_path(output_dir, subject, "dwi", "model", ".safetensors",
                                                     space="T1w", tract="wholebrain", desc="nerf"))
     for name, source in figures.items():

@@ -68,7 +68,12 @@ class PhaseSpec:
     sigmoid_outputs : outputs that are logits (sigmoid gives the map in target space).
     masked_outputs : outputs supervised only inside ``Sample.weight``.
     intensity_augment : whether the input is an MR intensity image (gamma, bias field, noise,
-        thick slices) rather than quantitative maps.
+        thick slices, low resolution) rather than quantitative maps.
+    tensor_outputs : indices of the six log-tensor output channels (``D11 D12 D13 D22 D23 D33``
+        order), which an in-plane rotation of a training slice must rotate too.
+    max_rotation_deg : largest in-plane rotation of the geometric augmentation. Zero where
+        inputs or outputs hold sign-free directions (colour FA, DEC-TDI), which no rotation
+        maps exactly.
     build_sample : ``(row, prep_dir, inputs_dir) -> Sample`` for one manifest row.
     decode : raw network output on the model grid ``(K, X, Y, Z)`` → named maps.
     loss : ``(raw, target, weight) -> {term: scalar}`` on slices; ``"total"`` is optimised.
@@ -82,6 +87,8 @@ class PhaseSpec:
     sigmoid_outputs: tuple[bool, ...]
     masked_outputs: tuple[bool, ...]
     intensity_augment: bool
+    tensor_outputs: tuple[int, ...]
+    max_rotation_deg: float
     build_sample: Callable[[dict[str, str], Path, Path | None], Sample]
     decode: Callable[[np.ndarray], dict[str, np.ndarray]]
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
@@ -228,7 +235,8 @@ PHASE1 = PhaseSpec(
     outputs=("logD11", "logD12", "logD13", "logD22", "logD23", "logD33", "brainmask"), context=2,
     x_flip_signs=(1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0),
     sigmoid_outputs=(False,) * 6 + (True,), masked_outputs=(True,) * 6 + (False,),
-    intensity_augment=True, build_sample=_build_phase1, decode=_decode_phase1, loss=_loss_phase1)
+    intensity_augment=True, tensor_outputs=(0, 1, 2, 3, 4, 5), max_rotation_deg=12.0,
+    build_sample=_build_phase1, decode=_decode_phase1, loss=_loss_phase1)
 
 
 # ----------------------------------------------------------------------------- phase 2
@@ -281,7 +289,8 @@ PHASE2 = PhaseSpec(
     name="phase2", inputs=("fa", "md", "colfa_r", "colfa_g", "colfa_b"),
     outputs=("log1p_tdi", "dec_x", "dec_y", "dec_z"), context=2, x_flip_signs=(1.0,) * 4,
     sigmoid_outputs=(False, True, True, True), masked_outputs=(True,) * 4,
-    intensity_augment=False, build_sample=_build_phase2, decode=_decode_phase2, loss=_loss_phase2)
+    intensity_augment=False, tensor_outputs=(), max_rotation_deg=0.0,
+    build_sample=_build_phase2, decode=_decode_phase2, loss=_loss_phase2)
 
 #: All phases by name.
 PHASES: dict[str, PhaseSpec] = {spec.name: spec for spec in (PHASE1, PHASE2)}

@@ -17,6 +17,14 @@ def _canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return nib.orientations.apply_orientation(volume, ornt)
 
 
+def _canonical_zooms(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes (mm) along the R, A, S axes of :func:`_canonical`'s output."""
+    ornt = nib.orientations.io_orientation(affine)
+    zooms = np.zeros(3)
+    zooms[ornt[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
+    return zooms
+
+
 def mosaic_png(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray | None = None,
                contour: np.ndarray | None = None, cmap: str = "gray", vmax: float | None = None,
                n_slices: int = 7, title: str = "") -> bytes:
@@ -24,7 +32,10 @@ def mosaic_png(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray |
 
     ``volume`` is ``(X, Y, Z)`` (or ``(X, Y, Z, 3)`` RGB in [0, 1]); ``underlay`` a grey
     ``(X, Y, Z)`` image shown beneath a semi-transparent ``volume``; ``contour`` a mask outlined in red.
+    Slices are drawn at their true aspect ratio (thick or anisotropic voxels included).
     """
+    zooms = _canonical_zooms(affine)
+    aspect = zooms[1] / zooms[0]  # rows run along A, columns along R after rot90
     volume = _canonical(np.asarray(volume, dtype=float), affine)
     underlay = None if underlay is None else _canonical(np.asarray(underlay, dtype=float), affine)
     contour = None if contour is None else _canonical(np.asarray(contour, dtype=float), affine)
@@ -37,12 +48,13 @@ def mosaic_png(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray |
     for ax, k in zip(axes, picks):
         ax.axis("off")
         if underlay is not None:
-            ax.imshow(np.rot90(underlay[:, :, k]), cmap="gray", vmax=np.percentile(underlay, 99.5))
+            ax.imshow(np.rot90(underlay[:, :, k]), cmap="gray", vmax=np.percentile(underlay, 99.5), aspect=aspect)
         image = np.rot90(volume[:, :, k])
         if image.ndim == 3:
-            ax.imshow(np.clip(image / max(scale, 1e-9), 0, 1))
+            ax.imshow(np.clip(image / max(scale, 1e-9), 0, 1), aspect=aspect)
         else:
-            ax.imshow(image, cmap=cmap, vmin=0, vmax=scale, alpha=0.7 if underlay is not None else 1.0)
+            ax.imshow(image, cmap=cmap, vmin=0, vmax=scale, alpha=0.7 if underlay is not None else 1.0,
+                      aspect=aspect)
         if contour is not None:
             ax.contour(np.rot90(contour[:, :, k]), levels=[0.5], colors="red", linewidths=0.6)
     if title:

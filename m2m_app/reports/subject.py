@@ -13,6 +13,10 @@ from m2m_app.io.naming import Subject, derivative_path
 from m2m_app.io.nifti import atomic_write
 from m2m_app.reports.figures import mosaic_png
 
+#: Workflow stages in the order they run (the report's run-time table follows it).
+STAGE_ORDER = ("check_t1w", "phase1", "tensor_maps", "phase2", "nerf_fit", "nerf_render", "nerf_track",
+               "write_maps", "write_nerf", "write_report")
+
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}
 img{max-width:100%;display:block;margin:.5em 0}h2{border-bottom:1px solid #ccc}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}
@@ -45,17 +49,32 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
     return out
 
 
+def _table(rows: dict, header: tuple[str, str] | None = None) -> str:
+    """A two-column HTML table of ``rows`` (dict and list values as JSON)."""
+    head = f"<tr><th>{html.escape(header[0])}</th><th>{html.escape(header[1])}</th></tr>" if header else ""
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>"
+                   f"{html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}</td></tr>"
+                   for k, v in rows.items())
+    return f"<table>{head}{body}</table>"
+
+
 def write_report(output_dir: Path, subject: Subject, t1w: str, written: dict[str, Path] | None,
-                 summary: dict, boilerplate: str, errors: list[str]) -> Path:
-    """Write ``sub-<label>[_ses-<label>].html``; with ``written=None`` (a failed run) it shows the errors only."""
+                 summary: dict, boilerplate: str, errors: list[str],
+                 timings: dict[str, float] | None = None) -> Path:
+    """Write ``sub-<label>[_ses-<label>].html``; with ``written=None`` (a failed run) it shows the errors only.
+
+    ``summary`` rows go into the summary table after the m2m version; ``timings``
+    ({stage: seconds}) become a table of wall times with their total.
+    """
     output_dir = Path(output_dir)
     parts = [f"<h1>m2m report: {html.escape(subject.label)}</h1>",
              "<p>All diffusion maps and streamlines on this page are <b>predicted from the T1w</b>; "
-             "no diffusion data was used.</p>", "<h2>Summary</h2><table>"]
-    rows = {"m2m version": __version__, **summary}
-    parts += [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}</td></tr>"
-              for k, v in rows.items()]
-    parts.append("</table>")
+             "no diffusion data was used.</p>", "<h2>Summary</h2>", _table({"m2m version": __version__, **summary})]
+    if timings:
+        ordered = sorted(timings, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
+        rows = {stage: f"{timings[stage]:.1f}" for stage in ordered}
+        parts += ["<h2>Run time</h2>", _table({**rows, "total": f"{sum(timings.values()):.1f}"},
+                                              ("stage", "wall time (s)"))]
     if errors:
         parts.append("<h2>Errors</h2>" + "".join(f'<div class="error">{html.escape(e)}</div>' for e in errors))
     if written:
@@ -76,3 +95,20 @@ def write_report(output_dir: Path, subject: Subject, t1w: str, written: dict[str
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     path = output_dir / f"{subject.label}.html"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(page))
+
+
+def report_summary(written: dict[str, Path], field_report: dict, weights_dir: str | None) -> dict:
+    """Summary rows about the outputs: weights used, streamline count and the NeRF fit."""
+    from m2m_app.io.derivatives import weights_provenance
+    from m2m_app.io.naming import sidecar_path
+
+    rows = {f"{phase} weights": f"sha256 {meta['sha256'][:16]}…, trained on {', '.join(meta['trained_on'] or [])}"
+            for phase, meta in weights_provenance(weights_dir).items()}
+    if "tractogram" in written:
+        tracking = json.loads(sidecar_path(written["tractogram"]).read_text())
+        rows["streamlines"] = f"{tracking.get('Count')} ({written['tractogram'].name})"
+    if field_report:
+        rows["NeRF fit"] = (f"{field_report.get('steps')} steps, {field_report.get('seconds', 0):.1f} s; PSNR "
+                            f"{field_report.get('psnr_density_db', float('nan')):.1f} dB density, "
+                            f"{field_report.get('psnr_direction_db', float('nan')):.1f} dB direction")
+    return rows

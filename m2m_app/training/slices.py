@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from m2m_app.inference.conform import MODEL_SHAPE
 from m2m_app.io.nifti import atomic_write
+from m2m_app.maths.tensor import components_to_matrix, matrix_to_components, rotate_tensors
 from m2m_app.models.phases import PhaseSpec, neighbours, slab_along
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,13 @@ SLICE_SIZE = max(MODEL_SHAPE)
 #: A slice is used for training if its weight map has at least this many voxels.
 MIN_SLICE_VOXELS = 16
 #: Probabilities of each augmentation.
-P_FLIP, P_GAMMA, P_BIAS, P_NOISE, P_THICK = 0.5, 0.8, 0.5, 0.5, 0.3
+P_FLIP, P_GAMMA, P_BIAS, P_NOISE, P_THICK, P_LOWRES, P_AFFINE = 0.5, 0.8, 0.5, 0.5, 0.3, 0.2, 0.6
+#: In-plane scale range and largest shift (pixels) of the geometric augmentation.
+SCALE_RANGE, MAX_SHIFT = (0.9, 1.1), 4.0
+#: Range of the Gaussian sigma (pixels) of the low-resolution augmentation.
+LOWRES_SIGMA = (0.5, 1.5)
+#: The two in-plane spatial axes (of X, Y, Z) of a slice taken along each axis.
+IN_PLANE_AXES = {0: (1, 2), 1: (0, 2), 2: (0, 1)}
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,12 @@ def _bias_field(shape: tuple[int, int], rng: np.random.Generator, strength: floa
 
 
 def augment_intensity(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Thick-slice degradation, bias field, gamma and Gaussian noise on a [0, 1] MR slab ``(C, D, H, W)``."""
+    """Thick-slice and low-resolution degradation, bias field, gamma and Gaussian noise on a
+    [0, 1] MR slab ``(C, D, H, W)``."""
     if rng.random() < P_THICK:
         slab = _thick_slices(slab, rng)
+    if rng.random() < P_LOWRES:
+        slab = ndimage.gaussian_filter(slab, (0, 0) + (rng.uniform(*LOWRES_SIGMA),) * 2, mode="nearest")
     if rng.random() < P_BIAS:
         slab = slab * _bias_field(slab.shape[-2:], rng)
     if rng.random() < P_GAMMA:
@@ -108,6 +118,46 @@ def augment_intensity(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < P_NOISE:
         slab = slab + rng.normal(0.0, rng.uniform(0.0, 0.03), slab.shape)
     return np.clip(slab, 0.0, 1.5)
+
+
+def _warp(planes: np.ndarray, matrix: np.ndarray, offset: np.ndarray, order: int) -> np.ndarray:
+    """Resample every ``(H, W)`` plane of ``planes (..., H, W)``: output pixel ``p`` reads input ``matrix p + offset``."""
+    flat = planes.reshape((-1,) + planes.shape[-2:])
+    warped = [ndimage.affine_transform(plane, matrix, offset, order=order, mode="constant", cval=0.0)
+              for plane in flat]
+    return np.stack(warped).reshape(planes.shape)
+
+
+def rotate_log_tensors(target: np.ndarray, channels: tuple[int, ...], rotation: np.ndarray) -> np.ndarray:
+    """Rotate the log-tensor channels ``channels`` of ``target (K, H, W)`` by ``rotation (3, 3)``: ``R L Rᵀ``.
+
+    The matrix logarithm commutes with rotations, so rotating ``log D`` is rotating ``D``.
+    """
+    out = target.copy()
+    logs = np.moveaxis(target[list(channels)], 0, -1)
+    out[list(channels)] = np.moveaxis(matrix_to_components(rotate_tensors(components_to_matrix(logs), rotation)), -1, 0)
+    return out
+
+
+def augment_geometry(slab: np.ndarray, target: np.ndarray, weight: np.ndarray, axis: int, spec: PhaseSpec,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random in-plane scale, shift and (up to ``spec.max_rotation_deg``) rotation of one training slice.
+
+    ``slab (C, D, H, W)`` and ``target (K, H, W)`` are resampled linearly, ``weight (1, H, W)``
+    by nearest neighbour. The content rotates by ``θ`` in the ``(H, W)`` plane, i.e. about
+    world axis ``axis`` of the RAS+ model grid, and the phase's log-tensor outputs rotate with it.
+    """
+    theta = np.radians(rng.uniform(-spec.max_rotation_deg, spec.max_rotation_deg))
+    content = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    matrix = np.linalg.inv(content) / rng.uniform(*SCALE_RANGE)  # output pixel -> input pixel
+    centre = (np.array(slab.shape[-2:]) - 1) / 2.0
+    offset = centre - matrix @ centre + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2)
+    slab, target, weight = _warp(slab, matrix, offset, 1), _warp(target, matrix, offset, 1), _warp(weight, matrix, offset, 0)
+    if spec.tensor_outputs and theta:
+        rotation = np.eye(3)
+        rotation[np.ix_(IN_PLANE_AXES[axis], IN_PLANE_AXES[axis])] = content
+        target = rotate_log_tensors(target, spec.tensor_outputs, rotation)
+    return slab, target, weight
 
 
 def _pad(array: np.ndarray) -> np.ndarray:
@@ -155,10 +205,12 @@ class SliceDataset(Dataset):
         if self.augment and self.spec.intensity_augment:
             slab = augment_intensity(slab, rng)
         centre = slab_along(volume[n_in:], axis, np.array([k]), flip)[:, 0]
-        target = centre[:n_out]
+        target, weight = centre[:n_out], centre[n_out:]
         if flip:
             target = target * np.array(self.spec.x_flip_signs, dtype=np.float32)[:, None, None]
-        arrays = {"input": slab.reshape((-1,) + slab.shape[2:]), "target": target, "weight": centre[n_out:]}
+        if self.augment and rng.random() < P_AFFINE:
+            slab, target, weight = augment_geometry(slab, target, weight, axis, self.spec, rng)
+        arrays = {"input": slab.reshape((-1,) + slab.shape[2:]), "target": target, "weight": weight}
         return {name: torch.from_numpy(np.ascontiguousarray(_pad(a), dtype=np.float32)) for name, a in arrays.items()}
 
 

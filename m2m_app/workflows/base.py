@@ -15,6 +15,7 @@ from m2m_app.interfaces.nerf import FitField, RenderField, TrackField
 from m2m_app.interfaces.outputs import WriteMaps, WriteNerf, WriteReport
 from m2m_app.interfaces.translators import CheckT1w, PredictTensor, PredictTracts, TensorMaps
 from m2m_app.io.naming import Subject
+from m2m_app.workflows.timing import timings_path
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,13 @@ def node_prefix(subject: Subject) -> str:
     return "".join(c if c.isalnum() else "_" for c in subject.label) + "_wf"
 
 
-def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions) -> LiterateWorkflow:
-    """The m2m pipeline of one participant/session; crash files go to ``sub-X/log/``."""
+def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions,
+                           timings_file: Path | None = None) -> LiterateWorkflow:
+    """The m2m pipeline of one participant/session; crash files go to ``sub-X/log/``.
+
+    ``timings_file`` is where :class:`~m2m_app.workflows.timing.StageTimer` keeps this
+    unit's stage times; the writing nodes copy them into the sidecars and the report.
+    """
     workflow = LiterateWorkflow(name=node_prefix(subject))
     descriptions = [PHASE1_DESC] + ([] if options.skip_phase2 else [PHASE2_DESC]) + (
         [] if options.skip_phase2 or options.skip_nerf else [NERF_DESC])
@@ -61,7 +67,8 @@ def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions) -> 
     phase1 = pe.Node(PredictTensor(**torch_args), name="phase1", n_procs=options.omp_nthreads, mem_gb=3)
     maps = pe.Node(TensorMaps(), name="tensor_maps", mem_gb=3)
     where = {"output_dir": str(options.output_dir), "participant": subject.participant,
-             "session": subject.session or "", "weights_dir": options.weights_dir}
+             "session": subject.session or "", "weights_dir": options.weights_dir,
+             "timings": str(timings_file or "")}
     write_maps = pe.Node(WriteMaps(**where), name="write_maps", mem_gb=2)
     report = pe.Node(WriteReport(boilerplate=workflow.__desc__, **where), name="write_report", mem_gb=2)
     workflow.connect([
@@ -110,7 +117,8 @@ def init_m2m_wf(units: dict[Subject, Path], options: RunOptions, work_dir: Path)
     """All participants' workflows side by side (independent: one crash does not stop the others)."""
     workflow = LiterateWorkflow(name="m2m_wf", base_dir=str(work_dir))
     for subject, t1w in units.items():
-        workflow.add_nodes([init_single_subject_wf(subject, t1w, options)])
+        workflow.add_nodes([init_single_subject_wf(subject, t1w, options,
+                                                   timings_path(work_dir, node_prefix(subject)))])
     return workflow
 
 

@@ -1,0 +1,67 @@
+"""Wall time of every workflow stage, logged and kept for the sidecars and the report.
+
+:class:`StageTimer` is a Nipype ``status_callback``: the plugin calls it in the main
+process when a node starts and when it ends, before the node's dependents are submitted.
+It logs each stage's time and keeps, per participant/session workflow, a JSON file
+``{stage: seconds}`` under the work folder, which the writing nodes read (they run later,
+in other processes). Times come from the nodes' results, so a stage restored from the work
+folder reports the time it took when it ran.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from m2m_app.io.nifti import save_json
+
+LOGGER = logging.getLogger("m2m")
+
+
+def timings_path(work_dir: str | Path, unit_workflow: str) -> Path:
+    """The stage-time JSON of one participant/session workflow (named as in :func:`node_prefix`)."""
+    return Path(work_dir) / "timings" / f"{unit_workflow}.json"
+
+
+def read_timings(path: str | Path | None) -> dict[str, float]:
+    """``{stage: seconds}`` recorded so far (empty when nothing was recorded)."""
+    if not path or not Path(path).exists():
+        return {}
+    return json.loads(Path(path).read_text())
+
+
+class StageTimer:
+    """Nipype status callback ``(node, status)`` recording each stage's wall time in seconds."""
+
+    def __init__(self, work_dir: str | Path) -> None:
+        self.work_dir = Path(work_dir)
+        self._started: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, node, status: str) -> None:
+        name = node.fullname
+        if status == "start":
+            self._started[name] = time.monotonic()
+            return
+        started = self._started.pop(name, None)
+        parts = name.split(".")
+        if len(parts) < 3:  # not a node of a participant/session workflow
+            return
+        unit, stage = parts[-2].removesuffix("_wf"), parts[-1]
+        seconds = _run_seconds(node)  # kept in the node's cached result, so a resumed run reports it too
+        if seconds is None:
+            seconds = time.monotonic() - started if started is not None else float("nan")
+        LOGGER.info("%s: %s %s in %.1f s", unit, stage, "finished" if status == "end" else "FAILED", seconds)
+        with self._lock:
+            path = timings_path(self.work_dir, parts[-2])
+            save_json({**read_timings(path), stage: round(seconds, 2)}, path)
+
+
+def _run_seconds(node) -> float | None:
+    """How long the node's interface ran, from its (possibly cached) result; None if unknown."""
+    try:
+        return float(node.result.runtime.duration)
+    except Exception:  # no result file (a crash), or an interface without a runtime
+        return None
