@@ -216,3 +216,18 @@ def test_readme_example_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "out" / "sub-MNI152.html").read_text()
     assert "predicted from the T1w" in report and "figures/" in report
+
+
+def test_resource_options_reach_the_nipype_plugin(tmp_path):
+    from m2m_app.cli.common import plugin_settings
+
+    settings = plugin_settings(3, 4096, None)
+    assert settings["plugin"] == "MultiProc" and settings["plugin_args"]["n_procs"] == 3
+    assert settings["plugin_args"]["memory_gb"] == 4.0 and settings["plugin_args"]["mp_context"] == "forkserver"
+    assert plugin_settings(1, None, None)["plugin"] == "Linear"
+    yaml_file = tmp_path / "slurm.yml"
+    yaml_file.write_text("plugin: SLURM\nplugin_args:\n  sbatch_args: --mem=8G\n")
+    assert plugin_settings(4, None, yaml_file) == {"plugin": "SLURM", "plugin_args": {"sbatch_args": "--mem=8G"}}
+    yaml_file.write_text("just: words\n")
+    with pytest.raises(Exception, match="needs a 'plugin:' key"):
+        plugin_settings(4, None, yaml_file)

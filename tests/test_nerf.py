@@ -204,6 +204,7 @@ def test_views_and_turntable_are_written(fitted, tmp_path):
 
 @pytest.mark.parametrize("extension", [".trx", ".tck", ".trk"])
 def test_tractogram_round_trip(extension, tmp_path):
+    """Written streamlines read back identical (RAS+ mm) with trx-python/nibabel and with dipy."""
     rng = np.random.default_rng(0)
     reference = nib.Nifti1Image(np.zeros((N,) * 3, np.float32), AFFINE)
     lows, highs = (np.array([[-0.5] * 3, [N - 0.5] * 3]) @ AFFINE[:3, :3].T + AFFINE[:3, 3])[[0, 1]]
@@ -216,9 +217,14 @@ def test_tractogram_round_trip(extension, tmp_path):
         trx.close()
     else:
         loaded = list(nib.streamlines.load(path).streamlines)     # nibabel returns RAS+ mm
-    assert len(loaded) == len(streamlines)
-    for before, after in zip(streamlines, loaded):
-        np.testing.assert_allclose(after, before, atol=1e-3)
+    from dipy.io.stateful_tractogram import Space
+    from dipy.io.streamline import load_tractogram
+
+    in_dipy = load_tractogram(str(path), reference, to_space=Space.RASMM, bbox_valid_check=True)
+    for read in (loaded, list(in_dipy.streamlines)):
+        assert len(read) == len(streamlines)
+        for before, after in zip(streamlines, read):
+            np.testing.assert_allclose(after, before, atol=1e-3)
 
 
 def test_bep046_sidecar():

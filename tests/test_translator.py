@@ -4,6 +4,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -238,3 +241,19 @@ def test_phase2_sample_from_predicted_inputs(tmp_path):
     assert np.array_equal(from_phase1.targets, teacher.targets)
     brain = teacher.weight > 0
     assert np.percentile(np.expm1(teacher.targets[0][brain]), 99) == pytest.approx(1.0, abs=0.3)
+
+
+def test_distributed_training_with_torchrun_on_cpu(tmp_path):
+    """Two DDP processes (gloo on CPU) train one epoch; only rank 0 writes the loss table and the weights."""
+    prep = make_prep_dir(tmp_path)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "m2m_app.cli.train", "phase1", str(prep), str(out), "--epochs", "1", "--width", "4",
+               "--batch-size", "4", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "phase1.json").read_text())
+    assert meta["recipe"]["world_size"] == 2 and meta["recipe"]["batch_size"] == 8
+    assert [row["epoch"] for row in csv.DictReader((out / "phase1_losses.csv").open())] == ["1"]
+    load_translator("phase1", out)

@@ -111,7 +111,7 @@ def plugin_settings(nprocs: int | None, mem_mb: int | None, plugin_file: Path | 
         settings = {"plugin": "MultiProc", "plugin_args": {"raise_insufficient": False, "maxtasksperchild": 1,
                                                            "mp_context": "forkserver"}}
     if settings["plugin"] == "MultiProc":
-        settings["plugin_args"]["n_procs"] = nprocs or os.cpu_count() or 1
+        settings["plugin_args"]["n_procs"] = nprocs or len(os.sched_getaffinity(0))
         if mem_mb:
             settings["plugin_args"]["memory_gb"] = mem_mb / 1024
     if nprocs == 1 and plugin_file is None:

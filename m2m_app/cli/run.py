@@ -4,6 +4,7 @@ tractogram from each T1w; ``m2m BIDS_DIR OUTPUT_DIR group`` writes the QC table;
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,7 +118,7 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
             LOGGER.error("%s", err)
             failures[subject.label], codes = (str(err), None), codes | {err.exit_code}
     dataset_description(output_dir, bids_dir)
-    nprocs = nprocs or len(units) or 1
+    nprocs = nprocs or len(os.sched_getaffinity(0))
     options = RunOptions(output_dir=output_dir, weights_dir=str(weights_dir) if weights_dir else None,
                          device=device, omp_nthreads=omp_nthreads or min(nprocs, 8), random_seed=random_seed,
                          tractogram_format=tractogram_format, skip_phase2=skip_phase2, skip_nerf=skip_nerf)
@@ -126,6 +127,7 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
         LOGGER.info("running %d participant/session(s): %s", len(units), ", ".join(s.label for s in units))
         workflow = init_m2m_wf(units, options, work_dir)
         _write_citation(output_dir, workflow)
+        os.environ["OMP_NUM_THREADS"] = str(options.omp_nthreads)  # inherited by the workers' NumPy/SciPy
         ok = run_workflow(workflow, plugin_settings(nprocs, mem_mb, use_plugin), stop_on_first_crash,
                           StageTimer(work_dir))
     for subject, t1w in units.items():
