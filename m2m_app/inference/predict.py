@@ -1,7 +1,7 @@
 """Loading the shipped translators and running them over whole volumes (multi-view 2.5D).
 
 The 2D network runs over every axial, coronal and sagittal slice of the model grid and
-the three raw predictions are averaged (multi-view fusion: no stair-steps between
+the three raw predictions are fused by the phase (multi-view fusion: no stair-steps between
 slices), then decoded and resampled onto the T1w's own grid.
 """
 from __future__ import annotations
@@ -91,36 +91,40 @@ def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = Non
 
 def predict_volume(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device: str = "auto",
                    batch_size: int = 16) -> np.ndarray:
-    """Run the 2D net over the three views of ``inputs (C, X, Y, Z)`` and average them.
+    """Run the 2D net over the three views of ``inputs (C, X, Y, Z)`` and fuse them (:attr:`PhaseSpec.fuse`).
 
     Returns the fused raw output ``(K, X, Y, Z)`` float32 (logits and log-domain values,
     before :attr:`PhaseSpec.decode`).
     """
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
-    fused = np.zeros((spec.out_channels,) + inputs.shape[1:], dtype=np.float32)
+    views = []
     with torch.inference_mode():
         for axis in range(3):
+            raw = np.zeros((spec.out_channels,) + inputs.shape[1:], dtype=np.float32)
+            views.append(raw)
             size = inputs.shape[1 + axis]
             for first in range(0, size, batch_size):
                 slices = range(first, min(first + batch_size, size))
                 batch = np.stack([slab_along(inputs, axis, neighbours(k, size, spec.context)) for k in slices])
                 batch = torch.from_numpy(batch.reshape((len(slices), -1) + batch.shape[-2:]))
                 out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
-                view = np.moveaxis(fused, 1 + axis, 0)  # (size, K, H, W) view onto fused
-                view[first:first + len(slices)] += out
-    return fused / 3.0
+                np.moveaxis(raw, 1 + axis, 0)[first:first + len(slices)] = out  # (size, K, H, W) view
+    return spec.fuse(views)
 
 
 def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = None,
                    weights_dir: str | os.PathLike | None = None, device: str = "auto",
-                   batch_size: int = 16) -> dict:
+                   batch_size: int = 16, mask_tensor: bool = True) -> dict:
     """Diffusion tensors and brain mask predicted from a T1w, on the T1w's own grid.
 
     Parameters
     ----------
     t1w_img, t1w_data : the T1w image and its data ``(X, Y, Z)`` (see :func:`m2m_app.io.nifti.load_t1w`).
     model : a loaded phase-1 translator; loaded from ``weights_dir`` (default packaged) if None.
+    mask_tensor : zero the tensor outside the predicted brain mask (False keeps the tensor
+        head's prediction wherever the model grid covers the T1w, e.g. to score it inside
+        another mask).
 
     Returns ``tensor`` ``(X, Y, Z, 6)`` float32 (D11 D12 D13 D22 D23 D33, mm²/s, RAS+ world
     frame, positive-definite inside the mask, zero outside), ``mask`` ``(X, Y, Z)`` bool,
@@ -132,9 +136,11 @@ def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = Non
     inputs, grid = phase1_inputs(t1w_img, t1w_data)
     maps = spec.decode(predict_volume(model, spec, inputs, device, batch_size))
     inside = maps["mask"] >= 0.5
-    tensor = resample_tensor(np.where(inside[..., None], maps["tensor"], 0.0), grid, to_model=False)
+    kept = np.where(inside[..., None], maps["tensor"], 0.0) if mask_tensor else maps["tensor"]
+    tensor = resample_tensor(kept, grid, to_model=False)
     mask = (grid.to_source(maps["mask"].astype(np.float32)) >= 0.5) & np.any(tensor != 0, axis=-1)
-    tensor[~mask] = 0.0
+    if mask_tensor:
+        tensor[~mask] = 0.0
     return {"tensor": tensor, "mask": mask, "grid": grid}
 
 

@@ -75,6 +75,8 @@ class PhaseSpec:
         inputs or outputs hold sign-free directions (colour FA, DEC-TDI), which no rotation
         maps exactly.
     build_sample : ``(row, prep_dir, inputs_dir) -> Sample`` for one manifest row.
+    fuse : the raw outputs of the axial, coronal and sagittal passes, each ``(K, X, Y, Z)``
+        → one fused raw output ``(K, X, Y, Z)``.
     decode : raw network output on the model grid ``(K, X, Y, Z)`` → named maps.
     loss : ``(raw, target, weight) -> {term: scalar}`` on slices; ``"total"`` is optimised.
     """
@@ -90,6 +92,7 @@ class PhaseSpec:
     tensor_outputs: tuple[int, ...]
     max_rotation_deg: float
     build_sample: Callable[[dict[str, str], Path, Path | None], Sample]
+    fuse: Callable[[list[np.ndarray]], np.ndarray]
     decode: Callable[[np.ndarray], dict[str, np.ndarray]]
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -195,6 +198,29 @@ def _build_phase1(row: dict[str, str], prep_dir: Path, inputs_dir: Path | None) 
     return Sample(inputs, targets, weight.astype(np.float32), grid)
 
 
+def mean_of_views(views: list[np.ndarray]) -> np.ndarray:
+    """Voxel-wise mean of the views' raw outputs ``(K, X, Y, Z)``."""
+    return (sum(views) / len(views)).astype(np.float32)
+
+
+def _fuse_phase1(views: list[np.ndarray]) -> np.ndarray:
+    """Fuse the views' log-tensors keeping their shape: consensus orientation, mean eigenvalues.
+
+    The log-Euclidean mean of tensors that disagree in orientation is less anisotropic than
+    any of them. Here the eigenvectors come from the log-Euclidean mean and the eigenvalues
+    are the mean of the views' sorted log-eigenvalues (shape and orientation averaged
+    separately, as in Collard et al. 2014, "Anisotropy preserving DTI processing", IJCV).
+    The mask logit is averaged.
+    """
+    fused = mean_of_views(views)
+    log_matrices = [components_to_matrix(np.moveaxis(v[:6], 0, -1).astype(np.float64)) for v in views]
+    evals = sum(np.linalg.eigvalsh(m) for m in log_matrices) / len(views)  # ascending, (X, Y, Z, 3)
+    _, evecs = np.linalg.eigh(components_to_matrix(np.moveaxis(fused[:6], 0, -1).astype(np.float64)))
+    shaped = np.einsum("...ij,...j,...kj->...ik", evecs, evals, evecs)
+    fused[:6] = np.moveaxis(matrix_to_components(shaped), -1, 0)
+    return fused
+
+
 def _decode_phase1(raw: np.ndarray) -> dict[str, np.ndarray]:
     """``tensor`` (X, Y, Z, 6) positive-definite mm²/s everywhere, ``mask`` probability (X, Y, Z)."""
     return {"tensor": log_to_tensor(np.moveaxis(raw[:6], 0, -1)),
@@ -236,7 +262,7 @@ PHASE1 = PhaseSpec(
     x_flip_signs=(1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0),
     sigmoid_outputs=(False,) * 6 + (True,), masked_outputs=(True,) * 6 + (False,),
     intensity_augment=True, tensor_outputs=(0, 1, 2, 3, 4, 5), max_rotation_deg=12.0,
-    build_sample=_build_phase1, decode=_decode_phase1, loss=_loss_phase1)
+    build_sample=_build_phase1, fuse=_fuse_phase1, decode=_decode_phase1, loss=_loss_phase1)
 
 
 # ----------------------------------------------------------------------------- phase 2
@@ -290,7 +316,7 @@ PHASE2 = PhaseSpec(
     outputs=("log1p_tdi", "dec_x", "dec_y", "dec_z"), context=2, x_flip_signs=(1.0,) * 4,
     sigmoid_outputs=(False, True, True, True), masked_outputs=(True,) * 4,
     intensity_augment=False, tensor_outputs=(), max_rotation_deg=0.0,
-    build_sample=_build_phase2, decode=_decode_phase2, loss=_loss_phase2)
+    build_sample=_build_phase2, fuse=mean_of_views, decode=_decode_phase2, loss=_loss_phase2)
 
 #: All phases by name.
 PHASES: dict[str, PhaseSpec] = {spec.name: spec for spec in (PHASE1, PHASE2)}

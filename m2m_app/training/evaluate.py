@@ -1,8 +1,9 @@
 """Held-out evaluation of the translators against the teacher, with simple baselines.
 
 * phase 1: FA MAE and Pearson r (brain, white matter), MD MAE, V1 angular error where the
-  teacher's FA > 0.3, FA PSNR and SSIM. Baseline: FA from T1w intensity alone (mean FA
-  per normalised-intensity bin, fitted on the training subjects).
+  teacher's FA > 0.3, FA PSNR and SSIM, all from the tensor head inside the teacher's brain
+  mask; the mask head is scored apart (Dice). Baseline: FA from T1w intensity alone (mean
+  FA per normalised-intensity bin, fitted on the training subjects).
 * phase 2: Pearson r and Dice (relative density above a threshold) of the track density,
   DEC-TDI angular error where the teacher's density is high. Baseline: TDI = f(FA) (mean
   relative density per FA bin, fitted on the training subjects) with colour FA as direction.
@@ -164,7 +165,7 @@ def _evaluate_phase1(rows: list, train_rows: list, model, device: str) -> list[d
         img, data = load_t1w(row["t1w"])
         brain, wm = _mask(prep, row, "mask"), _mask(prep, row, "wm")
         true_tensor = load_image(prep / row["diffusivity"])[1]
-        pred = predict_phase1(img, data, model=model, device=device)
+        pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False)
         results.append({"subject": row["subject"], "method": "m2m",
                         **phase1_metrics(pred["tensor"], true_tensor, brain, wm),
                         "mask_dice": dice(pred["mask"], brain)})
