@@ -92,6 +92,13 @@ def writable_dir(path: Path, what: str, forbidden_inside: Path | None = None) ->
     return path
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, e.g. under SLURM)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def plugin_settings(nprocs: int | None, mem_mb: int | None, plugin_file: Path | None) -> dict:
     """Nipype plugin and its arguments: MultiProc by default, or what ``--use-plugin`` YAML says.
 
@@ -111,7 +118,7 @@ def plugin_settings(nprocs: int | None, mem_mb: int | None, plugin_file: Path | 
         settings = {"plugin": "MultiProc", "plugin_args": {"raise_insufficient": False, "maxtasksperchild": 1,
                                                            "mp_context": "forkserver"}}
     if settings["plugin"] == "MultiProc":
-        settings["plugin_args"]["n_procs"] = nprocs or len(os.sched_getaffinity(0))
+        settings["plugin_args"]["n_procs"] = nprocs or available_cpus()
         if mem_mb:
             settings["plugin_args"]["memory_gb"] = mem_mb / 1024
     if nprocs == 1 and plugin_file is None:

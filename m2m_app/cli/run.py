@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from m2m_app import __version__
-from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings, run_click,
+from m2m_app.cli.common import (available_cpus, crash_reasons, exit_code_for, exits_cleanly, plugin_settings, run_click,
                                 run_workflow, setup_logging, writable_dir)
 from m2m_app.errors import EX_FAILURE, EX_USAGE, M2MError
 from m2m_app.io import bids as bids_io
@@ -118,7 +118,7 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
             LOGGER.error("%s", err)
             failures[subject.label], codes = (str(err), None), codes | {err.exit_code}
     dataset_description(output_dir, bids_dir)
-    nprocs = nprocs or len(os.sched_getaffinity(0))
+    nprocs = nprocs or available_cpus()
     options = RunOptions(output_dir=output_dir, weights_dir=str(weights_dir) if weights_dir else None,
                          device=device, omp_nthreads=omp_nthreads or min(nprocs, 8), random_seed=random_seed,
                          tractogram_format=tractogram_format, skip_phase2=skip_phase2, skip_nerf=skip_nerf)
