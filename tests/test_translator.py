@@ -279,3 +279,12 @@ def test_distributed_training_with_torchrun_on_cpu(tmp_path):
     assert meta["recipe"]["world_size"] == 2 and meta["recipe"]["batch_size"] == 8
     assert [row["epoch"] for row in csv.DictReader((out / "phase1_losses.csv").open())] == ["1"]
     load_translator("phase1", out)
+
+
+def test_random_contrast_curve_keeps_the_intensity_order():
+    rng = np.random.default_rng(5)
+    slab = rng.random((1, 5, 16, 16)).astype(np.float32)
+    curved = slices.random_monotonic_curve(slab, rng)
+    order = np.argsort(slab.ravel(), kind="stable")
+    assert np.all(np.diff(curved.ravel()[order]) >= 0) and curved.dtype == slab.dtype
+    assert curved.min() >= 0 and curved.max() <= 1 and not np.allclose(curved, slab, atol=0.02)

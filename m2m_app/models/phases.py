@@ -67,8 +67,8 @@ class PhaseSpec:
     x_flip_signs : sign of each output channel under a left-right (world x) flip.
     sigmoid_outputs : outputs that are logits (sigmoid gives the map in target space).
     masked_outputs : outputs supervised only inside ``Sample.weight``.
-    intensity_augment : whether the input is an MR intensity image (gamma, bias field, noise,
-        thick slices, low resolution) rather than quantitative maps.
+    intensity_augment : whether the input is an MR intensity image (contrast curve, gamma, bias
+        field, noise, thick slices, low resolution) rather than quantitative maps.
     tensor_outputs : indices of the six log-tensor output channels (``D11 D12 D13 D22 D23 D33``
         order), which an in-plane rotation of a training slice must rotate too.
     max_rotation_deg : largest in-plane rotation of the geometric augmentation. Zero where

@@ -38,7 +38,9 @@ SLICE_SIZE = max(MODEL_SHAPE)
 #: A slice is used for training if its weight map has at least this many voxels.
 MIN_SLICE_VOXELS = 16
 #: Probabilities of each augmentation.
-P_FLIP, P_GAMMA, P_BIAS, P_NOISE, P_THICK, P_LOWRES, P_AFFINE = 0.5, 0.8, 0.5, 0.5, 0.3, 0.2, 0.6
+P_FLIP, P_GAMMA, P_BIAS, P_NOISE, P_THICK, P_LOWRES, P_AFFINE, P_REMAP = 0.5, 0.8, 0.5, 0.5, 0.3, 0.2, 0.6, 0.5
+#: Inner knots of the random monotonic intensity curve (besides 0 → 0 and 1 → 1).
+REMAP_KNOTS = 4
 #: In-plane scale range and largest shift (pixels) of the geometric augmentation.
 SCALE_RANGE, MAX_SHIFT = (0.9, 1.1), 4.0
 #: Range of the Gaussian sigma (pixels) of the low-resolution augmentation.
@@ -104,9 +106,23 @@ def _bias_field(shape: tuple[int, int], rng: np.random.Generator, strength: floa
     return np.exp(ndimage.zoom(coarse, (shape[0] / 4, shape[1] / 4), order=3, mode="nearest"))[:shape[0], :shape[1]]
 
 
+def random_monotonic_curve(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Map [0, 1] intensities through a random increasing piecewise-linear curve.
+
+    The T1 ordering of tissues is kept while their relative contrast changes, as between
+    sequences (MPRAGE, FLASH, SPGR) and scanners: domain randomisation in the spirit of
+    SynthSeg (Billot et al. 2023), restricted to monotonic curves.
+    """
+    knots = np.linspace(0.0, 1.0, REMAP_KNOTS + 2)
+    values = np.concatenate([[0.0], np.sort(rng.uniform(0.0, 1.0, REMAP_KNOTS)), [1.0]])
+    return np.interp(slab, knots, values).astype(slab.dtype)
+
+
 def augment_intensity(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Thick-slice and low-resolution degradation, bias field, gamma and Gaussian noise on a
-    [0, 1] MR slab ``(C, D, H, W)``."""
+    """Thick-slice and low-resolution degradation, random contrast curve, bias field, gamma and
+    Gaussian noise on a [0, 1] MR slab ``(C, D, H, W)``."""
+    if rng.random() < P_REMAP:
+        slab = random_monotonic_curve(np.clip(slab, 0.0, 1.0), rng)
     if rng.random() < P_THICK:
         slab = _thick_slices(slab, rng)
     if rng.random() < P_LOWRES:
