@@ -16,6 +16,11 @@ from m2m_app.errors import EX_FAILURE, M2MError, OutputError, UsageError
 LOGGER = logging.getLogger("m2m")
 
 
+def _nipype_level(level: int) -> int:
+    """Nipype's own log level for m2m's ``level``: warnings and errors only (m2m logs the stages)."""
+    return max(level, logging.WARNING)
+
+
 def setup_logging(verbose: int, quiet: int) -> None:
     """Log to stderr at WARNING/INFO/DEBUG from ``-q``/default/``-v``; Nipype is kept quieter."""
     level = max(logging.DEBUG, logging.INFO - 10 * verbose + 10 * quiet)
@@ -23,10 +28,11 @@ def setup_logging(verbose: int, quiet: int) -> None:
                         datefmt="%H:%M:%S", force=True)
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         nipype_logger = logging.getLogger(name)  # Nipype prints through its own handler
-        nipype_logger.setLevel(max(level, logging.WARNING))
+        nipype_logger.setLevel(_nipype_level(level))
         nipype_logger.propagate = False
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR if level > logging.DEBUG else logging.DEBUG)
+    logging.getLogger("bidsschematools").setLevel(max(level, logging.WARNING))  # one INFO line per run
 
 
 class Terminated(KeyboardInterrupt):
@@ -126,12 +132,28 @@ def plugin_settings(nprocs: int | None, mem_mb: int | None, plugin_file: Path | 
     return settings
 
 
+def _configure_nipype_workers(work_dir: Path) -> None:
+    """Give Nipype in the worker processes the log levels set by :func:`setup_logging`.
+
+    Workers started by ``forkserver`` import Nipype afresh and read its configuration file
+    from ``NIPYPE_CONFIG_DIR``; one is written into the work folder.
+    """
+    from m2m_app.io.nifti import atomic_write
+
+    level = logging.getLevelName(_nipype_level(logging.getLogger().getEffectiveLevel()))
+    text = "[logging]\n" + "".join(f"{kind}_level = {level}\n" for kind in ("workflow", "interface", "utils"))
+    folder = Path(work_dir) / "nipype_config"
+    atomic_write(folder / "nipype.cfg", lambda tmp: Path(tmp).write_text(text))
+    os.environ["NIPYPE_CONFIG_DIR"] = str(folder)
+
+
 def run_workflow(workflow, settings: dict, stop_on_first_crash: bool, status_callback=None) -> bool:
     """Run a Nipype workflow; return False when some node crashed (the others still ran).
 
     ``status_callback(node, status)`` is handed to the plugin (e.g. a
     :class:`~m2m_app.workflows.timing.StageTimer`).
     """
+    _configure_nipype_workers(Path(workflow.base_dir))
     workflow.config["execution"].update({"stop_on_first_crash": stop_on_first_crash,
                                          "crashfile_format": "txt", "remove_unnecessary_outputs": False})
     plugin_args = dict(settings["plugin_args"])
