@@ -7,6 +7,7 @@ unusable folders) is in ``test_app.py``; the real-data runs there read symlinked
 from __future__ import annotations
 
 import errno
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,3 +121,21 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     assert (work / phase1_result).stat().st_mtime_ns == finished  # resumed, not recomputed
     assert (out / "sub-01/dwi/sub-01_space-T1w_tract-wholebrain_track-nerf_tractogram.trx").exists()
     assert "phase1" in (out / "sub-01.html").read_text()
+
+
+def test_runs_with_a_read_only_home(tmp_path):
+    """As in the container run with --read-only: HOME is not writable, caches go to /tmp (Dockerfile's ENV)."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("cannot mount a read-only file system here")
+    t1w = tmp_path / "t1w.nii.gz"
+    nib.save(_image("las"), t1w)
+    bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": t1w})
+    home = tmp_path / "home"
+    home.mkdir()
+    script = ('mount -t tmpfs -o ro,size=1m none "$0" && HOME="$0" MPLCONFIGDIR="$1/mpl" TORCH_HOME="$1/torch" '
+              'exec "$2" -m m2m_app.cli.run "$3" "$4" participant -w "$5" --skip-bids-validation --skip-phase2')
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script, str(home), str(tmp_path / "caches"), sys.executable,
+                             str(bids), str(tmp_path / "out"), str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out/sub-01/dwi/sub-01_space-T1w_model-tensor_param-fa_dwimap.nii.gz").exists()
