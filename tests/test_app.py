@@ -231,3 +231,21 @@ def test_resource_options_reach_the_nipype_plugin(tmp_path):
     yaml_file.write_text("just: words\n")
     with pytest.raises(Exception, match="needs a 'plugin:' key"):
         plugin_settings(4, None, yaml_file)
+
+
+def test_stage_timer_keeps_each_stage_time(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from m2m_app.workflows.timing import StageTimer, read_timings, timings_path
+
+    timer = StageTimer(tmp_path, {"sub_01_wf": "sub-01"})
+    ran = SimpleNamespace(fullname="m2m_wf.sub_01_wf.phase1", result=SimpleNamespace(runtime=SimpleNamespace(duration=3.25)))
+    crashed = SimpleNamespace(fullname="m2m_wf.sub_01_wf.phase2")  # no result: timed from its start
+    caplog.set_level("INFO", logger="m2m")
+    for node in (ran, crashed):
+        timer(node, "start")
+    timer(ran, "end")
+    timer(crashed, "exception")
+    timings = read_timings(timings_path(tmp_path, "sub_01_wf"))
+    assert timings["phase1"] == 3.25 and 0 <= timings["phase2"] < 5
+    assert "sub-01: phase1 finished in 3.2 s" in caplog.text and "sub-01: phase2 FAILED" in caplog.text

@@ -25,7 +25,8 @@ Examples:
   m2m /data/bids /data/derivatives/m2m participant --participant-label 01 02 -w /scratch/work
   m2m /data/bids /data/derivatives/m2m group
 Exit codes: 0 success, 1 a participant failed, 64 usage, 65 bad data, 66 missing input,
-73 cannot create output. Re-running the same command resumes from the work folder.
+73 cannot create output, 130/143 interrupted (SIGINT/SIGTERM). Re-running the same
+command resumes from the work folder.
 """
 
 
@@ -129,7 +130,7 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
         _write_citation(output_dir, workflow)
         os.environ["OMP_NUM_THREADS"] = str(options.omp_nthreads)  # inherited by the workers' NumPy/SciPy
         ok = run_workflow(workflow, plugin_settings(nprocs, mem_mb, use_plugin), stop_on_first_crash,
-                          StageTimer(work_dir))
+                          StageTimer(work_dir, {node_prefix(s): s.label for s in units}))
     for subject, t1w in units.items():
         if not qc_path(output_dir, subject).exists():
             reasons = crash_reasons(subject.folder(output_dir, "log"))

@@ -35,8 +35,10 @@ def read_timings(path: str | Path | None) -> dict[str, float]:
 class StageTimer:
     """Nipype status callback ``(node, status)`` recording each stage's wall time in seconds."""
 
-    def __init__(self, work_dir: str | Path) -> None:
+    def __init__(self, work_dir: str | Path, labels: dict[str, str] | None = None) -> None:
+        """``labels`` maps unit workflow names (``sub_01_wf``) to the labels logged (``sub-01``)."""
         self.work_dir = Path(work_dir)
+        self.labels = labels or {}
         self._started: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -49,7 +51,7 @@ class StageTimer:
         parts = name.split(".")
         if len(parts) < 3:  # not a node of a participant/session workflow
             return
-        unit, stage = parts[-2].removesuffix("_wf"), parts[-1]
+        unit, stage = self.labels.get(parts[-2], parts[-2]), parts[-1]
         seconds = _run_seconds(node)  # kept in the node's cached result, so a resumed run reports it too
         if seconds is None:
             seconds = time.monotonic() - started if started is not None else float("nan")
