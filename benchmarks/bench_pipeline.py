@@ -38,8 +38,12 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
         options = RunOptions(output_dir=Path(tmp) / "out", weights_dir=weights_dir, device=device,
                              omp_nthreads=threads)
         workflow = init_m2m_wf({subject: bids_io.find_t1w(layout, subject)}, options, Path(tmp) / "work")
-        start = time.monotonic()
-        workflow.run(plugin="Linear")
+        start, previous = time.monotonic(), os.getcwd()
+        os.chdir(tmp)  # Nipype's resource monitor writes its .proc-* files into the current folder
+        try:
+            workflow.run(plugin="Linear")
+        finally:
+            os.chdir(previous)
         total = time.monotonic() - start
         stages = {}
         for result in Path(tmp, "work").rglob("result_*.pklz"):
