@@ -16,9 +16,6 @@ import time
 from pathlib import Path
 
 DEFAULT_BIDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ds-real"
-#: Workflow nodes in pipeline order (rows of the table).
-STAGES = ("check_t1w", "phase1", "tensor_maps", "phase2", "nerf_fit", "nerf_render", "nerf_track",
-          "write_maps", "write_nerf", "write_report")
 
 
 def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir: str | None) -> dict:
@@ -29,6 +26,7 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
 
     from m2m_app.io import bids as bids_io
     from m2m_app.workflows.base import RunOptions, init_m2m_wf
+    from m2m_app.workflows.timing import STAGE_ORDER
 
     config.enable_resource_monitor()
     torch.set_num_threads(threads)
@@ -49,7 +47,7 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
         for result in Path(tmp, "work").rglob("result_*.pklz"):
             runtime = loadpkl(result).runtime
             stages[result.parent.name] = (runtime.duration, getattr(runtime, "mem_peak_gb", float("nan")))
-    ordered = {name: stages[name] for name in STAGES if name in stages}
+    ordered = {name: stages[name] for name in STAGE_ORDER if name in stages}
     ordered["total"] = (total, max(v[1] for v in stages.values()))
     return ordered
 

@@ -24,6 +24,15 @@ def run_cli(module: str, *args: str, timeout: float = 1200, prefix: tuple[str, .
                           capture_output=True, text=True, timeout=timeout)
 
 
+def read_only_mount_prefix(mount_point: Path) -> tuple[str, ...]:
+    """A command prefix that runs the rest with a read-only tmpfs over ``mount_point``
+    (``unshare -m``: as root, permission bits alone do not stop writes); skips the test
+    where mounting is not allowed."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("cannot mount a read-only file system here")
+    return ("unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro,size=1m none "$0" && exec "$@"', str(mount_point))
+
+
 def make_bids(root: Path, files: dict[str, Path | bytes]) -> Path:
     """Create a BIDS dataset at ``root``: each relative path is a symlink to a Path, or bytes."""
     root.mkdir(parents=True, exist_ok=True)

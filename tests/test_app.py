@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import nibabel as nib
 import numpy as np
 import pytest
 from bids import BIDSLayout
 
-from conftest import DS_REAL, ds_real_unit, make_bids, requires_ds_real, run_cli
+from conftest import DS_REAL, ds_real_unit, make_bids, read_only_mount_prefix, requires_ds_real, run_cli
 
 REAL_T1W = DS_REAL / "sub-02/ses-hfs/anat/sub-02_ses-hfs_acq-fl2d_T1w.nii.gz"
 PARAMS = ("fa", "md", "ad", "rd", "diffusivity", "v1", "colfa")
@@ -190,9 +189,7 @@ def test_bad_inputs_give_clear_messages_and_codes(tmp_path, case, code, words):
     if case == "read_only_output":
         out.mkdir()
         if os.geteuid() == 0:  # root ignores permission bits: mount a read-only file system there instead
-            prefix = ("unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro,size=1m none "$0" && exec "$@"', str(out))
-            if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
-                pytest.skip("cannot mount a read-only file system here")
+            prefix = read_only_mount_prefix(out)
         else:
             out.chmod(0o500)
     result = run_cli("run", *args, prefix=prefix)

@@ -16,8 +16,9 @@ from m2m_app.errors import EX_FAILURE, M2MError, OutputError, UsageError
 LOGGER = logging.getLogger("m2m")
 
 
-def _nipype_level(level: int) -> int:
-    """Nipype's own log level for m2m's ``level``: warnings and errors only (m2m logs the stages)."""
+def _library_level(level: int) -> int:
+    """Log level of chatty libraries (Nipype, bidsschematools) for m2m's ``level``: warnings and
+    errors only; m2m logs the stages itself."""
     return max(level, logging.WARNING)
 
 
@@ -28,11 +29,11 @@ def setup_logging(verbose: int, quiet: int) -> None:
                         datefmt="%H:%M:%S", force=True)
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         nipype_logger = logging.getLogger(name)  # Nipype prints through its own handler
-        nipype_logger.setLevel(_nipype_level(level))
+        nipype_logger.setLevel(_library_level(level))
         nipype_logger.propagate = False
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR if level > logging.DEBUG else logging.DEBUG)
-    logging.getLogger("bidsschematools").setLevel(max(level, logging.WARNING))  # one INFO line per run
+    logging.getLogger("bidsschematools").setLevel(_library_level(level))
 
 
 class Terminated(KeyboardInterrupt):
@@ -140,7 +141,7 @@ def _configure_nipype_workers(work_dir: Path) -> None:
     """
     from m2m_app.io.nifti import atomic_write
 
-    level = logging.getLevelName(_nipype_level(logging.getLogger().getEffectiveLevel()))
+    level = logging.getLevelName(_library_level(logging.getLogger().getEffectiveLevel()))
     text = "[logging]\n" + "".join(f"{kind}_level = {level}\n" for kind in ("workflow", "interface", "utils"))
     folder = Path(work_dir) / "nipype_config"
     atomic_write(folder / "nipype.cfg", lambda tmp: Path(tmp).write_text(text))

@@ -12,10 +12,7 @@ from m2m_app import __version__
 from m2m_app.io.naming import Subject, derivative_path
 from m2m_app.io.nifti import atomic_write
 from m2m_app.reports.figures import mosaic_png
-
-#: Workflow stages in the order they run (the report's run-time table follows it).
-STAGE_ORDER = ("check_t1w", "phase1", "tensor_maps", "phase2", "nerf_fit", "nerf_render", "nerf_track",
-               "write_maps", "write_nerf", "write_report")
+from m2m_app.workflows.timing import STAGE_ORDER
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}
 img{max-width:100%;display:block;margin:.5em 0}h2{border-bottom:1px solid #ccc}

@@ -19,6 +19,10 @@ from m2m_app.io.nifti import save_json
 
 LOGGER = logging.getLogger("m2m")
 
+#: The stages (workflow node names) of one participant/session, in the order they run.
+STAGE_ORDER = ("check_t1w", "phase1", "tensor_maps", "phase2", "nerf_fit", "nerf_render", "nerf_track",
+               "write_maps", "write_nerf", "write_report")
+
 
 def timings_path(work_dir: str | Path, unit_workflow: str) -> Path:
     """The stage-time JSON of one participant/session workflow (named as in :func:`node_prefix`)."""
