@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from m2m_app.errors import MissingInputError
-from m2m_app.inference.conform import resample_tensor
-from m2m_app.inference.predict import load_translator, predict_volume
+from m2m_app.inference.predict import load_translator, phase1_to_source, phase2_to_source, predict_volume
 from m2m_app.io.nifti import load_t1w
-from m2m_app.maths.tensor import tensor_derivatives
+from m2m_app.maths.tensor import masked_tensor_maps
 from m2m_app.models.phases import get_phase, phase1_inputs, phase2_inputs
 from m2m_app.models.translator import Translator, parameter_count
 
@@ -83,24 +82,17 @@ def run(t1w_path: Path | None, weights_dir: Path | None, batch_size: int) -> lis
     with stage(table, f"phase1: network, 3 views ({kind1})"):
         raw = predict_volume(model1, spec1, inputs, "cpu", batch_size)
     with stage(table, "phase1: decode + back to T1w grid"):
-        maps = spec1.decode(raw)
-        inside = maps["mask"] >= 0.5
-        tensor = resample_tensor(np.where(inside[..., None], maps["tensor"], 0.0), grid, to_model=False)
-        mask = grid.to_source(maps["mask"].astype(np.float32)) >= 0.5
+        predicted = phase1_to_source(raw, grid)
     table.append(("phase1: total", time.perf_counter() - began, peak_rss_mib()))
     began = time.perf_counter()
     with stage(table, "phase2: tensor maps on T1w grid"):
-        derived = tensor_derivatives(tensor[mask])
-        full = {name: np.zeros(mask.shape + derived[name].shape[1:], np.float32) for name in ("fa", "md", "colfa")}
-        for name, volume in full.items():
-            volume[mask] = derived[name]
+        full = masked_tensor_maps(predicted["tensor"], predicted["mask"])
     with stage(table, "phase2: inputs to model grid"):
         inputs2 = phase2_inputs(full["fa"], full["md"], full["colfa"], grid)
     with stage(table, f"phase2: network, 3 views ({kind2})"):
         raw2 = predict_volume(model2, spec2, inputs2, "cpu", batch_size)
     with stage(table, "phase2: decode + back to T1w grid"):
-        out = spec2.decode(raw2)
-        grid.to_source(out["tdi"]), grid.to_source(out["dectdi"])
+        phase2_to_source(raw2, grid, predicted["mask"])
     table.append(("phase2: total", time.perf_counter() - began, peak_rss_mib()))
     return table
 

@@ -20,7 +20,7 @@ from m2m_app.errors import BadDataError
 from m2m_app.inference import conform
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2, predict_volume
 from m2m_app.maths.tensor import components_to_matrix, tensor_derivatives
-from m2m_app.models.phases import PHASE1, PHASE2, fa_from_log, tensor_to_log
+from m2m_app.models.phases import PHASE1, PHASE2, fa_from_log, log_tensor_parts, tensor_to_log
 from m2m_app.models.translator import Encoder, GlobalDiscriminator, PatchDiscriminator, Translator
 from m2m_app.training import slices
 from m2m_app.training.evaluate import evaluate_phase
@@ -108,6 +108,32 @@ def test_tiny_model_overfits_two_slices():
         optimiser.step()
         losses.append(loss.item())
     assert min(losses[-10:]) * 10 <= losses[0]
+
+
+def test_phase1_loss_separates_shape_from_orientation():
+    """A rotated tensor costs orientation only; an isotropic guess costs anisotropy and FA; gradients stay finite."""
+    def loss_of(predicted: np.ndarray, truth: np.ndarray) -> dict:
+        raw = torch.from_numpy(np.append(tensor_to_log(predicted[None])[0], 0.0)).float().view(1, 7, 1, 1)
+        raw.requires_grad_()
+        target = torch.from_numpy(np.append(tensor_to_log(truth[None])[0], 1.0)).float().view(1, 7, 1, 1)
+        terms = PHASE1.loss(raw, target, torch.ones(1, 1, 1, 1))
+        terms["total"].backward()
+        assert torch.isfinite(raw.grad).all()
+        return {k: v.item() for k, v in terms.items()}
+
+    fibre_x = np.array([1.7e-3, 0, 0, 0.3e-3, 0, 0.3e-3], np.float32)
+    fibre_y = np.array([0.3e-3, 0, 0, 1.7e-3, 0, 0.3e-3], np.float32)
+    isotropic = np.array([0.77e-3, 0, 0, 0.77e-3, 0, 0.77e-3], np.float32)
+    same, rotated, round_guess = loss_of(fibre_x, fibre_x), loss_of(fibre_y, fibre_x), loss_of(isotropic, fibre_x)
+    assert [same[k] for k in ("size_l1", "anisotropy_l1", "orientation")] == pytest.approx([0.0] * 3, abs=1e-5)
+    assert rotated["size_l1"] == pytest.approx(0.0, abs=1e-5) and rotated["anisotropy_l1"] == pytest.approx(0.0, abs=1e-5)
+    assert rotated["fa_l1"] == pytest.approx(0.0, abs=1e-4) and rotated["orientation"] > 1.0
+    assert round_guess["anisotropy_l1"] > 1.0 and round_guess["fa_l1"] > 0.7
+    # An isotropic prediction for an isotropic truth: no anisotropy, no orientation cost.
+    assert loss_of(isotropic, isotropic)["orientation"] == pytest.approx(0.0, abs=1e-5)
+    size, anisotropy, _ = log_tensor_parts(torch.from_numpy(tensor_to_log(np.stack([fibre_x, isotropic]))))
+    assert anisotropy[0] > 1.0 and anisotropy[1] < 1e-2
+    assert size[1].item() == pytest.approx(np.log(0.77), abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["oblique", "las"])
@@ -241,6 +267,7 @@ def test_training_resumes_and_exports(tmp_path, caplog):
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == first[0]
     meta = json.loads((out / "phase1.json").read_text())
     assert meta["recipe"]["epochs"] == 2 and meta["recipe"]["subjects"] == ["sub-01"]
+    assert meta["recipe"]["training_datasets"] == ["prep"] and str(tmp_path) not in json.dumps(meta)
     assert meta["architecture"] == {"in_channels": 5, "out_channels": 7, **TINY}
     results = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], out_tsv=out / "eval.tsv", device="cpu")
     assert {r["method"] for r in results} == {"m2m", "baseline_fa_from_t1w"}

@@ -134,14 +134,24 @@ def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = Non
         model, _ = load_translator("phase1", weights_dir)
     spec = get_phase("phase1")
     inputs, grid = phase1_inputs(t1w_img, t1w_data)
-    maps = spec.decode(predict_volume(model, spec, inputs, device, batch_size))
+    return {**phase1_to_source(predict_volume(model, spec, inputs, device, batch_size), grid, mask_tensor),
+            "grid": grid}
+
+
+def phase1_to_source(raw: np.ndarray, grid: ConformedGrid, mask_tensor: bool = True) -> dict[str, np.ndarray]:
+    """Decode the fused phase-1 output ``(7, x, y, z)`` and bring it to the T1w grid.
+
+    Returns ``tensor`` ``(X, Y, Z, 6)`` (mm²/s) and ``mask`` ``(X, Y, Z)`` bool, as in
+    :func:`predict_phase1`.
+    """
+    maps = get_phase("phase1").decode(raw)
     inside = maps["mask"] >= 0.5
     kept = np.where(inside[..., None], maps["tensor"], 0.0) if mask_tensor else maps["tensor"]
     tensor = resample_tensor(kept, grid, to_model=False)
     mask = (grid.to_source(maps["mask"].astype(np.float32)) >= 0.5) & np.any(tensor != 0, axis=-1)
     if mask_tensor:
         tensor[~mask] = 0.0
-    return {"tensor": tensor, "mask": mask, "grid": grid}
+    return {"tensor": tensor, "mask": mask}
 
 
 def predict_phase2(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: ConformedGrid,
@@ -163,7 +173,13 @@ def predict_phase2(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: Conf
     if model is None:
         model, _ = load_translator("phase2", weights_dir)
     spec = get_phase("phase2")
-    maps = spec.decode(predict_volume(model, spec, phase2_inputs(fa, md, colfa, grid), device, batch_size))
+    return phase2_to_source(predict_volume(model, spec, phase2_inputs(fa, md, colfa, grid), device, batch_size),
+                            grid, mask)
+
+
+def phase2_to_source(raw: np.ndarray, grid: ConformedGrid, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Decode the fused phase-2 output ``(4, x, y, z)`` onto the T1w grid (``tdi``, ``dectdi`` as in :func:`predict_phase2`)."""
+    maps = get_phase("phase2").decode(raw)
     tdi = np.clip(grid.to_source(maps["tdi"]), 0.0, None)
     dectdi = np.clip(grid.to_source(maps["dectdi"]), 0.0, 1.0)
     if mask is not None:

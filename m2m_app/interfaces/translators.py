@@ -98,15 +98,12 @@ class TensorMaps(SimpleInterface):
     output_spec = _TensorMapsOutputSpec
 
     def _run_interface(self, runtime):
-        from m2m_app.maths.tensor import tensor_derivatives
+        from m2m_app.maths.tensor import masked_tensor_maps
 
         img = nib.load(self.inputs.tensor)
         tensor = np.asarray(img.dataobj, dtype=np.float32)
         mask = np.asarray(nib.load(self.inputs.mask).dataobj) > 0
-        values = tensor_derivatives(tensor[mask])
-        for key, inside in values.items():
-            volume = np.zeros(mask.shape + inside.shape[1:], dtype=np.float32)
-            volume[mask] = inside
+        for key, volume in masked_tensor_maps(tensor, mask).items():
             self._results[key] = _save(volume, img.affine, f"{key}.nii.gz")
         return runtime
 

@@ -103,3 +103,16 @@ def tensor_derivatives(components: np.ndarray) -> dict[str, np.ndarray]:
     maps["v1"] = evecs[..., :, 0]
     maps["colfa"] = dti.color_fa(maps["fa"], evecs)
     return maps
+
+
+def masked_tensor_maps(components: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`tensor_derivatives` of a ``(X, Y, Z, 6)`` field inside ``mask`` ``(X, Y, Z)``, float32 volumes.
+
+    Same keys and trailing shapes as :func:`tensor_derivatives`; voxels outside ``mask`` are 0.
+    """
+    inside = tensor_derivatives(components[mask])
+    maps = {}
+    for key, values in inside.items():
+        maps[key] = np.zeros(mask.shape + values.shape[1:], dtype=np.float32)
+        maps[key][mask] = values
+    return maps

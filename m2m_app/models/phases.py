@@ -35,8 +35,12 @@ EIGENVALUE_RANGE = (1e-6, 1e-2)
 LOG_EIGENVALUE_RANGE = tuple(float(np.log(v / DIFFUSIVITY_SCALE)) for v in EIGENVALUE_RANGE)
 #: Upper bound of the raw log1p relative track density before ``expm1``.
 LOG_DENSITY_MAX = 10.0
-#: Weight of each log-tensor component in the L1 loss: off-diagonals appear twice in the matrix.
+#: Weight of each log-tensor component in squared Frobenius norms: off-diagonals appear twice in the matrix.
 TENSOR_COMPONENT_WEIGHTS = (1.0, 2.0, 2.0, 1.0, 2.0, 1.0)
+#: Anisotropy (deviatoric log-tensor norm) below which a tensor counts as isotropic in the loss.
+ANISOTROPY_EPS = 1e-3
+#: Where the diagonal components sit in the ``D11 D12 D13 D22 D23 D33`` order.
+_DIAGONAL = (1.0, 0.0, 0.0, 1.0, 0.0, 1.0)
 #: Percentile of the in-mask TDI that is mapped to a relative density of 1.
 TDI_PERCENTILE = 99.0
 
@@ -151,13 +155,9 @@ def slab_along(volume: np.ndarray, axis: int, indices: np.ndarray, flip_x: bool 
     return np.moveaxis(slab, 1 + axis, 1)
 
 
-def _masked_l1(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-               channel_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean |prediction − target| over voxels with ``weight`` (N, 1, H, W), channel-weighted."""
+def _masked_l1(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean |prediction − target| over voxels with ``weight`` (N, 1, H, W) and channels."""
     error = (prediction - target).abs() * weight
-    if channel_weights is not None:
-        error = error * channel_weights.view(1, -1, 1, 1)
-        return error.sum() / (weight.sum() * channel_weights.sum()).clamp(min=1.0)
     return error.sum() / (weight.sum() * prediction.shape[1]).clamp(min=1.0)
 
 
@@ -238,22 +238,51 @@ def fa_from_log(log_components: torch.Tensor) -> torch.Tensor:
     """FA ``(M,)`` of ``exp`` of log-tensor components ``(M, 6)``: eigenvalues of the log, exponentiated."""
     evals = torch.linalg.eigvalsh(_torch_matrix(log_components.float())).clamp(*LOG_EIGENVALUE_RANGE).exp()
     deviation = evals - evals.mean(-1, keepdim=True)
-    return torch.sqrt(1.5 * deviation.pow(2).sum(-1) / evals.pow(2).sum(-1).clamp(min=1e-12))
+    # the small offset keeps the gradient finite for isotropic tensors (FA error < 1e-6)
+    return torch.sqrt(1.5 * deviation.pow(2).sum(-1) / evals.pow(2).sum(-1).clamp(min=1e-12) + 1e-12)
+
+
+def log_tensor_parts(log_components: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split log-tensors ``(M, 6)`` into size, anisotropy and orientation.
+
+    Returns the mean log-eigenvalue ``(M,)`` (log of the geometric-mean diffusivity), the
+    Frobenius norm of the deviatoric part ``(M,)`` (0 for an isotropic tensor, grows with FA)
+    and the deviatoric part divided by that norm ``(M, 6)`` (orientation and mode). Needs no
+    eigen-decomposition, so its gradients stay finite for isotropic tensors.
+    """
+    size = (log_components[:, 0] + log_components[:, 3] + log_components[:, 5]) / 3.0
+    deviatoric = log_components - size[:, None] * log_components.new_tensor(_DIAGONAL)
+    weights = log_components.new_tensor(TENSOR_COMPONENT_WEIGHTS)
+    anisotropy = torch.sqrt((weights * deviatoric.pow(2)).sum(-1) + ANISOTROPY_EPS ** 2)
+    return size, anisotropy, deviatoric / anisotropy[:, None]
 
 
 def _loss_phase1(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """L1 on log-tensor components and on FA inside the brain, BCE on the mask everywhere."""
-    channel_weights = torch.tensor(TENSOR_COMPONENT_WEIGHTS, device=raw.device)
-    tensor = _masked_l1(raw[:, :6], target[:, :6], weight, channel_weights)
+    """Tensor size, anisotropy, orientation and FA losses inside the brain; BCE on the mask everywhere.
+
+    Supervising the shape of the tensor apart from its orientation (as :func:`_fuse_phase1`
+    fuses them apart) matters: one L1 on the six log components rewards an isotropic
+    tensor wherever the orientation is uncertain, which shrinks FA everywhere. Here the
+    orientation error (distance between unit deviatoric parts) is weighted by the teacher's
+    anisotropy, and the size and anisotropy errors do not depend on the orientation.
+    """
     mask = F.binary_cross_entropy_with_logits(raw[:, 6], target[:, 6])
     inside = weight[:, 0] > 0
-    if inside.any():
-        voxels_pred = raw[:, :6].permute(0, 2, 3, 1)[inside]
-        voxels_true = target[:, :6].permute(0, 2, 3, 1)[inside]
-        fa = (fa_from_log(voxels_pred) - fa_from_log(voxels_true)).abs().mean()
-    else:
-        fa = raw.sum() * 0.0
-    return {"tensor_l1": tensor, "mask_bce": mask, "fa_l1": fa, "total": tensor + 0.5 * mask + fa}
+    if not inside.any():
+        zero = raw.sum() * 0.0
+        return {"size_l1": zero, "anisotropy_l1": zero, "orientation": zero, "fa_l1": zero,
+                "mask_bce": mask, "total": 0.5 * mask}
+    voxels_pred = raw[:, :6].permute(0, 2, 3, 1)[inside]
+    voxels_true = target[:, :6].permute(0, 2, 3, 1)[inside]
+    size_pred, aniso_pred, unit_pred = log_tensor_parts(voxels_pred)
+    size_true, aniso_true, unit_true = log_tensor_parts(voxels_true)
+    weights = raw.new_tensor(TENSOR_COMPONENT_WEIGHTS)
+    direction_error = torch.sqrt((weights * (unit_pred - unit_true).pow(2)).sum(-1) + 1e-12)
+    terms = {"size_l1": (size_pred - size_true).abs().mean(),
+             "anisotropy_l1": (aniso_pred - aniso_true).abs().mean(),
+             "orientation": (aniso_true * direction_error).mean() / aniso_true.mean().clamp(min=1e-6),
+             "fa_l1": (fa_from_log(voxels_pred) - fa_from_log(voxels_true)).abs().mean()}
+    return {**terms, "mask_bce": mask, "total": sum(terms.values()) + 0.5 * mask}
 
 
 PHASE1 = PhaseSpec(

@@ -25,7 +25,7 @@ from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, der
 from m2m_app.io.nifti import load_dwi, load_t1w, save_json, save_nifti, save_tsv
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.maths.streamlines import directional_density, track_density
-from m2m_app.maths.tensor import tensor_derivatives
+from m2m_app.maths.tensor import masked_tensor_maps
 from m2m_app.teacher import dwi as dwi_math
 from m2m_app.teacher.register import (register_b0_to_t1w, resample_to_t1w, save_itk_transform,
                                       tensor_to_t1w)
@@ -103,10 +103,7 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
                             interpolation="nearest") > 0
     brain &= np.any(tensor != 0, axis=-1)
     tensor[~brain] = 0
-    maps = {k: np.zeros(shape + v.shape[1:], np.float32) for k, v in
-            tensor_derivatives(tensor[brain][:1]).items()}
-    for key, values in tensor_derivatives(tensor[brain]).items():
-        maps[key][brain] = values
+    maps = masked_tensor_maps(tensor, brain)
     wm = white_matter_mask(t1w, brain)
     lap("to_t1w_grid_and_maps")
 

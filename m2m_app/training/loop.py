@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import logging
 import os
 import random
@@ -51,6 +52,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def training_datasets(prep_dirs: list[Path]) -> list[str]:
+    """Names of the raw datasets behind ``prep_dirs`` (their ``SourceDatasets``), for the weights' recipe.
+
+    Only the dataset folder names are kept, not this machine's paths; a prep dir without a
+    readable ``dataset_description.json`` is named after its own folder.
+    """
+    names = []
+    for prep in prep_dirs:
+        try:
+            sources = json.loads((prep / "dataset_description.json").read_text()).get("SourceDatasets", [])
+            names += [Path(source["URL"].removeprefix("file://")).resolve().name for source in sources]
+        except (OSError, ValueError, KeyError, TypeError):
+            names.append(prep.resolve().name)
+    return sorted(set(names))
 
 
 def _distributed_context() -> tuple[int, int, int]:
@@ -226,7 +243,8 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
                              lr=lr, betas=BETAS)
     recipe = {"phase": spec.name, "epochs": epochs, "batch_size": batch_size * world, "lr": lr, "seed": seed,
               "adversarial_weight": adversarial_weight, "disc_base": disc_base, "world_size": world,
-              "prep_dirs": [str(p) for p in prep_dirs], "predicted_inputs": str(predicted_inputs or ""),
+              "training_datasets": training_datasets(prep_dirs),
+              "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
               "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset)}
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
     architecture = {**networks.generator.config, "disc_base": disc_base}
