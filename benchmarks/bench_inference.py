@@ -79,7 +79,7 @@ def run(t1w_path: Path | None, weights_dir: Path | None, batch_size: int) -> lis
     began = time.perf_counter()
     with stage(table, "phase1: conform"):
         inputs, grid = phase1_inputs(img, data)
-    with stage(table, f"phase1: network, 3 views ({kind1})"):
+    with stage(table, f"phase1: network, 3 views × 2 mirrors ({kind1})"):
         raw = predict_volume(model1, spec1, inputs, "cpu", batch_size)
     with stage(table, "phase1: decode + back to T1w grid"):
         predicted = phase1_to_source(raw, grid)
@@ -89,7 +89,7 @@ def run(t1w_path: Path | None, weights_dir: Path | None, batch_size: int) -> lis
         full = masked_tensor_maps(predicted["tensor"], predicted["mask"])
     with stage(table, "phase2: inputs to model grid"):
         inputs2 = phase2_inputs(full["fa"], full["md"], full["colfa"], grid)
-    with stage(table, f"phase2: network, 3 views ({kind2})"):
+    with stage(table, f"phase2: network, 3 views × 2 mirrors ({kind2})"):
         raw2 = predict_volume(model2, spec2, inputs2, "cpu", batch_size)
     with stage(table, "phase2: decode + back to T1w grid"):
         phase2_to_source(raw2, grid, predicted["mask"])

@@ -1,8 +1,8 @@
 """Loading the shipped translators and running them over whole volumes (multi-view 2.5D).
 
-The 2D network runs over every axial, coronal and sagittal slice of the model grid and
-the three raw predictions are fused by the phase (multi-view fusion: no stair-steps between
-slices), then decoded and resampled onto the T1w's own grid.
+The 2D network runs over every axial, coronal and sagittal slice of the model grid, and of
+its left-right mirror image, and the six raw predictions are fused by the phase (multi-view
+fusion: no stair-steps between slices), then decoded and resampled onto the T1w's own grid.
 """
 from __future__ import annotations
 
@@ -90,26 +90,34 @@ def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = Non
 
 
 def predict_volume(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device: str = "auto",
-                   batch_size: int = 16) -> np.ndarray:
+                   batch_size: int = 16, mirror: bool = True) -> np.ndarray:
     """Run the 2D net over the three views of ``inputs (C, X, Y, Z)`` and fuse them (:attr:`PhaseSpec.fuse`).
 
+    With ``mirror`` the volume is also run mirrored left-right (world x, the model grid's
+    first axis) and those outputs are mirrored back, with the sign of each channel fixed by
+    :attr:`PhaseSpec.x_flip_signs`, before fusing the six passes (test-time augmentation:
+    the network learnt both hemispheres' mirror images, and averaging them lowers its
+    variance at twice the cost).
     Returns the fused raw output ``(K, X, Y, Z)`` float32 (logits and log-domain values,
     before :attr:`PhaseSpec.decode`).
     """
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
+    signs = np.asarray(spec.x_flip_signs, dtype=np.float32).reshape(-1, 1, 1, 1)
     views = []
     with torch.inference_mode():
-        for axis in range(3):
-            raw = np.zeros((spec.out_channels,) + inputs.shape[1:], dtype=np.float32)
-            views.append(raw)
-            size = inputs.shape[1 + axis]
-            for first in range(0, size, batch_size):
-                slices = range(first, min(first + batch_size, size))
-                batch = np.stack([slab_along(inputs, axis, neighbours(k, size, spec.context)) for k in slices])
-                batch = torch.from_numpy(batch.reshape((len(slices), -1) + batch.shape[-2:]))
-                out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
-                np.moveaxis(raw, 1 + axis, 0)[first:first + len(slices)] = out  # (size, K, H, W) view
+        for mirrored in (False, True) if mirror else (False,):
+            volume = np.ascontiguousarray(inputs[:, ::-1]) if mirrored else inputs
+            for axis in range(3):
+                raw = np.zeros((spec.out_channels,) + inputs.shape[1:], dtype=np.float32)
+                size = inputs.shape[1 + axis]
+                for first in range(0, size, batch_size):
+                    slices = range(first, min(first + batch_size, size))
+                    batch = np.stack([slab_along(volume, axis, neighbours(k, size, spec.context)) for k in slices])
+                    batch = torch.from_numpy(batch.reshape((len(slices), -1) + batch.shape[-2:]))
+                    out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
+                    np.moveaxis(raw, 1 + axis, 0)[first:first + len(slices)] = out  # (size, K, H, W) view
+                views.append(np.ascontiguousarray(raw[:, ::-1]) * signs if mirrored else raw)
     return spec.fuse(views)
 
 

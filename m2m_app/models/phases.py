@@ -79,8 +79,8 @@ class PhaseSpec:
         inputs or outputs hold sign-free directions (colour FA, DEC-TDI), which no rotation
         maps exactly.
     build_sample : ``(row, prep_dir, inputs_dir) -> Sample`` for one manifest row.
-    fuse : the raw outputs of the axial, coronal and sagittal passes, each ``(K, X, Y, Z)``
-        → one fused raw output ``(K, X, Y, Z)``.
+    fuse : the raw outputs of the axial, coronal and sagittal passes (and of their mirrored
+        twins), each ``(K, X, Y, Z)`` → one fused raw output ``(K, X, Y, Z)``.
     decode : raw network output on the model grid ``(K, X, Y, Z)`` → named maps.
     loss : ``(raw, target, weight) -> {term: scalar}`` on slices; ``"total"`` is optimised.
     """

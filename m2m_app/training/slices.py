@@ -41,6 +41,8 @@ MIN_SLICE_VOXELS = 16
 P_FLIP, P_GAMMA, P_BIAS, P_NOISE, P_THICK, P_LOWRES, P_AFFINE, P_REMAP = 0.5, 0.8, 0.5, 0.5, 0.3, 0.2, 0.6, 0.5
 #: Inner knots of the random monotonic intensity curve (besides 0 → 0 and 1 → 1).
 REMAP_KNOTS = 4
+#: Standard deviation of the contrast curve's interior knots around the identity (normalised intensity).
+REMAP_SD = 0.08
 #: In-plane scale range and largest shift (pixels) of the geometric augmentation.
 SCALE_RANGE, MAX_SHIFT = (0.9, 1.1), 4.0
 #: Range of the Gaussian sigma (pixels) of the low-resolution augmentation.
@@ -107,15 +109,17 @@ def _bias_field(shape: tuple[int, int], rng: np.random.Generator, strength: floa
 
 
 def random_monotonic_curve(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Map [0, 1] intensities through a random increasing piecewise-linear curve.
+    """Map [0, 1] intensities through a random increasing piecewise-linear curve near the identity.
 
     The T1 ordering of tissues is kept while their relative contrast changes, as between
     sequences (MPRAGE, FLASH, SPGR) and scanners: domain randomisation in the spirit of
-    SynthSeg (Billot et al. 2023), restricted to monotonic curves.
+    SynthSeg (Billot et al. 2023), restricted to monotonic curves whose interior knots move
+    by :data:`REMAP_SD` (a normalised intensity still roughly means the same tissue; fully
+    random curves erased what transfers between T1w sequences).
     """
     knots = np.linspace(0.0, 1.0, REMAP_KNOTS + 2)
-    values = np.concatenate([[0.0], np.sort(rng.uniform(0.0, 1.0, REMAP_KNOTS)), [1.0]])
-    return np.interp(slab, knots, values).astype(slab.dtype)
+    interior = np.sort(np.clip(knots[1:-1] + rng.normal(0.0, REMAP_SD, REMAP_KNOTS), 0.0, 1.0))
+    return np.interp(slab, knots, np.concatenate([[0.0], interior, [1.0]])).astype(slab.dtype)
 
 
 def augment_intensity(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:

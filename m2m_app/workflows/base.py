@@ -35,8 +35,8 @@ class RunOptions:
 PHASE1_DESC = ("Diffusion tensors were predicted from the T1w image by m2m's phase-1 translator: the T1w "
                "was reoriented to RAS, resampled to a 2 mm grid and intensity-normalised; a 2.5D U-Net "
                "generator (trained adversarially with global and PatchGAN discriminators) predicted the "
-               "log-Euclidean tensor and a brain mask on axial, coronal and sagittal slices; the three "
-               "predictions were fused (log-Euclidean mean orientation with the views' mean eigenvalues, "
+               "log-Euclidean tensor and a brain mask on axial, coronal and sagittal slices of the T1w and "
+               "of its left-right mirror image; the six predictions were fused (log-Euclidean mean orientation with the views' mean eigenvalues, "
                "which keeps their anisotropy) and brought back to the T1w grid. FA, MD, AD, RD, the principal "
                "eigenvector and colour FA were computed from the predicted tensor.")
 PHASE2_DESC = ("A second translator of the same design predicted a track-density image and a directionally "
