@@ -17,6 +17,8 @@ TABLES = {
                            "md_mae_brain", "v1_angle_deg", "mask_dice"),
     "phase2_heldout_teacher_inputs.tsv": ("tdi_r_brain", "tdi_dice", "dec_angle_deg"),
     "phase2_heldout_predicted_inputs.tsv": ("tdi_r_brain", "tdi_dice", "dec_angle_deg"),
+    "tractogram_heldout.tsv": ("tdi_r_brain", "visited_dice", "predicted_near_teacher", "teacher_near_predicted",
+                               "n_predicted", "n_teacher"),
 }
 
 
@@ -25,6 +27,8 @@ def _mean(rows: list[dict], column: str) -> str:
     if not values:
         return "—"
     mean = sum(values) / len(values)
+    if abs(mean) >= 1000:
+        return f"{mean:,.0f}".replace(",", " ")
     return f"{mean:.2e}" if abs(mean) < 0.01 else f"{mean:.3f}" if abs(mean) < 10 else f"{mean:.1f}"
 
 
@@ -38,8 +42,8 @@ def main(runs: Path) -> None:
             if not path.exists():
                 continue
             rows = list(csv.DictReader(path.open(), delimiter="\t"))
-            for method in dict.fromkeys(row["method"] for row in rows):
-                chosen = [row for row in rows if row["method"] == method]
+            for method in dict.fromkeys(row.get("method", "m2m") for row in rows):
+                chosen = [row for row in rows if row.get("method", "m2m") == method]
                 print(f"| {fold} | {method} | " + " | ".join(_mean(chosen, c) for c in columns) + " |")
 
 

@@ -6,10 +6,12 @@
 #
 # PART is "a" (fold A: train on sub-02, test on sub-01), "b" (fold B: train on sub-01, test
 # on sub-02), "ship" (the same recipe on every subject: the shipped weights, whose expected
-# accuracy is that of the two folds) or "all" (the three, one after the other; default).
-# The parts can run at the same time in separate shells. On one CPU core (one torch thread
-# per process is fastest on 2 cores) fold A takes about 40 min, fold B 15 min, ship 50 min;
-# DEVICE=cuda uses a GPU. Re-running resumes: prepare skips finished units and training
+# accuracy is that of the two folds), "chain" (after a and b: the app itself on each held-out
+# subject with its fold's weights, and its tractogram against the teacher's) or "all" (the
+# four, one after the other; default).
+# The parts a, b and ship can run at the same time in separate shells (one torch thread per
+# process is fastest on 2 cores); so run on a 2-core CPU, each took about 50 min, and chain
+# 4 min afterwards. DEVICE=cuda uses a GPU. Re-running resumes: prepare skips finished units and training
 # restarts from its last checkpoint.
 set -euo pipefail
 DS_REAL=${1:-../shared/data/ds-real}
@@ -55,4 +57,18 @@ if [[ $PART == ship || $PART == all ]]; then
   m2m-train predict "$WORK/prep" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
   m2m-train phase2 "$WORK/prep" "$out" --epochs "$PHASE2_EPOCHS_SHIP" --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"
   cp "$out"/phase{1,2}.{safetensors,json} m2m_app/data/models/
+fi
+
+# chain TEST_LABEL SESSION UNIT: the app on a held-out subject with the weights that never saw it.
+chain() {
+  local label=$1 session=$2 unit=$3 out="$WORK/app-fold-test-sub-$1"
+  m2m "$DS_REAL" "$out" participant --participant-label "$label" ${session:+--session-label "$session"} \
+    --weights-dir "$WORK/fold-test-sub-$label" -w "$WORK/work-fold-test-sub-$label" --nprocs 2 \
+    --device "$DEVICE" --random-seed 0
+  m2m-train evaluate-tractogram "$WORK/prep" "$out" --subject "$unit" > "$WORK/fold-test-sub-$label/tractogram_heldout.tsv"
+}
+
+if [[ $PART == chain || $PART == all ]]; then
+  chain 01 "" sub-01
+  chain 02 hfs sub-02_ses-hfs
 fi
