@@ -132,6 +132,8 @@ def test_reports_load_in_a_real_browser(app_run):
                 assert len(images) >= 10 and any(s.endswith(".gif") for s in sources), sources
                 text = browser.find_element("tag name", "body").text
                 assert "streamlines" in text and "phase1" in text and "Methods" in text
+                sidecar = next((out / "sub-02" / "ses-hfs" / "dwi").glob("*_tractogram.json"))
+                assert f"{json.loads(sidecar.read_text())['Count']} (" in text
     finally:
         browser.quit()
 

@@ -119,10 +119,10 @@ class WriteReport(SimpleInterface):
         inputs, subject = self.inputs, _subject(self.inputs)
         written = {k: Path(v) for k, v in {**inputs.maps, **(inputs.nerf if isdefined(inputs.nerf) else {})}.items()}
         field_report = inputs.field_report if isdefined(inputs.field_report) else {}
+        qc = subject_qc(subject, written, field_report)
         summary = {"input T1w": inputs.t1w, **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {}),
-                   **report_summary(written, field_report, inputs.weights_dir)}
+                   **report_summary(written, qc["n_streamlines"], field_report, inputs.weights_dir)}
         self._results["report"] = str(write_report(Path(inputs.output_dir), subject, inputs.t1w, written,
                                                    summary, inputs.boilerplate, [], _timings(inputs)))
-        self._results["qc"] = str(save_json(subject_qc(subject, written, field_report),
-                                            qc_path(Path(inputs.output_dir), subject)))
+        self._results["qc"] = str(save_json(qc, qc_path(Path(inputs.output_dir), subject)))
         return runtime

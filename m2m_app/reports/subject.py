@@ -94,16 +94,15 @@ def write_report(output_dir: Path, subject: Subject, t1w: str, written: dict[str
     return atomic_write(path, lambda tmp: Path(tmp).write_text(page))
 
 
-def report_summary(written: dict[str, Path], field_report: dict, weights_dir: str | None) -> dict:
-    """Summary rows about the outputs: weights used, streamline count and the NeRF fit."""
+def report_summary(written: dict[str, Path], n_streamlines: int | None, field_report: dict,
+                   weights_dir: str | None) -> dict:
+    """Summary rows about the outputs: weights used, streamline count (from the QC row) and the NeRF fit."""
     from m2m_app.io.derivatives import weights_provenance
-    from m2m_app.io.naming import sidecar_path
 
     rows = {f"{phase} weights": f"sha256 {meta['sha256'][:16]}…, trained on {', '.join(meta['trained_on'] or [])}"
             for phase, meta in weights_provenance(weights_dir).items()}
     if "tractogram" in written:
-        tracking = json.loads(sidecar_path(written["tractogram"]).read_text())
-        rows["streamlines"] = f"{tracking.get('Count')} ({written['tractogram'].name})"
+        rows["streamlines"] = f"{n_streamlines} ({written['tractogram'].name})"
     if field_report:
         rows["NeRF fit"] = (f"{field_report.get('steps')} steps, {field_report.get('seconds', 0):.1f} s; PSNR "
                             f"{field_report.get('psnr_density_db', float('nan')):.1f} dB density, "
