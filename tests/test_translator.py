@@ -291,6 +291,29 @@ def test_training_resumes_and_exports(tmp_path, caplog):
     assert np.isfinite(results[0]["fa_mae_brain"]) and (out / "eval.tsv").exists()
 
 
+def test_training_exports_the_moving_average_of_the_generator(tmp_path):
+    """With --ema-decay the exported weights are the checkpoint's averaged generator (not its last
+    weights), the average resumes with the run, and a run without it cannot resume from it."""
+    from safetensors.torch import load_file
+
+    from m2m_app.errors import UsageError
+
+    prep, out = make_prep_dir(tmp_path), tmp_path / "model"
+    options = {"batch_size": 16, "device": "cpu", "seed": 3, "lr": 1e-3, "disc_base": 4, **TINY}
+    train_phase("phase1", prep, out, epochs=1, ema_decay=0.9, **options)
+    train_phase("phase1", prep, out, epochs=2, ema_decay=0.9, **options)
+    state = torch.load(out / "checkpoints" / "phase1_last.pt", weights_only=True)["networks"]
+    exported = load_file(out / "phase1.safetensors")
+    batches = sum(int(row["batches"]) for row in csv.DictReader((out / "phase1_losses.csv").open()))
+    assert int(state["ema_updates"]) == batches > 1
+    for name, value in exported.items():
+        torch.testing.assert_close(value, state[f"ema_generator.{name}"])
+    assert any(not torch.allclose(value, state[f"generator.{name}"]) for name, value in exported.items())
+    assert json.loads((out / "phase1.json").read_text())["recipe"]["ema_decay"] == 0.9
+    with pytest.raises(UsageError, match="different architecture"):
+        train_phase("phase1", prep, out, epochs=3, **options)
+
+
 def test_phase2_sample_from_predicted_inputs(tmp_path):
     prep = make_prep_dir(tmp_path, kinds=("las",))
     row = next(csv.DictReader((prep / "manifest.tsv").open(), delimiter="\t"))

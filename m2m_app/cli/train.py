@@ -135,6 +135,10 @@ def training_options(func):
                      help="Train only on these (sub-01, 01 or sub-01_ses-a); repeatable. Default: all."),
         click.option("--width", "base", type=click.IntRange(min=4), default=24, show_default=True,
                      help="Channels of the first encoder level (doubles per level); 16 trains ~2x faster."),
+        click.option("--ema-decay", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.0,
+                     show_default=True,
+                     help="Ship a moving average of the generator's weights (e.g. 0.999 per step) instead "
+                          "of its last weights, which an adversarial run can catch on a spike. 0: off."),
         click.option("--extra-prep-dir", "extra_prep_dirs", multiple=True,
                      type=click.Path(file_okay=False, exists=True, path_type=Path),
                      help="Pool subjects of further prep dirs (e.g. several sites). Repeatable."),

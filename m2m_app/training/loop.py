@@ -12,6 +12,7 @@ and at the end ``<phase>.safetensors`` (generator weights) with ``<phase>.json``
 """
 from __future__ import annotations
 
+import copy
 import csv
 import datetime
 import json
@@ -109,13 +110,39 @@ def _cached_dataset(spec: PhaseSpec, sources: list[Source], cache_dir: Path, see
 
 
 class _Networks(nn.Module):
-    """The generator and both discriminators of one phase, as one module for checkpointing."""
+    """The generator, both discriminators and (with ``ema_decay``) the generator's moving
+    average, as one module for checkpointing."""
 
-    def __init__(self, spec: PhaseSpec, base: int, depth: int, disc_base: int) -> None:
+    def __init__(self, spec: PhaseSpec, base: int, depth: int, disc_base: int, ema_decay: float = 0.0) -> None:
         super().__init__()
         self.generator = Translator(spec.in_channels, spec.out_channels, base=base, depth=depth)
         self.global_d = GlobalDiscriminator(spec.in_channels + spec.out_channels, base=disc_base)
         self.patch_d = PatchDiscriminator(spec.in_channels + spec.out_channels, base=disc_base)
+        self.ema_decay = ema_decay
+        self.ema_generator = None
+        if ema_decay:
+            self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Move the averaged generator towards the current one (no-op without ``ema_decay``).
+
+        The decay ramps up as ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates, so
+        the random initial weights are forgotten quickly (as TensorFlow's ExponentialMovingAverage).
+        """
+        if self.ema_generator is None:
+            return
+        decay = min(self.ema_decay, (1.0 + float(self.ema_updates)) / (10.0 + float(self.ema_updates)))
+        for average, current in zip(self.ema_generator.parameters(), self.generator.parameters()):
+            average.lerp_(current.detach(), 1.0 - decay)
+        for average, current in zip(self.ema_generator.buffers(), self.generator.buffers()):
+            average.copy_(current)
+        self.ema_updates += 1
+
+    def exported(self) -> Translator:
+        """The generator to ship: the moving average when there is one."""
+        return self.ema_generator if self.ema_generator is not None else self.generator
 
 
 def _lsgan(logits: torch.Tensor, real: bool) -> torch.Tensor:
@@ -191,7 +218,8 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
                 batch_size: int = 16, device: str = "auto", seed: int = 0, lr: float = 2e-4,
                 subjects: list[str] | None = None, extra_prep_dirs: list[str | os.PathLike] | None = None,
                 predicted_inputs: str | os.PathLike | None = None, base: int = 24, depth: int = 4, disc_base: int = 32,
-                adversarial_weight: float = ADVERSARIAL_WEIGHT, workers: int | None = None) -> Path:
+                adversarial_weight: float = ADVERSARIAL_WEIGHT, workers: int | None = None,
+                ema_decay: float = 0.0) -> Path:
     """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
 
     Parameters
@@ -212,6 +240,9 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     disc_base : width of both discriminators (not exported).
     adversarial_weight : weight of each discriminator's LSGAN term.
     workers : DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
+    ema_decay : if > 0, export an exponential moving average of the generator's weights with
+        this decay per step (e.g. 0.999) instead of its last weights; an adversarial run's last
+        step can land on a spike.
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
@@ -237,7 +268,9 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         worker_init_fn=worker_threads, pin_memory=torch_device.type == "cuda")
 
-    networks = _Networks(spec, base, depth, disc_base).to(torch_device)
+    if not 0.0 <= ema_decay < 1.0:
+        raise UsageError(f"ema_decay must be in [0, 1), not {ema_decay}")
+    networks = _Networks(spec, base, depth, disc_base, ema_decay).to(torch_device)
     opt_g = torch.optim.Adam(networks.generator.parameters(), lr=lr, betas=BETAS)
     opt_d = torch.optim.Adam(list(networks.global_d.parameters()) + list(networks.patch_d.parameters()),
                              lr=lr, betas=BETAS)
@@ -245,9 +278,12 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
               "adversarial_weight": adversarial_weight, "disc_base": disc_base, "world_size": world,
               "training_datasets": training_datasets(prep_dirs),
               "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
-              "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset)}
+              "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset),
+              "ema_decay": ema_decay}
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
     architecture = {**networks.generator.config, "disc_base": disc_base}
+    if ema_decay:  # a checkpoint with or without the moving average resumes only as such
+        architecture["ema_decay"] = ema_decay
     start = _resume(checkpoint, networks, opt_g, opt_d, architecture, torch_device)
 
     def wrap(module: nn.Module) -> nn.Module:
@@ -266,6 +302,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
         began, sums, batches = time.monotonic(), {}, 0
         for batch in tqdm(loader, desc=f"{spec.name} epoch {epoch}/{epochs}", disable=rank != 0, leave=False):
             values = step({k: v.to(torch_device, non_blocking=True) for k, v in batch.items()})
+            networks.update_ema()
             sums = {k: sums.get(k, 0.0) + v for k, v in values.items()}
             batches += 1
         if rank == 0:
@@ -281,7 +318,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     if rank == 0:
         recipe["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         recipe["final_losses"] = history[-1] if history else {}
-        export_generator(networks.generator, spec, model_out, recipe)
+        export_generator(networks.exported(), spec, model_out, recipe)
     if owns_group:
         _barrier(world)
         dist.destroy_process_group()
