@@ -117,7 +117,7 @@ def predict_volume(model: Translator, spec: PhaseSpec, inputs: np.ndarray, devic
                     batch = torch.from_numpy(batch.reshape((len(slices), -1) + batch.shape[-2:]))
                     out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
                     np.moveaxis(raw, 1 + axis, 0)[first:first + len(slices)] = out  # (size, K, H, W) view
-                views.append(np.ascontiguousarray(raw[:, ::-1]) * signs if mirrored else raw)
+                views.append(raw[:, ::-1] * signs if mirrored else raw)
     return spec.fuse(views)
 
 

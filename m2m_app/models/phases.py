@@ -242,6 +242,13 @@ def fa_from_log(log_components: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(1.5 * deviation.pow(2).sum(-1) / evals.pow(2).sum(-1).clamp(min=1e-12) + 1e-12)
 
 
+def tensor_norm(components: torch.Tensor, eps: float) -> torch.Tensor:
+    """Frobenius norm ``(M,)`` of symmetric matrices given as ``(M, 6)`` components, smoothed by ``eps``
+    (``sqrt(|A|² + eps²)``, differentiable at 0)."""
+    weights = components.new_tensor(TENSOR_COMPONENT_WEIGHTS)
+    return torch.sqrt((weights * components.pow(2)).sum(-1) + eps ** 2)
+
+
 def log_tensor_parts(log_components: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split log-tensors ``(M, 6)`` into size, anisotropy and orientation.
 
@@ -252,8 +259,7 @@ def log_tensor_parts(log_components: torch.Tensor) -> tuple[torch.Tensor, torch.
     """
     size = (log_components[:, 0] + log_components[:, 3] + log_components[:, 5]) / 3.0
     deviatoric = log_components - size[:, None] * log_components.new_tensor(_DIAGONAL)
-    weights = log_components.new_tensor(TENSOR_COMPONENT_WEIGHTS)
-    anisotropy = torch.sqrt((weights * deviatoric.pow(2)).sum(-1) + ANISOTROPY_EPS ** 2)
+    anisotropy = tensor_norm(deviatoric, ANISOTROPY_EPS)
     return size, anisotropy, deviatoric / anisotropy[:, None]
 
 
@@ -276,8 +282,7 @@ def _loss_phase1(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
     voxels_true = target[:, :6].permute(0, 2, 3, 1)[inside]
     size_pred, aniso_pred, unit_pred = log_tensor_parts(voxels_pred)
     size_true, aniso_true, unit_true = log_tensor_parts(voxels_true)
-    weights = raw.new_tensor(TENSOR_COMPONENT_WEIGHTS)
-    direction_error = torch.sqrt((weights * (unit_pred - unit_true).pow(2)).sum(-1) + 1e-12)
+    direction_error = tensor_norm(unit_pred - unit_true, 1e-6)
     terms = {"size_l1": (size_pred - size_true).abs().mean(),
              "anisotropy_l1": (aniso_pred - aniso_true).abs().mean(),
              "orientation": (aniso_true * direction_error).mean() / aniso_true.mean().clamp(min=1e-6),
