@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="voxels per axis of the synthetic volume")
     parser.add_argument("--max-steps", type=int, default=1500, help="Adam steps at most for the fit")
     parser.add_argument("--n-seeds", type=int, default=5000, help="tracking seeds")
+    parser.add_argument("--device", default="cpu", help="device of the fit: cpu or cuda (default cpu)")
     parser.add_argument("--out", type=Path, default=None, help="keep outputs here (default: a temporary dir)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -105,7 +106,7 @@ def main() -> None:
     stage("synthetic volume", lambda: synthetic_brain(args.size))
     density, direction, mask, affine = results["synthetic volume"]
     stage("fit field", lambda: fit_field(density, direction, mask, affine, seed=0, max_steps=args.max_steps,
-                                         num_threads=args.threads))
+                                         num_threads=args.threads, device=args.device))
     field = results["fit field"]
     stage("render 4 views (256 px)", lambda: write_standard_views(field, out))
     stage("turntable (24 x 160 px)", lambda: write_turntable(field, out / "turntable.gif"))
@@ -116,7 +117,7 @@ def main() -> None:
     stage("save .trx", lambda: save_tractogram(streamlines, reference, out / "tracks.trx"))
 
     info = field.info
-    print(f"\nsize {args.size}^3, {args.threads} threads, load average {os.getloadavg()[0]:.1f}, "
+    print(f"\nsize {args.size}^3, {args.threads} threads, fit on {args.device}, load average {os.getloadavg()[0]:.1f}, "
           f"outputs in {out}")
     print(f"fit: {info['steps']} steps, PSNR density {info['psnr_density_db']:.1f} dB, "
           f"direction {info['psnr_direction_db']:.1f} dB; {len(streamlines)} streamlines")

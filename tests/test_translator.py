@@ -357,3 +357,17 @@ def test_random_contrast_curve_keeps_the_intensity_order():
     assert curved.min() >= 0 and curved.max() <= 1 and not np.allclose(curved, slab, atol=0.02)
     # near the identity: a normalised intensity still roughly means the same tissue
     assert np.abs(curved - slab).max() < 5 * slices.REMAP_SD
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a machine with one)")
+def test_cuda_training_and_inference_agree_with_cpu(tmp_path):
+    """A tiny model trains on CUDA; its weights predict the same volume on CUDA as on the CPU."""
+    prep, out = make_prep_dir(tmp_path), tmp_path / "model"
+    train_phase("phase1", prep, out, epochs=1, batch_size=16, device="cuda", seed=3, lr=1e-3, disc_base=4,
+                ema_decay=0.9, **TINY)
+    model, spec = load_translator("phase1", out)
+    volume = np.random.default_rng(4).random((1, 24, 28, 24)).astype(np.float32)
+    on_gpu = predict_volume(model, spec, volume, device="cuda")
+    on_cpu = predict_volume(model, spec, volume, device="cpu")
+    assert np.isfinite(on_gpu).all()
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)
