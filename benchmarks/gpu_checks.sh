@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one script (about 5 min on one H100):
+# The checks that need a CUDA GPU, as one script (not yet run: no GPU has been lent so far):
 # the CUDA test (training + CPU/GPU agreement), the NeRF fit on the GPU, and the app on
 # sub-01 of ds-real on 2 CPU threads and on the GPU (tables on stdout).
 #

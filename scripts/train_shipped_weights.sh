@@ -10,9 +10,10 @@
 # subject with its fold's weights, and its tractogram against the teacher's) or "all" (the
 # four, one after the other; default).
 # The parts a, b and ship can run at the same time in separate shells (one torch thread per
-# process is fastest on 2 cores); so run on a 2-core CPU, folds a and b took about 2 h each and
-# ship about 1.5 h, chain 4 min afterwards. DEVICE=cuda uses a GPU. Re-running resumes: prepare skips finished units and training
-# restarts from its last checkpoint.
+# process is fastest on 2 cores). Run that way on a 2-core CPU, folds a and b took about 2 h
+# each and ship about 1.5 h; chain takes 4 min afterwards. DEVICE=cuda uses a GPU.
+# Re-running resumes: prepare skips finished units and training restarts from its last
+# checkpoint.
 set -euo pipefail
 DS_REAL=${1:-../shared/data/ds-real}
 WORK=${2:-runs}
