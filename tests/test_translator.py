@@ -20,7 +20,7 @@ from m2m_app.errors import BadDataError
 from m2m_app.inference import conform
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2, predict_volume
 from m2m_app.maths.tensor import components_to_matrix, tensor_derivatives
-from m2m_app.models.phases import PHASE1, PHASE2, fa_from_log, log_tensor_parts, tensor_to_log
+from m2m_app.models.phases import PHASE1, PHASE2, fa_from_log, log_tensor_parts, tensor_to_log, wasserstein_1d
 from m2m_app.models.translator import Encoder, GlobalDiscriminator, PatchDiscriminator, Translator
 from m2m_app.training import slices
 from m2m_app.training.evaluate import evaluate_phase
@@ -134,6 +134,30 @@ def test_phase1_loss_separates_shape_from_orientation():
     size, anisotropy, _ = log_tensor_parts(torch.from_numpy(tensor_to_log(np.stack([fibre_x, isotropic]))))
     assert anisotropy[0] > 1.0 and anisotropy[1] < 1e-2
     assert size[1].item() == pytest.approx(np.log(0.77), abs=1e-4)
+
+
+def test_fa_distribution_term_penalises_a_compressed_fa_range():
+    """Shuffled voxels cost FA L1 but no distribution term; FA pulled towards its mean costs both."""
+    rng = np.random.default_rng(0)
+    eigen = np.sort(rng.uniform(0.2e-3, 2.0e-3, (64, 3)), axis=1)[:, ::-1]
+    truth = np.zeros((64, 6), np.float32)
+    truth[:, [0, 3, 5]] = eigen
+    mean = eigen.mean(axis=1, keepdims=True)
+    compressed = truth.copy()
+    compressed[:, [0, 3, 5]] = mean + 0.3 * (eigen - mean)
+
+    def terms(predicted: np.ndarray) -> dict:
+        as_raw = lambda comps, mask: torch.from_numpy(np.concatenate(
+            [tensor_to_log(comps), np.full((64, 1), mask, np.float32)], 1).T.copy()).float().view(1, 7, 1, 64)
+        return {k: v.item() for k, v in PHASE1.loss(as_raw(predicted, 0.0), as_raw(truth, 1.0), torch.ones(1, 1, 1, 64)).items()}
+
+    shuffled, squeezed = terms(truth[rng.permutation(64)]), terms(compressed)
+    assert shuffled["fa_distribution"] == pytest.approx(0.0, abs=1e-6) and shuffled["fa_l1"] > 0.05
+    assert squeezed["fa_distribution"] > 0.05
+    assert squeezed["fa_distribution"] == pytest.approx(squeezed["fa_l1"], rel=1e-4)  # a monotone squeeze: both agree
+    sample = torch.tensor([0.1, 0.5, 0.9])
+    assert wasserstein_1d(sample, sample.flip(0)).item() == 0.0
+    assert wasserstein_1d(sample + 0.2, sample).item() == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("kind", ["oblique", "las"])
@@ -309,7 +333,9 @@ def test_training_exports_the_moving_average_of_the_generator(tmp_path):
     for name, value in exported.items():
         torch.testing.assert_close(value, state[f"ema_generator.{name}"])
     assert any(not torch.allclose(value, state[f"generator.{name}"]) for name, value in exported.items())
-    assert json.loads((out / "phase1.json").read_text())["recipe"]["ema_decay"] == 0.9
+    metadata = json.loads((out / "phase1.json").read_text())
+    assert metadata["recipe"]["ema_decay"] == 0.9
+    assert metadata["parameters"] == sum(value.numel() for value in exported.values())
     with pytest.raises(UsageError, match="different architecture"):
         train_phase("phase1", prep, out, epochs=3, **options)
 

@@ -41,6 +41,9 @@ TENSOR_COMPONENT_WEIGHTS = (1.0, 2.0, 2.0, 1.0, 2.0, 1.0)
 ANISOTROPY_EPS = 1e-3
 #: Where the diagonal components sit in the ``D11 D12 D13 D22 D23 D33`` order.
 _DIAGONAL = (1.0, 0.0, 0.0, 1.0, 0.0, 1.0)
+#: Weight of the FA-distribution term (1D Wasserstein distance) in the phase-1 loss; 3 was
+#: chosen on fold A (docs/training.md): 1 left white-matter FA almost as compressed.
+FA_DISTRIBUTION_WEIGHT = 3.0
 #: Percentile of the in-mask TDI that is mapped to a relative density of 1.
 TDI_PERCENTILE = 99.0
 
@@ -263,6 +266,16 @@ def log_tensor_parts(log_components: torch.Tensor) -> tuple[torch.Tensor, torch.
     return size, anisotropy, deviatoric / anisotropy[:, None]
 
 
+def wasserstein_1d(sample: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """1-Wasserstein distance between two equal-size 1D samples, in their unit.
+
+    ``sample`` and ``reference`` (N,): the mean absolute difference of their sorted values,
+    i.e. the area between the two empirical distribution functions. It is zero for any
+    permutation of the reference and grows as the sample's range shrinks or shifts.
+    """
+    return (torch.sort(sample).values - torch.sort(reference).values).abs().mean()
+
+
 def _loss_phase1(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Tensor size, anisotropy, orientation and FA losses inside the brain; BCE on the mask everywhere.
 
@@ -271,23 +284,29 @@ def _loss_phase1(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
     tensor wherever the orientation is uncertain, which shrinks FA everywhere. Here the
     orientation error (distance between unit deviatoric parts) is weighted by the teacher's
     anisotropy, and the size and anisotropy errors do not depend on the orientation.
+    Voxel-wise losses still let the network shrink the FA range towards its mean where the
+    T1w is ambiguous, so ``fa_distribution`` compares the batch's FA histogram with the
+    teacher's (:func:`wasserstein_1d`, weight :data:`FA_DISTRIBUTION_WEIGHT`).
     """
     mask = F.binary_cross_entropy_with_logits(raw[:, 6], target[:, 6])
     inside = weight[:, 0] > 0
     if not inside.any():
         zero = raw.sum() * 0.0
         return {"size_l1": zero, "anisotropy_l1": zero, "orientation": zero, "fa_l1": zero,
-                "mask_bce": mask, "total": 0.5 * mask}
+                "fa_distribution": zero, "mask_bce": mask, "total": 0.5 * mask}
     voxels_pred = raw[:, :6].permute(0, 2, 3, 1)[inside]
     voxels_true = target[:, :6].permute(0, 2, 3, 1)[inside]
     size_pred, aniso_pred, unit_pred = log_tensor_parts(voxels_pred)
     size_true, aniso_true, unit_true = log_tensor_parts(voxels_true)
     direction_error = tensor_norm(unit_pred - unit_true, 1e-6)
+    fa_pred, fa_true = fa_from_log(voxels_pred), fa_from_log(voxels_true)
     terms = {"size_l1": (size_pred - size_true).abs().mean(),
              "anisotropy_l1": (aniso_pred - aniso_true).abs().mean(),
              "orientation": (aniso_true * direction_error).mean() / aniso_true.mean().clamp(min=1e-6),
-             "fa_l1": (fa_from_log(voxels_pred) - fa_from_log(voxels_true)).abs().mean()}
-    return {**terms, "mask_bce": mask, "total": sum(terms.values()) + 0.5 * mask}
+             "fa_l1": (fa_pred - fa_true).abs().mean()}
+    distribution = wasserstein_1d(fa_pred, fa_true)
+    return {**terms, "fa_distribution": distribution, "mask_bce": mask,
+            "total": sum(terms.values()) + FA_DISTRIBUTION_WEIGHT * distribution + 0.5 * mask}
 
 
 PHASE1 = PhaseSpec(

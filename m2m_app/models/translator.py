@@ -145,5 +145,5 @@ class GlobalDiscriminator(nn.Module):
 
 
 def parameter_count(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    """Number of parameters (weights and biases), frozen ones included: an averaged copy has no gradients."""
+    return sum(p.numel() for p in module.parameters())
