@@ -269,35 +269,98 @@ def test_flip_augmentation_negates_off_diagonals(tmp_path, monkeypatch):
     assert torch.allclose(b[:, :height], a[:, :height].flip(1) * signs)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_geometric_augmentation_rotates_tensors_with_the_image(seed):
-    """A bar along x with x-oriented sticks, randomly rotated/scaled in the axial plane:
-    the bar's direction in the warped image and V1 of the warped tensors must agree."""
-    size, centre = 64, 31.5
+def _stick_bar(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A bar along x (axial slice: h = x, w = y) of x-oriented sticks: slab (1, 5, S, S), target (7, S, S)."""
+    centre = (size - 1) / 2
     hh, ww = np.mgrid[:size, :size]
     bar = (np.abs(ww - centre) < 2.5) & (np.abs(hh - centre) < 24)
     slab = np.broadcast_to(bar.astype(np.float32), (1, 5, size, size)).copy()
-    logs = tensor_to_log(np.array([[1.7e-3, 0, 0, 0.3e-3, 0, 0.3e-3]], np.float32))[0]
+    logs = tensor_to_log(np.array([STICK_X], np.float32))[0]
     target = np.concatenate([np.broadcast_to(logs[:, None, None], (6, size, size)), np.ones((1, size, size))])
-    spec = dataclasses.replace(PHASE1, max_rotation_deg=60.0)
-    rng = np.random.default_rng(seed)
-    warped, rotated, weight = slices.augment_geometry(slab, target.astype(np.float32), np.ones((1, size, size)),
-                                                      2, spec, rng)
+    return slab, target.astype(np.float32)
+
+
+def _bar_axis_and_v1(warped: np.ndarray, rotated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The warped bar's direction in the (x, y) plane and V1 (3,) of the warped tensor at its centre."""
     image = warped[0, 2]
     points = np.argwhere(image > 0.5) - np.argwhere(image > 0.5).mean(0)
-    bar_axis = np.linalg.eigh(points.T @ points)[1][:, -1]          # (h, w) = (x, y) of the axial plane
+    bar_axis = np.linalg.eigh(points.T @ points)[1][:, -1]
     tensor = PHASE1.decode(rotated[:, 32:33, 32:33, None])["tensor"][0, 0, 0]
     v1 = tensor_derivatives(tensor)["v1"]
+    assert tensor_derivatives(tensor)["fa"] == pytest.approx(tensor_derivatives(STICK_X)["fa"], rel=1e-3)
+    return bar_axis, v1
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle in degrees between two axes (sign-free)."""
+    return float(np.degrees(np.arccos(min(1.0, abs(a @ b) / np.linalg.norm(a) / np.linalg.norm(b)))))
+
+
+STICK_X = np.array([1.7e-3, 0, 0, 0.3e-3, 0, 0.3e-3])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_geometric_augmentation_rotates_tensors_with_the_image(seed):
+    """The bar randomly rotated/scaled in the axial plane: its direction and V1 of the warped tensors agree."""
+    slab, target = _stick_bar()
+    spec = dataclasses.replace(PHASE1, max_rotation_deg=60.0)
+    warped, rotated, weight = slices.augment_geometry(slab, target, np.ones((1, 64, 64)), 2, spec,
+                                                      np.random.default_rng(seed))
+    bar_axis, v1 = _bar_axis_and_v1(warped, rotated)
     assert abs(v1[2]) < 1e-6 and weight[0, 32, 32] == 1
-    assert np.degrees(np.arccos(min(1.0, abs(v1[:2] @ bar_axis)))) < 4.0
-    assert tensor_derivatives(tensor)["fa"] == pytest.approx(tensor_derivatives(
-        np.array([1.7e-3, 0, 0, 0.3e-3, 0, 0.3e-3]))["fa"], rel=1e-3)
+    assert _angle_deg(v1[:2], bar_axis) < 4.0
+
+
+def test_content_rotation_angles_of_a_linear_warp_are_exact():
+    """Output pixel p reads (R(-θ)/s)(p - c) + c: the content turns by θ everywhere, whatever the scale s."""
+    theta, scale = np.radians(25.0), 1.2
+    inverse = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]]) / scale
+    pixels = np.indices((40, 50), dtype=np.float64) - np.array([20.0, 25.0])[:, None, None]
+    displacement = np.einsum("ij,j...->i...", inverse, pixels) - pixels
+    np.testing.assert_allclose(slices.content_rotation_angles(displacement), theta, atol=1e-9)
+    assert np.abs(slices.content_rotation_angles(np.ones((2, 40, 50)))).max() == 0.0  # a shift turns nothing
+
+
+def test_elastic_displacement_is_smooth_bounded_and_seeded():
+    field = slices.elastic_displacement((96, 112), 3.0, np.random.default_rng(1))
+    assert field.shape == (2, 96, 112)
+    assert np.sqrt((field ** 2).sum(0)).max() == pytest.approx(3.0)
+    jacobian = [np.gradient(component) for component in field]
+    determinant = (1 + jacobian[0][0]) * (1 + jacobian[1][1]) - jacobian[0][1] * jacobian[1][0]
+    assert determinant.min() > 0.5  # no folding
+    np.testing.assert_array_equal(field, slices.elastic_displacement((96, 112), 3.0, np.random.default_rng(1)))
+
+
+def test_elastic_augmentation_turns_tensors_with_the_tissue(monkeypatch):
+    """An elastic field that happens to be a 30° rotation about the centre (the affine draw
+    neither rotates nor shifts): the bar turns by 30° and V1 turns with it; with
+    elastic_px=0 the same draw leaves the bar along x."""
+    theta = np.radians(30.0)
+    inverse = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
+
+    def rotation_field(shape, amplitude, rng):
+        pixels = np.indices(shape, dtype=np.float64) - ((np.array(shape) - 1) / 2)[:, None, None]
+        return np.einsum("ij,j...->i...", inverse, pixels) - pixels
+
+    monkeypatch.setattr(slices, "elastic_displacement", rotation_field)
+    monkeypatch.setattr(slices, "P_ELASTIC", 1.0)
+    monkeypatch.setattr(slices, "MAX_SHIFT", 0.0)
+    slab, target = _stick_bar()
+    spec = dataclasses.replace(PHASE1, max_rotation_deg=0.0)
+    x_axis = np.array([1.0, 0.0])
+    for elastic_px, turn in ((3.0, 30.0), (0.0, 0.0)):
+        warped, rotated, _ = slices.augment_geometry(slab, target, np.ones((1, 64, 64)), 2, spec,
+                                                     np.random.default_rng(0), elastic_px=elastic_px)
+        bar_axis, v1 = _bar_axis_and_v1(warped, rotated)
+        assert _angle_deg(bar_axis, x_axis) == pytest.approx(turn, abs=3.0)
+        assert _angle_deg(v1[:2], bar_axis) < 4.0 and abs(v1[2]) < 1e-6
 
 
 def test_training_resumes_and_exports(tmp_path, caplog):
     prep = make_prep_dir(tmp_path)
     out = tmp_path / "model"
-    options = {"batch_size": 16, "device": "cpu", "seed": 3, "lr": 1e-3, "disc_base": 4, "subjects": ["01"], **TINY}
+    options = {"batch_size": 16, "device": "cpu", "seed": 3, "lr": 1e-3, "disc_base": 4, "subjects": ["01"],
+               "elastic_px": 2.0, **TINY}
     train_phase("phase1", prep, out, epochs=1, **options)
     first = list(csv.DictReader((out / "phase1_losses.csv").open()))
     assert [r["epoch"] for r in first] == ["1"]
@@ -307,7 +370,7 @@ def test_training_resumes_and_exports(tmp_path, caplog):
     rows = list(csv.DictReader((out / "phase1_losses.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == first[0]
     meta = json.loads((out / "phase1.json").read_text())
-    assert meta["recipe"]["epochs"] == 2 and meta["recipe"]["subjects"] == ["sub-01"]
+    assert meta["recipe"]["epochs"] == 2 and meta["recipe"]["subjects"] == ["sub-01"] and meta["recipe"]["elastic_px"] == 2.0
     assert meta["recipe"]["training_datasets"] == ["prep"] and str(tmp_path) not in json.dumps(meta)
     assert meta["architecture"] == {"in_channels": 5, "out_channels": 7, **TINY}
     results = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], out_tsv=out / "eval.tsv", device="cpu")
@@ -364,12 +427,12 @@ def test_distributed_training_with_torchrun_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "m2m_app.cli.train", "phase1", str(prep), str(out), "--epochs", "1", "--width", "4",
-               "--batch-size", "4", "--device", "cpu"]
+               "--batch-size", "4", "--device", "cpu", "--elastic-px", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "phase1.json").read_text())
-    assert meta["recipe"]["world_size"] == 2 and meta["recipe"]["batch_size"] == 8
+    assert meta["recipe"]["world_size"] == 2 and meta["recipe"]["batch_size"] == 8 and meta["recipe"]["elastic_px"] == 2.0
     assert [row["epoch"] for row in csv.DictReader((out / "phase1_losses.csv").open())] == ["1"]
     load_translator("phase1", out)
 

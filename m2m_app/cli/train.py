@@ -139,6 +139,9 @@ def training_options(func):
                      show_default=True,
                      help="Ship a moving average of the generator's weights (e.g. 0.999 per step) instead "
                           "of its last weights, which an adversarial run can catch on a spike. 0: off."),
+        click.option("--elastic-px", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+                     help="Elastic augmentation: half of the geometric augmentations also deform the "
+                          "slice smoothly by up to this many 2 mm pixels (e.g. 3). 0: affine only."),
         click.option("--extra-prep-dir", "extra_prep_dirs", multiple=True,
                      type=click.Path(file_okay=False, exists=True, path_type=Path),
                      help="Pool subjects of further prep dirs (e.g. several sites). Repeatable."),

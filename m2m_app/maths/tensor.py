@@ -40,9 +40,10 @@ def rotate_tensors(matrix: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     matrix : (..., 3, 3) symmetric tensors.
-    rotation : (3, 3) proper rotation taking vectors of the old frame to the new one.
+    rotation : (3, 3) proper rotation taking vectors of the old frame to the new one, or one
+        per tensor (any shape that broadcasts against ``matrix``'s leading axes, then (3, 3)).
     """
-    return np.einsum("ij,...jk,lk->...il", rotation, matrix, rotation)
+    return np.einsum("...ij,...jk,...lk->...il", rotation, matrix, rotation)
 
 
 def _eigh_map(matrix: np.ndarray, function) -> np.ndarray:

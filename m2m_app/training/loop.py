@@ -99,14 +99,14 @@ def _barrier(world: int) -> None:
 
 
 def _cached_dataset(spec: PhaseSpec, sources: list[Source], cache_dir: Path, seed: int, rank: int,
-                    world: int) -> SliceDataset:
+                    world: int, elastic_px: float) -> SliceDataset:
     """Conform every source into ``cache_dir`` (rank 0 only; the other ranks wait, then read it)."""
     if rank == 0:
         files = [cache_sample(spec, s, cache_dir) for s in tqdm(sources, desc=f"{spec.name}: conform")]
     _barrier(world)
     if rank != 0:
         files = [cache_sample(spec, s, cache_dir) for s in sources]
-    return SliceDataset(spec, files, augment=True, seed=seed)
+    return SliceDataset(spec, files, augment=True, seed=seed, elastic_px=elastic_px)
 
 
 class _Networks(nn.Module):
@@ -219,7 +219,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
                 subjects: list[str] | None = None, extra_prep_dirs: list[str | os.PathLike] | None = None,
                 predicted_inputs: str | os.PathLike | None = None, base: int = 24, depth: int = 4, disc_base: int = 32,
                 adversarial_weight: float = ADVERSARIAL_WEIGHT, workers: int | None = None,
-                ema_decay: float = 0.0) -> Path:
+                ema_decay: float = 0.0, elastic_px: float = 0.0) -> Path:
     """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
 
     Parameters
@@ -243,6 +243,8 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     ema_decay : if > 0, export an exponential moving average of the generator's weights with
         this decay per step (e.g. 0.999) instead of its last weights; an adversarial run's last
         step can land on a spike.
+    elastic_px : if > 0, half of the geometric augmentations also deform the slice elastically,
+        displacing it by up to this many pixels of the 2 mm grid (tensors turn with the tissue).
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
@@ -262,7 +264,9 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     prep_dirs = [Path(prep_dir)] + [Path(p) for p in extra_prep_dirs or []]
     rows = select_rows(prep_dirs, subjects)
     sources = training_sources(rows, Path(predicted_inputs) if predicted_inputs else None)
-    dataset = _cached_dataset(spec, sources, model_out / "cache", seed, rank, world)
+    if elastic_px < 0:
+        raise UsageError(f"elastic_px must be >= 0, not {elastic_px}")
+    dataset = _cached_dataset(spec, sources, model_out / "cache", seed, rank, world, elastic_px)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     workers = (4 if torch_device.type == "cuda" else 0) if workers is None else workers
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -279,7 +283,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
               "training_datasets": training_datasets(prep_dirs),
               "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
               "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset),
-              "ema_decay": ema_decay}
+              "ema_decay": ema_decay, "elastic_px": elastic_px}
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
     architecture = {**networks.generator.config, "disc_base": disc_base}
     if ema_decay:  # a checkpoint with or without the moving average resumes only as such

@@ -45,6 +45,9 @@ REMAP_KNOTS = 4
 REMAP_SD = 0.08
 #: In-plane scale range and largest shift (pixels) of the geometric augmentation.
 SCALE_RANGE, MAX_SHIFT = (0.9, 1.1), 4.0
+#: Probability of an elastic deformation within a geometric augmentation (when enabled) and
+#: the Gaussian sigma (pixels) that smooths its random displacement field.
+P_ELASTIC, ELASTIC_SMOOTHING = 0.5, 8.0
 #: Range of the Gaussian sigma (pixels) of the low-resolution augmentation.
 LOWRES_SIGMA = (0.5, 1.5)
 #: The two in-plane spatial axes (of X, Y, Z) of a slice taken along each axis.
@@ -148,10 +151,42 @@ def _warp(planes: np.ndarray, matrix: np.ndarray, offset: np.ndarray, order: int
     return np.stack(warped).reshape(planes.shape)
 
 
-def rotate_log_tensors(target: np.ndarray, channels: tuple[int, ...], rotation: np.ndarray) -> np.ndarray:
-    """Rotate the log-tensor channels ``channels`` of ``target (K, H, W)`` by ``rotation (3, 3)``: ``R L Rᵀ``.
+def _warp_to(planes: np.ndarray, coordinates: np.ndarray, order: int) -> np.ndarray:
+    """Resample every ``(H, W)`` plane of ``planes (..., H, W)``: output pixel ``p`` reads input ``coordinates[:, p]``."""
+    flat = planes.reshape((-1,) + planes.shape[-2:])
+    warped = [ndimage.map_coordinates(plane, coordinates, order=order, mode="constant", cval=0.0) for plane in flat]
+    return np.stack(warped).reshape(planes.shape)
 
-    The matrix logarithm commutes with rotations, so rotating ``log D`` is rotating ``D``.
+
+def elastic_displacement(shape: tuple[int, int], amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random displacement field ``(2, H, W)`` in pixels whose largest length is ``amplitude``.
+
+    White noise smoothed by a Gaussian of :data:`ELASTIC_SMOOTHING` pixels: with amplitudes of a
+    few pixels its gradients stay far below 1, so the deformation never folds.
+    """
+    field = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), ELASTIC_SMOOTHING, mode="reflect")
+                      for _ in range(2)])
+    peak = np.sqrt((field ** 2).sum(axis=0)).max()
+    return field * (amplitude / peak) if peak > 0 else field
+
+
+def content_rotation_angles(displacement: np.ndarray) -> np.ndarray:
+    """Angle (radians, ``(H, W)``) by which the image content turns at each pixel when output
+    pixel ``p`` reads input ``p + displacement[:, p]``.
+
+    The warp's Jacobian (input w.r.t. output) is ``A = I + ∇d``; the content moves by ``A⁻¹``,
+    whose rotation (polar decomposition) is the inverse of ``A``'s, and the rotation of a 2×2
+    matrix ``[[a, b], [c, d]]`` (positive determinant) has angle ``atan2(c − b, a + d)``.
+    """
+    (d00, d01), (d10, d11) = (np.gradient(component) for component in displacement)
+    return -np.arctan2(d10 - d01, 2.0 + d00 + d11)
+
+
+def rotate_log_tensors(target: np.ndarray, channels: tuple[int, ...], rotation: np.ndarray) -> np.ndarray:
+    """Rotate the log-tensor channels ``channels`` of ``target (K, H, W)`` by ``rotation``: ``R L Rᵀ``.
+
+    ``rotation``: one ``(3, 3)`` rotation, or one per pixel ``(H, W, 3, 3)``. The matrix
+    logarithm commutes with rotations, so rotating ``log D`` is rotating ``D``.
     """
     out = target.copy()
     logs = np.moveaxis(target[list(channels)], 0, -1)
@@ -159,24 +194,46 @@ def rotate_log_tensors(target: np.ndarray, channels: tuple[int, ...], rotation: 
     return out
 
 
+def in_plane_rotations(angle: float | np.ndarray, axis: int) -> np.ndarray:
+    """Rotations ``(..., 3, 3)`` by ``angle`` (radians, scalar or any shape) in the slice plane
+    of a slice taken along ``axis``, i.e. about world axis ``axis`` of the RAS+ model grid."""
+    angle = np.asarray(angle, dtype=np.float64)
+    rotation = np.broadcast_to(np.eye(3), angle.shape + (3, 3)).copy()
+    first, second = IN_PLANE_AXES[axis]
+    rotation[..., first, first], rotation[..., first, second] = np.cos(angle), -np.sin(angle)
+    rotation[..., second, first], rotation[..., second, second] = np.sin(angle), np.cos(angle)
+    return rotation
+
+
 def augment_geometry(slab: np.ndarray, target: np.ndarray, weight: np.ndarray, axis: int, spec: PhaseSpec,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A random in-plane scale, shift and (up to ``spec.max_rotation_deg``) rotation of one training slice.
+                     rng: np.random.Generator, elastic_px: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random in-plane scale, shift, (up to ``spec.max_rotation_deg``) rotation and, with
+    ``elastic_px`` > 0, sometimes a smooth elastic deformation of one training slice.
 
     ``slab (C, D, H, W)`` and ``target (K, H, W)`` are resampled linearly, ``weight (1, H, W)``
-    by nearest neighbour. The content rotates by ``θ`` in the ``(H, W)`` plane, i.e. about
-    world axis ``axis`` of the RAS+ model grid, and the phase's log-tensor outputs rotate with it.
+    by nearest neighbour, once for both deformations. The content rotates by ``θ`` in the
+    ``(H, W)`` plane, i.e. about world axis ``axis`` of the RAS+ model grid, and the phase's
+    log-tensor outputs rotate with it; under the elastic deformation each pixel's tensor
+    turns with the local rotation of the content (largest displacement up to ``elastic_px`` pixels).
     """
     theta = np.radians(rng.uniform(-spec.max_rotation_deg, spec.max_rotation_deg))
     content = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     matrix = np.linalg.inv(content) / rng.uniform(*SCALE_RANGE)  # output pixel -> input pixel
     centre = (np.array(slab.shape[-2:]) - 1) / 2.0
     offset = centre - matrix @ centre + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2)
-    slab, target, weight = _warp(slab, matrix, offset, 1), _warp(target, matrix, offset, 1), _warp(weight, matrix, offset, 0)
-    if spec.tensor_outputs and theta:
-        rotation = np.eye(3)
-        rotation[np.ix_(IN_PLANE_AXES[axis], IN_PLANE_AXES[axis])] = content
-        target = rotate_log_tensors(target, spec.tensor_outputs, rotation)
+    if elastic_px > 0 and rng.random() < P_ELASTIC:
+        displacement = elastic_displacement(slab.shape[-2:], rng.uniform(0.0, elastic_px), rng)
+        pixels = np.indices(slab.shape[-2:], dtype=np.float64) + displacement
+        coordinates = np.einsum("ij,j...->i...", matrix, pixels) + offset[:, None, None]
+        slab, target, weight = (_warp_to(slab, coordinates, 1), _warp_to(target, coordinates, 1),
+                                _warp_to(weight, coordinates, 0))
+        angle = theta + content_rotation_angles(displacement)
+    else:
+        slab, target, weight = (_warp(slab, matrix, offset, 1), _warp(target, matrix, offset, 1),
+                                _warp(weight, matrix, offset, 0))
+        angle = theta
+    if spec.tensor_outputs and np.any(angle):
+        target = rotate_log_tensors(target, spec.tensor_outputs, in_plane_rotations(angle, axis))
     return slab, target, weight
 
 
@@ -194,8 +251,10 @@ class SliceDataset(Dataset):
     seeded by (seed, epoch, index), so an epoch is reproducible and resumable.
     """
 
-    def __init__(self, spec: PhaseSpec, cache_files: list[Path], augment: bool = True, seed: int = 0) -> None:
+    def __init__(self, spec: PhaseSpec, cache_files: list[Path], augment: bool = True, seed: int = 0,
+                 elastic_px: float = 0.0) -> None:
         self.spec, self.files, self.augment, self.seed = spec, list(cache_files), augment, seed
+        self.elastic_px = elastic_px
         self.epoch = 0
         self.index: list[tuple[int, int, int]] = []
         for number, path in enumerate(self.files):
@@ -229,7 +288,7 @@ class SliceDataset(Dataset):
         if flip:
             target = target * np.array(self.spec.x_flip_signs, dtype=np.float32)[:, None, None]
         if self.augment and rng.random() < P_AFFINE:
-            slab, target, weight = augment_geometry(slab, target, weight, axis, self.spec, rng)
+            slab, target, weight = augment_geometry(slab, target, weight, axis, self.spec, rng, self.elastic_px)
         arrays = {"input": slab.reshape((-1,) + slab.shape[2:]), "target": target, "weight": weight}
         return {name: torch.from_numpy(np.ascontiguousarray(_pad(a), dtype=np.float32)) for name, a in arrays.items()}
 
