@@ -38,6 +38,9 @@ fold() {
   m2m-train phase1 "$WORK/prep" "$out" --subject "$train" --epochs "$epochs1" "${COMMON[@]}"
   m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" \
     --out "$out/phase1_heldout.tsv"
+  # the same metrics on the training subject: what the network does where the T1w is no surprise
+  m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$train" --device "$DEVICE" \
+    --out "$out/phase1_training_subject.tsv"
   # phase 2 learns from the teacher's maps and from phase 1's predictions of its training subjects
   m2m-train predict "$WORK/prep" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
   m2m-train phase2 "$WORK/prep" "$out" --subject "$train" --epochs "$epochs2" \

@@ -356,6 +356,21 @@ def test_elastic_augmentation_turns_tensors_with_the_tissue(monkeypatch):
         assert _angle_deg(v1[:2], bar_axis) < 4.0 and abs(v1[2]) < 1e-6
 
 
+def test_fa_metrics_measure_bias_and_compression():
+    """A prediction squeezed towards its mean keeps r = 1 but shows its spread (< 1) and bias."""
+    from m2m_app.training.evaluate import fa_metrics
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.1, 0.8, (12, 12, 12))
+    brain = np.ones(truth.shape, bool)
+    wm = truth > 0.3
+    exact = fa_metrics(truth, truth, brain, wm)
+    assert exact["fa_bias_wm"] == 0.0 and exact["fa_spread_wm"] == pytest.approx(1.0)
+    squeezed = fa_metrics(0.25 + 0.5 * (truth - 0.25), truth, brain, wm)
+    assert squeezed["fa_r_wm"] == pytest.approx(1.0) and squeezed["fa_spread_wm"] == pytest.approx(0.5)
+    assert squeezed["fa_bias_wm"] < -0.1 and squeezed["fa_mae_wm"] == pytest.approx(-squeezed["fa_bias_wm"])
+
+
 def test_training_resumes_and_exports(tmp_path, caplog):
     prep = make_prep_dir(tmp_path)
     out = tmp_path / "model"

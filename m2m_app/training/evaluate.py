@@ -81,13 +81,21 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def fa_metrics(pred_fa: np.ndarray, true_fa: np.ndarray, brain: np.ndarray, wm: np.ndarray) -> dict[str, float]:
-    """FA MAE / Pearson r in the brain and in WM, and FA PSNR / SSIM in the brain's bounding box."""
+    """FA MAE / Pearson r in the brain and in WM, and FA PSNR / SSIM in the brain's bounding box.
+
+    Two more describe the WM FA distribution: ``fa_bias_wm`` (mean predicted minus teacher
+    FA) and ``fa_spread_wm`` (standard deviation of predicted over teacher FA: below 1 the
+    prediction compresses the FA range).
+    """
     box = _bounding_box(brain)
     inside_pred, inside_true = np.where(brain, pred_fa, 0)[box], np.where(brain, true_fa, 0)[box]
     return {"fa_mae_brain": float(np.abs(pred_fa - true_fa)[brain].mean()),
             "fa_r_brain": pearson(pred_fa[brain], true_fa[brain]),
             "fa_mae_wm": float(np.abs(pred_fa - true_fa)[wm].mean()) if wm.any() else float("nan"),
             "fa_r_wm": pearson(pred_fa[wm], true_fa[wm]) if wm.any() else float("nan"),
+            "fa_bias_wm": float((pred_fa - true_fa)[wm].mean()) if wm.any() else float("nan"),
+            "fa_spread_wm": float(pred_fa[wm].std() / true_fa[wm].std()) if wm.any() and true_fa[wm].std() > 0
+            else float("nan"),
             "fa_psnr": psnr(inside_pred, inside_true), "fa_ssim": ssim(inside_pred, inside_true)}
 
 
