@@ -143,18 +143,19 @@ def augment_intensity(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(slab, 0.0, 1.5)
 
 
-def _warp(planes: np.ndarray, matrix: np.ndarray, offset: np.ndarray, order: int) -> np.ndarray:
-    """Resample every ``(H, W)`` plane of ``planes (..., H, W)``: output pixel ``p`` reads input ``matrix p + offset``."""
-    flat = planes.reshape((-1,) + planes.shape[-2:])
-    warped = [ndimage.affine_transform(plane, matrix, offset, order=order, mode="constant", cval=0.0)
-              for plane in flat]
-    return np.stack(warped).reshape(planes.shape)
+def _warp(planes: np.ndarray, order: int, matrix: np.ndarray, offset: np.ndarray,
+          coordinates: np.ndarray | None = None) -> np.ndarray:
+    """Resample every ``(H, W)`` plane of ``planes (..., H, W)`` (zero outside).
 
-
-def _warp_to(planes: np.ndarray, coordinates: np.ndarray, order: int) -> np.ndarray:
-    """Resample every ``(H, W)`` plane of ``planes (..., H, W)``: output pixel ``p`` reads input ``coordinates[:, p]``."""
+    Output pixel ``p`` reads input ``matrix p + offset``, or ``coordinates[:, p]`` (``(2, H, W)``) if given.
+    """
     flat = planes.reshape((-1,) + planes.shape[-2:])
-    warped = [ndimage.map_coordinates(plane, coordinates, order=order, mode="constant", cval=0.0) for plane in flat]
+    if coordinates is None:
+        warped = [ndimage.affine_transform(plane, matrix, offset, order=order, mode="constant", cval=0.0)
+                  for plane in flat]
+    else:
+        warped = [ndimage.map_coordinates(plane, coordinates, order=order, mode="constant", cval=0.0)
+                  for plane in flat]
     return np.stack(warped).reshape(planes.shape)
 
 
@@ -221,17 +222,14 @@ def augment_geometry(slab: np.ndarray, target: np.ndarray, weight: np.ndarray, a
     matrix = np.linalg.inv(content) / rng.uniform(*SCALE_RANGE)  # output pixel -> input pixel
     centre = (np.array(slab.shape[-2:]) - 1) / 2.0
     offset = centre - matrix @ centre + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2)
+    coordinates, angle = None, theta
     if elastic_px > 0 and rng.random() < P_ELASTIC:
         displacement = elastic_displacement(slab.shape[-2:], rng.uniform(0.0, elastic_px), rng)
         pixels = np.indices(slab.shape[-2:], dtype=np.float64) + displacement
         coordinates = np.einsum("ij,j...->i...", matrix, pixels) + offset[:, None, None]
-        slab, target, weight = (_warp_to(slab, coordinates, 1), _warp_to(target, coordinates, 1),
-                                _warp_to(weight, coordinates, 0))
         angle = theta + content_rotation_angles(displacement)
-    else:
-        slab, target, weight = (_warp(slab, matrix, offset, 1), _warp(target, matrix, offset, 1),
-                                _warp(weight, matrix, offset, 0))
-        angle = theta
+    slab, target = (_warp(planes, 1, matrix, offset, coordinates) for planes in (slab, target))
+    weight = _warp(weight, 0, matrix, offset, coordinates)
     if spec.tensor_outputs and np.any(angle):
         target = rotate_log_tensors(target, spec.tensor_outputs, in_plane_rotations(angle, axis))
     return slab, target, weight
