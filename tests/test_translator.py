@@ -269,6 +269,9 @@ def test_flip_augmentation_negates_off_diagonals(tmp_path, monkeypatch):
     assert torch.allclose(b[:, :height], a[:, :height].flip(1) * signs)
 
 
+STICK_X = np.array([1.7e-3, 0, 0, 0.3e-3, 0, 0.3e-3])
+
+
 def _stick_bar(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """A bar along x (axial slice: h = x, w = y) of x-oriented sticks: slab (1, 5, S, S), target (7, S, S)."""
     centre = (size - 1) / 2
@@ -296,9 +299,6 @@ def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.degrees(np.arccos(min(1.0, abs(a @ b) / np.linalg.norm(a) / np.linalg.norm(b)))))
 
 
-STICK_X = np.array([1.7e-3, 0, 0, 0.3e-3, 0, 0.3e-3])
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_geometric_augmentation_rotates_tensors_with_the_image(seed):
     """The bar randomly rotated/scaled in the axial plane: its direction and V1 of the warped tensors agree."""
@@ -311,13 +311,19 @@ def test_geometric_augmentation_rotates_tensors_with_the_image(seed):
     assert _angle_deg(v1[:2], bar_axis) < 4.0
 
 
-def test_content_rotation_angles_of_a_linear_warp_are_exact():
-    """Output pixel p reads (R(-θ)/s)(p - c) + c: the content turns by θ everywhere, whatever the scale s."""
-    theta, scale = np.radians(25.0), 1.2
+def _turn_displacement(shape: tuple[int, int], degrees: float, scale: float = 1.0) -> np.ndarray:
+    """Displacement ``(2, H, W)`` under which output pixel p reads (R(-θ)/s)(p - c) + c, c the
+    centre: the content turns by θ = ``degrees`` about the centre and grows by ``scale``."""
+    theta = np.radians(degrees)
     inverse = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]]) / scale
-    pixels = np.indices((40, 50), dtype=np.float64) - np.array([20.0, 25.0])[:, None, None]
-    displacement = np.einsum("ij,j...->i...", inverse, pixels) - pixels
-    np.testing.assert_allclose(slices.content_rotation_angles(displacement), theta, atol=1e-9)
+    pixels = np.indices(shape, dtype=np.float64) - ((np.array(shape) - 1) / 2)[:, None, None]
+    return np.einsum("ij,j...->i...", inverse, pixels) - pixels
+
+
+def test_content_rotation_angles_of_a_linear_warp_are_exact():
+    """A linear warp turning the content by θ: the angle is θ everywhere, whatever the scale."""
+    displacement = _turn_displacement((40, 50), 25.0, scale=1.2)
+    np.testing.assert_allclose(slices.content_rotation_angles(displacement), np.radians(25.0), atol=1e-9)
     assert np.abs(slices.content_rotation_angles(np.ones((2, 40, 50)))).max() == 0.0  # a shift turns nothing
 
 
@@ -335,14 +341,7 @@ def test_elastic_augmentation_turns_tensors_with_the_tissue(monkeypatch):
     """An elastic field that happens to be a 30° rotation about the centre (the affine draw
     neither rotates nor shifts): the bar turns by 30° and V1 turns with it; with
     elastic_px=0 the same draw leaves the bar along x."""
-    theta = np.radians(30.0)
-    inverse = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
-
-    def rotation_field(shape, amplitude, rng):
-        pixels = np.indices(shape, dtype=np.float64) - ((np.array(shape) - 1) / 2)[:, None, None]
-        return np.einsum("ij,j...->i...", inverse, pixels) - pixels
-
-    monkeypatch.setattr(slices, "elastic_displacement", rotation_field)
+    monkeypatch.setattr(slices, "elastic_displacement", lambda shape, amplitude, rng: _turn_displacement(shape, 30.0))
     monkeypatch.setattr(slices, "P_ELASTIC", 1.0)
     monkeypatch.setattr(slices, "MAX_SHIFT", 0.0)
     slab, target = _stick_bar()

@@ -89,14 +89,15 @@ def fa_metrics(pred_fa: np.ndarray, true_fa: np.ndarray, brain: np.ndarray, wm: 
     """
     box = _bounding_box(brain)
     inside_pred, inside_true = np.where(brain, pred_fa, 0)[box], np.where(brain, true_fa, 0)[box]
-    return {"fa_mae_brain": float(np.abs(pred_fa - true_fa)[brain].mean()),
-            "fa_r_brain": pearson(pred_fa[brain], true_fa[brain]),
-            "fa_mae_wm": float(np.abs(pred_fa - true_fa)[wm].mean()) if wm.any() else float("nan"),
-            "fa_r_wm": pearson(pred_fa[wm], true_fa[wm]) if wm.any() else float("nan"),
-            "fa_bias_wm": float((pred_fa - true_fa)[wm].mean()) if wm.any() else float("nan"),
-            "fa_spread_wm": float(pred_fa[wm].std() / true_fa[wm].std()) if wm.any() and true_fa[wm].std() > 0
-            else float("nan"),
-            "fa_psnr": psnr(inside_pred, inside_true), "fa_ssim": ssim(inside_pred, inside_true)}
+    error, nan = pred_fa - true_fa, float("nan")
+    in_wm = {"fa_mae_wm": nan, "fa_r_wm": nan, "fa_bias_wm": nan, "fa_spread_wm": nan}
+    if wm.any():
+        pred_wm, true_wm = pred_fa[wm], true_fa[wm]
+        in_wm = {"fa_mae_wm": float(np.abs(error[wm]).mean()), "fa_r_wm": pearson(pred_wm, true_wm),
+                 "fa_bias_wm": float(error[wm].mean()),
+                 "fa_spread_wm": float(pred_wm.std() / true_wm.std()) if true_wm.std() > 0 else nan}
+    return {"fa_mae_brain": float(np.abs(error[brain]).mean()), "fa_r_brain": pearson(pred_fa[brain], true_fa[brain]),
+            **in_wm, "fa_psnr": psnr(inside_pred, inside_true), "fa_ssim": ssim(inside_pred, inside_true)}
 
 
 def phase1_metrics(pred_tensor: np.ndarray, true_tensor: np.ndarray, brain: np.ndarray,
