@@ -20,13 +20,15 @@ WORK=${2:-runs}
 PART=${3:-all}
 DEVICE=${DEVICE:-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed 0 --ema-decay 0.999)
+COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed 0 --ema-decay 0.999 --elastic-px 3)
 # Epochs are set so that each training sees about the same number of batches of 8 slices:
 # phase 1 about 2 700 (sub-02's four sessions: 112 batches per epoch; sub-01 alone: 30),
 # phase 2 about 2 660 (teacher + predicted maps: 222 and 60 batches per epoch). The shipped
 # weights, trained on all five units, see a little more (3 380 and 3 380).
 # --ema-decay: the exported generator is the moving average of its weights, because the
 # held-out accuracy of the raw weights swings widely from one epoch to the next.
+# --elastic-px 3: elastic deformation in half of the geometric augmentations (the model card
+# compares the folds with and without it).
 PHASE1_EPOCHS_SHIP=24
 PHASE2_EPOCHS_SHIP=12
 
