@@ -14,13 +14,17 @@
 # each and ship about 1.5 h; chain takes 4 min afterwards. DEVICE=cuda uses a GPU.
 # Re-running resumes: prepare skips finished units and training restarts from its last
 # checkpoint.
+# Environment: DEVICE (cpu), SEED (0) and ELASTIC_PX (3) change the recipe; the shipped
+# weights use the defaults.
 set -euo pipefail
 DS_REAL=${1:-../shared/data/ds-real}
 WORK=${2:-runs}
 PART=${3:-all}
 DEVICE=${DEVICE:-cpu}
+SEED=${SEED:-0}
+ELASTIC_PX=${ELASTIC_PX:-3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed 0 --ema-decay 0.999 --elastic-px 3)
+COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed "$SEED" --ema-decay 0.999 --elastic-px "$ELASTIC_PX")
 # Epochs are set so that each training sees about the same number of batches of 8 slices:
 # phase 1 about 2 700 (sub-02's four sessions: 112 batches per epoch; sub-01 alone: 30),
 # phase 2 about 2 660 (teacher + predicted maps: 222 and 60 batches per epoch). The shipped
@@ -28,7 +32,7 @@ COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed 0 --ema-decay
 # --ema-decay: the exported generator is the moving average of its weights, because the
 # held-out accuracy of the raw weights swings widely from one epoch to the next.
 # --elastic-px 3: elastic deformation in half of the geometric augmentations (the model card
-# compares the folds with and without it).
+# compares the folds with and without it: ELASTIC_PX=0; and with another seed: SEED=1).
 PHASE1_EPOCHS_SHIP=24
 PHASE2_EPOCHS_SHIP=12
 
