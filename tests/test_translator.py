@@ -414,7 +414,28 @@ def test_training_exports_the_moving_average_of_the_generator(tmp_path):
     assert metadata["recipe"]["ema_decay"] == 0.9
     assert metadata["parameters"] == sum(value.numel() for value in exported.values())
     with pytest.raises(UsageError, match="different architecture"):
-        train_phase("phase1", prep, out, epochs=3, **options)
+        train_phase("phase1", prep, out, epochs=3, ema_decay=0.0, **options)
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_training_defaults_are_the_shipped_recipe(phase):
+    """Training without options (the CLI and the Python API) follows the recipe recorded in
+    the shipped weights' JSON, the one the model card measured."""
+    import inspect
+
+    from m2m_app.cli.train import cli
+    from m2m_app.inference.predict import verify_weights
+
+    _, meta, _ = verify_weights(phase)
+    shipped = {"base": meta["architecture"]["base"], "depth": meta["architecture"]["depth"],
+               **{k: meta["recipe"][k] for k in ("batch_size", "lr", "ema_decay", "elastic_px", "disc_base",
+                                                 "adversarial_weight")}}
+    assert meta["recipe"]["world_size"] == 1  # so the recorded batch size is the per-process one
+    api = {name: p.default for name, p in inspect.signature(train_phase).parameters.items() if name in shipped}
+    assert api == shipped
+    options = {p.name: p.default for p in cli.commands[phase].params}
+    assert {k: options[k] for k in ("base", "batch_size", "lr", "ema_decay", "elastic_px")} == \
+        {k: shipped[k] for k in ("base", "batch_size", "lr", "ema_decay", "elastic_px")}
 
 
 def test_phase2_sample_from_predicted_inputs(tmp_path):

@@ -34,10 +34,27 @@ def foreground(data: np.ndarray) -> np.ndarray:
     return data > low + 0.1 * (high - low)
 
 
+def intensity_range(data: np.ndarray) -> tuple[float, float]:
+    """The intensities :func:`normalise_intensity` maps to 0 and 1: the foreground's
+    :data:`NORM_PERCENTILES` of ``data (X, Y, Z)``."""
+    low, high = np.percentile(data[foreground(data)], NORM_PERCENTILES)
+    return float(low), float(high)
+
+
 def normalise_intensity(data: np.ndarray) -> np.ndarray:
     """Map the 0.5 / 99.5 percentiles of the foreground to 0 / 1 and clip, float32 ``(X, Y, Z)``."""
-    low, high = np.percentile(data[foreground(data)], NORM_PERCENTILES)
+    low, high = intensity_range(data)
     return np.clip((data - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def brain_extraction_mask(brain: np.ndarray, margin_mm: float, spacing_mm: tuple[float, ...]) -> np.ndarray:
+    """What a brain-extraction tool keeps around a brain mask: ``brain`` (bool, any number of
+    axes) grown by ``margin_mm`` (Euclidean distance with voxel sizes ``spacing_mm``, one per
+    axis), with its holes filled. Used to simulate skull-stripped T1w images."""
+    brain = np.asarray(brain, dtype=bool)
+    if margin_mm <= 0 or not brain.any():  # (a distance transform without any brain voxel is undefined)
+        return ndimage.binary_fill_holes(brain)
+    return ndimage.binary_fill_holes(ndimage.distance_transform_edt(~brain, sampling=spacing_mm) <= margin_mm)
 
 
 def intensity_centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray:

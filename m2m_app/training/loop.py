@@ -38,12 +38,11 @@ from m2m_app.inference.predict import file_sha256, resolve_device
 from m2m_app.io.nifti import atomic_write, save_json
 from m2m_app.models.phases import PhaseSpec, get_phase, read_manifest
 from m2m_app.models.translator import GlobalDiscriminator, PatchDiscriminator, Translator, parameter_count
+from m2m_app.training import recipe as default
 from m2m_app.training.slices import SliceDataset, Source, cache_sample, training_sources, worker_threads
 
 log = logging.getLogger(__name__)
 
-#: Weight of each discriminator's LSGAN term in the generator loss.
-ADVERSARIAL_WEIGHT = 0.01
 #: Adam betas (pix2pix).
 BETAS = (0.5, 0.999)
 
@@ -99,14 +98,15 @@ def _barrier(world: int) -> None:
 
 
 def _cached_dataset(spec: PhaseSpec, sources: list[Source], cache_dir: Path, seed: int, rank: int,
-                    world: int, elastic_px: float) -> SliceDataset:
+                    world: int, elastic_px: float, skull_strip_prob: float) -> SliceDataset:
     """Conform every source into ``cache_dir`` (rank 0 only; the other ranks wait, then read it)."""
     if rank == 0:
         files = [cache_sample(spec, s, cache_dir) for s in tqdm(sources, desc=f"{spec.name}: conform")]
     _barrier(world)
     if rank != 0:
         files = [cache_sample(spec, s, cache_dir) for s in sources]
-    return SliceDataset(spec, files, augment=True, seed=seed, elastic_px=elastic_px)
+    return SliceDataset(spec, files, augment=True, seed=seed, elastic_px=elastic_px,
+                        skull_strip_prob=skull_strip_prob)
 
 
 class _Networks(nn.Module):
@@ -215,12 +215,17 @@ def export_generator(generator: Translator, spec: PhaseSpec, model_out: Path, re
 
 
 def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os.PathLike, epochs: int,
-                batch_size: int = 16, device: str = "auto", seed: int = 0, lr: float = 2e-4,
-                subjects: list[str] | None = None, extra_prep_dirs: list[str | os.PathLike] | None = None,
-                predicted_inputs: str | os.PathLike | None = None, base: int = 24, depth: int = 4, disc_base: int = 32,
-                adversarial_weight: float = ADVERSARIAL_WEIGHT, workers: int | None = None,
-                ema_decay: float = 0.0, elastic_px: float = 0.0) -> Path:
+                batch_size: int = default.BATCH_SIZE, device: str = "auto", seed: int = 0,
+                lr: float = default.LEARNING_RATE, subjects: list[str] | None = None,
+                extra_prep_dirs: list[str | os.PathLike] | None = None,
+                predicted_inputs: str | os.PathLike | None = None, base: int = default.WIDTH,
+                depth: int = default.DEPTH, disc_base: int = default.DISC_WIDTH,
+                adversarial_weight: float = default.ADVERSARIAL_WEIGHT, workers: int | None = None,
+                ema_decay: float = default.EMA_DECAY, elastic_px: float = default.ELASTIC_PX,
+                skull_strip_prob: float = default.SKULL_STRIP_PROB) -> Path:
     """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
+
+    The defaults are the shipped weights' recipe (:mod:`m2m_app.training.recipe`).
 
     Parameters
     ----------
@@ -241,10 +246,14 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     adversarial_weight : weight of each discriminator's LSGAN term.
     workers : DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
     ema_decay : if > 0, export an exponential moving average of the generator's weights with
-        this decay per step (e.g. 0.999) instead of its last weights; an adversarial run's last
-        step can land on a spike.
+        this decay per step instead of its last weights (an adversarial run's last step can
+        land on a spike); 0 exports the last weights.
     elastic_px : if > 0, half of the geometric augmentations also deform the slice elastically,
-        displacing it by up to this many pixels of the 2 mm grid (tensors turn with the tissue).
+        displacing it by up to this many pixels of the 2 mm grid (tensors turn with the tissue);
+        0 keeps them affine.
+    skull_strip_prob : fraction of the slices skull-stripped before the intensity augmentation
+        (MR inputs only, i.e. phase 1), so that brain-extracted T1w images are in the training
+        distribution; 0 strips none.
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
@@ -266,7 +275,9 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     sources = training_sources(rows, Path(predicted_inputs) if predicted_inputs else None)
     if elastic_px < 0:
         raise UsageError(f"elastic_px must be >= 0, not {elastic_px}")
-    dataset = _cached_dataset(spec, sources, model_out / "cache", seed, rank, world, elastic_px)
+    if not 0.0 <= skull_strip_prob <= 1.0:
+        raise UsageError(f"skull_strip_prob must be in [0, 1], not {skull_strip_prob}")
+    dataset = _cached_dataset(spec, sources, model_out / "cache", seed, rank, world, elastic_px, skull_strip_prob)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     workers = (4 if torch_device.type == "cuda" else 0) if workers is None else workers
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -283,7 +294,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
               "training_datasets": training_datasets(prep_dirs),
               "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
               "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset),
-              "ema_decay": ema_decay, "elastic_px": elastic_px}
+              "ema_decay": ema_decay, "elastic_px": elastic_px, "skull_strip_prob": skull_strip_prob}
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
     architecture = {**networks.generator.config, "disc_base": disc_base}
     if ema_decay:  # a checkpoint with or without the moving average resumes only as such

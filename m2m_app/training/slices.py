@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from m2m_app.inference.conform import MODEL_SHAPE
+from m2m_app.inference.conform import MODEL_SHAPE, MODEL_VOXEL_MM, brain_extraction_mask, intensity_range
 from m2m_app.io.nifti import atomic_write
 from m2m_app.maths.tensor import components_to_matrix, matrix_to_components, rotate_tensors
 from m2m_app.models.phases import PhaseSpec, neighbours, slab_along
@@ -48,6 +48,10 @@ SCALE_RANGE, MAX_SHIFT = (0.9, 1.1), 4.0
 #: Probability of an elastic deformation within a geometric augmentation (when enabled) and
 #: the Gaussian sigma (pixels) that smooths its random displacement field.
 P_ELASTIC, ELASTIC_SMOOTHING = 0.5, 8.0
+#: Largest margin (mm) kept around the brain by the skull-stripping augmentation (drawn from
+#: 0 to this, as tight and loose brain-extraction tools differ), and the margin of the whole
+#: stripped volume whose intensity range sets the re-normalisation.
+STRIP_MAX_MARGIN_MM, STRIP_VOLUME_MARGIN_MM = 6.0, 3.0
 #: Range of the Gaussian sigma (pixels) of the low-resolution augmentation.
 LOWRES_SIGMA = (0.5, 1.5)
 #: The two in-plane spatial axes (of X, Y, Z) of a slice taken along each axis.
@@ -123,6 +127,28 @@ def random_monotonic_curve(slab: np.ndarray, rng: np.random.Generator) -> np.nda
     knots = np.linspace(0.0, 1.0, REMAP_KNOTS + 2)
     interior = np.sort(np.clip(knots[1:-1] + rng.normal(0.0, REMAP_SD, REMAP_KNOTS), 0.0, 1.0))
     return np.interp(slab, knots, np.concatenate([[0.0], interior, [1.0]])).astype(slab.dtype)
+
+
+def stripped_intensity_ranges(inputs: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """``(C, 2)``: per channel of normalised ``inputs (C, X, Y, Z)``, the intensities that
+    :func:`~m2m_app.inference.conform.normalise_intensity` would map to 0 and 1 had the volume
+    been skull-stripped (zeroed outside ``brain (X, Y, Z)`` grown by :data:`STRIP_VOLUME_MARGIN_MM`)."""
+    keep = brain_extraction_mask(brain, STRIP_VOLUME_MARGIN_MM, (MODEL_VOXEL_MM,) * 3)
+    return np.array([intensity_range(np.where(keep, channel, 0.0)) for channel in inputs], dtype=np.float32)
+
+
+def skull_strip(slab: np.ndarray, brain: np.ndarray, margin_mm: float, ranges: np.ndarray) -> np.ndarray:
+    """Simulate a brain-extracted image on a [0, 1] MR slab ``(C, D, H, W)``.
+
+    Each plane is zeroed outside its ``brain (D, H, W)`` mask grown by ``margin_mm`` (holes
+    filled), and each channel's intensities are re-mapped from ``ranges (C, 2)`` (see
+    :func:`stripped_intensity_ranges`) to [0, 1]: the normalisation a stripped input gets at
+    inference, where the scalp's bright fat no longer sets the top of the range.
+    """
+    keep = np.stack([brain_extraction_mask(plane, margin_mm, (MODEL_VOXEL_MM,) * 2) for plane in brain])
+    low, high = (ranges[:, i, None, None, None] for i in (0, 1))
+    remapped = np.clip((slab - low) / np.maximum(high - low, 1e-6), 0.0, 1.0)
+    return np.where(keep, remapped, 0.0).astype(slab.dtype)
 
 
 def augment_intensity(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -247,16 +273,25 @@ class SliceDataset(Dataset):
     Item: ``{"input": (spec.in_channels, S, S), "target": (K, S, S), "weight": (1, S, S)}``
     float32 tensors, ``S`` = :data:`SLICE_SIZE`. Augmentations are drawn from a generator
     seeded by (seed, epoch, index), so an epoch is reproducible and resumable.
+    With ``skull_strip_prob`` > 0 (MR-intensity inputs only), that fraction of slices is
+    skull-stripped (:func:`skull_strip`, with the weight map as the brain mask); 0 draws
+    nothing more, so the other augmentations stay as they were.
     """
 
     def __init__(self, spec: PhaseSpec, cache_files: list[Path], augment: bool = True, seed: int = 0,
-                 elastic_px: float = 0.0) -> None:
+                 elastic_px: float = 0.0, skull_strip_prob: float = 0.0) -> None:
         self.spec, self.files, self.augment, self.seed = spec, list(cache_files), augment, seed
         self.elastic_px = elastic_px
+        self.skull_strip_prob = skull_strip_prob if augment and spec.intensity_augment else 0.0
         self.epoch = 0
         self.index: list[tuple[int, int, int]] = []
+        self.stripped_ranges: list[np.ndarray] = []
+        n_in = len(spec.inputs)
         for number, path in enumerate(self.files):
-            weight = self._volume(number)[-1]
+            volume = self._volume(number)
+            weight = volume[-1]
+            if self.skull_strip_prob:
+                self.stripped_ranges.append(stripped_intensity_ranges(volume[:n_in], weight > 0))
             for axis in range(3):
                 counts = (weight > 0).sum(axis=tuple(a for a in range(3) if a != axis))
                 self.index += [(number, axis, int(k)) for k in np.flatnonzero(counts >= MIN_SLICE_VOXELS)]
@@ -278,7 +313,11 @@ class SliceDataset(Dataset):
         volume = self._volume(number)
         n_in, n_out = len(self.spec.inputs), self.spec.out_channels
         flip = self.augment and rng.random() < P_FLIP
-        slab = slab_along(volume[:n_in], axis, neighbours(k, volume.shape[1 + axis], self.spec.context), flip)
+        planes = neighbours(k, volume.shape[1 + axis], self.spec.context)
+        slab = slab_along(volume[:n_in], axis, planes, flip)
+        if self.skull_strip_prob and rng.random() < self.skull_strip_prob:
+            brain = slab_along(volume[-1:], axis, planes, flip)[0] > 0
+            slab = skull_strip(slab, brain, rng.uniform(0.0, STRIP_MAX_MARGIN_MM), self.stripped_ranges[number])
         if self.augment and self.spec.intensity_augment:
             slab = augment_intensity(slab, rng)
         centre = slab_along(volume[n_in:], axis, np.array([k]), flip)[:, 0]
