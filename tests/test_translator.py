@@ -355,6 +355,63 @@ def test_elastic_augmentation_turns_tensors_with_the_tissue(monkeypatch):
         assert _angle_deg(v1[:2], bar_axis) < 4.0 and abs(v1[2]) < 1e-6
 
 
+def test_brain_extraction_mask_grows_in_millimetres_and_fills_holes():
+    brain = np.zeros((21, 21, 9), bool)
+    brain[10, 10, 4] = True
+    grown = conform.brain_extraction_mask(brain, 3.0, (1.0, 1.0, 4.0))
+    assert grown[10, 7:14, 4].all() and not grown[10, 6, 4] and not grown[10, 14, 4]  # 3 voxels of 1 mm
+    assert not grown[10, 10, 3]  # 4 mm away along z
+    shell = np.zeros((15, 15, 15), bool)
+    shell[3:12, 3:12, 3:12], shell[5:10, 5:10, 5:10] = True, False
+    assert conform.brain_extraction_mask(shell, 0.0, (1.0,) * 3)[7, 7, 7]
+    assert not conform.brain_extraction_mask(np.zeros((5, 5), bool), 3.0, (1.0, 1.0)).any()
+
+
+def test_skull_strip_augmentation_gives_what_inference_sees_of_a_stripped_volume():
+    """Stripping slices with the brain grown in-plane and re-mapping their intensities equals,
+    inside the kept region, normalising the skull-stripped volume as conform does; outside it is 0."""
+    rng = np.random.default_rng(0)
+    xx, yy, _ = np.indices((40, 40, 12))
+    brain = np.hypot(xx - 20, yy - 20) < 9  # a cylinder along z: in-plane and 3D growth agree
+    head = np.hypot(xx - 20, yy - 20) < 15
+    volume = np.where(brain, 0.4 + 0.2 * rng.random(brain.shape), np.where(head, 0.9, 0.0)).astype(np.float32)
+    ranges = slices.stripped_intensity_ranges(volume[None], brain)
+    keep3d = conform.brain_extraction_mask(brain, conform.STRIPPED_MARGIN_MM, (conform.MODEL_VOXEL_MM,) * 3)
+    expected = conform.normalise_intensity(np.where(keep3d, volume, 0.0))
+    slab = np.moveaxis(volume, 2, 0)[None, 4:9]  # (1, 5, 40, 40): five axial planes
+    stripped = slices.skull_strip(slab, np.moveaxis(brain, 2, 0)[4:9], conform.STRIPPED_MARGIN_MM, ranges)
+    np.testing.assert_allclose(stripped[0], np.moveaxis(expected, 2, 0)[4:9], atol=1e-6)
+    assert stripped[0][:, 20, 20].min() > 0 and (stripped[0][:, 20, 36] == 0).all()  # scalp gone
+
+
+def test_skull_strip_probability_strips_slices_and_zero_changes_nothing(tmp_path, monkeypatch):
+    """With probability 1 every slice loses its scalp (geometry and degradations off, so the
+    voxels far from the brain are exactly 0) and keeps the teacher's targets; with 0 the
+    samples are exactly those of a dataset without the option."""
+    for name in ("P_FLIP", "P_AFFINE", "P_NOISE", "P_THICK", "P_LOWRES"):
+        monkeypatch.setattr(slices, name, 0.0)
+    prep = make_prep_dir(tmp_path)
+    row = next(csv.DictReader((prep / "manifest.tsv").open(), delimiter="\t"))
+    cache = slices.cache_sample(PHASE1, slices.Source(row, prep), tmp_path / "cache")
+    always = slices.SliceDataset(PHASE1, [cache], seed=1, skull_strip_prob=1.0)
+    never = slices.SliceDataset(PHASE1, [cache], seed=1, skull_strip_prob=0.0)
+    default = slices.SliceDataset(PHASE1, [cache], seed=1)
+    brain = np.load(cache)[-1] > 0
+    far = ndimage.distance_transform_edt(~brain) * conform.MODEL_VOXEL_MM > slices.STRIP_MAX_MARGIN_MM + 2
+    scalp_seen = 0
+    for item in range(0, len(always), max(1, len(always) // 20)):
+        _, axis, k = always.index[item]
+        stripped, plain = always[item], default[item]
+        assert torch.equal(never[item]["input"], plain["input"])
+        assert torch.equal(stripped["target"], plain["target"]) and torch.equal(stripped["weight"], plain["weight"])
+        outside = torch.from_numpy(slices._pad(slices.slab_along(far[None], axis, np.array([k]))[0, 0]))
+        centre = PHASE1.context  # the slice itself among its neighbours
+        assert (stripped["input"][centre][outside] == 0).all()
+        scalp_seen += int((plain["input"][centre][outside] > 0).any())
+    assert scalp_seen > 0
+    assert len(always.stripped_ranges) == 1 and not never.stripped_ranges
+
+
 def test_fa_metrics_measure_bias_and_compression():
     """A prediction squeezed towards its mean keeps r = 1 but shows its spread (< 1) and bias."""
     from m2m_app.training.evaluate import fa_metrics
@@ -390,6 +447,9 @@ def test_training_resumes_and_exports(tmp_path, caplog):
     results = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], out_tsv=out / "eval.tsv", device="cpu")
     assert {r["method"] for r in results} == {"m2m", "baseline_fa_from_t1w"}
     assert np.isfinite(results[0]["fa_mae_brain"]) and (out / "eval.tsv").exists()
+    stripped = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], device="cpu", skull_strip=True)
+    assert [r["method"] for r in stripped] == [r["method"] for r in results]
+    assert np.isfinite(stripped[0]["fa_mae_brain"]) and stripped[0]["fa_mae_brain"] != results[0]["fa_mae_brain"]
 
 
 def test_training_exports_the_moving_average_of_the_generator(tmp_path):

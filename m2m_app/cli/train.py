@@ -229,14 +229,17 @@ def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: t
               help="Subjects the baseline is fitted on (default: all others).")
 @click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Phase 2: score on phase-1 predictions instead of the teacher's maps.")
+@click.option("--skull-strip", is_flag=True,
+              help="Phase 1: score on the T1w skull-stripped with the teacher's brain mask (grown by 3 mm), "
+                   "as a brain-extracted input would be.")
 @click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the table as TSV here.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @with_verbosity
 @exits_cleanly
 def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
-             train_subjects: tuple[str, ...], predicted_inputs: Path | None, out_tsv: Path | None,
-             device: str, verbose: int, quiet: int) -> None:
+             train_subjects: tuple[str, ...], predicted_inputs: Path | None, skull_strip: bool,
+             out_tsv: Path | None, device: str, verbose: int, quiet: int) -> None:
     """Score a translator (WEIGHTS_DIR, default: packaged) on held-out subjects against a baseline.
 
     Prints one row per subject and method (m2m, baseline_*) with FA MAE / Pearson r / PSNR /
@@ -247,7 +250,7 @@ def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects
 
     setup_logging(verbose, quiet)
     rows = evaluate_phase(f"phase{phase}", prep_dir, weights_dir, list(test_subjects),
-                          list(train_subjects) or None, out_tsv, device, predicted_inputs)
+                          list(train_subjects) or None, out_tsv, device, predicted_inputs, skull_strip)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     click.echo("\t".join(columns))
     for row in rows:

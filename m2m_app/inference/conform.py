@@ -24,6 +24,8 @@ MODEL_SHAPE: tuple[int, int, int] = (96, 112, 96)
 NORM_PERCENTILES = (0.5, 99.5)
 #: Margin (mm) kept between the top of the head and the top of the model grid.
 VERTEX_MARGIN_MM = 6.0
+#: Margin (mm) around the brain of a typical brain extraction, for simulated skull-stripped volumes.
+STRIPPED_MARGIN_MM = 3.0
 #: A resampled tensor is kept where at least this fraction of its neighbourhood had tensors.
 TENSOR_SUPPORT = 0.5
 

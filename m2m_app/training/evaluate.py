@@ -3,7 +3,9 @@
 * phase 1: FA MAE and Pearson r (brain, white matter), MD MAE, V1 angular error where the
   teacher's FA > 0.3, FA PSNR and SSIM, all from the tensor head inside the teacher's brain
   mask; the mask head is scored apart (Dice). Baseline: FA from T1w intensity alone (mean
-  FA per normalised-intensity bin, fitted on the training subjects).
+  FA per normalised-intensity bin, fitted on the training subjects). With ``skull_strip``
+  both score a skull-stripped T1w instead (zeroed outside the teacher's brain mask grown by
+  :data:`~m2m_app.inference.conform.STRIPPED_MARGIN_MM`), as brain-extracted inputs are common.
 * phase 2: Pearson r and Dice (relative density above a threshold) of the track density,
   DEC-TDI angular error where the teacher's density is high. Baseline: TDI = f(FA) (mean
   relative density per FA bin, fitted on the training subjects) with colour FA as direction.
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m2m_app.inference.conform import normalise_intensity
+from m2m_app.errors import UsageError
+from m2m_app.inference.conform import STRIPPED_MARGIN_MM, brain_extraction_mask, normalise_intensity
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
 from m2m_app.io.nifti import load_image, load_t1w, save_nifti, save_tsv
 from m2m_app.maths.streamlines import dice, fraction_near, track_density
@@ -164,7 +167,7 @@ def _mask(prep: Path, row: dict, column: str) -> np.ndarray:
     return load_image(prep / row[column])[1] > 0
 
 
-def _evaluate_phase1(rows: list, train_rows: list, model, device: str) -> list[dict]:
+def _evaluate_phase1(rows: list, train_rows: list, model, device: str, skull_strip: bool) -> list[dict]:
     baseline = BinnedRegression(0.0, 1.0)
     for row, prep in train_rows:
         brain = _mask(prep, row, "mask")
@@ -173,6 +176,8 @@ def _evaluate_phase1(rows: list, train_rows: list, model, device: str) -> list[d
     for row, prep in rows:
         img, data = load_t1w(row["t1w"])
         brain, wm = _mask(prep, row, "mask"), _mask(prep, row, "wm")
+        if skull_strip:
+            data = np.where(brain_extraction_mask(brain, STRIPPED_MARGIN_MM, img.header.get_zooms()[:3]), data, 0)
         true_tensor = load_image(prep / row["diffusivity"])[1]
         pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False)
         results.append({"subject": row["subject"], "method": "m2m",
@@ -209,7 +214,7 @@ def _evaluate_phase2(rows: list, train_rows: list, model, device: str, predicted
 def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str | os.PathLike | None,
                    test_subjects: list[str], train_subjects: list[str] | None = None,
                    out_tsv: str | os.PathLike | None = None, device: str = "auto",
-                   predicted_inputs: str | os.PathLike | None = None) -> list[dict]:
+                   predicted_inputs: str | os.PathLike | None = None, skull_strip: bool = False) -> list[dict]:
     """Per-subject metrics of the trained translator and of its baseline on held-out subjects.
 
     Parameters
@@ -222,17 +227,20 @@ def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str
     out_tsv : where to write the table (tab-separated, one row per subject and method).
     predicted_inputs : phase 2 only: take FA/MD/colour FA from this folder of phase-1
         predictions (prep-dir layout) instead of the teacher's.
+    skull_strip : phase 1 only: score both methods on the skull-stripped T1w.
 
     Returns the rows: ``subject``, ``method`` (``m2m`` or ``baseline_*``) and the metrics.
     """
     spec = get_phase(spec_name)
+    if skull_strip and spec.name != "phase1":
+        raise UsageError("skull_strip only applies to phase1 (its input is the T1w)")
     rows = select_rows([Path(prep_dir)], test_subjects)
     tested = {row["subject"] for row, _ in rows}
     train_rows = [(row, prep) for row, prep in select_rows([Path(prep_dir)], train_subjects)
                   if row["subject"] not in tested]
     model, _ = load_translator(spec.name, weights_dir)
     if spec.name == "phase1":
-        results = _evaluate_phase1(rows, train_rows, model, device)
+        results = _evaluate_phase1(rows, train_rows, model, device, skull_strip)
     else:
         predicted = Path(predicted_inputs) if predicted_inputs else None
         results = _evaluate_phase2(rows, train_rows, model, device, predicted)

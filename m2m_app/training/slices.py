@@ -26,7 +26,8 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from m2m_app.inference.conform import MODEL_SHAPE, MODEL_VOXEL_MM, brain_extraction_mask, intensity_range
+from m2m_app.inference.conform import (MODEL_SHAPE, MODEL_VOXEL_MM, STRIPPED_MARGIN_MM, brain_extraction_mask,
+                                       intensity_range)
 from m2m_app.io.nifti import atomic_write
 from m2m_app.maths.tensor import components_to_matrix, matrix_to_components, rotate_tensors
 from m2m_app.models.phases import PhaseSpec, neighbours, slab_along
@@ -49,9 +50,8 @@ SCALE_RANGE, MAX_SHIFT = (0.9, 1.1), 4.0
 #: the Gaussian sigma (pixels) that smooths its random displacement field.
 P_ELASTIC, ELASTIC_SMOOTHING = 0.5, 8.0
 #: Largest margin (mm) kept around the brain by the skull-stripping augmentation (drawn from
-#: 0 to this, as tight and loose brain-extraction tools differ), and the margin of the whole
-#: stripped volume whose intensity range sets the re-normalisation.
-STRIP_MAX_MARGIN_MM, STRIP_VOLUME_MARGIN_MM = 6.0, 3.0
+#: 0 to this, as tight and loose brain-extraction tools differ).
+STRIP_MAX_MARGIN_MM = 6.0
 #: Range of the Gaussian sigma (pixels) of the low-resolution augmentation.
 LOWRES_SIGMA = (0.5, 1.5)
 #: The two in-plane spatial axes (of X, Y, Z) of a slice taken along each axis.
@@ -132,8 +132,9 @@ def random_monotonic_curve(slab: np.ndarray, rng: np.random.Generator) -> np.nda
 def stripped_intensity_ranges(inputs: np.ndarray, brain: np.ndarray) -> np.ndarray:
     """``(C, 2)``: per channel of normalised ``inputs (C, X, Y, Z)``, the intensities that
     :func:`~m2m_app.inference.conform.normalise_intensity` would map to 0 and 1 had the volume
-    been skull-stripped (zeroed outside ``brain (X, Y, Z)`` grown by :data:`STRIP_VOLUME_MARGIN_MM`)."""
-    keep = brain_extraction_mask(brain, STRIP_VOLUME_MARGIN_MM, (MODEL_VOXEL_MM,) * 3)
+    been skull-stripped (zeroed outside ``brain (X, Y, Z)`` grown by
+    :data:`~m2m_app.inference.conform.STRIPPED_MARGIN_MM`)."""
+    keep = brain_extraction_mask(brain, STRIPPED_MARGIN_MM, (MODEL_VOXEL_MM,) * 3)
     return np.array([intensity_range(np.where(keep, channel, 0.0)) for channel in inputs], dtype=np.float32)
 
 
