@@ -487,15 +487,19 @@ def test_training_defaults_are_the_shipped_recipe(phase):
     from m2m_app.inference.predict import verify_weights
 
     _, meta, _ = verify_weights(phase)
+    recipe = {"skull_strip_prob": 0.0, **meta["recipe"]}  # (weights from before the option: none stripped)
     shipped = {"base": meta["architecture"]["base"], "depth": meta["architecture"]["depth"],
-               **{k: meta["recipe"][k] for k in ("batch_size", "lr", "ema_decay", "elastic_px", "disc_base",
-                                                 "adversarial_weight")}}
-    assert meta["recipe"]["world_size"] == 1  # so the recorded batch size is the per-process one
+               **{k: recipe[k] for k in ("batch_size", "lr", "ema_decay", "elastic_px", "disc_base",
+                                         "adversarial_weight")}}
+    on_the_command_line = ["base", "batch_size", "lr", "ema_decay", "elastic_px"]
+    if phase == "phase1":  # phase 2 ignores skull stripping (its recipe records 0)
+        shipped["skull_strip_prob"] = recipe["skull_strip_prob"]
+        on_the_command_line.append("skull_strip_prob")
+    assert recipe["world_size"] == 1  # so the recorded batch size is the per-process one
     api = {name: p.default for name, p in inspect.signature(train_phase).parameters.items() if name in shipped}
     assert api == shipped
     options = {p.name: p.default for p in cli.commands[phase].params}
-    assert {k: options[k] for k in ("base", "batch_size", "lr", "ema_decay", "elastic_px")} == \
-        {k: shipped[k] for k in ("base", "batch_size", "lr", "ema_decay", "elastic_px")}
+    assert {k: options[k] for k in on_the_command_line} == {k: shipped[k] for k in on_the_command_line}
 
 
 def test_phase2_sample_from_predicted_inputs(tmp_path):

@@ -146,11 +146,6 @@ def training_options(func):
         click.option("--elastic-px", type=click.FloatRange(min=0.0), default=default.ELASTIC_PX, show_default=True,
                      help="Elastic augmentation: half of the geometric augmentations also deform the "
                           "slice smoothly by up to this many 2 mm pixels. 0: affine only."),
-        click.option("--skull-strip-prob", type=click.FloatRange(min=0.0, max=1.0),
-                     default=default.SKULL_STRIP_PROB, show_default=True,
-                     help="Phase 1: this fraction of training slices is skull-stripped (zeroed outside "
-                          "the teacher's brain mask grown by 0-6 mm, re-normalised), so that "
-                          "brain-extracted T1w images work too. 0: none."),
         click.option("--extra-prep-dir", "extra_prep_dirs", multiple=True,
                      type=click.Path(file_okay=False, exists=True, path_type=Path),
                      help="Pool subjects of further prep dirs (e.g. several sites). Repeatable."),
@@ -173,6 +168,11 @@ def _train(phase: str, prep_dir: Path, model_out: Path, subjects: tuple[str, ...
 
 @cli.command()
 @training_options
+@click.option("--skull-strip-prob", type=click.FloatRange(min=0.0, max=1.0),
+              default=default.SKULL_STRIP_PROB, show_default=True,
+              help="This fraction of training slices is skull-stripped (zeroed outside the teacher's "
+                   "brain mask grown by 0-6 mm, re-normalised), so that brain-extracted T1w images "
+                   "work too. 0: none.")
 @exits_cleanly
 def phase1(prep_dir: Path, model_out: Path, **kwargs) -> None:
     """Train the T1w -> DTI translator on PREP_DIR's pairs; write MODEL_OUT/phase1.safetensors.

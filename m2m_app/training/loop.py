@@ -251,9 +251,9 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     elastic_px : if > 0, half of the geometric augmentations also deform the slice elastically,
         displacing it by up to this many pixels of the 2 mm grid (tensors turn with the tissue);
         0 keeps them affine.
-    skull_strip_prob : fraction of the slices skull-stripped before the intensity augmentation
-        (MR inputs only, i.e. phase 1), so that brain-extracted T1w images are in the training
-        distribution; 0 strips none.
+    skull_strip_prob : fraction of the slices skull-stripped before the intensity augmentation,
+        so that brain-extracted T1w images are in the training distribution; 0 strips none.
+        Phase 1 only (MR inputs): phase 2 ignores it and its recipe records 0.
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
@@ -294,7 +294,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
               "training_datasets": training_datasets(prep_dirs),
               "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
               "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset),
-              "ema_decay": ema_decay, "elastic_px": elastic_px, "skull_strip_prob": skull_strip_prob}
+              "ema_decay": ema_decay, "elastic_px": elastic_px, "skull_strip_prob": dataset.skull_strip_prob}
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
     architecture = {**networks.generator.config, "disc_base": disc_base}
     if ema_decay:  # a checkpoint with or without the moving average resumes only as such
