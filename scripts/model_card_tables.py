@@ -15,6 +15,8 @@ FOLDS = {"A: train sub-02, test sub-01": "fold-test-sub-01", "B: train sub-01, t
 TABLES = {
     "phase1_heldout.tsv": ("fa_mae_brain", "fa_r_brain", "fa_mae_wm", "fa_r_wm", "fa_psnr", "fa_ssim",
                            "md_mae_brain", "v1_angle_deg", "mask_dice"),
+    "phase1_heldout_skullstripped.tsv": ("fa_mae_brain", "fa_r_brain", "fa_mae_wm", "fa_r_wm", "fa_psnr", "fa_ssim",
+                                         "md_mae_brain", "v1_angle_deg", "mask_dice"),
     "phase2_heldout_teacher_inputs.tsv": ("tdi_r_brain", "tdi_dice", "dec_angle_deg"),
     "phase2_heldout_predicted_inputs.tsv": ("tdi_r_brain", "tdi_dice", "dec_angle_deg"),
     "tractogram_heldout.tsv": ("tdi_r_brain", "visited_dice", "predicted_near_teacher", "teacher_near_predicted",

@@ -14,8 +14,8 @@
 # each and ship about 1.5 h; chain takes 4 min afterwards. DEVICE=cuda uses a GPU.
 # Re-running resumes: prepare skips finished units and training restarts from its last
 # checkpoint.
-# Environment: DEVICE (cpu), SEED (0) and ELASTIC_PX (3) change the recipe; the shipped
-# weights use the defaults.
+# Environment: DEVICE (cpu), SEED (0), ELASTIC_PX (3) and SKULL_STRIP_PROB (0.25) change the
+# recipe; the shipped weights use the defaults.
 set -euo pipefail
 DS_REAL=${1:-../shared/data/ds-real}
 WORK=${2:-runs}
@@ -23,6 +23,7 @@ PART=${3:-all}
 DEVICE=${DEVICE:-cpu}
 SEED=${SEED:-0}
 ELASTIC_PX=${ELASTIC_PX:-3}
+SKULL_STRIP_PROB=${SKULL_STRIP_PROB:-0.25}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed "$SEED" --ema-decay 0.999 --elastic-px "$ELASTIC_PX")
 # Epochs are set so that each training sees about the same number of batches of 8 slices:
@@ -33,6 +34,9 @@ COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed "$SEED" --ema
 # held-out accuracy of the raw weights swings widely from one epoch to the next.
 # --elastic-px 3: elastic deformation in half of the geometric augmentations (the model card
 # compares the folds with and without it: ELASTIC_PX=0; and with another seed: SEED=1).
+# --skull-strip-prob 0.25 (phase 1 only): a quarter of the T1w slices are skull-stripped, so
+# that brain-extracted inputs work; the folds are also scored on stripped T1w (--skull-strip).
+PHASE1=(--skull-strip-prob "$SKULL_STRIP_PROB")
 PHASE1_EPOCHS_SHIP=24
 PHASE2_EPOCHS_SHIP=12
 
@@ -41,9 +45,11 @@ m2m-train prepare "$DS_REAL" "$WORK/prep" --nprocs 2
 # fold TRAIN TEST PHASE1_EPOCHS PHASE2_EPOCHS: both translators trained on TRAIN, scored on the held-out TEST.
 fold() {
   local train=$1 test=$2 epochs1=$3 epochs2=$4 out="$WORK/fold-test-$2"
-  m2m-train phase1 "$WORK/prep" "$out" --subject "$train" --epochs "$epochs1" "${COMMON[@]}"
+  m2m-train phase1 "$WORK/prep" "$out" --subject "$train" --epochs "$epochs1" "${COMMON[@]}" "${PHASE1[@]}"
   m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" \
     --out "$out/phase1_heldout.tsv"
+  m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" --skull-strip \
+    --out "$out/phase1_heldout_skullstripped.tsv"
   # the same metrics on the training subject: what the network does where the T1w is no surprise
   m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$train" --device "$DEVICE" \
     --out "$out/phase1_training_subject.tsv"
@@ -65,7 +71,7 @@ if [[ $PART == b || $PART == all ]]; then
 fi
 if [[ $PART == ship || $PART == all ]]; then
   out="$WORK/ship"
-  m2m-train phase1 "$WORK/prep" "$out" --epochs "$PHASE1_EPOCHS_SHIP" "${COMMON[@]}"
+  m2m-train phase1 "$WORK/prep" "$out" --epochs "$PHASE1_EPOCHS_SHIP" "${COMMON[@]}" "${PHASE1[@]}"
   m2m-train predict "$WORK/prep" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
   m2m-train phase2 "$WORK/prep" "$out" --epochs "$PHASE2_EPOCHS_SHIP" --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"
   cp "$out"/phase{1,2}.{safetensors,json} m2m_app/data/models/
