@@ -288,7 +288,7 @@ class SliceDataset(Dataset):
         self.index: list[tuple[int, int, int]] = []
         self.stripped_ranges: list[np.ndarray] = []
         n_in = len(spec.inputs)
-        for number, path in enumerate(self.files):
+        for number in range(len(self.files)):
             volume = self._volume(number)
             weight = volume[-1]
             if self.skull_strip_prob:
