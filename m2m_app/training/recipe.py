@@ -24,6 +24,6 @@ EMA_DECAY = 0.999
 #: Largest elastic displacement, in pixels of the 2 mm grid, in half of the geometric augmentations (0: affine only).
 ELASTIC_PX = 3.0
 #: Fraction of phase-1 training slices skull-stripped by the augmentation (0: none).
-SKULL_STRIP_PROB = 0.0
+SKULL_STRIP_PROB = 0.25
 #: Weight of each discriminator's LSGAN term in the generator loss.
 ADVERSARIAL_WEIGHT = 0.01
