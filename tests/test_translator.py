@@ -487,7 +487,7 @@ def test_training_defaults_are_the_shipped_recipe(phase):
     from m2m_app.inference.predict import verify_weights
 
     _, meta, _ = verify_weights(phase)
-    recipe = {"skull_strip_prob": 0.0, **meta["recipe"]}  # (weights from before the option: none stripped)
+    recipe = meta["recipe"]
     shipped = {"base": meta["architecture"]["base"], "depth": meta["architecture"]["depth"],
                **{k: recipe[k] for k in ("batch_size", "lr", "ema_decay", "elastic_px", "disc_base",
                                          "adversarial_weight")}}
