@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
+from m2m_app.io.environment import container_description
 from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, derivative_path,
                                derivative_paths, sidecar_path)
 from m2m_app.io.nifti import atomic_write, save_json
@@ -24,7 +24,7 @@ PREDICTED = ("predicted by m2m from the T1-weighted image alone (no diffusion da
 
 def dataset_description(output_dir: Path, bids_dir: Path, name: str = "m2m derivatives") -> Path:
     """Write ``dataset_description.json`` (DatasetType derivative, GeneratedBy, SourceDatasets)."""
-    container = {"Type": "docker", "Tag": f"m2m:{__version__}"} if os.environ.get("M2M_CONTAINER") else None
+    container = container_description()
     generated = {"Name": "m2m", "Version": __version__,
                  "Description": "T1w -> DTI -> tractography translation",
                  "CodeURL": "https://pypi.org/project/m2m-app/"}

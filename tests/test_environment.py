@@ -1,0 +1,67 @@
+"""Container detection (m2m_app.io.environment) on fake roots and environments, and what
+dataset_description.json records from it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from m2m_app import __version__
+from m2m_app.io.derivatives import dataset_description
+from m2m_app.io.environment import container_description, container_image, container_type
+
+
+def fake_root(tmp_path: Path, dockerenv: bool = False, containerenv: str | None = None) -> Path:
+    """A folder standing for ``/``, with the engines' marker files asked for."""
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    if dockerenv:
+        (root / ".dockerenv").touch()
+    if containerenv is not None:
+        (root / "run" / ".containerenv").write_text(containerenv)
+    return root
+
+
+PODMAN_CONTAINERENV = 'engine="podman-4.3.1"\nname="festive_m2m"\nid="0123abcd"\nimage="localhost/m2m:latest"\n'
+
+
+@pytest.mark.parametrize("environ, markers, expected", [
+    ({}, {}, None),
+    ({"APPTAINER_BINDPATH": "/data", "SINGULARITY_CACHEDIR": "/scratch"}, {}, None),  # host settings only
+    ({"APPTAINER_CONTAINER": "/images/m2m.sif", "APPTAINER_NAME": "m2m.sif"}, {}, "Apptainer"),
+    ({"APPTAINER_NAME": "m2m.sif", "SINGULARITY_NAME": "m2m.sif"}, {}, "Apptainer"),  # Apptainer sets both
+    ({"SINGULARITY_CONTAINER": "/images/m2m.sif"}, {}, "Singularity"),
+    ({"APPTAINER_CONTAINER": "/images/m2m.sif"}, {"dockerenv": True}, "Apptainer"),  # image made by docker export
+    ({}, {"containerenv": PODMAN_CONTAINERENV}, "Podman"),
+    ({}, {"dockerenv": True}, "Docker"),
+    ({}, {"dockerenv": True, "containerenv": PODMAN_CONTAINERENV}, "Podman"),
+    ({}, {"containerenv": ""}, "OCI"),  # CRI-O writes an empty /run/.containerenv
+    ({"M2M_CONTAINER": "m2m"}, {}, "OCI"),  # m2m's image under an engine without markers
+    ({"M2M_CONTAINER": ""}, {}, None),
+])
+def test_container_type(tmp_path, environ, markers, expected):
+    assert container_type(environ, fake_root(tmp_path, **markers)) == expected
+
+
+def test_container_type_defaults_to_this_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGULARITY_NAME", "m2m.sif")
+    monkeypatch.delenv("APPTAINER_NAME", raising=False)
+    monkeypatch.delenv("APPTAINER_CONTAINER", raising=False)
+    assert container_type() == "Singularity"
+
+
+def test_container_description(tmp_path):
+    podman = fake_root(tmp_path, containerenv=PODMAN_CONTAINERENV)
+    assert container_image({"M2M_CONTAINER": "m2m"}) == f"m2m:{__version__}"
+    assert container_image({}) is None
+    assert container_description({"M2M_CONTAINER": "m2m"}, podman) == {"Type": "Podman", "Tag": f"m2m:{__version__}"}
+    assert container_description({}, podman) == {"Type": "Podman"}  # m2m pip-installed in another image
+    assert container_description({}, fake_root(tmp_path / "bare")) is None
+
+
+def test_dataset_description_records_the_engine(tmp_path, monkeypatch):
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/m2m.sif")
+    monkeypatch.setenv("M2M_CONTAINER", "m2m")
+    generated = json.loads(dataset_description(tmp_path / "out", tmp_path / "bids").read_text())["GeneratedBy"][0]
+    assert generated["Container"] == {"Type": "Apptainer", "Tag": f"m2m:{__version__}"}
