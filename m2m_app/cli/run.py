@@ -19,6 +19,9 @@ from m2m_app.io import bids as bids_io
 
 LOGGER = logging.getLogger("m2m")
 
+#: Environment variable giving the default work folder (``-w``); m2m's container image sets it.
+WORK_DIR_VARIABLE = "M2M_WORK_DIR"
+
 EPILOG = """\b
 Examples:
   m2m example-data /tmp/ds && m2m /tmp/ds /tmp/out participant
@@ -41,8 +44,9 @@ command resumes from the work folder.
 @click.option("--bids-filter-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help='JSON choosing the T1w when there are several, e.g. {"t1w": {"acquisition": "mprage"}}.')
 @click.option("--skip-bids-validation", is_flag=True, help="Do not validate the input dataset.")
-@click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Nipype work folder; keep it to resume (default: OUTPUT_DIR/../m2m_work).")
+@click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path), envvar=WORK_DIR_VARIABLE,
+              help="Nipype work folder; keep it to resume. Default: $M2M_WORK_DIR if set (the container "
+                   "image sets /tmp/m2m_work), else OUTPUT_DIR/../m2m_work.")
 @click.option("--nprocs", "--n-cpus", type=click.IntRange(min=1), default=None,
               help="CPUs for the whole run (Nipype MultiProc). Default: all.")
 @click.option("--omp-nthreads", type=click.IntRange(min=1), default=None,
@@ -97,14 +101,16 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
     from m2m_app.io.derivatives import dataset_description, qc_path
     from m2m_app.io.naming import Subject
     from m2m_app.io.nifti import load_t1w
-    from m2m_app.reports.subject import write_report
-    from m2m_app.workflows.base import RunOptions, init_m2m_wf, node_prefix
-    from m2m_app.workflows.timing import StageTimer
 
     start = time.monotonic()
     layout = bids_io.load_layout(bids_dir, validate=not skip_bids_validation)
     output_dir = writable_dir(output_dir, "output folder", forbidden_inside=bids_dir)
     work_dir = writable_dir(work_dir or output_dir.parent / "m2m_work", "work folder", forbidden_inside=bids_dir)
+    # Only now: matplotlib (reports) needs a writable cache folder at import, and without one
+    # (--read-only, no tmpfs /tmp) the folder checks above give the one-line error instead.
+    from m2m_app.reports.subject import write_report
+    from m2m_app.workflows.base import RunOptions, init_m2m_wf, node_prefix
+    from m2m_app.workflows.timing import StageTimer
     resolve_device(device)
     for phase in ("phase1",) + (() if skip_phase2 else ("phase2",)):
         verify_weights(phase, weights_dir)  # checksum and metadata checked once, before any work
