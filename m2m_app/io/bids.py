@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections import Counter
 from pathlib import Path
 
 from bids import BIDSLayout
+from bids.config import get_option
 
 from m2m_app.errors import BadDataError, MissingInputError, UsageError
 from m2m_app.io.naming import Subject
@@ -18,13 +21,34 @@ def strip_prefix(label: str, prefix: str) -> str:
     return label[len(prefix) + 1:] if label.startswith(prefix + "-") else label
 
 
+def root_relative_config(root: Path) -> dict:
+    """pybids' ``bids`` entity configuration with every pattern matched below ``root`` only.
+
+    pybids (0.22 and earlier) matches the entity patterns against each file's *absolute* path,
+    so a folder above the dataset named like a datatype (``/data/perf/bids``) or an entity
+    (``/data/sub-pilot/bids``) becomes the datatype or subject of every file
+    (bids-standard/pybids#1270, fixed upstream by #1273 after 0.22.0, not in a release yet).
+    Each pattern is prefixed with the escaped absolute root and a lazy ``.*?``, so its leftmost
+    match is the one a search of the root-relative path finds, as in the upstream fix.
+    """
+    config = json.loads(Path(get_option("config_paths")["bids"]).read_text())
+    prefix = "^" + re.escape(str(Path(root).absolute())) + ".*?"
+    for entity in config["entities"]:
+        if entity.get("pattern"):
+            entity["pattern"] = prefix + entity["pattern"]
+    return config
+
+
 def load_layout(bids_dir: Path, validate: bool = False) -> BIDSLayout:
-    """Index a BIDS dataset (no derivatives), failing clearly when it is not one."""
+    """Index a BIDS dataset (no derivatives), failing clearly when it is not one.
+
+    Entities come from the path relative to ``bids_dir`` (see :func:`root_relative_config`).
+    """
     bids_dir = Path(bids_dir)
     if not (bids_dir / "dataset_description.json").exists():
         raise MissingInputError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)")
     try:
-        return BIDSLayout(str(bids_dir), validate=validate)
+        return BIDSLayout(str(bids_dir), validate=validate, config=[root_relative_config(bids_dir)])
     except Exception as err:  # pybids raises several unrelated types for invalid datasets
         raise BadDataError(f"{bids_dir}: pybids cannot index this dataset: {err}") from None
 
@@ -74,11 +98,34 @@ def _query(layout: BIDSLayout, subject: Subject, base: dict, filters: dict) -> l
     return sorted(layout.get(**query))
 
 
+def _not_found(layout: BIDSLayout, subject: Subject, what: str, base: dict, filters: dict) -> MissingInputError:
+    """The error for a unit without ``what``, naming the NIfTI images that *were* found for it.
+
+    ``found 1 func file, 1 anat file (sub-01_T1W.nii.gz), no T1w`` tells a layout or naming
+    problem from a scan that is really missing; the images of the wanted datatype and those
+    outside any datatype folder are named, and a BIDS filter file that excludes every
+    candidate is said so.
+    """
+    kinds = {Path(f): layout.get_file(f).entities.get("datatype", "outside-a-datatype-folder")
+             for f in _query(layout, subject, {}, {})}
+    found = []
+    for kind, n in sorted(Counter(kinds.values()).items()):
+        names = sorted(f.name for f, k in kinds.items() if k == kind)
+        shown = kind in (base["datatype"], "outside-a-datatype-folder")
+        found.append(f"{n} {kind} file{'s' if n > 1 else ''}" + (f" ({', '.join(names)})" if shown else ""))
+    excluded = _query(layout, subject, base, {}) if filters else []
+    tail = f"; the BIDS filter file excludes {len(excluded)} {what}" if excluded else ""
+    expected = subject.folder(Path(), base["datatype"]) / f"{subject.label}[_<entities>]_{base['suffix']}.nii[.gz]"
+    return MissingInputError(f"{subject.label}: no {what} image found: found {', '.join(found) or 'no NIfTI image'}, "
+                             f"no {what}{tail} (expected {expected.as_posix()})")
+
+
 def find_t1w(layout: BIDSLayout, subject: Subject, filters: dict | None = None) -> Path:
     """The T1w of a unit; the first (sorted) one if several, with a warning."""
-    found = _query(layout, subject, {"datatype": "anat", "suffix": "T1w"}, (filters or {}).get("t1w", {}))
+    base, wanted = {"datatype": "anat", "suffix": "T1w"}, (filters or {}).get("t1w", {})
+    found = _query(layout, subject, base, wanted)
     if not found:
-        raise MissingInputError(f"{subject.label}: no T1w image found")
+        raise _not_found(layout, subject, "T1w", base, wanted)
     if len(found) > 1:
         LOGGER.warning("%s: %d T1w images, using %s", subject.label, len(found), Path(found[0]).name)
     return Path(found[0])
@@ -86,7 +133,8 @@ def find_t1w(layout: BIDSLayout, subject: Subject, filters: dict | None = None) 
 
 def find_dwi(layout: BIDSLayout, subject: Subject, filters: dict | None = None) -> list[Path]:
     """All DWI runs of a unit (to be concatenated), sorted."""
-    found = _query(layout, subject, {"datatype": "dwi", "suffix": "dwi"}, (filters or {}).get("dwi", {}))
+    base, wanted = {"datatype": "dwi", "suffix": "dwi"}, (filters or {}).get("dwi", {})
+    found = _query(layout, subject, base, wanted)
     if not found:
-        raise MissingInputError(f"{subject.label}: no DWI series found")
+        raise _not_found(layout, subject, "DWI", base, wanted)
     return [Path(f) for f in found]

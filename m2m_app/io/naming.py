@@ -70,11 +70,14 @@ def derivative_path(root: Path, subject: Subject, datatype: str, suffix: str,
 def bids_uri(path: str | Path, dataset: str = "raw") -> str:
     """``bids:raw:sub-01/anat/sub-01_T1w.nii.gz`` for a file inside a BIDS dataset (BIDS URI).
 
-    The dataset root is taken to be the folder above the first ``sub-*`` component.
+    The dataset root is the folder above the *nearest* ancestor named ``sub-<label>`` with the
+    file name's own subject label, so folders above the dataset (``/data/sub-pilot/bids``) are
+    never part of the URI. A file whose name has no subject gives ``bids:raw:<name>``.
     """
-    parts = Path(path).parts
-    start = next((i for i, part in enumerate(parts) if part.startswith("sub-")), None)
-    relative = "/".join(parts[start:]) if start is not None else Path(path).name
+    path = Path(path)
+    subject = path.name.split("_")[0]
+    root = next((parent.parent for parent in path.parents if parent.name == subject), None)
+    relative = path.relative_to(root).as_posix() if subject.startswith("sub-") and root else path.name
     return f"bids:{dataset}:{relative}"
 
 
