@@ -232,6 +232,11 @@ def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: t
 @click.option("--skull-strip", is_flag=True,
               help="Phase 1: score on the T1w skull-stripped with the teacher's brain mask (grown by 3 mm), "
                    "as a brain-extracted input would be.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["intensity", "atlas"]),
+              default=("intensity",), show_default=True,
+              help="Phase 1: baseline(s) scored with m2m; repeatable. intensity: FA from T1w intensity "
+                   "(fitted on the training subjects); atlas: TractSeg's HCP FA template warped to the T1w "
+                   "through nilearn's MNI152 T1 with ANTs SyN (needs: pip install \"m2m-app[atlas]\").")
 @click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the table as TSV here.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -239,23 +244,65 @@ def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: t
 @exits_cleanly
 def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
              train_subjects: tuple[str, ...], predicted_inputs: Path | None, skull_strip: bool,
-             out_tsv: Path | None, device: str, verbose: int, quiet: int) -> None:
-    """Score a translator (WEIGHTS_DIR, default: packaged) on held-out subjects against a baseline.
+             baselines: tuple[str, ...], out_tsv: Path | None, device: str, verbose: int, quiet: int) -> None:
+    """Score a translator (WEIGHTS_DIR, default: packaged) on held-out subjects against baselines.
 
-    Prints one row per subject and method (m2m, baseline_*) with FA MAE / Pearson r / PSNR /
-    SSIM, MD MAE and V1 angular error (phase 1), or TDI Pearson r / Dice and direction error
-    (phase 2).
+    Follows the evaluation protocol of docs/training.md: 3D maps on the T1w grid inside the
+    teacher's brain mask ∩ the measured DWI field of view. Prints one row per subject and
+    method (m2m, baseline_*) with FA MAE / r / bias / spread / PSNR / SSIM, MD MAE / r and
+    V1 angular error, in brain and white matter (phase 1), or TDI Pearson r / Dice and
+    direction error (phase 2).
     """
     from m2m_app.training.evaluate import evaluate_phase
 
     setup_logging(verbose, quiet)
     rows = evaluate_phase(f"phase{phase}", prep_dir, weights_dir, list(test_subjects),
-                          list(train_subjects) or None, out_tsv, device, predicted_inputs, skull_strip)
+                          list(train_subjects) or None, out_tsv, device, predicted_inputs, skull_strip,
+                          baselines)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     click.echo("\t".join(columns))
     for row in rows:
         click.echo("\t".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
                              for c in columns))
+
+
+@cli.command()
+@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--phase", type=click.Choice(["1", "2"]), default="1", show_default=True)
+@click.option("--test-subject", "test_subjects", multiple=True, required=True,
+              help="Held-out subject(s) of WEIGHTS_DIR to score. Repeatable.")
+@click.option("--scale-from", "scale_from", multiple=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Summary table (--out) of another fold; the scale applied is the median of their fitted "
+                   "scales (default: the one stored with the weights, else 1). Repeatable.")
+@click.option("--store-scale", is_flag=True,
+              help="Write the applied scale into WEIGHTS_DIR/phase<N>.json (uncertainty_scale); needs --scale-from.")
+@click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Phase 2: score on phase-1 predictions instead of the teacher's maps.")
+@click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the summary as TSV here and the reliability table beside it (<stem>_reliability.tsv).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@with_verbosity
+@exits_cleanly
+def calibrate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
+              scale_from: tuple[Path, ...], store_scale: bool, predicted_inputs: Path | None,
+              out_tsv: Path | None, device: str, verbose: int, quiet: int) -> None:
+    """Check the uncertainty maps of a translator (WEIGHTS_DIR) against its error on held-out subjects.
+
+    Prints one row per subject and map (fa_sd, v1_dispersion; tdi_sd for phase 2): the
+    Spearman correlation of uncertainty and error, the coverage of +-1 and +-2 (scaled)
+    uncertainties, raw and with the applied scale, and the scale fitted on this subject.
+    """
+    from m2m_app.training.calibration import calibrate_phase
+
+    setup_logging(verbose, quiet)
+    summary, _ = calibrate_phase(f"phase{phase}", prep_dir, weights_dir, list(test_subjects),
+                                 list(scale_from) or None, out_tsv, device, predicted_inputs, store_scale)
+    columns = list(summary[0])
+    click.echo("\t".join(columns))
+    for row in summary:
+        click.echo("\t".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
 
 
 @cli.command("evaluate-tractogram")

@@ -77,9 +77,3 @@ def fraction_near(streamlines: Sequence[np.ndarray], reference: Sequence[np.ndar
     distances, _ = tree.query(np.concatenate(streamlines))
     means = np.add.reduceat(distances, np.r_[0, np.cumsum(lengths)[:-1]]) / lengths
     return float(np.mean(means < distance_mm))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks (NaN when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")

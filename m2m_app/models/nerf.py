@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from m2m_app.errors import BadDataError, MissingInputError
 from m2m_app.io.nifti import atomic_write
+from m2m_app.maths.metrics import psnr
 
 LOGGER = logging.getLogger(__name__)
 
@@ -97,12 +98,6 @@ class FieldNet(torch.nn.Module):
 def decode(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Density ``(N,)`` (softplus, >= 0) and colour ``(N, 3)`` (absolute orientation) from raw outputs."""
     return F.softplus(raw[:, 0]), raw[:, 1:].abs()
-
-
-def psnr(prediction: np.ndarray, target: np.ndarray, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``prediction`` against ``target`` (same shape)."""
-    mse = float(np.mean((np.asarray(prediction, float) - np.asarray(target, float)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(peak ** 2 / mse)
 
 
 def normalising_matrix(shape: tuple[int, ...]) -> np.ndarray:

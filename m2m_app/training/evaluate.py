@@ -1,16 +1,22 @@
-"""Held-out evaluation of the translators against the teacher, with simple baselines.
+"""Held-out evaluation of the translators against the teacher, with baselines.
 
-* phase 1: FA MAE and Pearson r (brain, white matter), MD MAE, V1 angular error where the
-  teacher's FA > 0.3, FA PSNR and SSIM, all from the tensor head inside the teacher's brain
-  mask; the mask head is scored apart (Dice). Baseline: FA from T1w intensity alone (mean
-  FA per normalised-intensity bin, fitted on the training subjects). With ``skull_strip``
-  both score a skull-stripped T1w instead (zeroed outside the teacher's brain mask grown by
+The evaluation protocol (docs/training.md, "Evaluation protocol"): every map is compared as a
+3D volume on the T1w's own grid, inside the teacher's brain mask intersected with the DWI's
+measured field of view (manifest column ``fov`` when present and non-empty; the brain mask
+alone for older prep dirs), and in the white matter inside that mask.
+
+* phase 1: FA (clipped to [0, 1]) MAE, Pearson r, bias and spread ratio, PSNR and SSIM (3D,
+  data range 1, window 7, the SSIM map averaged inside the mask), MD MAE and r, V1 sign-free
+  angular error where the teacher's FA > 0.3; each in the brain and in white matter. The
+  mask head is scored apart (Dice inside the FOV). Baselines (``baselines``):
+  ``intensity``, FA from T1w intensity alone (mean FA per normalised-intensity bin, fitted on
+  the training subjects); ``atlas``, a population FA template warped to the T1w
+  (:mod:`m2m_app.training.atlas`). With ``skull_strip`` every method scores a skull-stripped
+  T1w instead (zeroed outside the teacher's brain mask grown by
   :data:`~m2m_app.inference.conform.STRIPPED_MARGIN_MM`), as brain-extracted inputs are common.
 * phase 2: Pearson r and Dice (relative density above a threshold) of the track density,
   DEC-TDI angular error where the teacher's density is high. Baseline: TDI = f(FA) (mean
   relative density per FA bin, fitted on the training subjects) with colour FA as direction.
-
-All maps are compared on the T1w's own grid.
 """
 from __future__ import annotations
 
@@ -19,13 +25,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from m2m_app.errors import UsageError
 from m2m_app.inference.conform import STRIPPED_MARGIN_MM, brain_extraction_mask, normalise_intensity
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
 from m2m_app.io.nifti import load_image, load_t1w, save_nifti, save_tsv
-from m2m_app.maths.streamlines import dice, fraction_near, track_density
+from m2m_app.maths.metrics import angular_error_deg, dice, masked_ssim, pearson, psnr
+from m2m_app.maths.streamlines import fraction_near, track_density
 from m2m_app.maths.tensor import tensor_derivatives
 from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
 from m2m_app.training.loop import select_rows
@@ -38,85 +46,58 @@ FA_ANGLE_THRESHOLD = 0.3
 DICE_DENSITY = 0.1
 #: Relative track density above which DEC-TDI directions are compared.
 HIGH_DENSITY = 0.5
+#: Phase-1 baselines (``--baseline``) and the ``method`` their rows carry.
+BASELINES = {"intensity": "baseline_fa_from_t1w", "atlas": "baseline_fa_atlas"}
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two flat arrays (NaN when either is constant)."""
-    a, b = a.astype(float) - a.mean(), b.astype(float) - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def angular_error_deg(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Sign-free angle (degrees) between vectors ``(..., 3)``; NaN where either is zero."""
-    norms = np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = np.abs((u * v).sum(-1)) / norms
-    return np.degrees(np.arccos(np.clip(cosine, 0.0, 1.0)))
-
-
-def psnr(prediction: np.ndarray, truth: np.ndarray, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio (dB)."""
-    mse = float(np.mean((prediction.astype(float) - truth) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(data_range ** 2 / mse)
-
-
-def ssim(prediction: np.ndarray, truth: np.ndarray, data_range: float = 1.0) -> float:
-    """Structural similarity of two volumes (scikit-image when installed, else a Gaussian-window SSIM)."""
-    try:
-        from skimage.metrics import structural_similarity
-    except ImportError:
-        from scipy.ndimage import gaussian_filter
-
-        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-        x, y = prediction.astype(float), truth.astype(float)
-        mx, my = gaussian_filter(x, 1.5), gaussian_filter(y, 1.5)
-        vx, vy = gaussian_filter(x * x, 1.5) - mx ** 2, gaussian_filter(y * y, 1.5) - my ** 2
-        cov = gaussian_filter(x * y, 1.5) - mx * my
-        return float(np.mean((2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))))
-    return float(structural_similarity(prediction.astype(float), truth.astype(float), data_range=data_range))
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """Smallest box holding ``mask``."""
-    where = np.argwhere(mask)
-    return tuple(slice(lo, hi + 1) for lo, hi in zip(where.min(0), where.max(0)))
+def _mae_and_r(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """Mean absolute error and Pearson r of two flat arrays (NaN, NaN when empty)."""
+    if not true.size:
+        return float("nan"), float("nan")
+    return float(np.abs(pred - true).mean()), pearson(pred, true)
 
 
 def fa_metrics(pred_fa: np.ndarray, true_fa: np.ndarray, brain: np.ndarray, wm: np.ndarray) -> dict[str, float]:
-    """FA MAE / Pearson r in the brain and in WM, and FA PSNR / SSIM in the brain's bounding box.
+    """FA agreement of two volumes ``(X, Y, Z)`` in ``brain`` and in ``wm & brain`` (bool masks).
 
-    Two more describe the WM FA distribution: ``fa_bias_wm`` (mean predicted minus teacher
-    FA) and ``fa_spread_wm`` (standard deviation of predicted over teacher FA: below 1 the
-    prediction compresses the FA range).
+    Both FA maps are clipped to [0, 1]. Per region (suffix ``_brain``/``_wm``): MAE, Pearson
+    r, bias (mean predicted minus teacher FA), spread (standard deviation of predicted over
+    teacher FA: below 1 the prediction compresses the FA range), PSNR (dB, peak 1, over the
+    region's voxels) and SSIM (3D, window 7, data range 1, both maps zeroed outside
+    ``brain``, the SSIM map averaged over the region).
     """
-    box = _bounding_box(brain)
-    inside_pred, inside_true = np.where(brain, pred_fa, 0)[box], np.where(brain, true_fa, 0)[box]
-    error, nan = pred_fa - true_fa, float("nan")
-    in_wm = {"fa_mae_wm": nan, "fa_r_wm": nan, "fa_bias_wm": nan, "fa_spread_wm": nan}
-    if wm.any():
-        pred_wm, true_wm = pred_fa[wm], true_fa[wm]
-        in_wm = {"fa_mae_wm": float(np.abs(error[wm]).mean()), "fa_r_wm": pearson(pred_wm, true_wm),
-                 "fa_bias_wm": float(error[wm].mean()),
-                 "fa_spread_wm": float(pred_wm.std() / true_wm.std()) if true_wm.std() > 0 else nan}
-    return {"fa_mae_brain": float(np.abs(error[brain]).mean()), "fa_r_brain": pearson(pred_fa[brain], true_fa[brain]),
-            **in_wm, "fa_psnr": psnr(inside_pred, inside_true), "fa_ssim": ssim(inside_pred, inside_true)}
+    pred_fa, true_fa = np.clip(pred_fa, 0.0, 1.0), np.clip(true_fa, 0.0, 1.0)
+    out: dict[str, float] = {}
+    for name, region in (("brain", brain), ("wm", wm & brain)):
+        pred, true = pred_fa[region], true_fa[region]
+        nan = float("nan")
+        out[f"fa_mae_{name}"], out[f"fa_r_{name}"] = _mae_and_r(pred, true)
+        out[f"fa_bias_{name}"] = float((pred - true).mean()) if true.size else nan
+        out[f"fa_spread_{name}"] = float(pred.std() / true.std()) if true.size and true.std() > 0 else nan
+        out[f"fa_psnr_{name}"] = psnr(pred, true) if true.size else nan
+        out[f"fa_ssim_{name}"] = masked_ssim(pred_fa, true_fa, brain, within=region)
+    return out
 
 
 def phase1_metrics(pred_tensor: np.ndarray, true_tensor: np.ndarray, brain: np.ndarray,
                    wm: np.ndarray) -> dict[str, float]:
     """Phase-1 metrics of predicted vs teacher tensors ``(X, Y, Z, 6)`` (mm²/s) within ``brain``/``wm`` (bool).
 
-    MD MAE is in mm²/s, the V1 angular error in degrees (mean where teacher FA > 0.3).
+    :func:`fa_metrics`, then MD MAE (mm²/s) and r, and the mean V1 angular error (degrees)
+    where the teacher's FA > :data:`FA_ANGLE_THRESHOLD`, each in the brain and in WM.
     """
     pred, true = tensor_derivatives(pred_tensor[brain]), tensor_derivatives(true_tensor[brain])
     pred_fa, true_fa = np.zeros(brain.shape), np.zeros(brain.shape)
     pred_fa[brain], true_fa[brain] = pred["fa"], true["fa"]
+    in_wm = (wm & brain)[brain]
     fibres = true["fa"] > FA_ANGLE_THRESHOLD
-    angles = angular_error_deg(pred["v1"][fibres], true["v1"][fibres])
-    return {**fa_metrics(pred_fa, true_fa, brain, wm & brain),
-            "md_mae_brain": float(np.abs(pred["md"] - true["md"]).mean()),
-            "v1_angle_deg": float(np.nanmean(angles)) if angles.size else float("nan")}
+    angles = angular_error_deg(pred["v1"], true["v1"])
+    out = fa_metrics(pred_fa, true_fa, brain, wm)
+    for name, region in (("brain", np.ones_like(in_wm)), ("wm", in_wm)):
+        out[f"md_mae_{name}"], out[f"md_r_{name}"] = _mae_and_r(pred["md"][region], true["md"][region])
+        chosen = angles[region & fibres]
+        out[f"v1_angle_deg_{name}"] = float(np.nanmean(chosen)) if np.isfinite(chosen).any() else float("nan")
+    return out
 
 
 def phase2_metrics(pred_tdi: np.ndarray, pred_dec: np.ndarray, true_tdi: np.ndarray, true_dec: np.ndarray,
@@ -167,55 +148,75 @@ def _mask(prep: Path, row: dict, column: str) -> np.ndarray:
     return load_image(prep / row[column])[1] > 0
 
 
-def _evaluate_phase1(rows: list, train_rows: list, model, device: str, skull_strip: bool) -> list[dict]:
-    baseline = BinnedRegression(0.0, 1.0)
-    for row, prep in train_rows:
-        brain = _mask(prep, row, "mask")
-        baseline.fit(normalise_intensity(load_t1w(row["t1w"])[1])[brain], load_image(prep / row["fa"])[1][brain])
+def evaluation_masks(prep: Path, row: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mask, wm, fov)`` of a manifest row: the teacher's brain mask ∩ the measured DWI field of
+    view, white matter inside it, and the FOV itself (all true when the row has no ``fov``)."""
+    brain = _mask(prep, row, "mask")
+    fov = _mask(prep, row, "fov") if row.get("fov") else np.ones(brain.shape, bool)
+    mask = brain & fov
+    return mask, _mask(prep, row, "wm") & mask, fov
+
+
+def _evaluate_phase1(rows: list, train_rows: list, model, device: str, skull_strip: bool,
+                     baselines: tuple[str, ...]) -> list[dict]:
+    intensity = BinnedRegression(0.0, 1.0)
+    if "intensity" in baselines:
+        for row, prep in train_rows:
+            mask = evaluation_masks(prep, row)[0]
+            intensity.fit(normalise_intensity(load_t1w(row["t1w"])[1])[mask], load_image(prep / row["fa"])[1][mask])
     results = []
     for row, prep in rows:
         img, data = load_t1w(row["t1w"])
-        brain, wm = _mask(prep, row, "mask"), _mask(prep, row, "wm")
+        mask, wm, fov = evaluation_masks(prep, row)
         if skull_strip:
+            brain = _mask(prep, row, "mask")
             data = np.where(brain_extraction_mask(brain, STRIPPED_MARGIN_MM, img.header.get_zooms()[:3]), data, 0)
         true_tensor = load_image(prep / row["diffusivity"])[1]
         pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False)
         results.append({"subject": row["subject"], "method": "m2m",
-                        **phase1_metrics(pred["tensor"], true_tensor, brain, wm),
-                        "mask_dice": dice(pred["mask"], brain)})
+                        **phase1_metrics(pred["tensor"], true_tensor, mask, wm),
+                        "mask_dice": dice(pred["mask"] & fov, mask)})
         true_fa = load_image(prep / row["fa"])[1]
-        results.append({"subject": row["subject"], "method": "baseline_fa_from_t1w",
-                        **fa_metrics(baseline.predict(normalise_intensity(data)), true_fa, brain, wm & brain)})
+        for name in baselines:
+            if name == "intensity":
+                fa = intensity.predict(normalise_intensity(data))
+            else:
+                from m2m_app.training.atlas import warp_atlas_fa
+
+                fa = warp_atlas_fa(nib.Nifti1Image(data.astype(np.float32), img.affine))
+            results.append({"subject": row["subject"], "method": BASELINES[name],
+                            **fa_metrics(fa, true_fa, mask, wm)})
     return results
 
 
 def _evaluate_phase2(rows: list, train_rows: list, model, device: str, predicted_inputs: Path | None) -> list[dict]:
     baseline = BinnedRegression(0.0, 1.0)
     for row, prep in train_rows:
-        brain = _mask(prep, row, "mask")
-        density = relative_tdi(load_image(prep / row["tdi"])[1], brain)
-        baseline.fit(load_image(prep / row["fa"])[1][brain], density[brain])
+        mask = evaluation_masks(prep, row)[0]
+        density = relative_tdi(load_image(prep / row["tdi"])[1], mask)
+        baseline.fit(load_image(prep / row["fa"])[1][mask], density[mask])
     results = []
     for row, prep in rows:
         source = predicted_inputs or prep
         fa, md, colfa = (load_image(source / row[c])[1] for c in ("fa", "md", "colfa"))
         _, grid = phase1_inputs(*load_t1w(row["t1w"]))
-        brain = _mask(prep, row, "mask")
-        true_tdi = relative_tdi(load_image(prep / row["tdi"])[1], brain)
+        mask = evaluation_masks(prep, row)[0]
+        true_tdi = relative_tdi(load_image(prep / row["tdi"])[1], mask)
         true_dec = load_image(prep / row["dectdi"])[1]
-        pred = predict_phase2(fa, md, colfa, grid, mask=brain, model=model, device=device)
+        pred = predict_phase2(fa, md, colfa, grid, mask=mask, model=model, device=device)
         results.append({"subject": row["subject"], "method": "m2m",
-                        **phase2_metrics(pred["tdi"], pred["dectdi"], true_tdi, true_dec, brain)})
+                        **phase2_metrics(pred["tdi"], pred["dectdi"], true_tdi, true_dec, mask)})
         results.append({"subject": row["subject"], "method": "baseline_tdi_from_fa",
-                        **phase2_metrics(np.where(brain, baseline.predict(fa), 0.0), colfa, true_tdi, true_dec, brain)})
+                        **phase2_metrics(np.where(mask, baseline.predict(fa), 0.0), colfa, true_tdi, true_dec, mask)})
     return results
 
 
 def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str | os.PathLike | None,
                    test_subjects: list[str], train_subjects: list[str] | None = None,
                    out_tsv: str | os.PathLike | None = None, device: str = "auto",
-                   predicted_inputs: str | os.PathLike | None = None, skull_strip: bool = False) -> list[dict]:
-    """Per-subject metrics of the trained translator and of its baseline on held-out subjects.
+                   predicted_inputs: str | os.PathLike | None = None, skull_strip: bool = False,
+                   baselines: tuple[str, ...] = ("intensity",)) -> list[dict]:
+    """Per-subject metrics of the trained translator and of its baselines on held-out subjects.
 
     Parameters
     ----------
@@ -223,24 +224,36 @@ def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str
     prep_dir : the prep dir holding the teacher maps of every subject.
     weights_dir : folder with ``<phase>.safetensors``/``.json`` (None: the packaged weights).
     test_subjects : held-out subjects (``sub-01``, ``01`` or ``sub-01_ses-a``).
-    train_subjects : subjects the baseline is fitted on (default: every other ``ok`` subject).
+    train_subjects : subjects the intensity baselines are fitted on (default: every ``ok``
+        unit of another participant; a tested participant's other sessions never count).
     out_tsv : where to write the table (tab-separated, one row per subject and method).
     predicted_inputs : phase 2 only: take FA/MD/colour FA from this folder of phase-1
         predictions (prep-dir layout) instead of the teacher's.
-    skull_strip : phase 1 only: score both methods on the skull-stripped T1w.
+    skull_strip : phase 1 only: score every method on the skull-stripped T1w.
+    baselines : phase 1: any of :data:`BASELINES` (``intensity``, ``atlas``); phase 2 always
+        scores its TDI-from-FA baseline and takes only the default.
 
     Returns the rows: ``subject``, ``method`` (``m2m`` or ``baseline_*``) and the metrics.
     """
     spec = get_phase(spec_name)
     if skull_strip and spec.name != "phase1":
         raise UsageError("skull_strip only applies to phase1 (its input is the T1w)")
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    if spec.name != "phase1" and tuple(baselines) != ("intensity",):
+        raise UsageError("the intensity and atlas baselines are phase-1 (FA) baselines")
+    if "atlas" in baselines:
+        from m2m_app.training.atlas import load_atlas
+
+        load_atlas()  # fails now, with its message, if the template is missing
     rows = select_rows([Path(prep_dir)], test_subjects)
-    tested = {row["subject"] for row, _ in rows}
+    tested = {row["participant"] for row, _ in rows}
     train_rows = [(row, prep) for row, prep in select_rows([Path(prep_dir)], train_subjects)
-                  if row["subject"] not in tested]
+                  if row["participant"] not in tested]
     model, _ = load_translator(spec.name, weights_dir)
     if spec.name == "phase1":
-        results = _evaluate_phase1(rows, train_rows, model, device, skull_strip)
+        results = _evaluate_phase1(rows, train_rows, model, device, skull_strip, tuple(dict.fromkeys(baselines)))
     else:
         predicted = Path(predicted_inputs) if predicted_inputs else None
         results = _evaluate_phase2(rows, train_rows, model, device, predicted)
