@@ -1,35 +1,51 @@
 #!/usr/bin/env bash
-# The exact commands that produced the weights shipped in m2m_app/data/models/ and the
-# leave-one-subject-out numbers of its model card.
+# The exact commands that produce the weights shipped in m2m_app/data/models/ and the
+# leave-one-person-out numbers of its model card.
 #
-#   scripts/train_shipped_weights.sh [DS_REAL] [WORK] [PART]
+#   scripts/train_shipped_weights.sh [DS_REAL] [WORK] [PART] [DS_EXTRA]
 #
-# PART is "a" (fold A: train on sub-02, test on sub-01), "b" (fold B: train on sub-01, test
-# on sub-02), "ship" (the same recipe on every subject: the shipped weights, whose expected
-# accuracy is that of the two folds), "chain" (after a and b: the app itself on each held-out
-# subject with its fold's weights, and its tractogram against the teacher's) or "all" (the
-# four, one after the other; default).
-# The parts a, b and ship can run at the same time in separate shells (one torch thread per
-# process is fastest on 2 cores). Run that way on a 2-core CPU, folds a and b took about 2 h
-# each and ship about 1.5 h; chain takes 4 min afterwards. DEVICE=cuda uses a GPU.
+# Both datasets (ds-real: sub-01 Philips, sub-02 Siemens with 4 sessions; ds-extra: sub-03
+# United Imaging, 2 sessions, partial-slab DWI) are prepared into one prep dir, WORK/prep.
+# PART is "prepare", "a", "b" or "c" (the three leave-one-person-out folds, from
+# `python -m m2m_app.training.folds`: test sub-01, sub-02, sub-03, each trained on the two
+# other people, all sessions of a person on the same side), "ship" (the same recipe on every
+# unit: the shipped weights, whose expected accuracy is that of the folds), "chain" (after the
+# folds: the app itself on one session of each held-out person with its fold's weights, and its
+# tractogram against the teacher's), "tables" (the model card's tables) or "all" (every part, in
+# that order; default).
+# Each fold is scored under the evaluation protocol of docs/training.md against both baselines
+# (T1w intensity and the warped population atlas; the atlas needs `pip install "m2m-app[atlas]"`
+# or `pip install --no-deps tractseg`).
+# The parts a, b, c and ship can run at the same time in separate shells after "prepare" (one
+# torch thread per process is fastest on 2 cores). DEVICE=cuda uses a GPU.
 # Re-running resumes: prepare skips finished units and training restarts from its last
-# checkpoint.
+# checkpoint (the folds write to WORK/loso-test-sub-XX, so checkpoints of the earlier
+# two-person folds in WORK/fold-test-sub-XX are never resumed by mistake).
 # Environment: DEVICE (cpu), SEED (0), ELASTIC_PX (3) and SKULL_STRIP_PROB (0.25) change the
-# recipe; the shipped weights use the defaults.
+# recipe; PHASE1_STEPS (2700), PHASE2_STEPS (2660), SHIP_STEPS (3380) set how many batches each
+# training sees; the shipped weights use the defaults.
 set -euo pipefail
 DS_REAL=${1:-../shared/data/ds-real}
 WORK=${2:-runs}
 PART=${3:-all}
+DS_EXTRA=${4:-../shared/data/ds-extra}
 DEVICE=${DEVICE:-cpu}
 SEED=${SEED:-0}
 ELASTIC_PX=${ELASTIC_PX:-3}
 SKULL_STRIP_PROB=${SKULL_STRIP_PROB:-0.25}
+PHASE1_STEPS=${PHASE1_STEPS:-2700}
+PHASE2_STEPS=${PHASE2_STEPS:-2660}
+SHIP_STEPS=${SHIP_STEPS:-3380}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+PREP="$WORK/prep"
 COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed "$SEED" --ema-decay 0.999 --elastic-px "$ELASTIC_PX")
 # Epochs are set so that each training sees about the same number of batches of 8 slices:
-# phase 1 about 2 700 (sub-02's four sessions: 112 batches per epoch; sub-01 alone: 30),
-# phase 2 about 2 660 (teacher + predicted maps: 222 and 60 batches per epoch). The shipped
-# weights, trained on all five units, see a little more (3 380 and 3 380).
+# a unit gives about 28 batches per epoch in phase 1 and 55 in phase 2 (teacher + predicted
+# maps), as measured on ds-real (sub-02's four sessions: 112 and 222; sub-01: 30 and 60).
+PHASE1_BATCHES_PER_UNIT=28
+PHASE2_BATCHES_PER_UNIT=55
+# epochs STEPS BATCHES_PER_UNIT UNITS: the epochs (at least 1) that give about STEPS batches.
+epochs() { echo $(( ($1 + $2 * $3 / 2) / ($2 * $3) > 0 ? ($1 + $2 * $3 / 2) / ($2 * $3) : 1 )); }
 # --ema-decay: the exported generator is the moving average of its weights, because the
 # held-out accuracy of the raw weights swings widely from one epoch to the next.
 # --elastic-px 3: elastic deformation in half of the geometric augmentations (the model card
@@ -37,56 +53,70 @@ COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed "$SEED" --ema
 # --skull-strip-prob 0.25 (phase 1 only): a quarter of the T1w slices are skull-stripped, so
 # that brain-extracted inputs work; the folds are also scored on stripped T1w (--skull-strip).
 PHASE1=(--skull-strip-prob "$SKULL_STRIP_PROB")
-PHASE1_EPOCHS_SHIP=24
-PHASE2_EPOCHS_SHIP=12
+if [[ $PART == prepare || $PART == all ]]; then
+  # one prep dir for both datasets: write_manifest lists every unit found in it
+  m2m-train prepare "$DS_REAL" "$PREP" --nprocs 2
+  m2m-train prepare "$DS_EXTRA" "$PREP" --nprocs 2
+fi
 
-m2m-train prepare "$DS_REAL" "$WORK/prep" --nprocs 2
-
-# fold TRAIN TEST PHASE1_EPOCHS PHASE2_EPOCHS: both translators trained on TRAIN, scored on the held-out TEST.
+# fold TEST: both translators trained on every other person, scored on the held-out person TEST.
 fold() {
-  local train=$1 test=$2 epochs1=$3 epochs2=$4 out="$WORK/fold-test-$2"
-  m2m-train phase1 "$WORK/prep" "$out" --subject "$train" --epochs "$epochs1" "${COMMON[@]}" "${PHASE1[@]}"
-  m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" \
-    --out "$out/phase1_heldout.tsv"
-  m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" --skull-strip \
+  local test=$1 out="$WORK/loso-test-$1" line train units
+  line=$(python -m m2m_app.training.folds "$PREP" | awk -F'\t' -v t="$test" '$1 == t')
+  [[ -n $line ]] || { echo "no fold with test person $test in $PREP/manifest.tsv" >&2; exit 1; }
+  IFS=$'\t' read -r _ train units <<< "$line"
+  local subjects=() person
+  for person in ${train//,/ }; do subjects+=(--subject "$person"); done
+  local epochs1 epochs2
+  epochs1=$(epochs "$PHASE1_STEPS" "$PHASE1_BATCHES_PER_UNIT" "$units")
+  epochs2=$(epochs "$PHASE2_STEPS" "$PHASE2_BATCHES_PER_UNIT" "$units")
+  local scored=(--phase 1 --baseline intensity --baseline atlas --device "$DEVICE")
+  m2m-train phase1 "$PREP" "$out" "${subjects[@]}" --epochs "$epochs1" "${COMMON[@]}" "${PHASE1[@]}"
+  m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --out "$out/phase1_heldout.tsv"
+  m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --skull-strip \
     --out "$out/phase1_heldout_skullstripped.tsv"
-  # the same metrics on the training subject: what the network does where the T1w is no surprise
-  m2m-train evaluate "$WORK/prep" "$out" --phase 1 --test-subject "$train" --device "$DEVICE" \
+  # the same metrics on the training people: what the network does where the T1w is no surprise
+  m2m-train evaluate "$PREP" "$out" --phase 1 --device "$DEVICE" "${subjects[@]/--subject/--test-subject}" \
     --out "$out/phase1_training_subject.tsv"
   # phase 2 learns from the teacher's maps and from phase 1's predictions of its training subjects
-  m2m-train predict "$WORK/prep" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
-  m2m-train phase2 "$WORK/prep" "$out" --subject "$train" --epochs "$epochs2" \
+  m2m-train predict "$PREP" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
+  m2m-train phase2 "$PREP" "$out" "${subjects[@]}" --epochs "$epochs2" \
     --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"
-  m2m-train evaluate "$WORK/prep" "$out" --phase 2 --test-subject "$test" --device "$DEVICE" \
+  m2m-train evaluate "$PREP" "$out" --phase 2 --test-subject "$test" --device "$DEVICE" \
     --predicted-inputs "$out/pred-phase1" --out "$out/phase2_heldout_predicted_inputs.tsv"
-  m2m-train evaluate "$WORK/prep" "$out" --phase 2 --test-subject "$test" --device "$DEVICE" \
+  m2m-train evaluate "$PREP" "$out" --phase 2 --test-subject "$test" --device "$DEVICE" \
     --out "$out/phase2_heldout_teacher_inputs.tsv"
 }
 
-if [[ $PART == a || $PART == all ]]; then
-  fold sub-02 sub-01 24 12
-fi
-if [[ $PART == b || $PART == all ]]; then
-  fold sub-01 sub-02 90 44
-fi
+if [[ $PART == a || $PART == all ]]; then fold sub-01; fi
+if [[ $PART == b || $PART == all ]]; then fold sub-02; fi
+if [[ $PART == c || $PART == all ]]; then fold sub-03; fi
 if [[ $PART == ship || $PART == all ]]; then
   out="$WORK/ship"
-  m2m-train phase1 "$WORK/prep" "$out" --epochs "$PHASE1_EPOCHS_SHIP" "${COMMON[@]}" "${PHASE1[@]}"
-  m2m-train predict "$WORK/prep" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
-  m2m-train phase2 "$WORK/prep" "$out" --epochs "$PHASE2_EPOCHS_SHIP" --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"
+  units=$(awk -F'\t' 'NR == 1 {for (i = 1; i <= NF; i++) if ($i == "status") c = i; next} $c == "ok"' \
+    "$PREP/manifest.tsv" | wc -l)
+  m2m-train phase1 "$PREP" "$out" --epochs "$(epochs "$SHIP_STEPS" "$PHASE1_BATCHES_PER_UNIT" "$units")" \
+    "${COMMON[@]}" "${PHASE1[@]}"
+  m2m-train predict "$PREP" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
+  m2m-train phase2 "$PREP" "$out" --epochs "$(epochs "$SHIP_STEPS" "$PHASE2_BATCHES_PER_UNIT" "$units")" \
+    --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"
   cp "$out"/phase{1,2}.{safetensors,json} m2m_app/data/models/
 fi
 
-# chain TEST_LABEL SESSION UNIT: the app on a held-out subject with the weights that never saw it.
+# chain BIDS_DIR TEST_LABEL SESSION UNIT: the app on a held-out person with the weights that never saw them.
 chain() {
-  local label=$1 session=$2 unit=$3 out="$WORK/app-fold-test-sub-$1"
-  m2m "$DS_REAL" "$out" participant --participant-label "$label" ${session:+--session-label "$session"} \
-    --weights-dir "$WORK/fold-test-sub-$label" -w "$WORK/work-fold-test-sub-$label" --nprocs 2 \
+  local bids=$1 label=$2 session=$3 unit=$4 fold_dir="$WORK/loso-test-sub-$2" out="$WORK/app-loso-test-sub-$2"
+  m2m "$bids" "$out" participant --participant-label "$label" ${session:+--session-label "$session"} \
+    --weights-dir "$fold_dir" -w "$WORK/work-loso-test-sub-$label" --nprocs 2 \
     --device "$DEVICE" --random-seed 0
-  m2m-train evaluate-tractogram "$WORK/prep" "$out" --subject "$unit" > "$WORK/fold-test-sub-$label/tractogram_heldout.tsv"
+  m2m-train evaluate-tractogram "$PREP" "$out" --subject "$unit" > "$fold_dir/tractogram_heldout.tsv"
 }
 
 if [[ $PART == chain || $PART == all ]]; then
-  chain 01 "" sub-01
-  chain 02 hfs sub-02_ses-hfs
+  chain "$DS_REAL" 01 "" sub-01
+  chain "$DS_REAL" 02 hfs sub-02_ses-hfs
+  chain "$DS_EXTRA" 03 1 sub-03_ses-1
+fi
+if [[ $PART == tables || $PART == all ]]; then
+  python scripts/model_card_tables.py "$WORK"
 fi

@@ -130,3 +130,25 @@ def test_tractseg_template_is_the_fsl_mni152_grid():
     assert np.allclose(img.header.get_zooms()[:3], 1.25)
     assert np.allclose(img.affine[:3, 3], (90, -126, -72))
     assert 0.0 <= float(np.min(img.dataobj)) and float(np.max(img.dataobj)) <= 1.0
+
+
+def test_model_card_table_gives_each_fold_and_the_mean_of_the_folds(tmp_path):
+    """Sessions are averaged within a fold, then the three folds weigh the same."""
+    import importlib.util as util
+    from pathlib import Path
+
+    spec = util.spec_from_file_location("tables", Path(__file__).parents[1] / "scripts" / "model_card_tables.py")
+    tables = util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    values = {"loso-test-sub-01": [0.6], "loso-test-sub-02": [0.2, 0.4, 0.6, 0.8], "loso-test-sub-03": [0.9, 0.7]}
+    for folder, rs in values.items():
+        (tmp_path / folder).mkdir()
+        lines = ["subject\tmethod\tfa_r_brain"] + [f"s{i}\tm2m\t{r}" for i, r in enumerate(rs)]
+        lines += [f"s{i}\tbaseline_fa_atlas\t{r / 2}" for i, r in enumerate(rs)]
+        (tmp_path / folder / "phase1_heldout.tsv").write_text("\n".join(lines) + "\n")
+    rows = tables.table(tmp_path, "phase1_heldout.tsv", ("fa_r_brain",))
+    assert "| sub-02 (Siemens, 4 sessions) | m2m | 0.500 |" in rows
+    assert "| **mean of 3 folds** | m2m | 0.633 |" in rows  # (0.6 + 0.5 + 0.8) / 3
+    assert "| **mean of 3 folds** | baseline_fa_atlas | 0.317 |" in rows
+    (tmp_path / "loso-test-sub-03" / "phase1_heldout.tsv").unlink()
+    assert not any("mean of" in row for row in tables.table(tmp_path, "phase1_heldout.tsv", ("fa_r_brain",)))
