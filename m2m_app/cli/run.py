@@ -98,7 +98,7 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
                       weights_dir, stop_on_first_crash, random_seed, tractogram_format, skip_phase2,
                       skip_nerf) -> None:
     from m2m_app.inference.predict import resolve_device, verify_weights
-    from m2m_app.io.derivatives import dataset_description, qc_path
+    from m2m_app.io.derivatives import dataset_description, qc_path, write_readme
     from m2m_app.io.naming import Subject
     from m2m_app.io.nifti import load_t1w
 
@@ -112,7 +112,8 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
     from m2m_app.workflows.base import RunOptions, init_m2m_wf, node_prefix
     from m2m_app.workflows.timing import StageTimer
     resolve_device(device)
-    for phase in ("phase1",) + (() if skip_phase2 else ("phase2",)):
+    phases = ("phase1",) + (() if skip_phase2 else ("phase2",))
+    for phase in phases:
         verify_weights(phase, weights_dir)  # checksum and metadata checked once, before any work
     filters = bids_io.read_filters(bids_filter_file)
     units, failures, codes = {}, {}, set()
@@ -124,7 +125,8 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
         except M2MError as err:
             LOGGER.error("%s", err)
             failures[subject.label], codes = (str(err), None), codes | {err.exit_code}
-    dataset_description(output_dir, bids_dir)
+    dataset_description(output_dir, bids_dir, weights_dir=str(weights_dir) if weights_dir else None, phases=phases)
+    write_readme(output_dir, str(weights_dir) if weights_dir else None)
     nprocs = nprocs or available_cpus()
     options = RunOptions(output_dir=output_dir, weights_dir=str(weights_dir) if weights_dir else None,
                          device=device, omp_nthreads=omp_nthreads or min(nprocs, 8), random_seed=random_seed,

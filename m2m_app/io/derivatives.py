@@ -22,19 +22,77 @@ PREDICTED = ("predicted by m2m from the T1-weighted image alone (no diffusion da
              "or used); a model estimate, not a measurement")
 
 
-def dataset_description(output_dir: Path, bids_dir: Path, name: str = "m2m derivatives") -> Path:
-    """Write ``dataset_description.json`` (DatasetType derivative, GeneratedBy, SourceDatasets)."""
+def dataset_description(output_dir: Path, bids_dir: Path, name: str = "m2m derivatives",
+                        weights_dir: str | None = None, phases: tuple[str, ...] = ()) -> Path:
+    """Write ``dataset_description.json`` (DatasetType derivative, Authors, GeneratedBy, SourceDatasets).
+
+    ``Authors`` are the input dataset's (the people whose data these derive from; m2m itself is
+    credited in ``GeneratedBy``). ``GeneratedBy`` lists m2m (with its container, if any) and the
+    translator weights of ``phases`` with their SHA-256. The input dataset is linked by a
+    normalised absolute ``file://`` URI (symlinks and ``..`` resolved).
+    """
     container = container_description()
     generated = {"Name": "m2m", "Version": __version__,
                  "Description": "T1w -> DTI -> tractography translation",
                  "CodeURL": "https://pypi.org/project/m2m-app/"}
     if container:
         generated["Container"] = container
+    weights = weights_provenance(weights_dir)
+    generated_by = [generated] + [
+        {"Name": f"m2m {phase} translator weights", "Version": str(weights[phase]["m2m_version"] or "unrecorded"),
+         "Description": f"{weights[phase]['file']} (SHA-256 {weights[phase]['sha256']}), trained on "
+                        f"{', '.join(weights[phase]['trained_on'] or []) or 'unrecorded subjects'}"}
+        for phase in phases if phase in weights]
+    source = Path(bids_dir).resolve()
+    authors = _source_description(source).get("Authors")
     return save_json({"Name": name, "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-                      "GeneratedBy": [generated], "SourceDatasets": [{"URL": Path(bids_dir).absolute().as_uri()}],
-                      "DatasetLinks": {"raw": Path(bids_dir).absolute().as_uri()},
-                      "HowToAcknowledge": "Cite m2m and the methods in CITATION.md."},
+                      **({"Authors": authors} if authors else {}),
+                      "GeneratedBy": generated_by, "SourceDatasets": [{"URL": source.as_uri()}],
+                      "DatasetLinks": {"raw": source.as_uri()},
+                      "HowToAcknowledge": "Cite m2m and the methods in logs/CITATION.md."},
                      Path(output_dir) / "dataset_description.json")
+
+
+def _source_description(bids_dir: Path) -> dict:
+    """The input dataset's ``dataset_description.json`` ({} when unreadable)."""
+    try:
+        return json.loads((bids_dir / "dataset_description.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+#: Files m2m writes beside the BIDS-Derivatives that no BIDS specification or proposal names
+#: (reports, figures, logs, QC tables, the NeRF field), as ``.bidsignore`` patterns.
+NOT_BIDS = ("*.html", "figures/", "logs/", "*_qc.json", "group_qc.tsv", "*_model.safetensors")
+
+
+def write_readme(output_dir: Path, weights_dir: str | None = None) -> Path:
+    """Write the derivatives' ``README`` (what m2m is and where its methods and model card are) and
+    the ``.bidsignore`` that keeps validators off the files in :data:`NOT_BIDS`; returns the README."""
+    from m2m_app.inference.predict import PACKAGED_WEIGHTS
+
+    card = Path(weights_dir or PACKAGED_WEIGHTS) / "README.md"
+    card_line = card.as_posix() if card.exists() else f"none found (no README.md in {card.parent.as_posix()})"
+    text = f"""# m2m derivatives
+
+Written by m2m {__version__}, a BIDS-App that predicts diffusion-tensor maps (FA, MD, AD, RD,
+principal eigenvector, colour FA, the full tensor), track-density maps, a continuous NeRF
+tractography field and a whole-brain tractogram from a T1-weighted MRI.
+
+Every map, mask and streamline here is {PREDICTED}.
+Each file's JSON sidecar says so in its Description and names the T1w it was predicted from
+(Sources) and the SHA-256 of the network weights used (Weights).
+
+- Methods text for a paper: logs/CITATION.md
+- Model card (training data, held-out accuracy, limits) of the weights used: {card_line}
+- One visual report per subject: sub-<label>[_ses-<label>].html; group QC: group_qc.tsv, group.html
+- File names: tensor maps follow BIDS extension proposal BEP016 (model-tensor_param-<p>_dwimap),
+  tractograms BEP046 (tract-<t>_track-<method>_tractogram); both are proposals, not yet in a
+  released BIDS specification. .bidsignore lists the m2m files that no BIDS document names.
+"""
+    output_dir = Path(output_dir)
+    atomic_write(output_dir / ".bidsignore", lambda tmp: Path(tmp).write_text("\n".join(NOT_BIDS) + "\n"))
+    return atomic_write(output_dir / "README", lambda tmp: Path(tmp).write_text(text))
 
 
 def weights_provenance(weights_dir: str | None) -> dict:
