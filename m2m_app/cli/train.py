@@ -266,6 +266,45 @@ def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects
                              for c in columns))
 
 
+@cli.command()
+@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--phase", type=click.Choice(["1", "2"]), default="1", show_default=True)
+@click.option("--test-subject", "test_subjects", multiple=True, required=True,
+              help="Held-out subject(s) of WEIGHTS_DIR to score. Repeatable.")
+@click.option("--scale-from", "scale_from", multiple=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Summary table (--out) of another fold; the scale applied is the median of their fitted "
+                   "scales (default: the one stored with the weights, else 1). Repeatable.")
+@click.option("--store-scale", is_flag=True,
+              help="Write the applied scale into WEIGHTS_DIR/phase<N>.json (uncertainty_scale); needs --scale-from.")
+@click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Phase 2: score on phase-1 predictions instead of the teacher's maps.")
+@click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the summary as TSV here and the reliability table beside it (<stem>_reliability.tsv).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@with_verbosity
+@exits_cleanly
+def calibrate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
+              scale_from: tuple[Path, ...], store_scale: bool, predicted_inputs: Path | None,
+              out_tsv: Path | None, device: str, verbose: int, quiet: int) -> None:
+    """Check the uncertainty maps of a translator (WEIGHTS_DIR) against its error on held-out subjects.
+
+    Prints one row per subject and map (fa_sd, v1_dispersion; tdi_sd for phase 2): the
+    Spearman correlation of uncertainty and error, the coverage of +-1 and +-2 (scaled)
+    uncertainties, raw and with the applied scale, and the scale fitted on this subject.
+    """
+    from m2m_app.training.calibration import calibrate_phase
+
+    setup_logging(verbose, quiet)
+    summary, _ = calibrate_phase(f"phase{phase}", prep_dir, weights_dir, list(test_subjects),
+                                 list(scale_from) or None, out_tsv, device, predicted_inputs, store_scale)
+    columns = list(summary[0])
+    click.echo("\t".join(columns))
+    for row in summary:
+        click.echo("\t".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+
+
 @cli.command("evaluate-tractogram")
 @click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("m2m_output_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))

@@ -3,6 +3,8 @@
 The 2D network runs over every axial, coronal and sagittal slice of the model grid, and of
 its left-right mirror image, and the six raw predictions are fused by the phase (multi-view
 fusion: no stair-steps between slices), then decoded and resampled onto the T1w's own grid.
+The six passes' disagreement gives per-voxel uncertainty maps (:attr:`PhaseSpec.spread`),
+multiplied by the scale that ``m2m-train calibrate`` stored with the weights (1 without one).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +79,23 @@ def verify_weights(phase_name: str, weights_dir: str | os.PathLike | None = None
     return spec, meta, weights
 
 
+#: Key of the phase JSON holding ``{uncertainty map: scale}`` (written by ``m2m-train calibrate``).
+UNCERTAINTY_SCALE_KEY = "uncertainty_scale"
+
+
+def uncertainty_scales(phase_name: str, weights_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """The calibration scale of each uncertainty map stored in ``<phase>.json`` (``{}`` when none).
+
+    A map without a stored scale is used as computed (scale 1.0).
+    """
+    path = (Path(weights_dir) if weights_dir is not None else PACKAGED_WEIGHTS) / f"{get_phase(phase_name).name}.json"
+    try:
+        stored = json.loads(path.read_text()).get(UNCERTAINTY_SCALE_KEY, {}) if path.exists() else {}
+        return {str(key): float(value) for key, value in stored.items()}
+    except (ValueError, TypeError, AttributeError) as err:
+        raise BadDataError(f"{path}: unreadable '{UNCERTAINTY_SCALE_KEY}': {err}") from None
+
+
 def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[Translator, PhaseSpec]:
     """Load the generator of ``phase_name`` from ``weights_dir`` (default: the packaged weights).
 
@@ -89,17 +109,16 @@ def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = Non
     return model.eval(), spec
 
 
-def predict_volume(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device: str = "auto",
-                   batch_size: int = 16, mirror: bool = True) -> np.ndarray:
-    """Run the 2D net over the three views of ``inputs (C, X, Y, Z)`` and fuse them (:attr:`PhaseSpec.fuse`).
+def predict_views(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device: str = "auto",
+                  batch_size: int = 16, mirror: bool = True) -> list[np.ndarray]:
+    """Run the 2D net over the axial, coronal and sagittal slices of ``inputs (C, X, Y, Z)``.
 
     With ``mirror`` the volume is also run mirrored left-right (world x, the model grid's
     first axis) and those outputs are mirrored back, with the sign of each channel fixed by
-    :attr:`PhaseSpec.x_flip_signs`, before fusing the six passes (test-time augmentation:
-    the network learnt both hemispheres' mirror images, and averaging them lowers its
-    variance at twice the cost).
-    Returns the fused raw output ``(K, X, Y, Z)`` float32 (logits and log-domain values,
-    before :attr:`PhaseSpec.decode`).
+    :attr:`PhaseSpec.x_flip_signs` (test-time augmentation: the network learnt both
+    hemispheres' mirror images, and averaging them lowers its variance at twice the cost).
+    Returns the passes' raw outputs, each ``(K, X, Y, Z)`` float32 (logits and log-domain
+    values, before :attr:`PhaseSpec.decode`): 3 views, then their 3 mirrored twins.
     """
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
@@ -118,12 +137,36 @@ def predict_volume(model: Translator, spec: PhaseSpec, inputs: np.ndarray, devic
                     out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
                     np.moveaxis(raw, 1 + axis, 0)[first:first + len(slices)] = out  # (size, K, H, W) view
                 views.append(raw[:, ::-1] * signs if mirrored else raw)
-    return spec.fuse(views)
+    return views
+
+
+def predict_volume(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device: str = "auto",
+                   batch_size: int = 16, mirror: bool = True) -> np.ndarray:
+    """:func:`predict_views` fused by the phase (:attr:`PhaseSpec.fuse`): one raw output ``(K, X, Y, Z)``."""
+    return spec.fuse(predict_views(model, spec, inputs, device, batch_size, mirror))
+
+
+def spread_to_source(views: list[np.ndarray], fused: np.ndarray, spec: PhaseSpec, grid: ConformedGrid,
+                     mask: np.ndarray | None = None,
+                     scales: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
+    """The phase's uncertainty maps (:attr:`PhaseSpec.spread`) on the T1w grid, ``(X, Y, Z)`` float32 each.
+
+    Each map is resampled linearly, multiplied by ``scales[key]`` (1.0 for a key without a
+    scale) and zeroed outside ``mask`` ``(X, Y, Z)`` when one is given.
+    """
+    scales = scales or {}
+    out = {}
+    for key, volume in spec.spread(views, fused).items():
+        out[key] = (np.clip(grid.to_source(volume), 0.0, None) * scales.get(key, 1.0)).astype(np.float32)
+        if mask is not None:
+            out[key][~mask] = 0.0
+    return out
 
 
 def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = None,
                    weights_dir: str | os.PathLike | None = None, device: str = "auto",
-                   batch_size: int = 16, mask_tensor: bool = True) -> dict:
+                   batch_size: int = 16, mask_tensor: bool = True, uncertainty: bool = False,
+                   scales: Mapping[str, float] | None = None) -> dict:
     """Diffusion tensors and brain mask predicted from a T1w, on the T1w's own grid.
 
     Parameters
@@ -133,6 +176,11 @@ def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = Non
     mask_tensor : zero the tensor outside the predicted brain mask (False keeps the tensor
         head's prediction wherever the model grid covers the T1w, e.g. to score it inside
         another mask).
+    uncertainty : also return ``fa_sd`` (SD of the six passes' FA, FA units) and
+        ``v1_dispersion`` (RMS angle of the passes' V1 about the fused V1, degrees), ``(X, Y, Z)``
+        float32, zero outside the mask when ``mask_tensor``.
+    scales : multiply each uncertainty map by its calibration scale (see
+        :func:`uncertainty_scales`); None: as computed.
 
     Returns ``tensor`` ``(X, Y, Z, 6)`` float32 (D11 D12 D13 D22 D23 D33, mm²/s, RAS+ world
     frame, positive-definite inside the mask, zero outside), ``mask`` ``(X, Y, Z)`` bool,
@@ -142,8 +190,12 @@ def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = Non
         model, _ = load_translator("phase1", weights_dir)
     spec = get_phase("phase1")
     inputs, grid = phase1_inputs(t1w_img, t1w_data)
-    return {**phase1_to_source(predict_volume(model, spec, inputs, device, batch_size), grid, mask_tensor),
-            "grid": grid}
+    views = predict_views(model, spec, inputs, device, batch_size)
+    fused = spec.fuse(views)
+    out = {**phase1_to_source(fused, grid, mask_tensor), "grid": grid}
+    if uncertainty:
+        out |= spread_to_source(views, fused, spec, grid, out["mask"] if mask_tensor else None, scales)
+    return out
 
 
 def phase1_to_source(raw: np.ndarray, grid: ConformedGrid, mask_tensor: bool = True) -> dict[str, np.ndarray]:
@@ -165,14 +217,16 @@ def phase1_to_source(raw: np.ndarray, grid: ConformedGrid, mask_tensor: bool = T
 def predict_phase2(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: ConformedGrid,
                    mask: np.ndarray | None = None, model: Translator | None = None,
                    weights_dir: str | os.PathLike | None = None, device: str = "auto",
-                   batch_size: int = 16) -> dict:
+                   batch_size: int = 16, uncertainty: bool = False, scales: Mapping[str, float] | None = None) -> dict:
     """Track density and directional track density from tensor maps, on the T1w's own grid.
 
     Parameters
     ----------
     fa, md, colfa : ``(X, Y, Z)``, ``(X, Y, Z)`` mm²/s and ``(X, Y, Z, 3)`` on the T1w grid.
     grid : the T1w's :class:`ConformedGrid` (``predict_phase1(...)["grid"]``).
-    mask : optional brain mask ``(X, Y, Z)``; both maps are zero outside it.
+    mask : optional brain mask ``(X, Y, Z)``; every map is zero outside it.
+    uncertainty : also return ``tdi_sd`` ``(X, Y, Z)``, the SD of the six passes' relative
+        density (the TDI's unit), times ``scales["tdi_sd"]`` when given.
 
     Returns ``tdi`` ``(X, Y, Z)`` relative density (1 = the subject's 99th percentile
     inside the brain; multiply by a streamline budget for counts) and ``dectdi``
@@ -181,8 +235,12 @@ def predict_phase2(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: Conf
     if model is None:
         model, _ = load_translator("phase2", weights_dir)
     spec = get_phase("phase2")
-    return phase2_to_source(predict_volume(model, spec, phase2_inputs(fa, md, colfa, grid), device, batch_size),
-                            grid, mask)
+    views = predict_views(model, spec, phase2_inputs(fa, md, colfa, grid), device, batch_size)
+    fused = spec.fuse(views)
+    out = phase2_to_source(fused, grid, mask)
+    if uncertainty:
+        out |= spread_to_source(views, fused, spec, grid, mask, scales)
+    return out
 
 
 def phase2_to_source(raw: np.ndarray, grid: ConformedGrid, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ from pathlib import Path
 from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface, Str,
                                     TraitedSpec, isdefined, traits)
 
-MAP_KEYS = ("fa", "md", "ad", "rd", "v1", "colfa", "mask", "tdi", "dectdi", "diffusivity")
+MAP_KEYS = ("fa", "md", "ad", "rd", "v1", "colfa", "mask", "tdi", "dectdi", "diffusivity",
+            "fa_sd", "v1_dispersion", "tdi_sd")
 
 
 class _SubjectInputSpec(BaseInterfaceInputSpec):
@@ -49,10 +50,13 @@ class _WriteMapsInputSpec(_SubjectInputSpec):
     mask = File(exists=True, mandatory=True)
     tdi = File(exists=True, desc="phase 2 (absent with --skip-phase2)")
     dectdi = File(exists=True)
+    fa_sd = File(exists=True, desc="phase-1 uncertainty: FA standard deviation across the passes")
+    v1_dispersion = File(exists=True, desc="phase-1 uncertainty: V1 angular dispersion across the passes")
+    tdi_sd = File(exists=True, desc="phase-2 uncertainty: track-density standard deviation across the passes")
 
 
 class WriteMaps(SimpleInterface):
-    """Write the tensor maps, mask and track-density maps with BIDS names and sidecars."""
+    """Write the tensor maps, mask, track-density maps and their uncertainty maps with BIDS names and sidecars."""
 
     input_spec = _WriteMapsInputSpec
     output_spec = _WrittenOutputSpec

@@ -55,10 +55,12 @@ class _PredictTensorInputSpec(_TorchInputSpec):
 class _PredictTensorOutputSpec(TraitedSpec):
     tensor = File(exists=True, desc="(X, Y, Z, 6) tensor, mm²/s, world frame, on the T1w grid")
     mask = File(exists=True, desc="predicted brain mask on the T1w grid")
+    fa_sd = File(exists=True, desc="FA standard deviation across the six passes, on the T1w grid")
+    v1_dispersion = File(exists=True, desc="V1 angular dispersion across the six passes (degrees), on the T1w grid")
 
 
 class PredictTensor(SimpleInterface):
-    """Phase 1: the diffusion tensor predicted from the T1w (multi-view 2.5D translator)."""
+    """Phase 1: the diffusion tensor predicted from the T1w (multi-view 2.5D translator), and its uncertainty."""
 
     input_spec = _PredictTensorInputSpec
     output_spec = _PredictTensorOutputSpec
@@ -66,14 +68,17 @@ class PredictTensor(SimpleInterface):
     def _run_interface(self, runtime):
         import torch
 
-        from m2m_app.inference.predict import predict_phase1
+        from m2m_app.inference.predict import predict_phase1, uncertainty_scales
         from m2m_app.io.nifti import load_t1w
 
         torch.set_num_threads(self.inputs.num_threads)
         img, data = load_t1w(self.inputs.t1w)
-        out = predict_phase1(img, data, weights_dir=self.inputs.weights_dir, device=self.inputs.device)
+        out = predict_phase1(img, data, weights_dir=self.inputs.weights_dir, device=self.inputs.device,
+                             uncertainty=True, scales=uncertainty_scales("phase1", self.inputs.weights_dir))
         self._results["tensor"] = _save(out["tensor"], img.affine, "tensor.nii.gz")
         self._results["mask"] = _save(out["mask"], img.affine, "mask.nii.gz", np.uint8)
+        for key in ("fa_sd", "v1_dispersion"):
+            self._results[key] = _save(out[key], img.affine, f"{key}.nii.gz")
         return runtime
 
 
@@ -119,10 +124,11 @@ class _PredictTractsInputSpec(_TorchInputSpec):
 class _PredictTractsOutputSpec(TraitedSpec):
     tdi = File(exists=True, desc="relative track density on the T1w grid")
     dectdi = File(exists=True, desc="directional track density (X, Y, Z, 3) on the T1w grid")
+    tdi_sd = File(exists=True, desc="track-density standard deviation across the six passes, on the T1w grid")
 
 
 class PredictTracts(SimpleInterface):
-    """Phase 2: track density and direction predicted from the tensor maps."""
+    """Phase 2: track density and direction predicted from the tensor maps, and the density's uncertainty."""
 
     input_spec = _PredictTractsInputSpec
     output_spec = _PredictTractsOutputSpec
@@ -131,7 +137,7 @@ class PredictTracts(SimpleInterface):
         import torch
 
         from m2m_app.inference.conform import conform_t1w
-        from m2m_app.inference.predict import predict_phase2
+        from m2m_app.inference.predict import predict_phase2, uncertainty_scales
         from m2m_app.io.nifti import load_image, load_t1w
 
         torch.set_num_threads(self.inputs.num_threads)
@@ -139,7 +145,8 @@ class PredictTracts(SimpleInterface):
         _, grid = conform_t1w(img, data)
         maps = {key: load_image(getattr(self.inputs, key))[1] for key in ("fa", "md", "colfa", "mask")}
         out = predict_phase2(maps["fa"], maps["md"], maps["colfa"], grid, mask=maps["mask"] > 0,
-                             weights_dir=self.inputs.weights_dir, device=self.inputs.device)
-        self._results["tdi"] = _save(out["tdi"], img.affine, "tdi.nii.gz")
-        self._results["dectdi"] = _save(out["dectdi"], img.affine, "dectdi.nii.gz")
+                             weights_dir=self.inputs.weights_dir, device=self.inputs.device,
+                             uncertainty=True, scales=uncertainty_scales("phase2", self.inputs.weights_dir))
+        for key in ("tdi", "dectdi", "tdi_sd"):
+            self._results[key] = _save(out[key], img.affine, f"{key}.nii.gz")
         return runtime

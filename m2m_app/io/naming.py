@@ -30,6 +30,23 @@ TDI_PARAMS: dict[str, str] = {
     "dectdi": "directionally encoded track density: mean |segment direction| (R=x, G=y, B=z) per voxel",
 }
 
+#: Per-voxel uncertainty maps the app writes beside the maps: key → (BIDS entities, sidecar
+#: description, units). The entities name the map they qualify (BIDS-Derivatives ``desc``).
+UNCERTAINTY_MAPS: dict[str, tuple[dict[str, str], str, str]] = {
+    "fa_sd": ({"model": "tensor", "param": "fa", "desc": "sd"},
+              "standard deviation of FA across the six phase-1 passes (axial, coronal and sagittal slices "
+              "of the T1w and of its left-right mirror image): the population standard deviation (divided "
+              "by 6) of the FA of each pass's tensor, times UncertaintyScale", "arbitrary"),
+    "v1_dispersion": ({"model": "tensor", "param": "v1", "desc": "dispersion"},
+                      "angular dispersion of the principal eigenvector across the six phase-1 passes: the "
+                      "root-mean-square of the sign-free angle arccos|V1_pass . V1| between each pass's V1 and "
+                      "the written (fused) V1, in degrees from 0 to 90, times UncertaintyScale", "deg"),
+    "tdi_sd": ({"tract": "wholebrain", "param": "tdi", "desc": "sd"},
+               "standard deviation of the relative track density across the six phase-2 passes: the "
+               "population standard deviation (divided by 6) of each pass's density, times UncertaintyScale",
+               "arbitrary"),
+}
+
 
 @dataclass(frozen=True)
 class Subject:
@@ -92,7 +109,8 @@ def sidecar_path(path: Path) -> Path:
 
 def derivative_paths(root: Path, subject: Subject, track_method: str,
                      tractogram_format: str = "trx") -> dict[str, Path]:
-    """The maps, masks, transform and tractogram of one unit, keyed like the prep manifest columns.
+    """The maps, masks, transform and tractogram of one unit, keyed like the prep manifest columns
+    (and the app's uncertainty maps, keyed like :data:`UNCERTAINTY_MAPS`).
 
     ``m2m-train prepare`` (``track_method`` ``tensordet``) and the app (``nerf``) share these names.
     """
@@ -100,6 +118,8 @@ def derivative_paths(root: Path, subject: Subject, track_method: str,
                                     model="tensor", param=param) for param in TENSOR_PARAMS}
     paths |= {param: derivative_path(root, subject, "dwi", "dwimap", space="T1w",
                                      tract="wholebrain", param=param) for param in TDI_PARAMS}
+    paths |= {key: derivative_path(root, subject, "dwi", "dwimap", space="T1w", **entities)
+              for key, (entities, _, _) in UNCERTAINTY_MAPS.items()}
     paths["mask"] = derivative_path(root, subject, "anat", "mask", space="T1w", desc="brain")
     paths["wm"] = derivative_path(root, subject, "anat", "mask", space="T1w", label="WM")
     paths["tractogram"] = derivative_path(root, subject, "dwi", "tractogram", f".{tractogram_format}",

@@ -6,6 +6,9 @@
   channels (sigmoid). TDI is divided by its 99th percentile inside the brain mask, so the
   model predicts a relative, streamline-count-free density.
 
+Each phase also turns the disagreement of its six passes (three slice orientations × the
+left-right mirror image) into per-voxel uncertainty maps (:attr:`PhaseSpec.spread`).
+
 Volumes on the model grid are channel-first ``(C, X, Y, Z)``; network tensors are
 ``(N, C, H, W)`` slices.
 """
@@ -18,12 +21,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.nn import functional as F
 
 from m2m_app.errors import BadDataError, UsageError
 from m2m_app.inference.conform import ConformedGrid, conform_t1w, resample_tensor
 from m2m_app.io.nifti import load_image, load_t1w
-from m2m_app.maths.tensor import components_to_matrix, eigen_decomposition, log_tensors, matrix_to_components
+from m2m_app.maths.tensor import (components_to_matrix, eigen_decomposition, log_tensors, matrix_to_components,
+                                  scalar_maps)
 
 #: Diffusivity unit of the log-Euclidean targets, mm²/s (D / DIFFUSIVITY_SCALE is ~0.1–3).
 DIFFUSIVITY_SCALE = 1e-3
@@ -46,6 +51,9 @@ _DIAGONAL = (1.0, 0.0, 0.0, 1.0, 0.0, 1.0)
 FA_DISTRIBUTION_WEIGHT = 3.0
 #: Percentile of the in-mask TDI that is mapped to a relative density of 1.
 TDI_PERCENTILE = 99.0
+#: Model-grid voxels (2 mm each) by which the fused brain mask is grown before the phase-1
+#: uncertainty is computed inside it; it is zero farther out, where no tensor map is written.
+SPREAD_MARGIN_VOXELS = 2
 
 
 @dataclass
@@ -85,6 +93,8 @@ class PhaseSpec:
     fuse : the raw outputs of the axial, coronal and sagittal passes (and of their mirrored
         twins), each ``(K, X, Y, Z)`` → one fused raw output ``(K, X, Y, Z)``.
     decode : raw network output on the model grid ``(K, X, Y, Z)`` → named maps.
+    spread : ``(views, fused)`` (the passes' raw outputs as for ``fuse``, and the fused one)
+        → named uncertainty maps ``(X, Y, Z)`` on the model grid, from the passes' disagreement.
     loss : ``(raw, target, weight) -> {term: scalar}`` on slices; ``"total"`` is optimised.
     """
 
@@ -102,6 +112,7 @@ class PhaseSpec:
     fuse: Callable[[list[np.ndarray]], np.ndarray]
     decode: Callable[[np.ndarray], dict[str, np.ndarray]]
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+    spread: Callable[[list[np.ndarray], np.ndarray], dict[str, np.ndarray]]
 
     @property
     def in_channels(self) -> int:
@@ -230,6 +241,51 @@ def _decode_phase1(raw: np.ndarray) -> dict[str, np.ndarray]:
             "mask": 1.0 / (1.0 + np.exp(-raw[6].astype(np.float64)))}
 
 
+def spread_sd(values: np.ndarray) -> np.ndarray:
+    """Standard deviation over the passes of ``values (P, ...)`` → ``(...)``, same unit as the values.
+
+    The population SD (root-mean-square deviation from the passes' mean, divided by ``P``).
+    """
+    return np.std(values, axis=0)
+
+
+def axis_dispersion_deg(axes: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Root-mean-square angle between each pass's axis and a reference axis, degrees in [0, 90].
+
+    ``axes (P, ..., 3)`` and ``reference (..., 3)`` are unit vectors; the angle is sign-free
+    (``arccos |a · r|``), as an eigenvector's sign carries no meaning. Returns ``(...)``.
+    """
+    cosine = np.clip(np.abs(np.einsum("p...i,...i->p...", axes, reference)), 0.0, 1.0)
+    return np.degrees(np.sqrt(np.mean(np.arccos(cosine) ** 2, axis=0)))
+
+
+def _spread_phase1(views: list[np.ndarray], fused: np.ndarray) -> dict[str, np.ndarray]:
+    """FA SD and V1 dispersion of the passes' log-tensors ``(7, X, Y, Z)``, each ``(X, Y, Z)`` float32.
+
+    ``fa_sd``: :func:`spread_sd` of the FA of each pass's tensor (FA units). ``v1_dispersion``:
+    :func:`axis_dispersion_deg` of each pass's principal eigenvector about the fused one
+    (degrees). Both inside the fused brain mask grown by :data:`SPREAD_MARGIN_VOXELS`, zero
+    elsewhere.
+    """
+    inside = ndimage.binary_dilation(fused[6] >= 0.0, iterations=SPREAD_MARGIN_VOXELS)
+    maps = {key: np.zeros(inside.shape, np.float32) for key in ("fa_sd", "v1_dispersion")}
+    if not inside.any():
+        return maps
+
+    def eigen(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # log-eigenvalues (M, 3), V1 (M, 3)
+        evals, evecs = eigen_decomposition(components_to_matrix(raw[:6, inside].T.astype(np.float64)))
+        return evals, evecs[..., 0]
+
+    fas, axes = [], []
+    for view in views:
+        log_evals, v1 = eigen(view)
+        fas.append(scalar_maps(np.exp(np.clip(log_evals, *LOG_EIGENVALUE_RANGE)))["fa"])
+        axes.append(v1)
+    maps["fa_sd"][inside] = spread_sd(np.stack(fas))
+    maps["v1_dispersion"][inside] = axis_dispersion_deg(np.stack(axes), eigen(fused)[1])
+    return maps
+
+
 def _torch_matrix(components: torch.Tensor) -> torch.Tensor:
     """``(M, 6)`` → symmetric ``(M, 3, 3)``."""
     d11, d12, d13, d22, d23, d33 = components.unbind(-1)
@@ -315,7 +371,8 @@ PHASE1 = PhaseSpec(
     x_flip_signs=(1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0),
     sigmoid_outputs=(False,) * 6 + (True,), masked_outputs=(True,) * 6 + (False,),
     intensity_augment=True, tensor_outputs=(0, 1, 2, 3, 4, 5), max_rotation_deg=12.0,
-    build_sample=_build_phase1, fuse=_fuse_phase1, decode=_decode_phase1, loss=_loss_phase1)
+    build_sample=_build_phase1, fuse=_fuse_phase1, decode=_decode_phase1, loss=_loss_phase1,
+    spread=_spread_phase1)
 
 
 # ----------------------------------------------------------------------------- phase 2
@@ -351,10 +408,20 @@ def _build_phase2(row: dict[str, str], prep_dir: Path, inputs_dir: Path | None) 
     return Sample(inputs, np.moveaxis(targets, -1, 0).astype(np.float32), weight.astype(np.float32), grid)
 
 
+def _relative_density(log_density: np.ndarray) -> np.ndarray:
+    """Raw ``log1p`` relative density → relative density (float32), clipped to ``[0, LOG_DENSITY_MAX]`` first."""
+    return np.expm1(np.clip(log_density, 0.0, LOG_DENSITY_MAX)).astype(np.float32)
+
+
 def _decode_phase2(raw: np.ndarray) -> dict[str, np.ndarray]:
     """``tdi`` (X, Y, Z) relative density (1 = the subject's 99th percentile), ``dectdi`` (X, Y, Z, 3)."""
-    return {"tdi": np.expm1(np.clip(raw[0], 0.0, LOG_DENSITY_MAX)).astype(np.float32),
+    return {"tdi": _relative_density(raw[0]),
             "dectdi": (1.0 / (1.0 + np.exp(-np.moveaxis(raw[1:4], 0, -1).astype(np.float64)))).astype(np.float32)}
+
+
+def _spread_phase2(views: list[np.ndarray], fused: np.ndarray) -> dict[str, np.ndarray]:
+    """``tdi_sd`` ``(X, Y, Z)`` float32: :func:`spread_sd` of each pass's relative density (the TDI's unit)."""
+    return {"tdi_sd": spread_sd(np.stack([_relative_density(view[0]) for view in views])).astype(np.float32)}
 
 
 def _loss_phase2(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -369,7 +436,8 @@ PHASE2 = PhaseSpec(
     outputs=("log1p_tdi", "dec_x", "dec_y", "dec_z"), context=2, x_flip_signs=(1.0,) * 4,
     sigmoid_outputs=(False, True, True, True), masked_outputs=(True,) * 4,
     intensity_augment=False, tensor_outputs=(), max_rotation_deg=0.0,
-    build_sample=_build_phase2, fuse=mean_of_views, decode=_decode_phase2, loss=_loss_phase2)
+    build_sample=_build_phase2, fuse=mean_of_views, decode=_decode_phase2, loss=_loss_phase2,
+    spread=_spread_phase2)
 
 #: All phases by name.
 PHASES: dict[str, PhaseSpec] = {spec.name: spec for spec in (PHASE1, PHASE2)}

@@ -231,6 +231,10 @@ def bep046_sidecar(params: Mapping[str, Any]) -> dict[str, Any]:
             f"robust maximum) or a turn above {p['max_angle_deg']} degrees per step. The field's orientation "
             "is sign-free; among the axes sharing its absolute components the one closest to the previous "
             "step is followed."),
+        "UncertaintyUse": (
+            "none: the per-voxel uncertainty maps (FA SD, V1 dispersion, track-density SD) are written beside "
+            "the maps but do not change seeding, stepping or stopping; whether stopping where V1 dispersion is "
+            "high helps the held-out tractogram has not been measured"),
     }
     if "n_streamlines" in params:
         sidecar["Count"] = int(params["n_streamlines"])

@@ -77,7 +77,8 @@ def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions,
         (check, write_maps, [("t1w", "t1w")]),
         (check, report, [("t1w", "t1w"), ("summary", "t1w_summary")]),
         (phase1, maps, [("tensor", "tensor"), ("mask", "mask")]),
-        (phase1, write_maps, [("tensor", "diffusivity"), ("mask", "mask")]),
+        (phase1, write_maps, [("tensor", "diffusivity"), ("mask", "mask"), ("fa_sd", "fa_sd"),
+                              ("v1_dispersion", "v1_dispersion")]),
         (maps, write_maps, [(k, k) for k in ("fa", "md", "ad", "rd", "v1", "colfa")]),
         (write_maps, report, [("written", "maps")]),
     ])
@@ -87,7 +88,7 @@ def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions,
             (check, phase2, [("t1w", "t1w")]),
             (phase1, phase2, [("mask", "mask")]),
             (maps, phase2, [("fa", "fa"), ("md", "md"), ("colfa", "colfa")]),
-            (phase2, write_maps, [("tdi", "tdi"), ("dectdi", "dectdi")]),
+            (phase2, write_maps, [("tdi", "tdi"), ("dectdi", "dectdi"), ("tdi_sd", "tdi_sd")]),
         ])
         if not options.skip_nerf:
             seed = {"random_seed": options.random_seed, "num_threads": options.omp_nthreads}
