@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -130,7 +131,8 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
     nprocs = nprocs or available_cpus()
     options = RunOptions(output_dir=output_dir, weights_dir=str(weights_dir) if weights_dir else None,
                          device=device, omp_nthreads=omp_nthreads or min(nprocs, 8), random_seed=random_seed,
-                         tractogram_format=tractogram_format, skip_phase2=skip_phase2, skip_nerf=skip_nerf)
+                         tractogram_format=tractogram_format, skip_phase2=skip_phase2, skip_nerf=skip_nerf,
+                         command_line=shlex.join(["m2m", *sys.argv[1:]]))
     ok = True
     if units and not (stop_on_first_crash and failures):
         LOGGER.info("running %d participant/session(s): %s", len(units), ", ".join(s.label for s in units))
@@ -147,7 +149,8 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
             failures[subject.label], codes = (message, t1w), codes | {EX_FAILURE}
     for label, (message, t1w) in sorted(failures.items()):
         subject = next((s for s in units if s.label == label), None) or Subject(*_split_label(label))
-        write_report(output_dir, subject, str(t1w or ""), None, {}, "", [message])
+        write_report(output_dir, subject, str(t1w or ""), None, {}, "", [message], command_line=options.command_line,
+                     weights_dir=options.weights_dir)
         click.echo(f"m2m: {label} FAILED: {message} (crash files: {subject.folder(output_dir, 'log')})", err=True)
     LOGGER.info("finished in %.0f s: %d ok, %d failed", time.monotonic() - start,
                 len(units) - len([f for f in failures if any(s.label == f for s in units)]), len(failures))

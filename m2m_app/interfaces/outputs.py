@@ -102,6 +102,7 @@ class _WriteReportInputSpec(_SubjectInputSpec):
     field_report = traits.Dict(desc="NeRF fit report")
     t1w_summary = traits.Dict(desc="from CheckT1w")
     boilerplate = Str("", usedefault=True)
+    command_line = Str("", usedefault=True, desc="the m2m command line, for the report's About section")
 
 
 class _WriteReportOutputSpec(TraitedSpec):
@@ -127,6 +128,8 @@ class WriteReport(SimpleInterface):
         summary = {"input T1w": inputs.t1w, **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {}),
                    **report_summary(written, qc["n_streamlines"], field_report, inputs.weights_dir)}
         self._results["report"] = str(write_report(Path(inputs.output_dir), subject, inputs.t1w, written,
-                                                   summary, inputs.boilerplate, [], _timings(inputs)))
+                                                   summary, inputs.boilerplate, [], _timings(inputs),
+                                                   command_line=inputs.command_line,
+                                                   weights_dir=inputs.weights_dir))
         self._results["qc"] = str(save_json(qc, qc_path(Path(inputs.output_dir), subject)))
         return runtime

@@ -31,12 +31,14 @@ def camera_basis(azimuth_deg: float, elevation_deg: float) -> tuple[np.ndarray, 
 
 
 def camera_rays(bounds: np.ndarray, azimuth_deg: float, elevation_deg: float, size: tuple[int, int], *,
-                perspective: bool = False, fov_deg: float = 30.0
+                perspective: bool = False, fov_deg: float = 30.0, half_extent_mm: float | None = None
                 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Rays covering the sphere that bounds ``bounds`` (``(2, 3)`` min/max corners, mm).
 
     Returns origins and unit directions, each ``(H * W, 3)`` in row-major pixel order, and the
-    ray parameter range ``(t_near, t_far)`` in mm that spans the bounding sphere.
+    ray parameter range ``(t_near, t_far)`` in mm that spans the bounding sphere. An orthographic
+    screen spans ``±half_extent_mm`` about the centre (default: the sphere's radius, so a
+    smaller value zooms in); perspective views always frame the whole sphere.
     """
     bounds = np.asarray(bounds, dtype=float)
     centre = bounds.mean(axis=0)
@@ -53,7 +55,7 @@ def camera_rays(bounds: np.ndarray, azimuth_deg: float, elevation_deg: float, si
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
         origins = np.broadcast_to(centre - distance * forward, directions.shape)
         return origins, directions, distance - radius, distance + radius
-    origins = centre - radius * forward + radius * screen
+    origins = centre - radius * forward + (radius if half_extent_mm is None else half_extent_mm) * screen
     return origins, np.broadcast_to(forward, origins.shape), 0.0, 2.0 * radius
 
 
@@ -78,15 +80,17 @@ def composite(sigma: np.ndarray, colour: np.ndarray, delta: float | np.ndarray,
 def render_view(query_fn: QueryFn, bounds: np.ndarray, azimuth_deg: float, elevation_deg: float,
                 size: int | tuple[int, int], *, n_samples: int = 128, perspective: bool = False,
                 fov_deg: float = 30.0, background: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                rays_per_chunk: int = 4096) -> np.ndarray:
+                rays_per_chunk: int = 4096, half_extent_mm: float | None = None) -> np.ndarray:
     """Render an ``(H, W, 3)`` float image in [0, 1] of the field ``query_fn`` inside ``bounds``.
 
     ``size`` is ``H = W`` or ``(H, W)``; rays are marched with ``n_samples`` midpoint samples
-    across the bounding sphere, in chunks of ``rays_per_chunk`` rays to bound memory.
+    across the bounding sphere, in chunks of ``rays_per_chunk`` rays to bound memory;
+    ``half_extent_mm`` is the orthographic screen's half-width (see :func:`camera_rays`).
     """
     height, width = (size, size) if isinstance(size, int) else size
     origins, directions, t_near, t_far = camera_rays(bounds, azimuth_deg, elevation_deg, (height, width),
-                                                     perspective=perspective, fov_deg=fov_deg)
+                                                     perspective=perspective, fov_deg=fov_deg,
+                                                     half_extent_mm=half_extent_mm)
     delta = (t_far - t_near) / n_samples
     t = t_near + (np.arange(n_samples) + 0.5) * delta
     image = np.empty((height * width, 3))

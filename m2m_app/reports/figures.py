@@ -1,7 +1,10 @@
-"""Mosaic figures of volumes (matplotlib, no display needed)."""
+"""Report figures (matplotlib, headless Agg): mosaics of volumes and streamline projections."""
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -9,6 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+
+from m2m_app.io.nifti import atomic_write  # noqa: E402
 
 
 def _canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -25,10 +31,10 @@ def _canonical_zooms(affine: np.ndarray) -> np.ndarray:
     return zooms
 
 
-def mosaic_png(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray | None = None,
-               contour: np.ndarray | None = None, cmap: str = "gray", vmax: float | None = None,
-               n_slices: int = 7, title: str = "") -> bytes:
-    """A row of axial slices as PNG bytes.
+def mosaic(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray | None = None,
+           contour: np.ndarray | None = None, cmap: str = "gray", vmax: float | None = None,
+           n_slices: int = 7, title: str = "", fmt: str = "png") -> bytes:
+    """A row of axial slices as image bytes in ``fmt`` (``png``, or ``svg`` with the slices embedded as PNG).
 
     ``volume`` is ``(X, Y, Z)`` (or ``(X, Y, Z, 3)`` RGB in [0, 1]); ``underlay`` a grey
     ``(X, Y, Z)`` image shown beneath a semi-transparent ``volume``; ``contour`` a mask outlined in red.
@@ -44,11 +50,12 @@ def mosaic_png(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray |
     lo, hi = (filled[0], filled[-1]) if filled.size else (0, volume.shape[2] - 1)
     picks = np.linspace(lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo), n_slices).astype(int)
     scale = vmax if vmax is not None else (np.percentile(volume[volume > 0], 99) if np.any(volume > 0) else 1.0)
+    underlay_max = None if underlay is None else np.percentile(underlay, 99.5)
     fig, axes = plt.subplots(1, n_slices, figsize=(2 * n_slices, 2.3), facecolor="black")
     for ax, k in zip(axes, picks):
         ax.axis("off")
         if underlay is not None:
-            ax.imshow(np.rot90(underlay[:, :, k]), cmap="gray", vmax=np.percentile(underlay, 99.5), aspect=aspect)
+            ax.imshow(np.rot90(underlay[:, :, k]), cmap="gray", vmax=underlay_max, aspect=aspect)
         image = np.rot90(volume[:, :, k])
         if image.ndim == 3:
             ax.imshow(np.clip(image / max(scale, 1e-9), 0, 1), aspect=aspect)
@@ -60,6 +67,82 @@ def mosaic_png(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray |
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=70, bbox_inches="tight", facecolor="black")
+    fig.savefig(buffer, format=fmt, dpi=70, bbox_inches="tight", facecolor="black")
     plt.close(fig)
     return buffer.getvalue()
+
+
+#: Streamline projections: panel name → (horizontal world axis, vertical world axis), neurological view.
+PROJECTIONS: dict[str, tuple[int, int]] = {"sagittal": (1, 2), "axial": (0, 1), "coronal": (0, 2)}
+_EDGE_LETTERS = ("LR", "PA", "IS")  # (negative, positive) end of the R, A, S world axes
+
+
+def _thinned(streamline: np.ndarray, min_segment_mm: float) -> np.ndarray:
+    """Every n-th point of a ``(K, 3)`` streamline (first and last kept), segments ≥ ~``min_segment_mm``."""
+    step = float(np.median(np.linalg.norm(np.diff(streamline, axis=0), axis=1)))
+    stride = max(1, int(round(min_segment_mm / max(step, 1e-6))))
+    kept = streamline[::stride]
+    return kept if (len(streamline) - 1) % stride == 0 else np.vstack([kept, streamline[-1:]])
+
+
+def streamline_figure(streamlines: Sequence[np.ndarray], out_path: str | os.PathLike, *,
+                      max_streamlines: int = 2000, min_segment_mm: float = 3.0, seed: int = 0,
+                      title: str = "") -> Path:
+    """Draw streamlines as lines in sagittal, axial and coronal projections; returns ``out_path``.
+
+    ``streamlines`` are ``(K_i, 3)`` world points in RAS+ mm (RASMM); at most ``max_streamlines``
+    of them (a random subset drawn with ``seed``), thinned to segments of about ``min_segment_mm``
+    (every n-th point, ends kept: the drawing cost grows with the segment count), are drawn with
+    a matplotlib ``LineCollection``, each segment coloured by its direction in the standard convention (red left-right, green
+    anterior-posterior, blue inferior-superior: ``|unit segment vector|``). The three panels
+    share one mm scale (true aspect) and carry L/R, A/P, S/I labels at their edges. The format
+    follows the suffix (``.svg``, ``.png``, ...); in an SVG the lines are rasterised (the file stays
+    small) and each panel is the group ``panel-<name>``.
+    """
+    lines = [np.asarray(s, dtype=float) for s in streamlines if len(s) > 1]
+    if len(lines) > max_streamlines:
+        picks = np.random.default_rng(seed).choice(len(lines), max_streamlines, replace=False)
+        lines = [lines[i] for i in np.sort(picks)]
+    lines = [_thinned(s, min_segment_mm) for s in lines]
+    segments = np.concatenate([np.stack([s[:-1], s[1:]], axis=1) for s in lines]) if lines else np.zeros((0, 2, 3))
+    vectors = segments[:, 1] - segments[:, 0]
+    colours = np.abs(vectors) / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+    points = segments.reshape(-1, 3)
+    low, high = (points.min(0), points.max(0)) if len(points) else (np.full(3, -80.0), np.full(3, 80.0))
+    pad = 0.04 * (high - low).max()
+    low, high = low - pad, high + pad
+    extent = high - low
+    widths = [extent[h] for h, _ in PROJECTIONS.values()]
+    tallest = max(extent[v] for _, v in PROJECTIONS.values())
+    fig, axes = plt.subplots(1, 3, figsize=(11, 1.25 * 11 * tallest / sum(widths)), facecolor="black",
+                             gridspec_kw={"width_ratios": widths, "wspace": 0.05})
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.86)  # fixed layout: drawn once
+    for ax, (name, (h, v)) in zip(axes, PROJECTIONS.items()):
+        ax.set_facecolor("black")
+        ax.set_gid(f"panel-{name}")
+        collection = LineCollection(segments[:, :, [h, v]], colors=np.c_[colours, np.full(len(colours), 0.6)],
+                                    linewidths=0.35)
+        collection.set_rasterized(True)
+        ax.add_collection(collection)
+        ax.set_xlim(low[h], high[h])
+        ax.set_ylim(low[v], high[v])
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        text = {"color": "white", "fontsize": 11, "fontweight": "bold", "transform": ax.transAxes}
+        ax.text(0.02, 0.5, _EDGE_LETTERS[h][0], ha="left", va="center", **text)
+        ax.text(0.98, 0.5, _EDGE_LETTERS[h][1], ha="right", va="center", **text)
+        ax.text(0.5, 0.98, _EDGE_LETTERS[v][1], ha="center", va="top", **text)
+        ax.text(0.5, 0.02, _EDGE_LETTERS[v][0], ha="center", va="bottom", **text)
+        ax.set_title(name, color="white", fontsize=9)
+        if not lines:
+            ax.text(0.5, 0.5, "no streamlines", ha="center", va="center", color="grey", transform=ax.transAxes)
+    fig.suptitle(title or f"{len(lines)} streamlines (red L-R, green A-P, blue I-S)", color="white", fontsize=10, y=0.99)
+    out_path = Path(out_path)
+    fmt = out_path.suffix.lstrip(".") or "png"
+    with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text (searchable, smaller)
+        atomic_write(out_path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110, facecolor="black"))
+    plt.close(fig)
+    return out_path

@@ -1,8 +1,20 @@
-"""The per-subject HTML report (``sub-<label>.html`` with images under ``sub-<label>/figures/``)."""
+"""The per-subject HTML report (``sub-<label>.html`` with its figures under ``sub-<label>/figures/``).
+
+Sections, each reachable from the navigation bar: Summary, Maps (FA over the T1w as a
+T1w/FA toggle with the brain-mask contour, MD, colour FA), Tracts (streamline projections,
+track density, NeRF views and turntable), Uncertainty, Methods (boilerplate, references,
+BibTeX), Errors (the unit's crash files) and About (command line, version, weights, date,
+environment). Everything the page shows lies inside the output folder and is linked
+relatively, so a moved or copied output folder keeps working
+offline.
+"""
 from __future__ import annotations
 
 import html
 import json
+import os
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
 import nibabel as nib
@@ -11,13 +23,39 @@ import numpy as np
 from m2m_app import __version__
 from m2m_app.io.naming import Subject, derivative_path
 from m2m_app.io.nifti import atomic_write
-from m2m_app.reports.figures import mosaic_png
+from m2m_app.reports.figures import mosaic, streamline_figure
+from m2m_app.reports.methods import cited, references_html, write_bibtex
 from m2m_app.workflows.timing import STAGE_ORDER
 
-STYLE = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}
-img{max-width:100%;display:block;margin:.5em 0}h2{border-bottom:1px solid #ccc}
+#: Navigation bar: section id → title, in page order.
+SECTIONS: dict[str, str] = {"summary": "Summary", "maps": "Maps", "tracts": "Tracts",
+                            "uncertainty": "Uncertainty", "methods": "Methods", "errors": "Errors",
+                            "about": "About"}
+#: Uncertainty maps: key in the written maps → (title, colour map).
+UNCERTAINTY_MAPS: dict[str, tuple[str, str]] = {
+    "fa_sd": ("FA standard deviation (phase 1)", "magma"),
+    "v1_dispersion": ("principal-eigenvector dispersion (phase 1)", "magma"),
+    "tdi_sd": ("track-density standard deviation (phase 2)", "magma")}
+#: Standard NeRF views shown in the report, in order.
+NERF_VIEWS = ("left", "right", "top", "front")
+#: Where the BibTeX file of the methods goes, relative to the output folder (beside logs/CITATION.md).
+BIBTEX = Path("logs") / "CITATION.bib"
+
+STYLE = """body{font-family:sans-serif;max-width:1150px;margin:auto;padding:0 1em 2em;color:#222}
+nav{position:sticky;top:0;background:#223;padding:.4em .6em;z-index:10}
+nav a{color:#fff;margin-right:1.2em;text-decoration:none}nav a:hover{text-decoration:underline}
+section{scroll-margin-top:3em}img,svg{max-width:100%;height:auto;display:block;margin:.4em 0}
+h2{border-bottom:1px solid #ccc;margin-top:1.5em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}
-.error{background:#fdd;padding:.5em;white-space:pre-wrap}.views img{display:inline-block;width:24%}"""
+.error{background:#fdd;padding:.5em;white-space:pre-wrap}.note{color:#666}
+.views{display:grid;grid-template-columns:repeat(4,1fr);gap:.4em}
+.view{position:relative;margin:0;background:#000;color:#fff;font-weight:bold}
+.view img{width:100%;margin:0}.view span{position:absolute;font-size:.9em}
+.view .left{left:.3em;top:50%}.view .right{right:.3em;top:50%}
+.view .top{top:.2em;left:50%}.view .bottom{bottom:1.6em;left:50%}
+.view figcaption{text-align:center;padding:.1em}
+.toggle input{margin-right:.3em}.toggle .after{display:none}
+.toggle input:checked~.after{display:block}.toggle input:checked~.before{display:none}"""
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -25,24 +63,49 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj, dtype=np.float32), img.affine
 
 
+def _relative(path: Path, output_dir: Path) -> str:
+    return html.escape(path.relative_to(output_dir).as_posix())
+
+
+def _load_streamlines(path: Path, reference: str) -> list[np.ndarray]:
+    """The streamlines of a written tractogram, ``(K_i, 3)`` RAS+ mm each."""
+    from dipy.io.streamline import load_tractogram
+
+    return list(load_tractogram(str(path), reference, bbox_valid_check=False).streamlines)
+
+
 def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[str, Path]) -> dict[str, Path]:
-    """Draw the report's mosaics (T1w + mask, FA, MD, colour FA, TDI) into ``sub-X/figures/``."""
+    """Draw the report's figures into ``sub-X/figures/`` and return name → path.
+
+    ``t1w`` and ``fa`` are SVG mosaics with the same slices and the brain-mask contour (the
+    two sides of the T1w/FA toggle); ``md``, ``colfa``, ``tdi`` and the uncertainty maps
+    present in ``written`` are PNG mosaics; ``streamlines`` is the SVG of
+    :func:`~m2m_app.reports.figures.streamline_figure` when a tractogram was written.
+    """
     t1, affine = _load(Path(t1w))
-    mask, _ = _load(written["mask"])
+    mask = _load(written["mask"])[0] > 0
+    fa = _load(written["fa"])[0]
     drawn = {
-        "brainmask": mosaic_png(t1, affine, contour=mask > 0, title="T1w and predicted brain mask"),
-        "fa": mosaic_png(_load(written["fa"])[0], affine, underlay=t1, cmap="inferno", vmax=0.8,
-                         title="FA over the T1w"),
-        "md": mosaic_png(_load(written["md"])[0], affine, cmap="viridis", vmax=2e-3, title="MD (mm²/s)"),
-        "colfa": mosaic_png(_load(written["colfa"])[0], affine, vmax=0.8,
-                            title="colour FA (red L-R, green A-P, blue I-S)"),
+        "t1w": (mosaic(t1, affine, contour=mask, fmt="svg"), ".svg"),
+        "fa": (mosaic(fa, affine, underlay=t1, contour=mask, cmap="inferno", vmax=0.8, fmt="svg"), ".svg"),
+        "md": (mosaic(_load(written["md"])[0], affine, cmap="viridis", vmax=2e-3, title="MD (mm²/s)"), ".png"),
+        "colfa": (mosaic(_load(written["colfa"])[0], affine, vmax=0.8,
+                         title="colour FA (red L-R, green A-P, blue I-S)"), ".png"),
     }
     if "tdi" in written:
-        drawn["tdi"] = mosaic_png(_load(written["tdi"])[0], affine, cmap="hot", title="predicted track density")
+        drawn["tdi"] = (mosaic(_load(written["tdi"])[0], affine, cmap="hot", title="predicted track density"),
+                        ".png")
+    for key, (title, cmap) in UNCERTAINTY_MAPS.items():
+        if key in written:
+            drawn[key] = (mosaic(_load(written[key])[0], affine, cmap=cmap, title=title), ".png")
     out = {}
-    for name, png in drawn.items():
-        path = derivative_path(output_dir, subject, "figures", name, ".png", desc="m2m")
-        out[name] = atomic_write(path, lambda tmp, data=png: Path(tmp).write_bytes(data))
+    for name, (data, extension) in drawn.items():
+        path = derivative_path(output_dir, subject, "figures", name, extension, desc="m2m")
+        out[name] = atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    if "tractogram" in written:
+        out["streamlines"] = streamline_figure(
+            _load_streamlines(written["tractogram"], t1w),
+            derivative_path(output_dir, subject, "figures", "streamlines", ".svg", desc="m2m"))
     return out
 
 
@@ -55,41 +118,118 @@ def _table(rows: dict, header: tuple[str, str] | None = None) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def _image(path: Path, output_dir: Path, alt: str) -> str:
+    return f'<img src="{_relative(path, output_dir)}" alt="{html.escape(alt)}">'
+
+
+def _maps_section(figures: dict[str, Path], output_dir: Path) -> str:
+    toggle = ('<h3>FA over the T1w, brain-mask contour in red</h3><div class="toggle" id="fa-toggle">'
+              '<input type="checkbox" id="fa-toggle-switch"><label for="fa-toggle-switch">show FA '
+              '(unticked: T1w)</label>'
+              f'<div class="before">{_image(figures["t1w"], output_dir, "t1w")}</div>'
+              f'<div class="after">{_image(figures["fa"], output_dir, "fa")}</div></div>')
+    return (toggle + "<h3>Mean diffusivity</h3>" + _image(figures["md"], output_dir, "md")
+            + "<h3>Colour FA</h3>" + _image(figures["colfa"], output_dir, "colfa"))
+
+
+def _tracts_section(figures: dict[str, Path], written: dict[str, Path], output_dir: Path) -> str:
+    from m2m_app.tractography.views import view_orientation
+
+    parts = []
+    if "streamlines" in figures:
+        parts.append('<h3>Streamlines</h3><div id="streamline-figure">'
+                     f'{_image(figures["streamlines"], output_dir, "streamlines")}</div>')
+    if "tdi" in figures:
+        parts.append("<h3>Track density (phase 2)</h3>" + _image(figures["tdi"], output_dir, "tdi"))
+    views = [name for name in NERF_VIEWS if f"figure_{name}" in written]
+    if views:
+        cells = []
+        for name in views:
+            edges = "".join(f'<span class="{edge}">{letter}</span>' for edge, letter in view_orientation(name).items())
+            cells.append(f'<figure class="view">{_image(written[f"figure_{name}"], output_dir, name)}{edges}'
+                         f"<figcaption>{name}</figcaption></figure>")
+        parts.append('<h3>NeRF tractography field</h3><div class="views">' + "".join(cells) + "</div>")
+    if "figure_turntable" in written:
+        parts.append("<h3>Turntable</h3>" + _image(written["figure_turntable"], output_dir, "turntable"))
+    return "".join(parts) or '<p class="note">No tractography: phase 2 or the NeRF was skipped.</p>'
+
+
+def _uncertainty_section(figures: dict[str, Path], output_dir: Path) -> str:
+    return "".join(f"<h3>{html.escape(title)}</h3>"
+                   + (_image(figures[key], output_dir, key) if key in figures
+                      else f'<p class="note" id="{key}-missing">not computed</p>')
+                   for key, (title, _) in UNCERTAINTY_MAPS.items())
+
+
+def _errors_section(output_dir: Path, subject: Subject, errors: list[str]) -> str:
+    from m2m_app.cli.common import crash_reasons
+
+    log_dir = subject.folder(output_dir, "log")
+    crashes = sorted(log_dir.glob("crash-*.txt")) if log_dir.is_dir() else []
+    parts = [f'<div class="error">{html.escape(e)}</div>' for e in errors]
+    if crashes:
+        parts.append(_table(crash_reasons(log_dir), ("node", "error")))
+        parts.append("<ul class=\"crash-files\">" + "".join(
+            f'<li><a href="{_relative(c, output_dir)}">{html.escape(c.name)}</a></li>' for c in crashes) + "</ul>")
+    return "".join(parts) or '<p class="note">No errors: no crash file in this unit\'s log folder.</p>'
+
+
+def _about_section(command_line: str, weights_dir: str | None) -> str:
+    from m2m_app.io.derivatives import weights_provenance
+    from m2m_app.io.environment import container_image, container_type
+
+    import torch
+
+    engine = container_type()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
+    rows = {"command line": command_line or "n/a", "m2m version": __version__,
+            **{f"{phase} weights SHA-256": meta["sha256"] for phase, meta in weights_provenance(weights_dir).items()},
+            "report written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": (f"container ({engine}{', ' + container_image() if container_image() else ''})"
+                            if engine else "not in a container"),
+            "CPU": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical cores".replace(" ,", ","),
+            "GPU": gpu, "Python": platform.python_version(), "PyTorch": torch.__version__}
+    return _table(rows)
+
+
 def write_report(output_dir: Path, subject: Subject, t1w: str, written: dict[str, Path] | None,
                  summary: dict, boilerplate: str, errors: list[str],
-                 timings: dict[str, float] | None = None) -> Path:
-    """Write ``sub-<label>[_ses-<label>].html``; with ``written=None`` (a failed run) it shows the errors only.
+                 timings: dict[str, float] | None = None, *, command_line: str = "",
+                 weights_dir: str | None = None) -> Path:
+    """Write ``sub-<label>[_ses-<label>].html``; with ``written=None`` (a failed run) it shows no figures.
 
     ``summary`` rows go into the summary table after the m2m version; ``timings``
-    ({stage: seconds}) become a table of wall times with their total.
+    ({stage: seconds}) become a table of wall times with their total; ``errors`` are shown
+    above the crash files found in ``sub-X/log/``; ``command_line`` and ``weights_dir`` go
+    into the About section. The methods' references are written to ``logs/CITATION.bib``.
     """
     output_dir = Path(output_dir)
-    parts = [f"<h1>m2m report: {html.escape(subject.label)}</h1>",
-             "<p>All diffusion maps and streamlines on this page are <b>predicted from the T1w</b>; "
-             "no diffusion data was used.</p>", "<h2>Summary</h2>", _table({"m2m version": __version__, **summary})]
+    summary_html = _table({"m2m version": __version__, **summary})
     if timings:
         ordered = sorted(timings, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
         rows = {stage: f"{timings[stage]:.1f}" for stage in ordered}
-        parts += ["<h2>Run time</h2>", _table({**rows, "total": f"{sum(timings.values()):.1f}"},
-                                              ("stage", "wall time (s)"))]
-    if errors:
-        parts.append("<h2>Errors</h2>" + "".join(f'<div class="error">{html.escape(e)}</div>' for e in errors))
-    if written:
-        figures = report_figures(output_dir, subject, t1w, written)
-        for name, title in (("brainmask", "Brain mask"), ("fa", "Fractional anisotropy"),
-                            ("md", "Mean diffusivity"), ("colfa", "Colour FA"), ("tdi", "Track density (phase 2)")):
-            if name in figures:
-                parts.append(f"<h2>{title}</h2><img src=\"{figures[name].relative_to(output_dir).as_posix()}\" "
-                             f"alt=\"{name}\">")
-        views = [written[f"figure_{v}"] for v in ("left", "right", "top", "front") if f"figure_{v}" in written]
-        if views:
-            parts.append("<h2>NeRF tractography field</h2><div class=\"views\">" + "".join(
-                f'<img src="{v.relative_to(output_dir).as_posix()}" alt="{v.stem}">' for v in views) + "</div>")
-        if "figure_turntable" in written:
-            parts.append(f'<img src="{written["figure_turntable"].relative_to(output_dir).as_posix()}" alt="turntable">')
-    parts.append(f"<h2>Methods</h2><p>{html.escape(boilerplate)}</p>")
+        summary_html += "<h3>Run time</h3>" + _table({**rows, "total": f"{sum(timings.values()):.1f}"},
+                                                      ("stage", "wall time (s)"))
+    failed = '<p class="note">No outputs: this unit failed (see Errors).</p>'
+    figures = report_figures(output_dir, subject, t1w, written) if written else {}
+    keys = cited(with_nerf=bool(written and "tractogram" in written))
+    bibtex = write_bibtex(output_dir / BIBTEX, keys)
+    methods = (f"<p>{html.escape(boilerplate or 'No processing ran.')}</p><h3>References</h3>"
+               f"{references_html(keys)}<p>BibTeX: <a href=\"{_relative(bibtex, output_dir)}\">"
+               f"{BIBTEX.as_posix()}</a></p>")
+    bodies = {"summary": summary_html,
+              "maps": _maps_section(figures, output_dir) if figures else failed,
+              "tracts": _tracts_section(figures, written, output_dir) if figures else failed,
+              "uncertainty": _uncertainty_section(figures, output_dir) if figures else failed,
+              "methods": methods,
+              "errors": _errors_section(output_dir, subject, errors),
+              "about": _about_section(command_line, weights_dir)}
+    nav = "<nav>" + "".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS.items()) + "</nav>"
+    sections = "".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>{bodies[key]}</section>' for key in SECTIONS)
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>m2m {subject.label}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+            f"<style>{STYLE}</style></head><body>{nav}<h1>m2m report: {html.escape(subject.label)}</h1>"
+            "<p>All diffusion maps and streamlines on this page are <b>predicted from the T1w</b>; "
+            f"no diffusion data was used.</p>{sections}</body></html>")
     path = output_dir / f"{subject.label}.html"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(page))
 

@@ -1,8 +1,10 @@
-"""Rendered views of a fitted tractography field: four standard PNGs and a turntable GIF.
+"""Rendered views of a fitted tractography field: four standard PNGs and a turntable animation.
 
 The field is baked once onto a regular grid (at most ``bake_size`` points per axis) and the
 renderer reads that grid trilinearly: a view then costs grid lookups rather than one MLP
 evaluation per ray sample, which keeps a 24-frame turntable to seconds on two CPU cores.
+Views are framed on the brain (the box where the density is above a small fraction of its
+maximum), not on the whole T1w grid, so that it fills the picture.
 Colours are the field's directionally encoded orientation (R=x, G=y, B=z) and the extinction
 is proportional to its density.
 """
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from m2m_app.io.nifti import atomic_write
-from m2m_app.maths.render import QueryFn, render_view
+from m2m_app.maths.render import QueryFn, camera_basis, render_view
 from m2m_app.models.nerf import FittedField
 
 LOGGER = logging.getLogger(__name__)
@@ -30,8 +32,15 @@ STANDARD_VIEWS: dict[str, tuple[float, float]] = {
     "left": (180.0, 0.0), "right": (0.0, 0.0), "top": (0.0, 90.0), "front": (90.0, 0.0)}
 
 
-def baked_query(field: FittedField, bake_size: int) -> QueryFn:
-    """A renderer query (world mm → extinction 1/mm, unit colour) reading the field baked on a grid."""
+#: Fraction of the baked density's maximum above which a point counts as inside the brain (framing only).
+FRAME_THRESHOLD = 0.05
+#: Empty border around the brain's projection, as a fraction of its half-width.
+FRAME_MARGIN = 0.04
+
+
+def _bake(field: FittedField, bake_size: int) -> tuple[QueryFn, np.ndarray]:
+    """The renderer query reading the field baked on a grid, and the ``(2, 3)`` world box (mm)
+    of the baked density above :data:`FRAME_THRESHOLD` of its maximum (the field's bounds if empty)."""
     shape = tuple(min(n, bake_size) for n in field.shape)
     density, colour = field.sample_volume(shape)
     extent_mm = float(np.mean(field.bounds[1] - field.bounds[0]))
@@ -46,41 +55,98 @@ def baked_query(field: FittedField, bake_size: int) -> QueryFn:
                                padding_mode="zeros", align_corners=True)[0, :, :, 0, 0].T.numpy()
         return values[:, 0], values[:, 1:]
 
-    return query
+    inside = np.argwhere(density > FRAME_THRESHOLD * density.max()) if density.max() > 0 else np.zeros((0, 3))
+    if not len(inside):
+        return query, field.bounds
+    # baked index b of m points spans the input's voxel centres: voxel = b (n - 1) / (m - 1)
+    step = (np.asarray(field.shape) - 1) / np.maximum(np.asarray(shape) - 1, 1)
+    corners = np.stack(np.meshgrid(*[(-0.5, 0.5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    ijk = (np.concatenate([inside.min(0) + corners, inside.max(0) + corners])) * step
+    world = ijk @ field.affine[:3, :3].T + field.affine[:3, 3]
+    return query, np.stack([world.min(0), world.max(0)])
+
+
+def framing_half_extent(box: np.ndarray, views: list[tuple[float, float]]) -> float:
+    """Half-width (mm) of a square orthographic screen that shows all of ``box`` ``(2, 3)`` in every
+    ``(azimuth, elevation)`` view, plus :data:`FRAME_MARGIN`: the box then fills the frame."""
+    centre = box.mean(axis=0)
+    corners = np.stack(np.meshgrid(*box.T, indexing="ij"), -1).reshape(-1, 3) - centre
+    extent = max(float(np.abs(corners @ np.stack(camera_basis(*view)[1:]).T).max()) for view in views)
+    return extent * (1.0 + FRAME_MARGIN)
+
+
+def _axis_letter(vector: np.ndarray) -> str:
+    """The RAS+ direction a unit vector mostly points to: R/L, A/P or S/I."""
+    axis = int(np.argmax(np.abs(vector)))
+    return ("RAS" if vector[axis] > 0 else "LPI")[axis]
+
+
+def view_orientation(name: str) -> dict[str, str]:
+    """Anatomical direction at each edge of a standard view (keys ``left``, ``right``, ``top``, ``bottom``)."""
+    _, right, up = camera_basis(*STANDARD_VIEWS[name])
+    return {"left": _axis_letter(-right), "right": _axis_letter(right), "top": _axis_letter(up),
+            "bottom": _axis_letter(-up)}
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def _with_triad(image: np.ndarray, azimuth_deg: float, elevation_deg: float) -> np.ndarray:
+    """Draw the R (red), A (green) and S (blue) world axes as a small labelled triad in the lower-left corner."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    size = image.shape[1]
+    font = ImageFont.load_default(size=max(8, size // 22))
+    _, right, up = camera_basis(azimuth_deg, elevation_deg)
+    origin, length = np.array([0.12 * size, 0.88 * image.shape[0]]), 0.08 * size
+    for axis, (letter, colour) in enumerate(zip("RAS", ((255, 70, 70), (70, 230, 70), (110, 150, 255)))):
+        unit = np.eye(3)[axis]
+        tip = origin + length * np.array([unit @ right, -(unit @ up)])
+        draw.line([tuple(origin), tuple(tip)], fill=colour, width=max(1, size // 160))
+        draw.text(tuple(origin + 1.35 * (tip - origin)), letter, fill=colour, font=font, anchor="mm")
+    return np.asarray(canvas)
+
+
 def write_standard_views(field: FittedField, out: str | os.PathLike | dict[str, str | os.PathLike], *,
-                         size: int = 256, n_samples: int = 128, bake_size: int = 96) -> dict[str, Path]:
-    """Write the left, right, top and front views as ``size``-pixel PNGs.
+                         size: int = 512, n_samples: int = 96, bake_size: int = 112) -> dict[str, Path]:
+    """Write the left, right, top and front views as ``size``-pixel square PNGs framing the brain.
 
     ``out`` is either a folder (files ``left.png``, ``right.png``, ``top.png``, ``front.png``)
-    or a mapping from those view names to paths. Returns view name → written path.
+    or a mapping from those view names to paths. Every view uses the same scale (mm per
+    pixel), set so that the brain's box fills the widest view; :func:`view_orientation`
+    gives each view's edge labels. Returns view name → written path.
     """
     paths = ({name: Path(p) for name, p in out.items()} if isinstance(out, dict)
              else {name: Path(out) / f"{name}.png" for name in STANDARD_VIEWS})
     unknown = set(paths) - set(STANDARD_VIEWS)
     if unknown:
         raise ValueError(f"unknown views {sorted(unknown)}; known: {sorted(STANDARD_VIEWS)}")
-    query = baked_query(field, bake_size)
+    query, box = _bake(field, bake_size)
+    half_extent = framing_half_extent(box, list(STANDARD_VIEWS.values()))
     for name, path in paths.items():
-        image = render_view(query, field.bounds, *STANDARD_VIEWS[name], size, n_samples=n_samples)
+        image = render_view(query, box, *STANDARD_VIEWS[name], size, n_samples=n_samples,
+                            half_extent_mm=half_extent)
         atomic_write(path, lambda tmp, img=image: iio.imwrite(tmp, _to_uint8(img)))
         LOGGER.info("wrote the %s view %s", name, path)
     return paths
 
 
-def write_turntable(field: FittedField, path: str | os.PathLike, *, n_frames: int = 24, size: int = 160,
-                    elevation_deg: float = 20.0, n_samples: int = 96, bake_size: int = 64,
+def write_turntable(field: FittedField, path: str | os.PathLike, *, n_frames: int = 24, size: int = 256,
+                    elevation_deg: float = 20.0, n_samples: int = 64, bake_size: int = 96,
                     frame_ms: int = 100) -> Path:
-    """Write an endlessly looping animated GIF of ``n_frames`` views turning once around the vertical axis."""
-    query = baked_query(field, bake_size)
-    frames = np.stack([_to_uint8(render_view(query, field.bounds, azimuth, elevation_deg, size,
-                                             n_samples=n_samples))
-                       for azimuth in np.linspace(0.0, 360.0, n_frames, endpoint=False)])
-    written = atomic_write(path, lambda tmp: iio.imwrite(tmp, frames, duration=frame_ms, loop=0))
+    """Write an endlessly looping animated image (GIF or WebP, from the suffix) of ``n_frames`` views
+    turning once around the vertical axis, framed on the brain, each with an R/A/S axis triad."""
+    query, box = _bake(field, bake_size)
+    azimuths = np.linspace(0.0, 360.0, n_frames, endpoint=False)
+    half_extent = framing_half_extent(box, [(azimuth, elevation_deg) for azimuth in azimuths])
+    frames = np.stack([_with_triad(_to_uint8(render_view(query, box, azimuth, elevation_deg, size,
+                                                         n_samples=n_samples, half_extent_mm=half_extent)),
+                                   azimuth, elevation_deg)
+                       for azimuth in azimuths])
+    written = atomic_write(path, lambda tmp: iio.imwrite(tmp, frames, duration=frame_ms, loop=0,
+                                                         extension=Path(path).suffix))
     LOGGER.info("wrote a %d-frame turntable %s", n_frames, written)
     return written

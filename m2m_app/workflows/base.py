@@ -30,6 +30,7 @@ class RunOptions:
     tractogram_format: str = "trx"
     skip_phase2: bool = False
     skip_nerf: bool = False
+    command_line: str = ""
 
 
 PHASE1_DESC = ("Diffusion tensors were predicted from the T1w image by m2m's phase-1 translator: the T1w "
@@ -71,7 +72,8 @@ def init_single_subject_wf(subject: Subject, t1w: Path, options: RunOptions,
              "session": subject.session or "", "weights_dir": options.weights_dir,
              "timings": str(timings_file or "")}
     write_maps = pe.Node(WriteMaps(**where), name="write_maps", mem_gb=2)
-    report = pe.Node(WriteReport(boilerplate=workflow.__desc__, **where), name="write_report", mem_gb=2)
+    report = pe.Node(WriteReport(boilerplate=workflow.__desc__, command_line=options.command_line, **where),
+                     name="write_report", mem_gb=2)
     workflow.connect([
         (check, phase1, [("t1w", "t1w")]),
         (check, write_maps, [("t1w", "t1w")]),

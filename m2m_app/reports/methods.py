@@ -1,0 +1,104 @@
+"""The references behind the methods boilerplate, as HTML and as a BibTeX file."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from m2m_app.io.nifti import atomic_write
+
+#: BibTeX key → (short citation shown in the report, BibTeX entry).
+REFERENCES: dict[str, tuple[str, str]] = {
+    "basser1994": (
+        "Basser PJ, Mattiello J, LeBihan D. MR diffusion tensor spectroscopy and imaging. "
+        "Biophys J. 1994;66(1):259-267.",
+        "@article{basser1994,\n  author = {Basser, P. J. and Mattiello, J. and LeBihan, D.},\n"
+        "  title = {{MR} diffusion tensor spectroscopy and imaging},\n  journal = {Biophysical Journal},\n"
+        "  year = {1994}, volume = {66}, number = {1}, pages = {259--267},\n"
+        "  doi = {10.1016/S0006-3495(94)80775-1}\n}"),
+    "pajevic1999": (
+        "Pajevic S, Pierpaoli C. Color schemes to represent the orientation of anisotropic tissues from "
+        "diffusion tensor data. Magn Reson Med. 1999;42(3):526-540.",
+        "@article{pajevic1999,\n  author = {Pajevic, S. and Pierpaoli, C.},\n"
+        "  title = {Color schemes to represent the orientation of anisotropic tissues from diffusion tensor "
+        "data: application to white matter fiber tract mapping in the human brain},\n"
+        "  journal = {Magnetic Resonance in Medicine},\n  year = {1999}, volume = {42}, number = {3},"
+        " pages = {526--540}\n}"),
+    "arsigny2006": (
+        "Arsigny V, Fillard P, Pennec X, Ayache N. Log-Euclidean metrics for fast and simple calculus on "
+        "diffusion tensors. Magn Reson Med. 2006;56(2):411-421.",
+        "@article{arsigny2006,\n  author = {Arsigny, V. and Fillard, P. and Pennec, X. and Ayache, N.},\n"
+        "  title = {Log-{E}uclidean metrics for fast and simple calculus on diffusion tensors},\n"
+        "  journal = {Magnetic Resonance in Medicine},\n  year = {2006}, volume = {56}, number = {2},"
+        " pages = {411--421},\n  doi = {10.1002/mrm.20965}\n}"),
+    "ronneberger2015": (
+        "Ronneberger O, Fischer P, Brox T. U-Net: convolutional networks for biomedical image segmentation. "
+        "MICCAI 2015, LNCS 9351:234-241.",
+        "@inproceedings{ronneberger2015,\n  author = {Ronneberger, O. and Fischer, P. and Brox, T.},\n"
+        "  title = {{U-Net}: convolutional networks for biomedical image segmentation},\n"
+        "  booktitle = {Medical Image Computing and Computer-Assisted Intervention (MICCAI)},\n"
+        "  series = {LNCS}, volume = {9351}, pages = {234--241}, year = {2015}\n}"),
+    "isola2017": (
+        "Isola P, Zhu JY, Zhou T, Efros AA. Image-to-image translation with conditional adversarial "
+        "networks. CVPR 2017:1125-1134.",
+        "@inproceedings{isola2017,\n  author = {Isola, P. and Zhu, J.-Y. and Zhou, T. and Efros, A. A.},\n"
+        "  title = {Image-to-image translation with conditional adversarial networks},\n"
+        "  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},\n"
+        "  pages = {1125--1134}, year = {2017}\n}"),
+    "mildenhall2020": (
+        "Mildenhall B, Srinivasan PP, Tancik M, Barron JT, Ramamoorthi R, Ng R. NeRF: representing scenes "
+        "as neural radiance fields for view synthesis. ECCV 2020.",
+        "@inproceedings{mildenhall2020,\n  author = {Mildenhall, B. and Srinivasan, P. P. and Tancik, M. and "
+        "Barron, J. T. and Ramamoorthi, R. and Ng, R.},\n"
+        "  title = {{NeRF}: representing scenes as neural radiance fields for view synthesis},\n"
+        "  booktitle = {European Conference on Computer Vision (ECCV)}, year = {2020}\n}"),
+    "basser2000": (
+        "Basser PJ, Pajevic S, Pierpaoli C, Duda J, Aldroubi A. In vivo fiber tractography using DT-MRI "
+        "data. Magn Reson Med. 2000;44(4):625-632.",
+        "@article{basser2000,\n  author = {Basser, P. J. and Pajevic, S. and Pierpaoli, C. and Duda, J. and "
+        "Aldroubi, A.},\n  title = {In vivo fiber tractography using {DT-MRI} data},\n"
+        "  journal = {Magnetic Resonance in Medicine},\n  year = {2000}, volume = {44}, number = {4},"
+        " pages = {625--632}\n}"),
+    "gorgolewski2011": (
+        "Gorgolewski K, Burns CD, Madison C, et al. Nipype: a flexible, lightweight and extensible "
+        "neuroimaging data processing framework in Python. Front Neuroinform. 2011;5:13.",
+        "@article{gorgolewski2011,\n  author = {Gorgolewski, K. and Burns, C. D. and Madison, C. and others},\n"
+        "  title = {Nipype: a flexible, lightweight and extensible neuroimaging data processing framework in "
+        "{Python}},\n  journal = {Frontiers in Neuroinformatics},\n  year = {2011}, volume = {5}, pages = {13},\n"
+        "  doi = {10.3389/fninf.2011.00013}\n}"),
+    "garyfallidis2014": (
+        "Garyfallidis E, Brett M, Amirbekian B, et al. Dipy, a library for the analysis of diffusion MRI "
+        "data. Front Neuroinform. 2014;8:8.",
+        "@article{garyfallidis2014,\n  author = {Garyfallidis, E. and Brett, M. and Amirbekian, B. and others},\n"
+        "  title = {Dipy, a library for the analysis of diffusion {MRI} data},\n"
+        "  journal = {Frontiers in Neuroinformatics},\n  year = {2014}, volume = {8}, pages = {8},\n"
+        "  doi = {10.3389/fninf.2014.00008}\n}"),
+    "gorgolewski2016": (
+        "Gorgolewski KJ, Auer T, Calhoun VD, et al. The brain imaging data structure, a format for "
+        "organizing and describing outputs of neuroimaging experiments. Sci Data. 2016;3:160044.",
+        "@article{gorgolewski2016,\n  author = {Gorgolewski, K. J. and Auer, T. and Calhoun, V. D. and others},\n"
+        "  title = {The brain imaging data structure, a format for organizing and describing outputs of "
+        "neuroimaging experiments},\n  journal = {Scientific Data},\n  year = {2016}, volume = {3},"
+        " pages = {160044},\n  doi = {10.1038/sdata.2016.44}\n}"),
+}
+
+#: The references of each part of the pipeline.
+PHASE1_REFERENCES = ("basser1994", "pajevic1999", "arsigny2006", "ronneberger2015", "isola2017")
+NERF_REFERENCES = ("mildenhall2020", "basser2000")
+TOOL_REFERENCES = ("gorgolewski2011", "garyfallidis2014", "gorgolewski2016")
+
+
+def cited(with_nerf: bool) -> list[str]:
+    """The BibTeX keys of a run (the NeRF's references only when phase 3 ran)."""
+    return [*PHASE1_REFERENCES, *(NERF_REFERENCES if with_nerf else ()), *TOOL_REFERENCES]
+
+
+def references_html(keys: list[str]) -> str:
+    """An ordered list of the references, each item's id ``ref-<key>``."""
+    return "<ol class=\"references\">" + "".join(
+        f'<li id="ref-{key}">{html.escape(REFERENCES[key][0])}</li>' for key in keys) + "</ol>"
+
+
+def write_bibtex(path: Path, keys: list[str]) -> Path:
+    """Write the BibTeX entries of ``keys`` to ``path`` (atomically)."""
+    text = "\n\n".join(REFERENCES[key][1] for key in keys) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
