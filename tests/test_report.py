@@ -182,7 +182,7 @@ def test_group_report_table_plot_and_links(unit_output, tmp_path):
     browser = _browser()
     try:
         page = _check_page(browser, (out / "group.html").as_uri())
-        assert page["images"] == ["group_qc.svg"]
+        assert page["images"] == ["figures/group_qc.svg"]
         rows = browser.execute_script("return Array.from(document.querySelectorAll('#qc-table tr[id]')).map(r => r.id);")
         assert rows == [f"row-sub-{i:02d}" for i in range(2, 8)]
         flagged = browser.execute_script("return Array.from(document.querySelectorAll('td.outlier'))"
@@ -193,7 +193,7 @@ def test_group_report_table_plot_and_links(unit_output, tmp_path):
         for link in links:
             browser.get(link)
             assert browser.find_element("tag name", "h1").text.startswith("m2m report")
-        browser.get((out / "group_qc.svg").as_uri())
+        browser.get((out / "figures" / "group_qc.svg").as_uri())
         assert "sub-07" in browser.page_source  # the outlier is labelled in the plot
     finally:
         browser.quit()

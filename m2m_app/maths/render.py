@@ -77,29 +77,52 @@ def composite(sigma: np.ndarray, colour: np.ndarray, delta: float | np.ndarray,
     return rgb, opacity
 
 
+def box_span(origins: np.ndarray, directions: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``(R, 3)`` rays enter and leave the box ``bounds`` (``(2, 3)`` mm), by the slab method.
+
+    Returns ``t_enter`` and ``t_exit`` ``(R,)`` in mm (``t_enter >= 0``); a ray misses the box
+    where ``t_exit <= t_enter``.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = 1.0 / directions
+        t0, t1 = (bounds[0] - origins) * inverse, (bounds[1] - origins) * inverse
+        t_enter = np.nanmax(np.minimum(t0, t1), axis=1)
+        t_exit = np.nanmin(np.maximum(t0, t1), axis=1)
+    return np.maximum(t_enter, 0.0), t_exit
+
+
 def render_view(query_fn: QueryFn, bounds: np.ndarray, azimuth_deg: float, elevation_deg: float,
                 size: int | tuple[int, int], *, n_samples: int = 128, perspective: bool = False,
                 fov_deg: float = 30.0, background: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                rays_per_chunk: int = 4096, half_extent_mm: float | None = None) -> np.ndarray:
+                rays_per_chunk: int = 4096, half_extent_mm: float | None = None,
+                clip_to_box: bool = False) -> np.ndarray:
     """Render an ``(H, W, 3)`` float image in [0, 1] of the field ``query_fn`` inside ``bounds``.
 
     ``size`` is ``H = W`` or ``(H, W)``; rays are marched with ``n_samples`` midpoint samples
     across the bounding sphere, in chunks of ``rays_per_chunk`` rays to bound memory;
     ``half_extent_mm`` is the orthographic screen's half-width (see :func:`camera_rays`).
+    With ``clip_to_box`` the samples span only each ray's path through the box ``bounds``
+    (:func:`box_span`) and rays missing it are background: the field is taken to be empty
+    outside the box, and the same samples are spent where it is not.
     """
     height, width = (size, size) if isinstance(size, int) else size
     origins, directions, t_near, t_far = camera_rays(bounds, azimuth_deg, elevation_deg, (height, width),
                                                      perspective=perspective, fov_deg=fov_deg,
                                                      half_extent_mm=half_extent_mm)
-    delta = (t_far - t_near) / n_samples
-    t = t_near + (np.arange(n_samples) + 0.5) * delta
-    image = np.empty((height * width, 3))
-    for start in range(0, origins.shape[0], rays_per_chunk):
-        stop = start + rays_per_chunk
-        points = origins[start:stop, None, :] + t[None, :, None] * directions[start:stop, None, :]
+    if clip_to_box:
+        t_start, t_stop = box_span(origins, directions, np.asarray(bounds, dtype=float))
+    else:
+        t_start, t_stop = np.full(len(origins), t_near), np.full(len(origins), t_far)
+    image = np.broadcast_to(np.asarray(background, dtype=float), (height * width, 3)).copy()
+    hits = np.flatnonzero(t_stop > t_start)
+    fractions = (np.arange(n_samples) + 0.5) / n_samples
+    for start in range(0, len(hits), rays_per_chunk):
+        rays = hits[start:start + rays_per_chunk]
+        span = (t_stop[rays] - t_start[rays])[:, None]
+        t = t_start[rays][:, None] + fractions[None, :] * span                       # (R, S) mm
+        points = origins[rays, None, :] + t[..., None] * directions[rays, None, :]
         sigma, colour = query_fn(points.reshape(-1, 3))
-        rays = points.shape[0]
-        image[start:stop], _ = composite(np.asarray(sigma, float).reshape(rays, n_samples),
-                                         np.asarray(colour, float).reshape(rays, n_samples, 3), delta,
-                                         background)
+        image[rays], _ = composite(np.asarray(sigma, float).reshape(len(rays), n_samples),
+                                   np.asarray(colour, float).reshape(len(rays), n_samples, 3),
+                                   span / n_samples, background)
     return np.clip(image, 0.0, 1.0).reshape(height, width, 3)

@@ -69,7 +69,7 @@ def strip_plot(rows: list[dict], metrics: list[str], path: Path) -> Path:
 
 
 def write_group_outputs(output_dir: Path) -> Path:
-    """Gather every ``*_desc-m2m_qc.json`` into ``group_qc.tsv``, ``group_qc.svg`` and ``group.html``.
+    """Gather every ``*_desc-m2m_qc.json`` into ``group_qc.tsv``, ``figures/group_qc.svg`` and ``group.html``.
 
     The page has the table (one row per unit, outlying numbers highlighted, a link to each
     unit's report) and the strip plot of the numeric QC columns. Returns the TSV.
@@ -82,7 +82,7 @@ def write_group_outputs(output_dir: Path) -> Path:
     tsv = save_tsv(rows, output_dir / "group_qc.tsv", columns)
     metrics = numeric_columns(rows, columns)
     flagged = {c: outliers(_values(rows, c)) for c in metrics}
-    plot = strip_plot(rows, metrics, output_dir / "group_qc.svg") if metrics else None
+    plot = strip_plot(rows, metrics, output_dir / "figures" / "group_qc.svg") if metrics else None
 
     def cell(i: int, column: str) -> str:
         css = ' class="outlier"' if column in flagged and flagged[column][i] else ""
@@ -92,7 +92,7 @@ def write_group_outputs(output_dir: Path) -> Path:
                     + f'<td><a href="{html.escape(row["subject"])}.html">report</a></td></tr>'
                     for i, row in enumerate(rows))
     figure = (f'<h2>QC numbers across units</h2><p>Red: more than {OUTLIER_Z:g} robust SDs from the median.</p>'
-              f'<img src="{plot.name}" alt="QC strip plot">') if plot else ""
+              f'<img src="{plot.relative_to(output_dir).as_posix()}" alt="QC strip plot">') if plot else ""
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>m2m group QC</title>"
             f"<style>{STYLE}</style></head><body><h1>m2m group QC</h1><p>{len(rows)} units; every number "
             "comes from maps predicted from the T1w.</p><table id=\"qc-table\"><tr>"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from m2m_app.io.nifti import atomic_write
 from m2m_app.maths.render import QueryFn, camera_basis, render_view
-from m2m_app.models.nerf import FittedField
+from m2m_app.models.nerf import FittedField, normalising_matrix
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,9 +49,13 @@ def _bake(field: FittedField, bake_size: int) -> tuple[QueryFn, np.ndarray]:
     grid = torch.as_tensor(np.concatenate([sigma[..., None], colour], axis=-1), dtype=torch.float32)
     grid = grid.permute(3, 0, 1, 2)[None]                           # (1, 4, X, Y, Z)
 
+    # world mm -> grid_sample's (z, y, x)-ordered [-1, 1] coordinates, one float32 matrix product
+    to_grid = torch.as_tensor((normalising_matrix(field.shape) @ np.linalg.inv(field.affine))[[2, 1, 0]],
+                              dtype=torch.float32)
+
     def query(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        coords = field.normalised_coords(points)
-        values = F.grid_sample(grid, coords.flip(-1).view(1, -1, 1, 1, 3), mode="bilinear",
+        coords = torch.addmm(to_grid[:, 3], torch.from_numpy(np.asarray(points, dtype=np.float32)), to_grid[:, :3].T)
+        values = F.grid_sample(grid, coords.view(1, -1, 1, 1, 3), mode="bilinear",
                                padding_mode="zeros", align_corners=True)[0, :, :, 0, 0].T.numpy()
         return values[:, 0], values[:, 1:]
 
@@ -111,7 +115,7 @@ def _with_triad(image: np.ndarray, azimuth_deg: float, elevation_deg: float) -> 
 
 
 def write_standard_views(field: FittedField, out: str | os.PathLike | dict[str, str | os.PathLike], *,
-                         size: int = 512, n_samples: int = 96, bake_size: int = 112) -> dict[str, Path]:
+                         size: int = 512, n_samples: int = 64, bake_size: int = 96) -> dict[str, Path]:
     """Write the left, right, top and front views as ``size``-pixel square PNGs framing the brain.
 
     ``out`` is either a folder (files ``left.png``, ``right.png``, ``top.png``, ``front.png``)
@@ -128,14 +132,14 @@ def write_standard_views(field: FittedField, out: str | os.PathLike | dict[str, 
     half_extent = framing_half_extent(box, list(STANDARD_VIEWS.values()))
     for name, path in paths.items():
         image = render_view(query, box, *STANDARD_VIEWS[name], size, n_samples=n_samples,
-                            half_extent_mm=half_extent)
+                            half_extent_mm=half_extent, clip_to_box=True)
         atomic_write(path, lambda tmp, img=image: iio.imwrite(tmp, _to_uint8(img)))
         LOGGER.info("wrote the %s view %s", name, path)
     return paths
 
 
 def write_turntable(field: FittedField, path: str | os.PathLike, *, n_frames: int = 24, size: int = 256,
-                    elevation_deg: float = 20.0, n_samples: int = 64, bake_size: int = 96,
+                    elevation_deg: float = 20.0, n_samples: int = 48, bake_size: int = 96,
                     frame_ms: int = 100) -> Path:
     """Write an endlessly looping animated image (GIF or WebP, from the suffix) of ``n_frames`` views
     turning once around the vertical axis, framed on the brain, each with an R/A/S axis triad."""
@@ -143,10 +147,10 @@ def write_turntable(field: FittedField, path: str | os.PathLike, *, n_frames: in
     azimuths = np.linspace(0.0, 360.0, n_frames, endpoint=False)
     half_extent = framing_half_extent(box, [(azimuth, elevation_deg) for azimuth in azimuths])
     frames = np.stack([_with_triad(_to_uint8(render_view(query, box, azimuth, elevation_deg, size,
-                                                         n_samples=n_samples, half_extent_mm=half_extent)),
+                                                         n_samples=n_samples, half_extent_mm=half_extent,
+                                                         clip_to_box=True)),
                                    azimuth, elevation_deg)
                        for azimuth in azimuths])
-    written = atomic_write(path, lambda tmp: iio.imwrite(tmp, frames, duration=frame_ms, loop=0,
-                                                         extension=Path(path).suffix))
+    written = atomic_write(path, lambda tmp: iio.imwrite(tmp, frames, duration=frame_ms, loop=0))
     LOGGER.info("wrote a %d-frame turntable %s", n_frames, written)
     return written
