@@ -1,5 +1,6 @@
-"""Container detection (m2m_app.io.environment) on fake roots and environments, and what
-dataset_description.json records from it."""
+"""The environment m2m runs in: container detection (m2m_app.io.environment) on fake roots and
+environments and what dataset_description.json records from it; the work folder's default
+($M2M_WORK_DIR, which the image sets) and a read-only file system without a writable folder."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import pytest
 from m2m_app import __version__
 from m2m_app.io.derivatives import dataset_description
 from m2m_app.io.environment import container_description, container_image, container_type
+from conftest import make_bids, read_only_mount_prefix, run_cli
 
 
 def fake_root(tmp_path: Path, dockerenv: bool = False, containerenv: str | None = None) -> Path:
@@ -33,7 +35,9 @@ PODMAN_CONTAINERENV = 'engine="podman-4.3.1"\nname="festive_m2m"\nid="0123abcd"\
     ({"APPTAINER_NAME": "m2m.sif", "SINGULARITY_NAME": "m2m.sif"}, {}, "Apptainer"),  # Apptainer sets both
     ({"SINGULARITY_CONTAINER": "/images/m2m.sif"}, {}, "Singularity"),
     ({"APPTAINER_CONTAINER": "/images/m2m.sif"}, {"dockerenv": True}, "Apptainer"),  # image made by docker export
-    ({}, {"containerenv": PODMAN_CONTAINERENV}, "Podman"),
+    ({"container": "podman"}, {"containerenv": ""}, "Podman"),  # what Podman 4.3 gives an unprivileged container
+    ({}, {"containerenv": PODMAN_CONTAINERENV}, "Podman"),  # --privileged: the file names the engine
+    ({"container": "lxc"}, {}, None),
     ({}, {"dockerenv": True}, "Docker"),
     ({}, {"dockerenv": True, "containerenv": PODMAN_CONTAINERENV}, "Podman"),
     ({}, {"containerenv": ""}, "OCI"),  # CRI-O writes an empty /run/.containerenv
@@ -65,3 +69,27 @@ def test_dataset_description_records_the_engine(tmp_path, monkeypatch):
     monkeypatch.setenv("M2M_CONTAINER", "m2m")
     generated = json.loads(dataset_description(tmp_path / "out", tmp_path / "bids").read_text())["GeneratedBy"][0]
     assert generated["Container"] == {"Type": "Apptainer", "Tag": f"m2m:{__version__}"}
+
+
+def test_work_dir_defaults_to_m2m_work_dir(tmp_path):
+    bids = make_bids(tmp_path / "bids", {})
+    run_cli("run", bids, tmp_path / "out", "participant", "--skip-bids-validation",
+            prefix=("env", f"M2M_WORK_DIR={tmp_path / 'scratch' / 'work'}"), timeout=300)
+    assert (tmp_path / "scratch" / "work").is_dir()
+    assert not (tmp_path / "m2m_work").exists()  # OUTPUT_DIR/../m2m_work, the default without the variable
+
+
+def test_read_only_without_a_writable_folder_is_one_line(tmp_path):
+    """As ``--read-only`` without a tmpfs: the work folder and matplotlib's cache cannot be
+    made; m2m stops with its one-line error (exit 73), before matplotlib would raise."""
+    bids = make_bids(tmp_path / "bids", {})
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    environment = ("env", f"TMPDIR={read_only}", f"MPLCONFIGDIR={read_only / 'matplotlib'}",
+                   f"M2M_WORK_DIR={read_only / 'work'}")
+    result = run_cli("run", bids, tmp_path / "out", "participant", "--skip-bids-validation",
+                     prefix=read_only_mount_prefix(read_only) + environment, timeout=300)
+    assert result.returncode == 73, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"m2m: error: cannot create the work folder {read_only / 'work'}: Read-only file system")

@@ -27,9 +27,10 @@ def container_type(environ: Mapping[str, str] | None = None, root: Path = Path("
     """The container engine m2m runs under, or None outside a container.
 
     One of ``"Apptainer"``, ``"Singularity"`` (their runtime variables), ``"Podman"``
-    (``/run/.containerenv`` naming the podman engine), ``"Docker"`` (``/.dockerenv``), or
-    ``"OCI"``: m2m's image (``M2M_CONTAINER``) under an engine that leaves neither marker
-    (containerd, Kubernetes, CRI-O, which writes an empty ``/run/.containerenv``).
+    (``container=podman``, which Podman sets in every container, or a ``/run/.containerenv``
+    naming the engine, as with ``--privileged``), ``"Docker"`` (``/.dockerenv``), or ``"OCI"``:
+    m2m's image (``M2M_CONTAINER``) under an engine that leaves none of these (containerd,
+    Kubernetes; CRI-O writes an empty ``/run/.containerenv``).
     ``environ`` and ``root`` default to this process's environment and ``/``.
     """
     environ = os.environ if environ is None else environ
@@ -37,7 +38,8 @@ def container_type(environ: Mapping[str, str] | None = None, root: Path = Path("
         if any(environ.get(name) for name in variables):
             return engine
     containerenv = root / "run" / ".containerenv"
-    if containerenv.is_file() and 'engine="podman' in _read_text(containerenv):
+    named_podman = containerenv.is_file() and 'engine="podman' in _read_text(containerenv)
+    if environ.get("container") == "podman" or named_podman:
         return "Podman"
     if (root / ".dockerenv").exists():
         return "Docker"
@@ -63,7 +65,7 @@ def container_description(environ: Mapping[str, str] | None = None, root: Path =
 
 
 def _read_text(path: Path) -> str:
-    """The file's text, or "" when it cannot be read (Podman's file is world-readable; CRI-O's may not be)."""
+    """The file's text, or "" when it cannot be read."""
     try:
         return path.read_text(errors="replace")
     except OSError:
