@@ -18,18 +18,21 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_WHEELS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY . .
-# torch first and from its own source only (the version pyproject.toml pins), so that a missing
-# or unreachable source fails here instead of PyPI's CUDA build coming in with the other packages.
+COPY pyproject.toml ./
+# The dependencies, in a layer of their own (reused until pyproject.toml changes). torch first and
+# from its own source only, so that a missing or unreachable source fails here instead of PyPI's
+# CUDA build coming in with the other packages.
 RUN python3 -m venv /opt/m2m \
- && torch=$(/opt/m2m/bin/python -c 'import tomllib; print(next(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if d.replace(" ", "").startswith("torch=")))') \
+ && /opt/m2m/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' >requirements.txt \
+ && torch=$(grep -E '^torch *==' requirements.txt) \
  && if [ -n "$TORCH_WHEELS" ]; then \
       /opt/m2m/bin/pip install --no-index --no-deps --find-links "$TORCH_WHEELS" "$torch" \
-      && /opt/m2m/bin/pip install --find-links "$TORCH_WHEELS" . ; \
+      && /opt/m2m/bin/pip install --find-links "$TORCH_WHEELS" -r requirements.txt ; \
     else \
-      /opt/m2m/bin/pip install --index-url "$TORCH_INDEX" "$torch" && /opt/m2m/bin/pip install . ; \
-    fi \
- && /opt/m2m/bin/pip check \
+      /opt/m2m/bin/pip install --index-url "$TORCH_INDEX" "$torch" && /opt/m2m/bin/pip install -r requirements.txt ; \
+    fi
+COPY . .
+RUN /opt/m2m/bin/pip install --no-deps . && /opt/m2m/bin/pip check \
  && cd / && /opt/m2m/bin/python -c "import torch, m2m_app.inference.predict as p; print('torch', torch.__version__, 'CUDA', torch.version.cuda); p.load_translator('phase1'); p.load_translator('phase2')"
 
 FROM ${BASE_IMAGE}
