@@ -1,6 +1,7 @@
 """``m2m-train``: build training targets from a BIDS dataset with DWI, train and evaluate."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -58,18 +59,26 @@ def cli() -> None:
 @click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Nipype work folder (default: PREP_DIR/.m2m_work).")
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the tractography.")
+@click.option("--omp-nthreads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads per unit (deepbet's torch, ANTs' ITK).")
 @with_verbosity
 @exits_cleanly
 def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
             session_labels: tuple[str, ...], bids_filter_file: Path | None, nprocs: int | None,
-            use_plugin: Path | None, work_dir: Path | None, random_seed: int, verbose: int,
-            quiet: int) -> None:
+            use_plugin: Path | None, work_dir: Path | None, random_seed: int, omp_nthreads: int,
+            verbose: int, quiet: int) -> None:
     """Compute training targets from every T1w + DWI pair in BIDS_DIR into PREP_DIR.
 
-    For each participant/session: tensor fit (dipy WLS), b0->T1w rigid registration,
-    tensor maps on the T1w grid, deterministic tractography (.trx), track-density maps;
-    then PREP_DIR/manifest.tsv lists the pairs with QC numbers. Finished units are
-    skipped on a re-run; a failed unit does not stop the others and makes the exit code 1.
+    For each participant/session: brain mask (deepbet) and tissue classes (ANTs Atropos)
+    of the T1w; per DWI series (same grid and phase encoding) a tensor fit (dipy WLS, shells
+    up to b=1500), b0->T1w rigid registration (from the headers, checked against ANTs),
+    deterministic tractography (.trx); tensor maps, track-density maps and the DWI's field
+    of view on the T1w grid, a QC figure; then PREP_DIR/manifest.tsv lists the pairs with
+    QC numbers. A unit whose QC is implausible (registration > 2.5 mm from ANTs' or > 12 mm
+    from the headers, white matter outside 20-55 % of the brain, < 25 % of the brain in the
+    DWI's field of view) is flagged there and left out of training unless --include-flagged.
+    Finished units are skipped on a re-run; a failed unit does not stop the others and
+    makes the exit code 1.
     """
     from m2m_app.io.derivatives import dataset_description
     from m2m_app.io.nifti import load_t1w
@@ -103,7 +112,7 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     ok = True
     if units:
         LOGGER.info("preparing %d unit(s): %s", len(units), ", ".join(s.label for s in units))
-        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed)
+        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads)
         workflow.config["execution"]["crashdump_dir"] = str(prep_dir / "logs")
         ok = run_workflow(workflow, plugin_settings(nprocs, None, use_plugin), stop_on_first_crash=False)
         reasons = crash_reasons(prep_dir / "logs")
@@ -115,6 +124,10 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     manifest = write_manifest(prep_dir, failures)
     for label, message in sorted(failures.items()):
         click.echo(f"m2m-train prepare: {label} FAILED: {message}", err=True)
+    for row in json.loads((prep_dir / "manifest.json").read_text())["pairs"]:
+        if row.get("flagged"):
+            click.echo(f"m2m-train prepare: {row['subject']} FLAGGED, left out of training unless "
+                       f"--include-flagged: {row['flags']} (see {row['qc_figure']})", err=True)
     LOGGER.info("manifest: %s", manifest)
     sys.exit(exit_code_for(codes, ok))
 
@@ -149,6 +162,9 @@ def training_options(func):
         click.option("--extra-prep-dir", "extra_prep_dirs", multiple=True,
                      type=click.Path(file_okay=False, exists=True, path_type=Path),
                      help="Pool subjects of further prep dirs (e.g. several sites). Repeatable."),
+        click.option("--include-flagged", is_flag=True,
+                     help="Also train on units whose teacher QC was flagged (registration far from "
+                          "ANTs' or the headers, implausible tissue volumes; see manifest.tsv 'flags')."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -1,6 +1,7 @@
 """Nipype interface around :func:`m2m_app.teacher.prepare.prepare_subject`."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, InputMultiObject,
@@ -14,6 +15,7 @@ class _PrepareSubjectInputSpec(BaseInterfaceInputSpec):
     dwi = InputMultiObject(File(exists=True), mandatory=True, desc="DWI runs to concatenate")
     prep_dir = Directory(mandatory=True, desc="the prep (derivatives) folder to write into")
     random_seed = traits.Int(0, usedefault=True, desc="seed of the tractography")
+    num_threads = traits.Int(1, usedefault=True, desc="threads of deepbet (torch) and ANTs (ITK)")
 
 
 class _PrepareSubjectOutputSpec(TraitedSpec):
@@ -30,8 +32,10 @@ class PrepareSubject(SimpleInterface):
         from m2m_app.io.naming import Subject
         from m2m_app.teacher.prepare import prepare_subject, qc_path
 
+        # ANTs reads its thread count from the environment; a MultiProc worker owns its own
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.inputs.num_threads)
         subject = Subject(self.inputs.participant, self.inputs.session or None)
         prepare_subject(subject, Path(self.inputs.t1w), [Path(p) for p in self.inputs.dwi],
-                        Path(self.inputs.prep_dir), self.inputs.random_seed)
+                        Path(self.inputs.prep_dir), self.inputs.random_seed, self.inputs.num_threads)
         self._results["qc_file"] = str(qc_path(Path(self.inputs.prep_dir), subject))
         return runtime

@@ -117,3 +117,24 @@ def masked_tensor_maps(components: np.ndarray, mask: np.ndarray) -> dict[str, np
         maps[key] = np.zeros(mask.shape + values.shape[1:], dtype=np.float32)
         maps[key][mask] = values
     return maps
+
+
+def log_euclidean_mean(fields: list[np.ndarray]) -> np.ndarray:
+    """Voxel-wise log-Euclidean mean ``exp(mean(log D))`` of tensor fields, each ``(X, Y, Z, 6)`` mm²/s.
+
+    A voxel whose tensor is all zero (no data in that field) does not count; where no
+    field has data the result is zero. One field comes back unchanged.
+    """
+    if len(fields) == 1:
+        return fields[0]
+    total = np.zeros(fields[0].shape, dtype=np.float64)
+    count = np.zeros(fields[0].shape[:-1], dtype=np.int32)
+    for components in fields:
+        support = np.any(components != 0, axis=-1)
+        total[support] += matrix_to_components(log_tensors(components_to_matrix(components[support].astype(float))))
+        count += support
+    out = np.zeros(fields[0].shape, dtype=np.float32)
+    inside = count > 0
+    mean_logs = components_to_matrix(total[inside] / count[inside][:, None])
+    out[inside] = matrix_to_components(exp_tensors(mean_logs))
+    return out

@@ -203,11 +203,23 @@ def log_to_tensor(log_components: np.ndarray) -> np.ndarray:
     return matrix_to_components(np.einsum("...ij,...j,...kj->...ik", evecs, evals, evecs)).astype(np.float32)
 
 
+def measured_region(prep_dir: Path, row: dict[str, str], mask: np.ndarray) -> np.ndarray:
+    """``mask`` (T1w grid) limited to where the DWI was measured: the teacher's ``fov`` column.
+
+    Prep dirs written before the teacher recorded its field of view have no such column;
+    their targets were already zero outside it, so ``mask`` alone is returned.
+    """
+    return mask & (_load_map(prep_dir, row, "fov") > 0) if row.get("fov") else mask
+
+
 def _build_phase1(row: dict[str, str], prep_dir: Path, inputs_dir: Path | None) -> Sample:
     inputs, grid = phase1_inputs(*load_t1w(row["t1w"]))
-    mask = grid.to_model(_load_map(prep_dir, row, "mask")) >= 0.5
+    brain = _load_map(prep_dir, row, "mask") > 0
+    mask = grid.to_model(brain.astype(np.float32)) >= 0.5
+    measured = grid.to_model(measured_region(prep_dir, row, brain).astype(np.float32)) >= 0.5
     logs = tensor_to_log(resample_tensor(_load_map(prep_dir, row, "diffusivity"), grid))
-    weight = mask & np.any(logs != 0, axis=-1)
+    # the tensor is taught where it was measured; the brain mask (from the T1w) everywhere
+    weight = measured & np.any(logs != 0, axis=-1)
     targets = np.concatenate([np.moveaxis(logs, -1, 0), mask[None]], axis=0).astype(np.float32)
     return Sample(inputs, targets, weight.astype(np.float32), grid)
 
@@ -402,9 +414,10 @@ def _build_phase2(row: dict[str, str], prep_dir: Path, inputs_dir: Path | None) 
     source = inputs_dir or prep_dir
     inputs = phase2_inputs(*(_load_map(source, row, c) for c in ("fa", "md", "colfa")), grid)
     mask = _load_map(prep_dir, row, "mask") > 0
-    tdi = relative_tdi(_load_map(prep_dir, row, "tdi"), mask)
+    measured = measured_region(prep_dir, row, mask)
+    tdi = relative_tdi(_load_map(prep_dir, row, "tdi"), measured)
     targets = grid.to_model(np.concatenate([np.log1p(tdi)[..., None], _load_map(prep_dir, row, "dectdi")], -1))
-    weight = grid.to_model(mask.astype(np.float32)) >= 0.5
+    weight = grid.to_model(measured.astype(np.float32)) >= 0.5
     return Sample(inputs, np.moveaxis(targets, -1, 0).astype(np.float32), weight.astype(np.float32), grid)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from dipy.core.gradients import gradient_table
+from dipy.core.gradients import gradient_table, unique_bvals_tolerance
 from dipy.reconst.dti import TensorFit, TensorModel
 from dipy.segment.mask import median_otsu
 
@@ -10,6 +10,11 @@ from m2m_app.maths.tensor import clip_eigenvalues, frame_rotation, matrix_to_com
 
 #: b-values at or below this (s/mm²) count as b=0.
 B0_THRESHOLD = 50.0
+#: Largest b-value (s/mm²) used for the tensor fit: above about 1500 the signal is no longer
+#: mono-exponential (kurtosis) and the tensor's diffusivities shrink.
+TENSOR_MAX_BVAL = 1500.0
+#: b-values within this many s/mm² of each other form one shell.
+SHELL_TOLERANCE = 100.0
 #: Physical range of tensor eigenvalues, mm²/s: free water at 37 °C diffuses at about
 #: 3.0e-3, so larger fitted values (noise, partial volume at the brain's edge) are clipped.
 EIGENVALUE_RANGE = (0.0, 4e-3)
@@ -27,6 +32,21 @@ def fsl_bvecs_to_voxel(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     if np.linalg.det(affine[:3, :3]) > 0:
         bvecs[:, 0] *= -1
     return bvecs
+
+
+def tensor_volumes(bvals: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Which volumes ``(N,)`` the tensor fit uses, and the shells (s/mm², rounded) they hold.
+
+    The b=0 volumes and every shell up to :data:`TENSOR_MAX_BVAL`; a DWI whose lowest
+    diffusion-weighted shell lies above it (e.g. a single b=2500 shell) gives that shell
+    alone, the best a tensor can do with it.
+    """
+    shells = unique_bvals_tolerance(bvals[bvals > B0_THRESHOLD], tol=SHELL_TOLERANCE)
+    kept = shells[shells <= TENSOR_MAX_BVAL + SHELL_TOLERANCE]
+    kept = kept if kept.size else shells[:1]
+    members = [np.abs(bvals - b) <= SHELL_TOLERANCE for b in kept]
+    used = (bvals <= B0_THRESHOLD) | np.any(members, axis=0)
+    return used, [0] + [int(round(float(np.median(bvals[m])), -1)) for m in members]
 
 
 def mean_b0(data: np.ndarray, bvals: np.ndarray) -> np.ndarray:

@@ -1,22 +1,30 @@
 """``m2m-train prepare``: turn one subject's T1w + DWI into m2m's training targets.
 
 For each unit (participant or participant/session) this writes, on the T1w grid:
-tensor maps (BEP016 names), the brain and white-matter masks, the b0→T1w transform,
-a whole-brain tensor tractogram (``.trx``), its track-density and directional
-track-density images, and a QC JSON. :func:`write_manifest` gathers the QC files into
-``manifest.tsv``/``manifest.json``, the list of training pairs.
+tensor maps (BEP016 names), the brain mask and tissue classes (from the T1w itself), the
+DWI's measured field of view, the b0→T1w transform, a whole-brain tensor tractogram
+(``.trx``), its track-density and directional track-density images, a QC figure and a
+QC JSON. :func:`write_manifest` gathers the QC files into ``manifest.tsv``/``manifest.json``,
+the list of training pairs; a unit whose QC fails a plausibility check is marked
+``flagged`` there, and training leaves it out unless told otherwise.
+
+Several DWI runs: runs that share a grid and a phase-encoding direction are one series
+(concatenated); otherwise each series is fitted and registered on its own (so opposite
+phase-encoding distortions are never averaged into one b0), their tensors are averaged
+on the T1w grid in the log-Euclidean domain, and their tractograms pooled.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from dipy.tracking.streamline import transform_streamlines
-from skimage.filters import threshold_multiotsu
+from scipy.ndimage import binary_dilation
 
 from m2m_app import __version__
 from m2m_app.errors import BadDataError
@@ -25,25 +33,55 @@ from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, der
 from m2m_app.io.nifti import load_dwi, load_t1w, save_json, save_nifti, save_tsv
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.maths.streamlines import directional_density, track_density
-from m2m_app.maths.tensor import masked_tensor_maps
+from m2m_app.maths.tensor import log_euclidean_mean, masked_tensor_maps
 from m2m_app.teacher import dwi as dwi_math
-from m2m_app.teacher.register import (register_b0_to_t1w, resample_to_t1w, save_itk_transform,
-                                      tensor_to_t1w)
+from m2m_app.teacher.qc import registration_figure
+from m2m_app.teacher.register import (MAX_FROM_HEADER_MM, MAX_VS_ANTS_MM, RigidResult, ants_rigid_t1w_to_dwi,
+                                      mask_points, mean_displacement_mm, register_b0_to_t1w, resample_to_t1w,
+                                      save_itk_transform, tensor_to_t1w)
+from m2m_app.teacher.tissue import t1w_brain_mask, tissue_classes, tissue_flags
 from m2m_app.teacher.tracking import track_tensor
 
 LOGGER = logging.getLogger(__name__)
 
 #: Manifest columns holding paths (relative to the prep dir), in order.
-PATH_COLUMNS = ("mask", "wm", "fa", "md", "ad", "rd", "diffusivity", "v1", "colfa", "tdi",
-                "dectdi", "tractogram", "xfm")
-#: Manifest columns holding QC numbers.
-QC_COLUMNS = ("mean_fa_wm", "mean_fa_brain", "median_md", "n_streamlines", "registration_cost",
-              "runtime_s")
+PATH_COLUMNS = ("mask", "wm", "dseg", "fov", "fa", "md", "ad", "rd", "diffusivity", "v1", "colfa", "tdi",
+                "dectdi", "tractogram", "xfm", "qc_figure")
+#: Manifest columns holding QC numbers and flags.
+QC_COLUMNS = ("flagged", "flags", "mean_fa_wm", "mean_fa_brain", "median_md", "n_streamlines",
+              "registration_cost", "registration_start", "registration_from_header_mm",
+              "registration_vs_ants_mm", "fov_fraction", "brain_ml", "csf_ml", "gm_ml", "wm_ml",
+              "wm_fraction", "tensor_shells", "dwi_series", "runtime_s")
+#: Below this share of the brain inside the DWI's field of view a unit teaches too little.
+MIN_FOV_FRACTION = 0.25
 
 
 def qc_path(prep_dir: Path, subject: Subject) -> Path:
     """Where a unit's QC JSON lives; its presence marks the unit as finished."""
     return derivative_path(prep_dir, subject, "", "qc", ".json", desc="prepare")
+
+
+def _phase_encoding(path: Path) -> str:
+    """The run's ``PhaseEncodingDirection`` from its JSON sidecar (empty when unknown)."""
+    sidecar = Path(str(path).replace(".nii.gz", ".json").replace(".nii", ".json"))
+    try:
+        return str(json.loads(sidecar.read_text()).get("PhaseEncodingDirection", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def group_dwi_runs(paths: list[Path]) -> list[list[Path]]:
+    """Split DWI runs into series that can be fitted together: same grid and phase encoding.
+
+    Runs with opposite phase encoding (``j`` and ``j-``) or another grid are distorted
+    differently and each get their own fit and registration.
+    """
+    groups: dict[tuple, list[Path]] = {}
+    for path in paths:
+        img = nib.load(path)
+        key = (img.shape[:3], tuple(np.round(img.affine, 3).ravel()), _phase_encoding(path))
+        groups.setdefault(key, []).append(path)
+    return list(groups.values())
 
 
 def load_dwi_runs(paths: list[Path]) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, np.ndarray]:
@@ -60,13 +98,80 @@ def load_dwi_runs(paths: list[Path]) -> tuple[nib.Nifti1Image, np.ndarray, np.nd
     return ref, data, bvals, bvecs
 
 
-def white_matter_mask(t1w: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """White matter of a T1w: the brightest of three Otsu classes inside the brain (skimage)."""
-    values = t1w[brain]
-    if values.size < 100:
-        raise BadDataError("the brain mask on the T1w is nearly empty; registration failed?")
-    thresholds = threshold_multiotsu(values, classes=3)
-    return brain & (t1w > thresholds[-1])
+@dataclass
+class SeriesResult:
+    """One DWI series brought to the T1w grid."""
+
+    name: str
+    tensor: np.ndarray          # (X, Y, Z, 6) mm²/s on the T1w grid, world frame
+    fov: np.ndarray             # (X, Y, Z) bool: where this series was measured
+    b0: np.ndarray              # (X, Y, Z) mean b0 on the T1w grid, for the QC figure
+    registration: RigidResult
+    from_header_mm: float
+    vs_ants_mm: float
+    shells: list[int]
+    streamlines: list[np.ndarray]
+    tracking: dict
+
+
+def _series_to_t1w(paths: list[Path], t1w_img: nib.Nifti1Image, t1w: np.ndarray, brain: np.ndarray,
+                   random_seed: int) -> SeriesResult:
+    """Fit, register (checked against ANTs) and track one DWI series; resample it to the T1w grid."""
+    name = paths[0].name
+    dwi_img, data, bvals, bvecs = load_dwi_runs(paths)
+    used, shells = dwi_math.tensor_volumes(bvals)
+    LOGGER.info("%s: tensor fit on %s (%d of %d volumes, shells %s)", name, dwi_img.shape[:3],
+                int(used.sum()), len(bvals), shells)
+    dwi_mask = dwi_math.dwi_brain_mask(data, bvals)
+    measured = np.any(data != 0, axis=-1)
+    # fit a little beyond the b0 mask, so that the T1w brain's edge finds a tensor
+    fit = dwi_math.fit_tensor(data[..., used], bvals[used], bvecs[used],
+                              binary_dilation(dwi_mask, iterations=2) & measured)
+    world = dwi_math.world_tensor_components(fit, dwi_img.affine)
+    b0 = dwi_math.mean_b0(data, bvals)
+    reg = register_b0_to_t1w(b0, dwi_img.affine, t1w, t1w_img.affine, dwi_mask)
+    ants = ants_rigid_t1w_to_dwi(b0, dwi_img.affine, t1w, t1w_img.affine)
+    shape, affine = t1w.shape, t1w_img.affine
+    fov = field_of_view(measured, dwi_img.affine, reg, shape, affine)
+    points = mask_points(brain & fov, affine)
+    from_header = mean_displacement_mm(reg.t1w_to_dwi, np.eye(4), points)
+    vs_ants = mean_displacement_mm(reg.t1w_to_dwi, ants, points)
+    LOGGER.info("%s: registration from the %s, %.1f mm from the header alignment, %.1f mm from ANTs",
+                name, reg.start, from_header, vs_ants)
+    streamlines, tracking = track_tensor(fit.evecs[..., :, 0], np.nan_to_num(fit.fa), dwi_img.affine,
+                                         random_seed=random_seed)
+    return SeriesResult(
+        name=name, tensor=tensor_to_t1w(world, dwi_img.affine, reg, shape, affine), fov=fov,
+        b0=resample_to_t1w(b0, dwi_img.affine, reg, shape, affine), registration=reg,
+        from_header_mm=from_header, vs_ants_mm=vs_ants, shells=shells,
+        streamlines=list(transform_streamlines(streamlines, reg.dwi_to_t1w)), tracking=tracking)
+
+
+def field_of_view(measured: np.ndarray, dwi_affine: np.ndarray, registration: RigidResult,
+                  t1w_shape: tuple[int, ...], t1w_affine: np.ndarray) -> np.ndarray:
+    """Where the DWI was measured, on the T1w grid: its voxels holding any signal ``(X, Y, Z)``
+    brought over by the registration (nearest neighbour), boolean ``(X', Y', Z')``.
+
+    A slab DWI gives a slab here: T1w voxels above or below it are outside, so training
+    and evaluation never treat the unmeasured cerebellum as "no tensor".
+    """
+    return resample_to_t1w(measured.astype(np.float32), dwi_affine, registration, t1w_shape, t1w_affine,
+                           interpolation="nearest") > 0
+
+
+def qc_flags(series: list[SeriesResult], volumes: dict[str, float], fov_fraction: float) -> list[str]:
+    """Reasons to keep a unit out of training (empty when every check passes)."""
+    flags = tissue_flags(volumes)
+    for result in series:
+        if result.vs_ants_mm > MAX_VS_ANTS_MM:
+            flags.append(f"{result.name}: registration is {result.vs_ants_mm:.1f} mm from ANTs' "
+                         f"(bound {MAX_VS_ANTS_MM} mm)")
+        if result.from_header_mm > MAX_FROM_HEADER_MM:
+            flags.append(f"{result.name}: registration moved {result.from_header_mm:.1f} mm from the "
+                         f"image headers (bound {MAX_FROM_HEADER_MM} mm)")
+    if fov_fraction < MIN_FOV_FRACTION:
+        flags.append(f"only {fov_fraction:.0%} of the brain lies in the DWI's field of view")
+    return flags
 
 
 def _sidecar(path: Path, description: str, sources: list[str], **extra) -> None:
@@ -75,8 +180,18 @@ def _sidecar(path: Path, description: str, sources: list[str], **extra) -> None:
               sidecar_path(path))
 
 
+def teacher_paths(prep_dir: Path, subject: Subject) -> dict[str, Path]:
+    """Every file the teacher writes for a unit, keyed like the manifest's path columns."""
+    paths = {key: path for key, path in derivative_paths(prep_dir, subject, "tensordet").items()
+             if key in PATH_COLUMNS}
+    paths["dseg"] = derivative_path(prep_dir, subject, "anat", "dseg", space="T1w")
+    paths["fov"] = derivative_path(prep_dir, subject, "dwi", "mask", space="T1w", desc="dwifov")
+    paths["qc_figure"] = derivative_path(prep_dir, subject, "figures", "qc", ".png", desc="registration")
+    return paths
+
+
 def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], prep_dir: Path,
-                    random_seed: int = 0) -> dict:
+                    random_seed: int = 0, num_threads: int = 1) -> dict:
     """Run the teacher on one unit and write its outputs; returns the unit's QC record."""
     start = time.monotonic()
     stages: dict[str, float] = {}
@@ -86,67 +201,78 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
 
     prep_dir = Path(prep_dir)
     t1w_img, t1w = load_t1w(t1w_path)
-    dwi_img, data, bvals, bvecs = load_dwi_runs(dwi_paths)
     sources = [bids_uri(p) for p in [t1w_path, *dwi_paths]]
-    LOGGER.info("%s: tensor fit on %s (%d volumes)", subject.label, dwi_img.shape[:3], data.shape[-1])
-    dwi_mask = dwi_math.dwi_brain_mask(data, bvals)
-    fit = dwi_math.fit_tensor(data, bvals, bvecs, dwi_mask)
-    world = dwi_math.world_tensor_components(fit, dwi_img.affine)
-    lap("load_and_tensor_fit")
+    LOGGER.info("%s: brain mask (deepbet) and tissue classes (ANTs Atropos) of the T1w", subject.label)
+    tissues = tissue_classes(t1w_img, t1w_brain_mask(t1w_img, num_threads))
+    volumes = tissues.volumes_ml(t1w_img.affine)
+    lap("t1w_brain_and_tissues")
 
-    LOGGER.info("%s: rigid b0 → T1w registration", subject.label)
-    reg = register_b0_to_t1w(dwi_math.mean_b0(data, bvals), dwi_img.affine, t1w, t1w_img.affine)
-    lap("registration")
+    series = [_series_to_t1w(group, t1w_img, t1w, tissues.brain, random_seed)
+              for group in group_dwi_runs(dwi_paths)]
+    lap("dwi_fit_registration_tracking")
     shape, affine = t1w.shape, t1w_img.affine
-    tensor = tensor_to_t1w(world, dwi_img.affine, reg, shape, affine)
-    brain = resample_to_t1w(dwi_mask.astype(np.float32), dwi_img.affine, reg, shape, affine,
-                            interpolation="nearest") > 0
-    brain &= np.any(tensor != 0, axis=-1)
-    tensor[~brain] = 0
-    maps = masked_tensor_maps(tensor, brain)
-    wm = white_matter_mask(t1w, brain)
-    lap("to_t1w_grid_and_maps")
-
-    LOGGER.info("%s: deterministic tensor tractography", subject.label)
-    streamlines, track_params = track_tensor(fit.evecs[..., :, 0], np.nan_to_num(fit.fa),
-                                             dwi_img.affine, random_seed=random_seed)
-    streamlines = list(transform_streamlines(streamlines, reg.dwi_to_t1w))
+    fov = np.any([s.fov for s in series], axis=0)
+    tensor = log_euclidean_mean([s.tensor for s in series])
+    measured_brain = tissues.brain & fov & np.any(tensor != 0, axis=-1)
+    tensor[~measured_brain] = 0
+    maps = masked_tensor_maps(tensor, measured_brain)
+    streamlines = [line for s in series for line in s.streamlines]
     tdi = {"tdi": track_density(streamlines, shape, affine),
            "dectdi": directional_density(streamlines, shape, affine)}
-    lap("tractography_and_tdi")
+    fov_fraction = float((tissues.brain & fov).sum() / max(tissues.brain.sum(), 1))
+    flags = qc_flags(series, volumes, fov_fraction)
+    lap("to_t1w_grid_and_maps")
 
-    paths = derivative_paths(prep_dir, subject, "tensordet")
+    paths = teacher_paths(prep_dir, subject)
     for param, (description, units) in TENSOR_PARAMS.items():
         image = tensor if param == "diffusivity" else maps[param]
         save_nifti(image, affine, paths[param], dtype=np.float32)
         _sidecar(paths[param], f"{description}, measured: WLS tensor fit (dipy) of the DWI, "
-                 "brought to the T1w grid with log-Euclidean interpolation and tensor rotation",
-                 sources, Units=units, Model="tensor")
+                 "brought to the T1w grid with log-Euclidean interpolation and tensor rotation; "
+                 "zero outside the brain and the DWI's field of view", sources, Units=units, Model="tensor")
     for param, description in TDI_PARAMS.items():
         save_nifti(tdi[param], affine, paths[param])
         _sidecar(paths[param], f"{description}, from the teacher tractogram", sources)
-    save_nifti(brain, affine, paths["mask"], dtype=np.uint8)
-    _sidecar(paths["mask"], "brain mask (DWI median_otsu mask brought to the T1w)", sources, Type="Brain")
-    save_nifti(wm, affine, paths["wm"], dtype=np.uint8)
-    _sidecar(paths["wm"], "white matter: brightest of 3 Otsu classes of the T1w in the brain", sources)
+    save_nifti(tissues.brain, affine, paths["mask"], dtype=np.uint8)
+    _sidecar(paths["mask"], "brain mask of the T1w (deepbet)", sources[:1], Type="Brain")
+    save_nifti(tissues.wm, affine, paths["wm"], dtype=np.uint8)
+    _sidecar(paths["wm"], "white matter of the T1w (ANTs Atropos, 3 classes, inside the brain mask)", sources[:1])
+    labels = tissues.csf * 1 + tissues.gm * 2 + tissues.wm * 3
+    save_nifti(labels, affine, paths["dseg"], dtype=np.uint8)
+    _sidecar(paths["dseg"], "tissue classes of the T1w: N4 then ANTs Atropos (k-means, MRF) in the brain "
+             "mask", sources[:1], Labels={"0": "background", "1": "CSF", "2": "GM", "3": "WM"})
+    save_nifti(fov, affine, paths["fov"], dtype=np.uint8)
+    _sidecar(paths["fov"], "where the DWI was measured (its field of view, every series, on the T1w grid)",
+             sources[1:], Type="ROI")
     paths["xfm"].parent.mkdir(parents=True, exist_ok=True)
-    save_itk_transform(reg, paths["xfm"])
+    save_itk_transform(series[0].registration, paths["xfm"])
     save_tractogram(streamlines, t1w_img, paths["tractogram"])
-    _sidecar(paths["tractogram"], "whole-brain deterministic tensor tractography of the DWI, "
-             "streamlines in RASMM of the T1w", sources, **track_params)
+    _sidecar(paths["tractogram"], "whole-brain deterministic tensor tractography of the DWI (every series "
+             "pooled), streamlines in RASMM of the T1w", sources, **series[0].tracking)
+    registration_figure(t1w, affine, np.mean([s.b0 for s in series], axis=0), maps["fa"], tissues.wm, fov,
+                        paths["qc_figure"])
 
     qc = {"subject": subject.label, "participant": subject.participant,
           "session": subject.session or "", "t1w": str(Path(t1w_path).resolve()), "status": "ok",
           **{k: str(p.relative_to(prep_dir)) for k, p in paths.items()},
-          "mean_fa_wm": float(maps["fa"][wm].mean()) if wm.any() else float("nan"),
-          "mean_fa_brain": float(maps["fa"][brain].mean()),
-          "median_md": float(np.median(maps["md"][brain])), "n_streamlines": len(streamlines),
-          "registration_cost": reg.cost, "runtime_s": round(time.monotonic() - start, 1),
-          "version": __version__}
+          "flagged": bool(flags), "flags": "; ".join(flags),
+          "mean_fa_wm": float(maps["fa"][tissues.wm & measured_brain].mean())
+          if np.any(tissues.wm & measured_brain) else float("nan"),
+          "mean_fa_brain": float(maps["fa"][measured_brain].mean()),
+          "median_md": float(np.median(maps["md"][measured_brain])), "n_streamlines": len(streamlines),
+          "registration_cost": series[0].registration.cost, "registration_start": series[0].registration.start,
+          "registration_candidates": {s.name: s.registration.candidates for s in series},
+          "registration_from_header_mm": round(max(s.from_header_mm for s in series), 2),
+          "registration_vs_ants_mm": round(max(s.vs_ants_mm for s in series), 2),
+          "fov_fraction": round(fov_fraction, 3), **volumes,
+          "tensor_shells": ",".join(str(b) for b in sorted({b for s in series for b in s.shells})),
+          "dwi_series": len(series),
+          "runtime_s": round(time.monotonic() - start, 1), "version": __version__}
     lap("writing")
     qc["stage_seconds"] = stages
     save_json(qc, qc_path(prep_dir, subject))
-    LOGGER.info("%s: done in %.0f s (%d streamlines)", subject.label, qc["runtime_s"], len(streamlines))
+    LOGGER.info("%s: done in %.0f s (%d streamlines)%s", subject.label, qc["runtime_s"], len(streamlines),
+                f"; FLAGGED: {qc['flags']}" if flags else "")
     return qc
 
 

@@ -1,16 +1,31 @@
-"""Rigid registration of the mean b0 to the T1w (dipy, mutual information)."""
+"""Rigid registration of the mean b0 to the T1w (dipy, mutual information), checked against ANTs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from dipy.align.imaffine import (AffineMap, AffineRegistration, MutualInformationMetric,
                                  transform_centers_of_mass)
 from dipy.align.transforms import RigidTransform3D, TranslationTransform3D
+from nibabel.affines import apply_affine
 
 from m2m_app.maths.tensor import (components_to_matrix, exp_tensors, frame_rotation, log_tensors,
                                   matrix_to_components, rotate_tensors)
+
+LOGGER = logging.getLogger(__name__)
+
+
+#: A registration may move the b0 this far (mean over the DWI brain, mm) from where the image
+#: headers put it before it counts as implausible: same-session T1w and DWI share the
+#: scanner frame, so only head motion between the two scans (a few mm) separates them.
+MAX_FROM_HEADER_MM = 12.0
+#: Largest disagreement (mean over the T1w brain, mm) allowed between m2m's registration and
+#: the independent ANTs registration before the unit is flagged (about one DWI voxel).
+MAX_VS_ANTS_MM = 2.5
 
 
 @dataclass
@@ -19,16 +34,34 @@ class RigidResult:
 
     ``t1w_to_dwi`` maps a point in T1w world mm to the matching point in DWI world mm
     (the ITK "image" convention: it resamples the DWI onto the T1w grid).
-    ``cost`` is dipy's final negative mutual information (lower is better).
+    ``cost`` is dipy's negative mutual information of the final alignment, evaluated on
+    every voxel (lower is better); ``start`` names the starting point it was reached from
+    (``header``: the image headers; ``centre_of_mass``); ``candidates`` holds each start's
+    cost and distance from the header prior (mm), for the QC.
     """
 
     t1w_to_dwi: np.ndarray
     cost: float
+    start: str = "header"
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def dwi_to_t1w(self) -> np.ndarray:
         """Inverse transform: DWI world mm → T1w world mm (moves streamlines onto the T1w)."""
         return np.linalg.inv(self.t1w_to_dwi)
+
+
+def mean_displacement_mm(first: np.ndarray, second: np.ndarray, points: np.ndarray) -> float:
+    """Mean distance (mm) between where two 4×4 transforms send the world points ``(N, 3)``."""
+    moved = [apply_affine(transform, points) for transform in (first, second)]
+    return float(np.linalg.norm(moved[0] - moved[1], axis=1).mean())
+
+
+def mask_points(mask: np.ndarray, affine: np.ndarray, max_points: int = 20000) -> np.ndarray:
+    """World coordinates ``(N, 3)`` of (an even subsample of) the voxels of ``mask``."""
+    ijk = np.argwhere(mask)
+    ijk = ijk[:: max(1, len(ijk) // max_points)]
+    return apply_affine(affine, ijk)
 
 
 def _coarsen(volume: np.ndarray, affine: np.ndarray, target_voxel_mm3: float
@@ -51,27 +84,84 @@ def _coarsen(volume: np.ndarray, affine: np.ndarray, target_voxel_mm3: float
     return blocks.mean(axis=(1, 3, 5)), scaled
 
 
+def _full_cost(static: np.ndarray, static_affine: np.ndarray, moving: np.ndarray,
+               moving_affine: np.ndarray, transform: np.ndarray) -> float:
+    """dipy's negative Mattes mutual information of one alignment, on every voxel (no sampling)."""
+    metric = MutualInformationMetric(nbins=32, sampling_proportion=None)
+    metric.setup(RigidTransform3D(), static, moving, static_grid2world=static_affine,
+                 moving_grid2world=moving_affine, starting_affine=transform)
+    return float(metric.distance(np.zeros(6)))
+
+
 def register_b0_to_t1w(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
-                       t1w_affine: np.ndarray, level_iters: tuple[int, ...] = (200, 50, 10)
+                       t1w_affine: np.ndarray, b0_mask: np.ndarray | None = None, *,
+                       header_prior: bool = True, level_iters: tuple[int, ...] = (200, 50, 10)
                        ) -> RigidResult:
     """Estimate the rigid transform aligning the b0 ``(X, Y, Z)`` to the T1w ``(X', Y', Z')``.
 
-    Centre of mass → translation → rigid, each by Mattes mutual information (32 bins)
-    over a 3-level pyramid; dipy's documented recipe.
+    Each start (the image headers when ``header_prior``, i.e. when T1w and DWI come from
+    one session and share the scanner frame; always the centres of mass) is refined by
+    translation then rigid Mattes mutual information (32 bins, 3-level pyramid, dipy). A start whose result lies more than :data:`MAX_FROM_HEADER_MM`
+    from the header alignment (mean over ``b0_mask``, the DWI brain) is implausible for one
+    session and only kept if no start stays within the bound; among the rest the lowest
+    full-sample cost wins. A partial slab against a whole-head T1w is where the
+    centre-of-mass start fails: its centre lies far from the T1w's.
     """
     t1w, t1w_affine = _coarsen(t1w, t1w_affine, float(np.abs(np.linalg.det(b0_affine[:3, :3]))))
     metric = MutualInformationMetric(nbins=32, sampling_proportion=0.3)
+    # a shallow pyramid (2× at most): a 20-slice slab shrunk 4× keeps too few slices to align
     reg = AffineRegistration(metric=metric, level_iters=list(level_iters),
-                             sigmas=[3.0, 1.0, 0.0], factors=[4, 2, 1], verbosity=0)
-    start = transform_centers_of_mass(t1w, t1w_affine, b0, b0_affine).affine
-    translation = reg.optimize(t1w, b0, TranslationTransform3D(), None, static_grid2world=t1w_affine,
-                               moving_grid2world=b0_affine,
-                               starting_affine=start)
-    rigid = reg.optimize(t1w, b0, RigidTransform3D(), None, static_grid2world=t1w_affine,
-                         moving_grid2world=b0_affine,
-                         starting_affine=translation.affine)
-    cost = float(metric.metric_val) if metric.metric_val is not None else float("nan")
-    return RigidResult(t1w_to_dwi=rigid.affine, cost=cost)
+                             sigmas=[2.0, 1.0, 0.0], factors=[2, 1, 1], verbosity=0)
+    grids = {"static_grid2world": t1w_affine, "moving_grid2world": b0_affine}
+    starts = {"centre_of_mass": transform_centers_of_mass(t1w, t1w_affine, b0, b0_affine).affine}
+    if header_prior:
+        starts = {"header": np.eye(4), **starts}
+    points = mask_points(b0_mask if b0_mask is not None else b0 > 0, b0_affine)
+    results = {}
+    for name, start in starts.items():
+        translation = reg.optimize(t1w, b0, TranslationTransform3D(), None, starting_affine=start, **grids)
+        rigid = reg.optimize(t1w, b0, RigidTransform3D(), None, starting_affine=translation.affine, **grids)
+        # the result's distance from the header alignment, on the b0 brain: T1w points that the
+        # two transforms send to the same DWI point agree
+        moved = mean_displacement_mm(np.linalg.inv(rigid.affine), np.eye(4), points)
+        results[name] = (rigid.affine, _full_cost(t1w, t1w_affine, b0, b0_affine, rigid.affine), moved)
+        LOGGER.debug("registration from the %s: cost %.4f, %.1f mm from the header", name,
+                     results[name][1], moved)
+    plausible = [n for n, r in results.items() if not header_prior or r[2] <= MAX_FROM_HEADER_MM]
+    if plausible:
+        best = min(plausible, key=lambda n: results[n][1])
+    else:  # every start moved far: keep the least implausible one (the QC flags the unit)
+        best = min(results, key=lambda n: results[n][2])
+    return RigidResult(t1w_to_dwi=results[best][0], cost=results[best][1], start=best,
+                       candidates={n: {"cost": round(r[1], 5), "from_header_mm": round(r[2], 2)}
+                                   for n, r in results.items()})
+
+
+def ants_rigid_t1w_to_dwi(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
+                          t1w_affine: np.ndarray, header_prior: bool = True) -> np.ndarray:
+    """An independent estimate of the same transform: ANTs rigid Mattes MI (antspyx), as QSIPrep uses.
+
+    Starts from the image headers (``header_prior``) or from the centres of mass. Returns
+    the T1w world → DWI world 4×4 matrix (RAS mm), like :attr:`RigidResult.t1w_to_dwi`.
+    """
+    import ants
+
+    t1w, t1w_affine = _coarsen(t1w, t1w_affine, float(np.abs(np.linalg.det(b0_affine[:3, :3]))))
+    fixed = ants.from_nibabel_nifti(nib.Nifti1Image(t1w.astype(np.float32), t1w_affine))
+    moving = ants.from_nibabel_nifti(nib.Nifti1Image(b0.astype(np.float32), b0_affine))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = ants.registration(fixed, moving, type_of_transform="Rigid", aff_metric="mattes",
+                                   initial_transform="Identity" if header_prior else None,
+                                   outprefix=str(Path(tmp) / "rigid_"))
+        (path,) = result["fwdtransforms"]  # one rigid stage: one .mat file
+        transform = ants.read_transform(path)
+    # an ITK matrix maps fixed → moving points in LPS mm: y = A (x - c) + c + t
+    params, centre = np.asarray(transform.parameters), np.asarray(transform.fixed_parameters)
+    lps = np.eye(4)
+    lps[:3, :3] = params[:9].reshape(3, 3)
+    lps[:3, 3] = params[9:12] + centre - lps[:3, :3] @ centre
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip
 
 
 def resample_to_t1w(volume: np.ndarray, dwi_affine: np.ndarray, result: RigidResult,

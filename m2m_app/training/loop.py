@@ -76,18 +76,28 @@ def _distributed_context() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def select_rows(prep_dirs: list[Path], subjects: list[str] | None) -> list[tuple[dict, Path]]:
+def select_rows(prep_dirs: list[Path], subjects: list[str] | None,
+                include_flagged: bool = False) -> list[tuple[dict, Path]]:
     """``(row, prep_dir)`` for every ``ok`` manifest row, restricted to ``subjects``.
 
     Subjects may be given as ``sub-01``, ``01`` (every session of that participant) or ``sub-01_ses-a``.
+    Rows the teacher's QC flagged (implausible registration or tissue classes) are left
+    out, with a warning, unless ``include_flagged``.
     """
     rows = [(row, Path(prep)) for prep in prep_dirs for row in read_manifest(Path(prep))]
     if subjects is not None:
         wanted = {s if s.startswith("sub-") else f"sub-{s}" for s in subjects}
         rows = [(row, prep) for row, prep in rows
                 if row["subject"] in wanted or f"sub-{row['participant']}" in wanted]
+    flagged = [row for row, _ in rows if str(row.get("flagged", "")).lower() == "true"]
+    if flagged and not include_flagged:
+        for row in flagged:
+            log.warning("%s: left out, the teacher's QC flagged it (%s); --include-flagged keeps it",
+                           row["subject"], row.get("flags", ""))
+        rows = [(row, prep) for row, prep in rows if row not in flagged]
     if not rows:
-        raise UsageError(f"no usable subject (status ok{', in the given list' if subjects else ''}) "
+        raise UsageError(f"no usable subject (status ok{', in the given list' if subjects else ''}"
+                         f"{', not flagged by the QC' if flagged and not include_flagged else ''}) "
                          f"in {', '.join(str(p) for p in prep_dirs)}")
     return rows
 
@@ -222,7 +232,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
                 depth: int = default.DEPTH, disc_base: int = default.DISC_WIDTH,
                 adversarial_weight: float = default.ADVERSARIAL_WEIGHT, workers: int | None = None,
                 ema_decay: float = default.EMA_DECAY, elastic_px: float = default.ELASTIC_PX,
-                skull_strip_prob: float = default.SKULL_STRIP_PROB) -> Path:
+                skull_strip_prob: float = default.SKULL_STRIP_PROB, include_flagged: bool = False) -> Path:
     """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
 
     The defaults are the shipped weights' recipe (:mod:`m2m_app.training.recipe`).
@@ -254,6 +264,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     skull_strip_prob : fraction of the slices skull-stripped before the intensity augmentation,
         so that brain-extracted T1w images are in the training distribution; 0 strips none.
         Phase 1 only (MR inputs): phase 2 ignores it and its recipe records 0.
+    include_flagged : also train on units the teacher's QC flagged (see :func:`select_rows`).
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
@@ -271,7 +282,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     seed_everything(seed)
 
     prep_dirs = [Path(prep_dir)] + [Path(p) for p in extra_prep_dirs or []]
-    rows = select_rows(prep_dirs, subjects)
+    rows = select_rows(prep_dirs, subjects, include_flagged)
     sources = training_sources(rows, Path(predicted_inputs) if predicted_inputs else None)
     if elastic_px < 0:
         raise UsageError(f"elastic_px must be >= 0, not {elastic_px}")

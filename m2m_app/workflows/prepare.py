@@ -16,18 +16,25 @@ def node_name(subject: Subject) -> str:
 
 
 def init_prepare_wf(units: dict[Subject, tuple[Path, list[Path]]], prep_dir: Path,
-                    work_dir: Path, random_seed: int = 0) -> LiterateWorkflow:
+                    work_dir: Path, random_seed: int = 0, num_threads: int = 1) -> LiterateWorkflow:
     """Build the teacher workflow: ``units`` maps each unit to its T1w and DWI runs."""
     workflow = LiterateWorkflow(name="m2m_prepare_wf", base_dir=str(work_dir))
     workflow.__desc__ = (
-        "Training targets were computed by m2m's teacher: a weighted-least-squares tensor fit "
-        "(dipy) of the DWI inside a median_otsu brain mask, rigid mutual-information registration "
-        "of the mean b0 to the T1w (dipy), log-Euclidean resampling with tensor rotation onto "
-        "the T1w grid, and deterministic tensor tractography (dipy EuDX) seeded in FA > 0.3.")
+        "Training targets were computed by m2m's teacher. The T1w's brain mask came from deepbet "
+        "(Fisch et al., 2024) and its tissue classes from ANTs Atropos (Avants et al., 2011) after N4 bias correction "
+        "(Tustison et al., 2010). Each DWI series (runs sharing a grid and phase-encoding direction) had its tensor "
+        "fitted by weighted least squares (dipy (Garyfallidis et al., 2014)) on the b=0 volumes and the shells up to "
+        "b = 1500 s/mm², inside a dilated median_otsu mask; its mean b0 was registered rigidly "
+        "to the T1w by Mattes mutual information (dipy), starting from the image headers and "
+        "from the centres of mass and keeping the lower cost within 12 mm of the headers, and "
+        "checked against an independent ANTs rigid registration (Avants et al., 2008). Tensors were brought "
+        "to the T1w grid with log-Euclidean interpolation and tensor rotation (series averaged "
+        "in the log domain), limited to the brain mask and the DWI's field of view, and tracked "
+        "deterministically (dipy EuDX, seeds in FA > 0.3).")
     for subject, (t1w, dwi) in units.items():
         node = pe.Node(PrepareSubject(participant=subject.participant, session=subject.session or "",
                                       t1w=str(t1w), dwi=[str(p) for p in dwi], prep_dir=str(prep_dir),
-                                      random_seed=random_seed),
-                       name=node_name(subject), mem_gb=6.0, n_procs=1, overwrite=True)
+                                      random_seed=random_seed, num_threads=num_threads),
+                       name=node_name(subject), mem_gb=6.0, n_procs=num_threads, overwrite=True)
         workflow.add_nodes([node])
     return workflow
