@@ -5,6 +5,8 @@
 Uses ``../shared/data/ds-real/sub-01/anat/sub-01_T1w.nii.gz`` (beside the repository) when it exists, else
 nilearn's 1 mm MNI152 template. Phases whose weights are missing run with randomly
 initialised networks of the default architecture (same cost; marked ``random`` below).
+The ``uncertainty`` rows are what the per-voxel uncertainty maps add (spread of the six
+passes, back to the T1w grid); the other rows are the prediction without them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import numpy as np
 import torch
 
 from m2m_app.errors import MissingInputError
-from m2m_app.inference.predict import load_translator, phase1_to_source, phase2_to_source, predict_volume
+from m2m_app.inference.predict import (load_translator, phase1_to_source, phase2_to_source, predict_views,
+                                       spread_to_source)
 from m2m_app.io.nifti import load_t1w
 from m2m_app.maths.tensor import masked_tensor_maps
 from m2m_app.models.phases import get_phase, phase1_inputs, phase2_inputs
@@ -80,20 +83,27 @@ def run(t1w_path: Path | None, weights_dir: Path | None, batch_size: int) -> lis
     with stage(table, "phase1: conform"):
         inputs, grid = phase1_inputs(img, data)
     with stage(table, f"phase1: network, 3 views × 2 mirrors ({kind1})"):
-        raw = predict_volume(model1, spec1, inputs, "cpu", batch_size)
+        views = predict_views(model1, spec1, inputs, "cpu", batch_size)
+    with stage(table, "phase1: view fusion"):
+        raw = spec1.fuse(views)
     with stage(table, "phase1: decode + back to T1w grid"):
         predicted = phase1_to_source(raw, grid)
     table.append(("phase1: total", time.perf_counter() - began, peak_rss_mib()))
+    with stage(table, "phase1 uncertainty: FA SD + V1 dispersion, back to T1w grid"):
+        spread_to_source(views, raw, spec1, grid, predicted["mask"])
     began = time.perf_counter()
     with stage(table, "phase2: tensor maps on T1w grid"):
         full = masked_tensor_maps(predicted["tensor"], predicted["mask"])
     with stage(table, "phase2: inputs to model grid"):
         inputs2 = phase2_inputs(full["fa"], full["md"], full["colfa"], grid)
     with stage(table, f"phase2: network, 3 views × 2 mirrors ({kind2})"):
-        raw2 = predict_volume(model2, spec2, inputs2, "cpu", batch_size)
+        views2 = predict_views(model2, spec2, inputs2, "cpu", batch_size)
+        raw2 = spec2.fuse(views2)
     with stage(table, "phase2: decode + back to T1w grid"):
         phase2_to_source(raw2, grid, predicted["mask"])
     table.append(("phase2: total", time.perf_counter() - began, peak_rss_mib()))
+    with stage(table, "phase2 uncertainty: TDI SD, back to T1w grid"):
+        spread_to_source(views2, raw2, spec2, grid, predicted["mask"])
     return table
 
 

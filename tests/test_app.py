@@ -11,9 +11,12 @@ import pytest
 from bids import BIDSLayout
 
 from conftest import DS_REAL, ds_real_unit, make_bids, read_only_mount_prefix, requires_ds_real, run_cli
+from m2m_app.io.derivatives import QC_WM_FA
 
 REAL_T1W = DS_REAL / "sub-02/ses-hfs/anat/sub-02_ses-hfs_acq-fl2d_T1w.nii.gz"
 PARAMS = ("fa", "md", "ad", "rd", "diffusivity", "v1", "colfa")
+UNCERTAINTY = ("model-tensor_param-fa_desc-sd", "model-tensor_param-v1_desc-dispersion",
+               "tract-wholebrain_param-tdi_desc-sd")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,18 @@ def test_participant_run_writes_every_derivative(app_run):
     assert mask.sum() > 1000 and 0.0 < fa[mask].mean() < 1.0
     for param in ("tdi", "dectdi"):
         assert nib.load(dwi / f"{prefix}_tract-wholebrain_param-{param}_dwimap.nii.gz").shape[:3] == t1w.shape
+    uncertainty = {name: dwi / f"{prefix}_{name}_dwimap.nii.gz" for name in UNCERTAINTY}
+    for name, path in uncertainty.items():  # the uncertainty maps: on the T1w grid, finite, >= 0, zero outside the mask
+        img = nib.load(path)
+        assert img.shape == t1w.shape and np.allclose(img.affine, t1w.affine, atol=1e-4)
+        data = img.get_fdata()
+        assert np.isfinite(data).all() and data.min() >= 0 and not data[~mask].any() and data[mask].max() > 0
+        sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["Units"] and "UncertaintyScale" in sidecar and "predicted" in sidecar["Description"]
+    assert nib.load(uncertainty["model-tensor_param-v1_desc-dispersion"]).get_fdata().max() <= 90.0 + 1e-3
+    qc = json.loads((out / "sub-02/ses-hfs" / "sub-02_ses-hfs_desc-m2m_qc.json").read_text())
+    fa_sd = nib.load(uncertainty["model-tensor_param-fa_desc-sd"]).get_fdata()
+    assert qc["median_fa_sd_wm"] == pytest.approx(np.median(fa_sd[mask & (fa > QC_WM_FA)]), rel=1e-5)
     tractogram = dwi / f"{prefix}_tract-wholebrain_track-nerf_tractogram.trx"
     sidecar = json.loads(tractogram.with_suffix(".json").read_text())
     assert sidecar["TractographyMethod"] == "deterministic" and "SeedingMethod" in sidecar
@@ -78,7 +93,7 @@ def test_derivatives_are_indexed_by_pybids(app_run):
                        extension=".nii.gz", return_type="file")
     names = {os.path.basename(f) for f in found}
     assert "sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz" in names
-    assert len(names) == len(PARAMS) + 2
+    assert len(names) == len(PARAMS) + 2 + len(UNCERTAINTY)
 
 
 @requires_ds_real
