@@ -1,8 +1,9 @@
 """Benchmark of the teacher (``m2m-train prepare``), i.e. the classical DWI route m2m replaces.
 
 Runs the teacher on each unit of a BIDS dataset (default: ../shared/data/ds-real) and prints
-one row per unit: wall time of each stage (tensor fit, registration, resampling to the T1w,
-tractography, writing), total, and peak memory. Usage:
+one row per unit: wall time of each stage (T1w brain mask and tissue classes; DWI fit,
+registration with its ANTs check and tractography; resampling to the T1w; writing), total,
+and peak memory. Usage:
 
     python benchmarks/bench_teacher.py --threads 2 [--bids DIR] [--participant 01]
 """
@@ -23,7 +24,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads")
     parser.add_argument("--participant", action="append", help="participant label(s); default all")
     args = parser.parse_args()
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[var] = str(args.threads)  # before NumPy is imported
 
     import resource
@@ -36,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as prep:
         for subject in bids_io.collect_subjects(layout, args.participant):
             qc = prepare_subject(subject, bids_io.find_t1w(layout, subject), bids_io.find_dwi(layout, subject),
-                                 Path(prep))
+                                 Path(prep), num_threads=args.threads)
             rows.append((subject.label, qc["stage_seconds"], qc["runtime_s"], qc["n_streamlines"]))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stages = list(rows[0][1])

@@ -34,7 +34,9 @@ def test_prepare_completes_on_every_unit(prepared_ds_real):
     assert all(row["status"] == "ok" for row in rows.values())
     assert json.loads((prep / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     header = (prep / "manifest.tsv").read_text().splitlines()[0].split("\t")
-    assert {"t1w", "fa", "diffusivity", "tdi", "dectdi", "mean_fa_wm", "registration_cost"} <= set(header)
+    assert {"t1w", "fa", "diffusivity", "tdi", "dectdi", "mean_fa_wm", "registration_cost", "fov", "dseg",
+            "flagged", "registration_vs_ants_mm", "registration_from_header_mm", "wm_fraction"} <= set(header)
+    assert "FLAGGED" not in result.stderr
 
 
 @requires_ds_real
@@ -46,7 +48,7 @@ def test_prepared_maps_are_physically_plausible_and_on_the_t1w_grid(prepared_ds_
     fa_img = load(prep, row, "fa")
     assert fa_img.shape == t1w.shape and np.allclose(fa_img.affine, t1w.affine, atol=1e-4)
     fa, md = fa_img.get_fdata(), load(prep, row, "md").get_fdata()
-    brain = load(prep, row, "mask").get_fdata() > 0
+    brain = (load(prep, row, "mask").get_fdata() > 0) & (load(prep, row, "fov").get_fdata() > 0)
     wm = load(prep, row, "wm").get_fdata() > 0
     assert 5e-4 < np.median(md[brain]) < 1.2e-3
     assert 0.15 < fa[brain].mean() < 0.45
@@ -56,6 +58,29 @@ def test_prepared_maps_are_physically_plausible_and_on_the_t1w_grid(prepared_ds_
     assert tensor.shape == t1w.shape + (6,)
     assert load(prep, row, "tdi").get_fdata()[brain].mean() > 1
     assert row["n_streamlines"] > 5000
+    # registration: within 2 mm of the independent ANTs estimate, a few mm from the headers
+    assert row["registration_vs_ants_mm"] < 2.0 and row["registration_from_header_mm"] < 6.0
+    assert not row["flagged"], row["flags"]
+    assert 0.25 < row["wm_fraction"] < 0.55 and 1000 < row["brain_ml"] < 2000
+    assert (prep / row["qc_figure"]).stat().st_size > 10_000
+
+
+@requires_ds_real
+def test_white_matter_of_a_whole_head_t1w_stays_off_the_scalp(prepared_ds_real):
+    """sub-01's MPRAGE shows the whole head, bright scalp fat included: the white matter lies deep inside."""
+    from scipy.ndimage import binary_fill_holes, distance_transform_edt
+    from skimage.filters import threshold_otsu
+
+    prep, _ = prepared_ds_real
+    row = manifest_rows(prep)["sub-01"]
+    t1w_img = nib.load(row["t1w"])
+    t1w = t1w_img.get_fdata()
+    head = binary_fill_holes(t1w > threshold_otsu(t1w))
+    depth = distance_transform_edt(head, sampling=t1w_img.header.get_zooms()[:3])
+    wm = load(prep, row, "wm").get_fdata() > 0
+    brain = load(prep, row, "mask").get_fdata() > 0
+    assert wm.sum() > 100_000 and not np.any(wm & ~brain)
+    assert np.mean(depth[wm] > 10.0) > 0.995  # scalp and skull: the outer ~10 mm
 
 
 @requires_ds_real
@@ -179,3 +204,32 @@ def test_dwi_runs_are_concatenated_and_checked(tmp_path):
     other = _write_dwi(tmp_path, data, bvals, bvecs, name="run3", affine=np.diag([3.0, 3.0, 3.0, 1.0]))
     with pytest.raises(BadDataError, match="share one grid"):
         load_dwi_runs([first, other])
+
+
+@requires_ds_real
+@pytest.mark.slow
+def test_a_unit_whose_registration_is_forced_wrong_is_flagged_and_left_out(tmp_path, monkeypatch):
+    """dipy's registration shifted by 8 mm: the ANTs check disagrees, the unit is flagged, training skips it."""
+    from m2m_app.errors import UsageError
+    from m2m_app.io.naming import Subject
+    from m2m_app.teacher import prepare as teacher
+    from m2m_app.teacher.register import RigidResult
+    from m2m_app.training.loop import select_rows
+
+    register = teacher.register_b0_to_t1w
+
+    def shifted(*args, **kwargs):
+        result = register(*args, **kwargs)
+        wrong = result.t1w_to_dwi.copy()
+        wrong[:3, 3] += [0.0, 8.0, 0.0]
+        return RigidResult(wrong, result.cost, result.start, result.candidates)
+
+    monkeypatch.setattr(teacher, "register_b0_to_t1w", shifted)
+    folder = DS_REAL / "sub-02" / "ses-hfs"
+    qc = teacher.prepare_subject(Subject("02", "hfs"), next(folder.glob("anat/*_T1w.nii.gz")),
+                                 sorted(folder.glob("dwi/*_dwi.nii.gz")), tmp_path)
+    assert qc["flagged"] and "from ANTs" in qc["flags"] and qc["registration_vs_ants_mm"] > 5
+    teacher.write_manifest(tmp_path)
+    with pytest.raises(UsageError, match="flagged"):
+        select_rows([tmp_path], None)
+    assert [row["subject"] for row, _ in select_rows([tmp_path], None, include_flagged=True)] == ["sub-02_ses-hfs"]

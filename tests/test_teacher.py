@@ -159,3 +159,12 @@ def test_flagged_units_are_left_out_of_training_unless_asked(tmp_path):
     assert [row["subject"] for row, _ in select_rows([tmp_path], None, include_flagged=True)] == ["sub-01", "sub-02"]
     with pytest.raises(UsageError, match="flagged"):
         select_rows([tmp_path], ["sub-02"])
+
+
+def test_every_command_takes_a_space_separated_participant_list(tmp_path):
+    """``m2m-train prepare --participant-label 01 02`` as BIDS-Apps write it (was: 'unexpected extra argument')."""
+    from conftest import make_bids, run_cli
+
+    bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": b"x"})
+    result = run_cli("train", "prepare", bids, tmp_path / "prep", "--participant-label", "01", "98", "99")
+    assert result.returncode == 66 and "98, 99" in result.stderr, result.stderr[-2000:]

@@ -67,12 +67,39 @@ def exits_cleanly(func):
     return wrapper
 
 
+#: Options that take a space-separated list, as the BIDS-Apps spec writes them.
+LIST_OPTIONS = ("--participant-label", "--participant_label", "--session-label")
+
+
+def expand_list_options(argv: list[str]) -> list[str]:
+    """``--participant-label 01 02`` → ``--participant-label 01 --participant-label 02`` (click's form)."""
+    out, current = [], None
+    for token in argv:
+        if token in LIST_OPTIONS:
+            current = "--participant-label" if "participant" in token else token
+            continue
+        if current and not token.startswith("-"):
+            out += [current, token]
+            continue
+        if current and out[-2:-1] != [current]:
+            raise click.UsageError(f"{current} needs at least one label")
+        current = None
+        out.append(token)
+    if current and out[-2:-1] != [current]:
+        raise click.UsageError(f"{current} needs at least one label")
+    return out
+
+
 def run_click(command: click.Command, argv: list[str], prog_name: str) -> None:
-    """Run a click command so that usage errors exit with 64 (BIDS-Apps/sysexits), not click's 2."""
+    """Run a click command so that usage errors exit with 64 (BIDS-Apps/sysexits), not click's 2.
+
+    List options are expanded first (:func:`expand_list_options`), so ``m2m`` and every
+    ``m2m-train`` command take ``--participant-label 01 02`` alike.
+    """
     from m2m_app.errors import EX_USAGE
 
     try:
-        result = command.main(argv, prog_name=prog_name, standalone_mode=False)
+        result = command.main(expand_list_options(argv), prog_name=prog_name, standalone_mode=False)
     except click.UsageError as err:
         err.show()
         sys.exit(EX_USAGE)

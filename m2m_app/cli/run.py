@@ -15,7 +15,7 @@ import click
 from m2m_app import __version__
 from m2m_app.cli.common import (available_cpus, crash_reasons, exit_code_for, exits_cleanly, plugin_settings, run_click,
                                 run_workflow, setup_logging, writable_dir)
-from m2m_app.errors import EX_FAILURE, EX_USAGE, M2MError
+from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
 
 LOGGER = logging.getLogger("m2m")
@@ -179,39 +179,11 @@ def example_data(target: Path) -> None:
     click.echo(f"example dataset: {write_example_dataset(writable_dir(target, 'example folder'))}")
 
 
-#: Options that take a space-separated list, as the BIDS-Apps spec writes them.
-LIST_OPTIONS = ("--participant-label", "--participant_label", "--session-label")
-
-
-def expand_list_options(argv: list[str]) -> list[str]:
-    """``--participant-label 01 02`` → ``--participant-label 01 --participant-label 02`` (click's form)."""
-    out, current = [], None
-    for token in argv:
-        if token in LIST_OPTIONS:
-            current = "--participant-label" if "participant" in token else token
-            continue
-        if current and not token.startswith("-"):
-            out += [current, token]
-            continue
-        if current and out[-2:-1] != [current]:
-            raise click.UsageError(f"{current} needs at least one label")
-        current = None
-        out.append(token)
-    if current and out[-2:-1] != [current]:
-        raise click.UsageError(f"{current} needs at least one label")
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``m2m`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["example-data"]:
         run_click(example_data, argv[1:], "m2m example-data")
-    try:
-        argv = expand_list_options(argv)
-    except click.UsageError as err:
-        click.echo(f"m2m: error: {err.message}", err=True)
-        sys.exit(EX_USAGE)
     run_click(participant_main, argv, "m2m")
 
 
