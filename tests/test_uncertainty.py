@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from m2m_app.inference import conform
-from m2m_app.inference.predict import predict_phase1, predict_phase2, uncertainty_scales
+from m2m_app.inference.predict import predict_phase1, predict_phase2, spread_to_source, uncertainty_scales
 from m2m_app.io.derivatives import QC_WM_FA, subject_qc, write_maps
 from m2m_app.io.naming import Subject, sidecar_path
 from m2m_app.maths.tensor import scalar_maps
@@ -91,10 +91,6 @@ def test_phase1_uncertainty_is_high_where_the_views_disagree():
     np.testing.assert_allclose(out["fa_sd"][inside], expected_sd, rtol=1e-3)
     np.testing.assert_allclose(out["v1_dispersion"][inside], np.sqrt(2 / 6) * 90.0, rtol=1e-3)
     assert out["fa_sd"][far].max() < 1e-4 and out["v1_dispersion"][far].max() < 0.5
-    scaled = predict_phase1(img, np.asarray(img.dataobj), model=model, device="cpu", uncertainty=True,
-                            scales={"fa_sd": 2.0})
-    np.testing.assert_allclose(scaled["fa_sd"], 2.0 * out["fa_sd"], rtol=1e-6)
-    np.testing.assert_array_equal(scaled["v1_dispersion"], out["v1_dispersion"])
 
 
 def test_phase2_uncertainty_is_high_where_the_views_disagree():
@@ -109,6 +105,19 @@ def test_phase2_uncertainty_is_high_where_the_views_disagree():
     inside, far = _regions()
     np.testing.assert_allclose(out["tdi_sd"][inside], np.std([1.0] * 4 + [3.0] * 2), rtol=1e-3)
     assert out["tdi_sd"][far].max() < 1e-5 and not out["tdi_sd"][~head].any()
+
+
+def test_calibration_scales_multiply_their_own_map_only():
+    grid = conform.ConformedGrid(shape=(4, 5, 6), affine=np.eye(4), source_shape=(4, 5, 6), source_affine=np.eye(4))
+    views = list(np.random.default_rng(1).normal(size=(6, 7, 4, 5, 6)).astype(np.float32))
+    fused = PHASE1.fuse(views)
+    mask = np.zeros((4, 5, 6), bool)
+    mask[1:3, 1:4, 1:5] = True
+    raw = spread_to_source(views, fused, PHASE1, grid, mask)
+    scaled = spread_to_source(views, fused, PHASE1, grid, mask, {"fa_sd": 2.0})
+    assert raw["fa_sd"][mask].min() > 0 and not raw["fa_sd"][~mask].any()
+    np.testing.assert_allclose(scaled["fa_sd"], 2.0 * raw["fa_sd"], rtol=1e-6)
+    np.testing.assert_array_equal(scaled["v1_dispersion"], raw["v1_dispersion"])
 
 
 def test_calibration_measures_on_known_errors():
