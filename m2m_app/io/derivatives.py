@@ -11,7 +11,7 @@ import numpy as np
 
 from m2m_app import __version__
 from m2m_app.io.environment import container_description
-from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, derivative_path,
+from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, UNCERTAINTY_MAPS, Subject, bids_uri, derivative_path,
                                derivative_paths, sidecar_path)
 from m2m_app.io.nifti import atomic_write, save_json
 
@@ -121,13 +121,34 @@ def _common_sidecar(t1w: str, weights_dir: str | None, timings: dict[str, float]
             "Weights": weights_provenance(weights_dir), "StageWallTimeSeconds": timings}
 
 
+#: Phase whose passes each uncertainty map comes from (its scale is stored in ``<phase>.json``).
+UNCERTAINTY_PHASE = {"fa_sd": "phase1", "v1_dispersion": "phase1", "tdi_sd": "phase2"}
+
+
+def _uncertainty_sidecar(key: str, weights_dir: str | None) -> tuple[str, dict]:
+    """Description and extra sidecar keys of uncertainty map ``key`` (units, the calibration scale applied)."""
+    from m2m_app.inference.predict import UNCERTAINTY_SCALE_KEY, uncertainty_scales
+
+    entities, description, units = UNCERTAINTY_MAPS[key]
+    phase = UNCERTAINTY_PHASE[key]
+    stored = uncertainty_scales(phase, weights_dir)
+    scale_note = (f"'{UNCERTAINTY_SCALE_KEY}' of {phase}.json, fitted by 'm2m-train calibrate' on held-out subjects"
+                  if key in stored else
+                  f"1.0: the weights' {phase}.json stores no '{UNCERTAINTY_SCALE_KEY}', so this is the raw, "
+                  "uncalibrated spread of the passes")
+    extra = {"Units": units, "UncertaintyScale": stored.get(key, 1.0), "UncertaintyScaleSource": scale_note,
+             **({"Model": "tensor"} if entities.get("model") == "tensor" else {})}
+    return f"{description} (uncertainty from the disagreement of the network's passes)", extra
+
+
 def write_maps(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str],
                weights_dir: str | None, timings: dict[str, float] | None = None) -> dict[str, Path]:
     """Copy the phase-1/2 maps under their BIDS-Derivatives names, each with a JSON sidecar.
 
     ``maps`` holds work-dir NIfTI files keyed like :func:`derivative_paths` (``fa``, ``md``,
-    ``ad``, ``rd``, ``diffusivity``, ``v1``, ``colfa``, ``mask`` and, with phase 2, ``tdi``,
-    ``dectdi``). ``timings`` ({stage: seconds}) goes into every sidecar. Returns the written paths by key.
+    ``ad``, ``rd``, ``diffusivity``, ``v1``, ``colfa``, ``mask``, the uncertainty maps
+    ``fa_sd`` and ``v1_dispersion`` and, with phase 2, ``tdi``, ``dectdi``, ``tdi_sd``).
+    ``timings`` ({stage: seconds}) goes into every sidecar. Returns the written paths by key.
     """
     paths = derivative_paths(Path(output_dir), subject, "nerf")
     common = _common_sidecar(t1w, weights_dir, timings or {})
@@ -136,6 +157,8 @@ def write_maps(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str
         if key in TENSOR_PARAMS:
             description, units = TENSOR_PARAMS[key]
             extra = {"Model": "tensor", "Units": units}
+        elif key in UNCERTAINTY_MAPS:
+            description, extra = _uncertainty_sidecar(key, weights_dir)
         elif key in TDI_PARAMS:
             description = TDI_PARAMS[key] + " (relative: 1 = the subject's 99th percentile in the brain)"
             extra = {}
@@ -168,16 +191,28 @@ def qc_path(output_dir: Path, subject: Subject) -> Path:
     return derivative_path(Path(output_dir), subject, "", "qc", ".json", desc="m2m")
 
 
+#: The QC row's white matter: voxels of the predicted brain mask whose predicted FA exceeds this.
+QC_WM_FA = 0.2
+
+
 def subject_qc(subject: Subject, written: dict[str, Path], nerf_report: dict) -> dict:
-    """One row of the group QC table: brain volume, mean FA, median MD, streamlines, NeRF PSNR."""
+    """One row of the group QC table: brain volume, mean FA, median MD, median WM FA SD, streamlines, NeRF PSNR.
+
+    ``median_fa_sd_wm`` is the median of the FA uncertainty map in white matter (predicted
+    brain mask and predicted FA > :data:`QC_WM_FA`; NaN without either): an input far from the
+    training data (another contrast, heavy artefacts) makes the passes disagree and raises it.
+    """
     mask_img = nib.load(written["mask"])
     mask = np.asarray(mask_img.dataobj) > 0
     voxel_ml = float(np.prod(mask_img.header.get_zooms()[:3])) / 1000
     fa = np.asarray(nib.load(written["fa"]).dataobj)
     md = np.asarray(nib.load(written["md"]).dataobj)
+    wm = mask & (fa > QC_WM_FA)
+    fa_sd = np.asarray(nib.load(written["fa_sd"]).dataobj) if "fa_sd" in written else None
     tracking = json.loads(sidecar_path(written["tractogram"]).read_text()) if "tractogram" in written else {}
     return {"subject": subject.label, "brain_volume_ml": round(float(mask.sum()) * voxel_ml, 1),
             "mean_fa": float(fa[mask].mean()) if mask.any() else float("nan"),
             "median_md": float(np.median(md[mask])) if mask.any() else float("nan"),
+            "median_fa_sd_wm": float(np.median(fa_sd[wm])) if fa_sd is not None and wm.any() else float("nan"),
             "n_streamlines": tracking.get("Count"), "nerf_psnr_density_db": nerf_report.get("psnr_density_db"),
             "m2m_version": __version__}
