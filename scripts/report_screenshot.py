@@ -4,17 +4,21 @@ Usage: ``python scripts/report_screenshot.py [OUTPUT_DIR] [--out docs/images/rep
 Without ``OUTPUT_DIR`` it writes the example dataset and runs ``m2m ... participant`` on it in a
 temporary folder (a few minutes on 2 cores); with one, it reuses that output folder
 (``sub-MNI152.html`` in it). Needs Debian's ``chromium`` and ``chromium-driver`` and selenium.
-The screenshot is the whole page at 1200 px wide, the T1w/FA toggle showing FA.
+The screenshot is the whole page at 1200 px wide, the T1w/FA toggle showing FA, saved with a
+256-colour palette to keep the file small.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from PIL import Image
 
 LOGGER = logging.getLogger("report_screenshot")
 EXAMPLE_PAGE = "sub-MNI152.html"
@@ -43,10 +47,12 @@ def screenshot(page: Path, target: Path, width: int = 1200) -> Path:
     try:
         browser.get(page.resolve().as_uri())
         browser.execute_script("document.getElementById('fa-toggle-switch').click();")
-        height = browser.execute_script("return document.documentElement.scrollHeight;")
-        browser.set_window_size(width, height)
+        height, chrome = browser.execute_script(
+            "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight];")
+        browser.set_window_size(width, height + chrome)
         target.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(target))
+        image = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
     finally:
         browser.quit()
     LOGGER.info("wrote %s (%d px high)", target, height)

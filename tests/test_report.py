@@ -20,6 +20,7 @@ from test_app import _browser
 
 from m2m_app.io.naming import Subject, derivative_path, derivative_paths
 from m2m_app.io.tractogram import save_tractogram
+from m2m_app.maths.render import box_span, render_view
 from m2m_app.models.nerf import fit_field
 from m2m_app.reports.figures import PROJECTIONS, streamline_figure
 from m2m_app.reports.group import write_group_outputs
@@ -91,6 +92,21 @@ def test_streamline_figure_colours_and_panels(tmp_path):
     assert "25 streamlines" in svg  # text stays text (svg.fonttype none), the subsample is counted
 
 
+def test_marching_only_through_the_box_renders_the_same_field():
+    """A ball inside a box: rays clipped to the box (fewer samples) give the full march's image."""
+    def ball(points):
+        inside = np.linalg.norm(points - [2.0, -1.0, 3.0], axis=1) < 15.0
+        return 0.2 * inside, np.tile([0.2, 0.9, 0.4], (len(points), 1))
+
+    box = np.array([[-16.0, -20.0, -14.0], [20.0, 18.0, 21.0]])
+    enter, leave = box_span(np.array([[-50.0, 0, 0], [-50.0, 30, 0]]), np.array([[1.0, 0, 0], [1.0, 0, 0]]), box)
+    np.testing.assert_allclose([enter[0], leave[0]], [34.0, 70.0])
+    assert leave[1] <= enter[1]  # the second ray passes above the box
+    full = render_view(ball, box, 30.0, 20.0, 48, n_samples=512)
+    clipped = render_view(ball, box, 30.0, 20.0, 48, n_samples=256, clip_to_box=True)
+    assert full.max() > 0.5 and np.abs(full - clipped).max() < 0.03
+
+
 def test_views_fill_the_frame_with_orientation(unit_output):
     _, out, _ = unit_output
     assert view_orientation("left") == {"left": "A", "right": "P", "top": "S", "bottom": "I"}
@@ -133,7 +149,7 @@ def _check_subject_page(browser, out) -> None:
     assert "m2m bids out participant" in text and "phase1 weights SHA-256" in text  # About
     assert "container" in text and "GPU" in text and "References" in text
     assert text.count("not computed") == 2  # v1_dispersion, tdi_sd; fa_sd is drawn
-    assert any("fa_sd" in src for src in page["images"])
+    assert any(src.endswith("_desc-m2m_fasd.png") for src in page["images"])
     for link in browser.execute_script("return Array.from(document.querySelectorAll('#errors a, #methods a'))"
                                        ".map(a => a.href);"):
         browser.get(link)

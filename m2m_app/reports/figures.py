@@ -113,8 +113,9 @@ def streamline_figure(streamlines: Sequence[np.ndarray], out_path: str | os.Path
     low, high = low - pad, high + pad
     extent = high - low
     widths = [extent[h] for h, _ in PROJECTIONS.values()]
-    tallest = max(extent[v] for _, v in PROJECTIONS.values())
-    fig, axes = plt.subplots(1, 3, figsize=(11, 1.25 * 11 * tallest / sum(widths)), facecolor="black",
+    inches_per_mm = 11 * 0.98 / (sum(widths) * (1 + 0.05 * 2 / 3))  # figure width less margins and gaps
+    tallest = max(extent[v] / extent[h] * width for (h, v), width in zip(PROJECTIONS.values(), widths))
+    fig, axes = plt.subplots(1, 3, figsize=(11, inches_per_mm * tallest / 0.85), facecolor="black",
                              gridspec_kw={"width_ratios": widths, "wspace": 0.05})
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.86)  # fixed layout: drawn once
     for ax, (name, (h, v)) in zip(axes, PROJECTIONS.items()):

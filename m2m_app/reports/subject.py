@@ -100,7 +100,7 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
             drawn[key] = (mosaic(_load(written[key])[0], affine, cmap=cmap, title=title), ".png")
     out = {}
     for name, (data, extension) in drawn.items():
-        path = derivative_path(output_dir, subject, "figures", name, extension, desc="m2m")
+        path = derivative_path(output_dir, subject, "figures", name.replace("_", ""), extension, desc="m2m")
         out[name] = atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
     if "tractogram" in written:
         out["streamlines"] = streamline_figure(
@@ -175,10 +175,10 @@ def _errors_section(output_dir: Path, subject: Subject, errors: list[str]) -> st
 
 
 def _about_section(command_line: str, weights_dir: str | None) -> str:
+    import torch
+
     from m2m_app.io.derivatives import weights_provenance
     from m2m_app.io.environment import container_image, container_type
-
-    import torch
 
     engine = container_type()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
@@ -187,7 +187,8 @@ def _about_section(command_line: str, weights_dir: str | None) -> str:
             "report written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "environment": (f"container ({engine}{', ' + container_image() if container_image() else ''})"
                             if engine else "not in a container"),
-            "CPU": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical cores".replace(" ,", ","),
+            "CPU": f"{' '.join(filter(None, (platform.machine(), platform.processor())))}, "
+                   f"{os.cpu_count()} logical cores",
             "GPU": gpu, "Python": platform.python_version(), "PyTorch": torch.__version__}
     return _table(rows)
 

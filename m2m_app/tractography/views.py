@@ -4,7 +4,8 @@ The field is baked once onto a regular grid (at most ``bake_size`` points per ax
 renderer reads that grid trilinearly: a view then costs grid lookups rather than one MLP
 evaluation per ray sample, which keeps a 24-frame turntable to seconds on two CPU cores.
 Views are framed on the brain (the box where the density is above a small fraction of its
-maximum), not on the whole T1w grid, so that it fills the picture.
+maximum), not on the whole T1w grid, so that it fills the picture, and rays are marched only
+through that box.
 Colours are the field's directionally encoded orientation (R=x, G=y, B=z) and the extinction
 is proportional to its density.
 """
