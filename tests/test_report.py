@@ -213,3 +213,15 @@ def test_group_report_table_plot_and_links(unit_output, tmp_path):
         assert "sub-07" in browser.page_source  # the outlier is labelled in the plot
     finally:
         browser.quit()
+
+
+def test_failed_unit_report_shows_the_error_and_every_section(tmp_path):
+    """A unit that failed before any output: no figures, the error and its crash file, all sections."""
+    unit = Subject("09")
+    log = unit.folder(tmp_path, "log")
+    log.mkdir(parents=True)
+    (log / "crash-1-phase1.txt").write_text("Node: m2m_wf.sub_09_wf.phase1\nValueError: T1w has NaN values\n")
+    page = write_report(tmp_path, unit, "", None, {}, "", ["phase1: T1w has NaN values"]).read_text()
+    assert all(f'<section id="{key}">' in page for key in SECTIONS) and "<img" not in page
+    assert page.count("T1w has NaN values") == 2  # the error message and the crash table
+    assert 'href="sub-09/log/crash-1-phase1.txt"' in page and "No outputs: this unit failed" in page
