@@ -89,7 +89,7 @@ def test_streamline_figure_colours_and_panels(tmp_path):
         assert len(drawn) > 50 and np.bincount(drawn.argmax(-1), minlength=3).argmax() == channel
     svg = streamline_figure(bundles(), tmp_path / "lines.svg", max_streamlines=25).read_text()
     assert all(f'id="panel-{name}"' in svg for name in PROJECTIONS) and svg.count('id="panel-') == 3
-    assert "25 streamlines" in svg  # text stays text (svg.fonttype none), the subsample is counted
+    assert "25 of 60 streamlines" in svg  # text stays text (svg.fonttype none), the subsample is counted
 
 
 def test_marching_only_through_the_box_renders_the_same_field():

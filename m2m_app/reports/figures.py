@@ -93,14 +93,16 @@ def streamline_figure(streamlines: Sequence[np.ndarray], out_path: str | os.Path
     ``streamlines`` are ``(K_i, 3)`` world points in RAS+ mm (RASMM); at most ``max_streamlines``
     of them (a random subset drawn with ``seed``), thinned to segments of about ``min_segment_mm``
     (every n-th point, ends kept: the drawing cost grows with the segment count), are drawn with
-    a matplotlib ``LineCollection``, each segment coloured by its direction in the standard convention (red left-right, green
-    anterior-posterior, blue inferior-superior: ``|unit segment vector|``). The three panels
+    a matplotlib ``LineCollection``, each segment coloured by its direction in the standard
+    convention (red left-right, green anterior-posterior, blue inferior-superior: ``|unit
+    segment vector|``); the title says how many were drawn out of how many. The three panels
     share one mm scale (true aspect) and carry L/R, A/P, S/I labels at their edges. The format
     follows the suffix (``.svg``, ``.png``, ...); in an SVG the lines are rasterised (the file stays
     small) and each panel is the group ``panel-<name>``.
     """
     lines = [np.asarray(s, dtype=float) for s in streamlines if len(s) > 1]
-    if len(lines) > max_streamlines:
+    total = len(lines)
+    if total > max_streamlines:
         picks = np.random.default_rng(seed).choice(len(lines), max_streamlines, replace=False)
         lines = [lines[i] for i in np.sort(picks)]
     lines = [_thinned(s, min_segment_mm) for s in lines]
@@ -140,7 +142,8 @@ def streamline_figure(streamlines: Sequence[np.ndarray], out_path: str | os.Path
         ax.set_title(name, color="white", fontsize=9)
         if not lines:
             ax.text(0.5, 0.5, "no streamlines", ha="center", va="center", color="grey", transform=ax.transAxes)
-    fig.suptitle(title or f"{len(lines)} streamlines (red L-R, green A-P, blue I-S)", color="white", fontsize=10, y=0.99)
+    drawn = f"{len(lines)} of {total}" if total > len(lines) else f"{total}"
+    fig.suptitle(title or f"{drawn} streamlines (red L-R, green A-P, blue I-S)", color="white", fontsize=10, y=0.99)
     out_path = Path(out_path)
     fmt = out_path.suffix.lstrip(".") or "png"
     with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text (searchable, smaller)
