@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from m2m_app.errors import BadDataError, UsageError
 from m2m_app.inference.conform import ConformedGrid, conform_t1w, resample_tensor
 from m2m_app.io.nifti import load_image, load_t1w
+from m2m_app.maths.metrics import angular_error_deg
 from m2m_app.maths.tensor import (components_to_matrix, eigen_decomposition, log_tensors, matrix_to_components,
                                   scalar_maps)
 
@@ -264,11 +265,11 @@ def spread_sd(values: np.ndarray) -> np.ndarray:
 def axis_dispersion_deg(axes: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Root-mean-square angle between each pass's axis and a reference axis, degrees in [0, 90].
 
-    ``axes (P, ..., 3)`` and ``reference (..., 3)`` are unit vectors; the angle is sign-free
-    (``arccos |a · r|``), as an eigenvector's sign carries no meaning. Returns ``(...)``.
+    ``axes (P, ..., 3)`` and ``reference (..., 3)`` are non-zero vectors; the angle is sign-free
+    (:func:`~m2m_app.maths.metrics.angular_error_deg`), as an eigenvector's sign carries no
+    meaning. Returns ``(...)``.
     """
-    cosine = np.clip(np.abs(np.einsum("p...i,...i->p...", axes, reference)), 0.0, 1.0)
-    return np.degrees(np.sqrt(np.mean(np.arccos(cosine) ** 2, axis=0)))
+    return np.sqrt(np.mean(angular_error_deg(axes, reference[None]) ** 2, axis=0))
 
 
 def _spread_phase1(views: list[np.ndarray], fused: np.ndarray) -> dict[str, np.ndarray]:
