@@ -80,7 +80,7 @@ _EDGE_LETTERS = ("LR", "PA", "IS")  # (negative, positive) end of the R, A, S wo
 def _thinned(streamline: np.ndarray, min_segment_mm: float) -> np.ndarray:
     """Every n-th point of a ``(K, 3)`` streamline (first and last kept), segments ≥ ~``min_segment_mm``."""
     step = float(np.median(np.linalg.norm(np.diff(streamline, axis=0), axis=1)))
-    stride = max(1, int(round(min_segment_mm / max(step, 1e-6))))
+    stride = max(1, round(min_segment_mm / max(step, 1e-6)))
     kept = streamline[::stride]
     return kept if (len(streamline) - 1) % stride == 0 else np.vstack([kept, streamline[-1:]])
 
