@@ -142,7 +142,7 @@ def write_standard_views(field: FittedField, out: str | os.PathLike | dict[str, 
 def write_turntable(field: FittedField, path: str | os.PathLike, *, n_frames: int = 24, size: int = 256,
                     elevation_deg: float = 20.0, n_samples: int = 48, bake_size: int = 96,
                     frame_ms: int = 100) -> Path:
-    """Write an endlessly looping animated image (GIF or WebP, from the suffix) of ``n_frames`` views
+    """Write an endlessly looping animated GIF of ``n_frames`` views
     turning once around the vertical axis, framed on the brain, each with an R/A/S axis triad."""
     query, box = _bake(field, bake_size)
     azimuths = np.linspace(0.0, 360.0, n_frames, endpoint=False)
