@@ -16,6 +16,8 @@ from m2m_app.maths.tensor import tensor_derivatives
 DS_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ds-real"
 
 requires_ds_real = pytest.mark.skipif(not DS_REAL.exists(), reason=f"{DS_REAL} is not present")
+DS_EXTRA = DS_REAL.parent / "ds-extra"
+requires_ds_extra = pytest.mark.skipif(not DS_EXTRA.exists(), reason=f"{DS_EXTRA} is not present")
 
 
 def run_cli(module: str, *args: str, timeout: float = 1200, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import DS_REAL, ds_real_unit, make_bids, requires_ds_real, run_cli
+from conftest import DS_EXTRA, DS_REAL, ds_real_unit, make_bids, requires_ds_extra, requires_ds_real, run_cli
 from m2m_app.errors import BadDataError, MissingInputError
 from m2m_app.io.nifti import load_dwi
 from m2m_app.teacher.prepare import load_dwi_runs
@@ -233,3 +233,25 @@ def test_a_unit_whose_registration_is_forced_wrong_is_flagged_and_left_out(tmp_p
     with pytest.raises(UsageError, match="flagged"):
         select_rows([tmp_path], None)
     assert [row["subject"] for row, _ in select_rows([tmp_path], None, include_flagged=True)] == ["sub-02_ses-hfs"]
+
+
+@pytest.mark.slow
+@requires_ds_extra
+def test_partial_slab_dwi_of_another_vendor_is_registered_from_the_headers(tmp_path):
+    """ds-extra ses-1 (United Imaging, 84 mm axial slab rotated 25° in-plane, T1w with the neck):
+    the centre-of-mass start lands ~20 mm off, the header start wins; the FOV mask is the slab."""
+    prep = tmp_path / "prep"
+    result = run_cli("train", "prepare", DS_EXTRA, prep, "--session-label", "1", "--omp-nthreads", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = manifest_rows(prep)["sub-03_ses-1"]
+    assert not row["flagged"], row["flags"]
+    assert row["registration_start"] == "header"
+    assert row["registration_from_header_mm"] < 6.0 and row["registration_vs_ants_mm"] < 2.0
+    fov_img = load(prep, row, "fov")
+    fov, brain = fov_img.get_fdata() > 0, load(prep, row, "mask").get_fdata() > 0
+    z = nib.affines.apply_affine(fov_img.affine, np.argwhere(brain))[:, 2]
+    z_fov = nib.affines.apply_affine(fov_img.affine, np.argwhere(brain & fov))[:, 2]
+    assert 0.5 < row["fov_fraction"] < 0.85
+    assert z_fov.min() > z.min() + 30  # the cerebellum and brainstem lie below the slab
+    fa = load(prep, row, "fa").get_fdata()
+    assert np.all(fa[brain & ~fov] == 0) and fa[brain & fov].mean() > 0.15

@@ -20,22 +20,28 @@ class _PrepareSubjectInputSpec(BaseInterfaceInputSpec):
 
 class _PrepareSubjectOutputSpec(TraitedSpec):
     qc_file = File(exists=True, desc="the unit's QC JSON (its presence marks it finished)")
+    tractogram_figure = File(exists=True, desc="the teacher's streamlines drawn as the app's report draws its own")
 
 
 class PrepareSubject(SimpleInterface):
-    """Fit, register and track one participant/session; write its training targets."""
+    """Fit, register and track one participant/session; write its training targets and QC figures."""
 
     input_spec = _PrepareSubjectInputSpec
     output_spec = _PrepareSubjectOutputSpec
 
     def _run_interface(self, runtime):
         from m2m_app.io.naming import Subject
-        from m2m_app.teacher.prepare import prepare_subject, qc_path
+        from m2m_app.io.tractogram import load_streamlines
+        from m2m_app.reports.figures import streamline_figure
+        from m2m_app.teacher.prepare import prepare_subject, qc_path, tractogram_figure_path
 
         # ANTs reads its thread count from the environment; a MultiProc worker owns its own
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.inputs.num_threads)
-        subject = Subject(self.inputs.participant, self.inputs.session or None)
-        prepare_subject(subject, Path(self.inputs.t1w), [Path(p) for p in self.inputs.dwi],
-                        Path(self.inputs.prep_dir), self.inputs.random_seed, self.inputs.num_threads)
-        self._results["qc_file"] = str(qc_path(Path(self.inputs.prep_dir), subject))
+        subject, prep_dir = Subject(self.inputs.participant, self.inputs.session or None), Path(self.inputs.prep_dir)
+        qc = prepare_subject(subject, Path(self.inputs.t1w), [Path(p) for p in self.inputs.dwi],
+                             prep_dir, self.inputs.random_seed, self.inputs.num_threads)
+        self._results["tractogram_figure"] = str(streamline_figure(
+            load_streamlines(prep_dir / qc["tractogram"], self.inputs.t1w),
+            tractogram_figure_path(prep_dir, subject), title=f"{subject.label}: teacher (DWI) tractogram"))
+        self._results["qc_file"] = str(qc_path(prep_dir, subject))
         return runtime

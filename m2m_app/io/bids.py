@@ -132,7 +132,8 @@ def find_t1w(layout: BIDSLayout, subject: Subject, filters: dict | None = None) 
 
 
 def find_dwi(layout: BIDSLayout, subject: Subject, filters: dict | None = None) -> list[Path]:
-    """All DWI runs of a unit (to be concatenated), sorted."""
+    """All DWI runs of a unit, sorted (the teacher fits runs together only when they share a grid
+    and a phase-encoding direction: :func:`m2m_app.teacher.prepare.group_dwi_runs`)."""
     base, wanted = {"datatype": "dwi", "suffix": "dwi"}, (filters or {}).get("dwi", {})
     found = _query(layout, subject, base, wanted)
     if not found:

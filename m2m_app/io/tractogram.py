@@ -1,4 +1,4 @@
-"""Writing tractograms (.trx, .tck, .trk) in RASMM with a NIfTI reference."""
+"""Writing and reading tractograms (.trx, .tck, .trk) in RASMM with a NIfTI reference."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,3 +41,12 @@ def save_tractogram(streamlines: Sequence[np.ndarray], reference: nib.Nifti1Imag
             dipy_save_tractogram(sft, tmp, bbox_valid_check=False)
 
     return atomic_write(path, write)
+
+
+def load_streamlines(path: str | Path, reference: str | Path | nib.Nifti1Image) -> list[np.ndarray]:
+    """The streamlines of a ``.trx``/``.tck``/``.trk`` file, ``(K_i, 3)`` RAS+ mm each (dipy)."""
+    from dipy.io.streamline import load_tractogram
+
+    ref = reference if isinstance(reference, nib.Nifti1Image) else str(reference)
+    return list(load_tractogram(str(path), ref, bbox_valid_check=False).streamlines)
+

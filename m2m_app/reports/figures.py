@@ -10,25 +10,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 from m2m_app.io.nifti import atomic_write  # noqa: E402
-
-
-def _canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Reorder axes so the volume reads RAS (axial slices along the last axis)."""
-    ornt = nib.orientations.io_orientation(affine)
-    return nib.orientations.apply_orientation(volume, ornt)
-
-
-def _canonical_zooms(affine: np.ndarray) -> np.ndarray:
-    """Voxel sizes (mm) along the R, A, S axes of :func:`_canonical`'s output."""
-    ornt = nib.orientations.io_orientation(affine)
-    zooms = np.zeros(3)
-    zooms[ornt[:, 0].astype(int)] = np.linalg.norm(affine[:3, :3], axis=0)
-    return zooms
+from m2m_app.maths.orientation import ras_zooms, to_ras  # noqa: E402
 
 
 def mosaic(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray | None = None,
@@ -40,11 +26,11 @@ def mosaic(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray | Non
     ``(X, Y, Z)`` image shown beneath a semi-transparent ``volume``; ``contour`` a mask outlined in red.
     Slices are drawn at their true aspect ratio (thick or anisotropic voxels included).
     """
-    zooms = _canonical_zooms(affine)
+    zooms = ras_zooms(affine)
     aspect = zooms[1] / zooms[0]  # rows run along A, columns along R after rot90
-    volume = _canonical(np.asarray(volume, dtype=float), affine)
-    underlay = None if underlay is None else _canonical(np.asarray(underlay, dtype=float), affine)
-    contour = None if contour is None else _canonical(np.asarray(contour, dtype=float), affine)
+    volume = to_ras(np.asarray(volume, dtype=float), affine)
+    underlay = None if underlay is None else to_ras(np.asarray(underlay, dtype=float), affine)
+    contour = None if contour is None else to_ras(np.asarray(contour, dtype=float), affine)
     reference = contour if contour is not None else (np.abs(volume).sum(-1) if volume.ndim == 4 else volume)
     filled = np.where(reference.reshape(-1, reference.shape[2]).any(axis=0))[0]
     lo, hi = (filled[0], filled[-1]) if filled.size else (0, volume.shape[2] - 1)

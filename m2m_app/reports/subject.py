@@ -23,6 +23,7 @@ import numpy as np
 from m2m_app import __version__
 from m2m_app.io.naming import Subject, derivative_path
 from m2m_app.io.nifti import atomic_write
+from m2m_app.io.tractogram import load_streamlines
 from m2m_app.reports.figures import mosaic, streamline_figure
 from m2m_app.reports.methods import cited, references_html, write_bibtex
 from m2m_app.workflows.timing import STAGE_ORDER
@@ -67,13 +68,6 @@ def _relative(path: Path, output_dir: Path) -> str:
     return html.escape(path.relative_to(output_dir).as_posix())
 
 
-def _load_streamlines(path: Path, reference: str) -> list[np.ndarray]:
-    """The streamlines of a written tractogram, ``(K_i, 3)`` RAS+ mm each."""
-    from dipy.io.streamline import load_tractogram
-
-    return list(load_tractogram(str(path), reference, bbox_valid_check=False).streamlines)
-
-
 def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[str, Path]) -> dict[str, Path]:
     """Draw the report's figures into ``sub-X/figures/`` and return name → path.
 
@@ -104,7 +98,7 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
         out[name] = atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
     if "tractogram" in written:
         out["streamlines"] = streamline_figure(
-            _load_streamlines(written["tractogram"], t1w),
+            load_streamlines(written["tractogram"], t1w),
             derivative_path(output_dir, subject, "figures", "streamlines", ".svg", desc="m2m"))
     return out
 

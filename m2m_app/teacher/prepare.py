@@ -61,6 +61,11 @@ def qc_path(prep_dir: Path, subject: Subject) -> Path:
     return derivative_path(prep_dir, subject, "", "qc", ".json", desc="prepare")
 
 
+def tractogram_figure_path(prep_dir: Path, subject: Subject) -> Path:
+    """The teacher's streamline figure (drawn by the prepare workflow as the app's report draws its own)."""
+    return derivative_path(prep_dir, subject, "figures", "qc", ".svg", desc="tractogram")
+
+
 def _phase_encoding(path: Path) -> str:
     """The run's ``PhaseEncodingDirection`` from its JSON sidecar (empty when unknown)."""
     sidecar = Path(str(path).replace(".nii.gz", ".json").replace(".nii", ".json"))

@@ -4,17 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from m2m_app.io.nifti import atomic_write
-
-
-def _to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``volume`` with its first three axes reordered/flipped to RAS, and its voxel sizes ``(3,)`` in that order."""
-    ornt = io_orientation(affine)
-    transform = ornt_transform(ornt, axcodes2ornt("RAS"))
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[ornt[:, 0].argsort()]
-    return apply_orientation(volume, transform), zooms
+from m2m_app.maths.orientation import ras_zooms, to_ras
 
 
 def registration_figure(t1w: np.ndarray, affine: np.ndarray, b0: np.ndarray, fa: np.ndarray,
@@ -38,9 +30,9 @@ def registration_figure(t1w: np.ndarray, affine: np.ndarray, b0: np.ndarray, fa:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    volumes = {name: _to_ras(np.asarray(v, dtype=np.float32), affine)[0]
+    volumes = {name: to_ras(np.asarray(v, dtype=np.float32), affine)
                for name, v in {"t1w": t1w, "b0": b0, "fa": fa, "wm": wm, "fov": fov}.items()}
-    zooms = _to_ras(t1w, affine)[1]
+    zooms = ras_zooms(affine)
     target = volumes["wm"] * volumes["fov"] > 0
     centre = np.round(np.argwhere(target).mean(axis=0) if target.any()
                       else np.array(t1w.shape) / 2).astype(int)
