@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -255,3 +256,29 @@ def test_partial_slab_dwi_of_another_vendor_is_registered_from_the_headers(tmp_p
     assert z_fov.min() > z.min() + 30  # the cerebellum and brainstem lie below the slab
     fa = load(prep, row, "fa").get_fdata()
     assert np.all(fa[brain & ~fov] == 0) and fa[brain & fov].mean() > 0.15
+
+
+@requires_ds_real
+@pytest.mark.slow
+def test_runs_with_opposite_phase_encoding_are_fitted_apart_and_averaged(prepared_ds_real, tmp_path):
+    """sub-02 ses-hfs's DWI given twice, as dir-AP (j-) and dir-PA (j) runs: two series, each
+    fitted and registered; their log-Euclidean mean equals the single run's tensor, and their
+    streamlines are pooled."""
+    single_prep, _ = prepared_ds_real
+    single = manifest_rows(single_prep)["sub-02_ses-hfs"]
+    source = DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi"
+    files = dict(ds_real_unit("02", "hfs", modalities=("anat",)))
+    for direction, code in (("AP", "j-"), ("PA", "j")):
+        stem = f"sub-02/ses-hfs/dwi/sub-02_ses-hfs_dir-{direction}_dwi"
+        files |= {f"{stem}.nii.gz": Path(f"{source}.nii.gz"), f"{stem}.bval": Path(f"{source}.bval"),
+                  f"{stem}.bvec": Path(f"{source}.bvec"),
+                  f"{stem}.json": json.dumps({"PhaseEncodingDirection": code}).encode()}
+    prep = tmp_path / "prep"
+    result = run_cli("train", "prepare", make_bids(tmp_path / "bids", files), prep)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = manifest_rows(prep)["sub-02_ses-hfs"]
+    assert row["dwi_series"] == 2 and not row["flagged"], row["flags"]
+    fa, fa_single = (load(p, r, "fa").get_fdata() for p, r in ((prep, row), (single_prep, single)))
+    brain = load(prep, row, "mask").get_fdata() > 0
+    assert np.corrcoef(fa[brain], fa_single[brain])[0, 1] > 0.98
+    assert 1.8 < row["n_streamlines"] / single["n_streamlines"] < 2.2
