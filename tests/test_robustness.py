@@ -112,7 +112,9 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     assert process.returncode == 143, stderr[-3000:]
     assert "re-run the same command to resume" in stderr and "Traceback" not in stderr
     assert not (out / "sub-01" / "sub-01_desc-m2m_qc.json").exists()
-    assert not [p for p in out.rglob(".*") if p.is_file()], "temporary files left in the output folder"
+    # atomic_write's temporary files are hidden (".<name>.XXXX<suffix>"); .bidsignore is a BIDS file
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"], \
+        "temporary files left in the output folder"
     finished = (work / phase1_result).stat().st_mtime_ns
 
     result = run_cli("run", *args)
