@@ -38,6 +38,8 @@ def test_prepare_completes_on_every_unit(prepared_ds_real):
     assert {"t1w", "fa", "diffusivity", "tdi", "dectdi", "mean_fa_wm", "registration_cost", "fov", "dseg",
             "flagged", "registration_vs_ants_mm", "registration_from_header_mm", "wm_fraction"} <= set(header)
     assert "FLAGGED" not in result.stderr
+    methods = (prep / "logs" / "CITATION.md").read_text()
+    assert "deepbet" in methods and "Atropos" in methods and "ANTs" in methods
 
 
 @requires_ds_real

@@ -11,7 +11,7 @@ import numpy as np
 
 from m2m_app import __version__
 from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings, run_click,
-                                run_workflow, setup_logging, writable_dir)
+                                run_workflow, setup_logging, writable_dir, write_citation)
 from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
 from m2m_app.training import recipe as default
@@ -113,6 +113,7 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     if units:
         LOGGER.info("preparing %d unit(s): %s", len(units), ", ".join(s.label for s in units))
         workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads)
+        write_citation(prep_dir, workflow)
         workflow.config["execution"]["crashdump_dir"] = str(prep_dir / "logs")
         ok = run_workflow(workflow, plugin_settings(nprocs, None, use_plugin), stop_on_first_crash=False)
         reasons = crash_reasons(prep_dir / "logs")
