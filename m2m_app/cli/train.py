@@ -133,6 +133,25 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     sys.exit(exit_code_for(codes, ok))
 
 
+def held_out_scoring(func):
+    """PREP_DIR, WEIGHTS_DIR, --phase, --test-subject, --predicted-inputs, --device: what
+    ``evaluate`` and ``calibrate`` share."""
+    options = [
+        click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path)),
+        click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path)),
+        click.option("--phase", type=click.Choice(["1", "2"]), default="1", show_default=True),
+        click.option("--test-subject", "test_subjects", multiple=True, required=True,
+                     help="Held-out subject(s) of WEIGHTS_DIR to score (default weights: the packaged ones). "
+                          "Repeatable."),
+        click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
+                     help="Phase 2: score on phase-1 predictions instead of the teacher's maps."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def training_options(func):
     """Options shared by ``phase1`` and ``phase2``; their defaults are the shipped weights' recipe."""
     options = [
@@ -237,15 +256,9 @@ def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: t
 
 
 @cli.command()
-@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--phase", type=click.Choice(["1", "2"]), default="1", show_default=True)
-@click.option("--test-subject", "test_subjects", multiple=True, required=True,
-              help="Held-out subject(s) to score. Repeatable.")
+@held_out_scoring
 @click.option("--train-subject", "train_subjects", multiple=True,
               help="Subjects the baseline is fitted on (default: all others).")
-@click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Phase 2: score on phase-1 predictions instead of the teacher's maps.")
 @click.option("--skull-strip", is_flag=True,
               help="Phase 1: score on the T1w skull-stripped with the teacher's brain mask (grown by 3 mm), "
                    "as a brain-extracted input would be.")
@@ -256,7 +269,6 @@ def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: t
                    "through nilearn's MNI152 T1 with ANTs SyN (needs: pip install \"m2m-app[atlas]\").")
 @click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the table as TSV here.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @with_verbosity
 @exits_cleanly
 def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
@@ -284,22 +296,15 @@ def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects
 
 
 @cli.command()
-@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--phase", type=click.Choice(["1", "2"]), default="1", show_default=True)
-@click.option("--test-subject", "test_subjects", multiple=True, required=True,
-              help="Held-out subject(s) of WEIGHTS_DIR to score. Repeatable.")
+@held_out_scoring
 @click.option("--scale-from", "scale_from", multiple=True,
               type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Summary table (--out) of another fold; the scale applied is the median of their fitted "
                    "scales (default: the one stored with the weights, else 1). Repeatable.")
 @click.option("--store-scale", is_flag=True,
               help="Write the applied scale into WEIGHTS_DIR/phase<N>.json (uncertainty_scale); needs --scale-from.")
-@click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Phase 2: score on phase-1 predictions instead of the teacher's maps.")
 @click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the summary as TSV here and the reliability table beside it (<stem>_reliability.tsv).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @with_verbosity
 @exits_cleanly
 def calibrate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
