@@ -34,8 +34,9 @@ def registration_figure(t1w: np.ndarray, affine: np.ndarray, b0: np.ndarray, fa:
                for name, v in {"t1w": t1w, "b0": b0, "fa": fa, "wm": wm, "fov": fov}.items()}
     zooms = ras_zooms(affine)
     target = volumes["wm"] * volumes["fov"] > 0
+    # the centre in the RAS-ordered arrays (the input's own axis order may differ)
     centre = np.round(np.argwhere(target).mean(axis=0) if target.any()
-                      else np.array(t1w.shape) / 2).astype(int)
+                      else np.array(volumes["t1w"].shape) / 2).astype(int)
     level = 0.5 * float(np.median(volumes["b0"][volumes["fov"] > 0])) if np.any(volumes["fov"] > 0) else 0.0
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), facecolor="black")
     for ax, axis, title in zip(axes, (0, 1, 2), ("sagittal", "coronal", "axial")):
