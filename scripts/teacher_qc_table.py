@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 COLUMNS = [("unit", "subject"), ("start", "registration_start"), ("from headers (mm)", "registration_from_header_mm"),
-           ("vs ANTs (mm)", "registration_vs_ants_mm"), ("brain in DWI FOV", "fov_fraction"),
+           ("vs ANTs (mm)", "registration_vs_ants_mm"),
+           ("ANTs runs' spread (mm)", "registration_ants_spread_mm"), ("brain in DWI FOV", "fov_fraction"),
            ("brain (ml)", "brain_ml"), ("WM (ml)", "wm_ml"), ("WM share", "wm_fraction"),
            ("mean WM FA", "mean_fa_wm"), ("streamlines", "n_streamlines"), ("runtime (s)", "runtime_s"),
            ("flags", "flags")]

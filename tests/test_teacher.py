@@ -74,9 +74,10 @@ def test_ants_check_recovers_the_same_transform_in_ras(displaced_pair):
     wrong LPS/RAS flip or an inverted transform would land farther than the header does.
     """
     head, b0, b0_affine, true = displaced_pair
-    ants = ants_rigid_t1w_to_dwi(b0, b0_affine, head["t1w"], head["affine"])
     points = mask_points(head["mask"] > 0, head["affine"])
-    assert mean_displacement_mm(ants, true, points) < 0.35 * mean_displacement_mm(np.eye(4), true, points)
+    ants = ants_rigid_t1w_to_dwi(b0, b0_affine, head["t1w"], head["affine"], points)
+    assert mean_displacement_mm(ants.t1w_to_dwi, true, points) < 0.35 * mean_displacement_mm(np.eye(4), true, points)
+    assert 0 <= ants.spread_mm < mean_displacement_mm(np.eye(4), true, points)
 
 
 def test_partial_slab_field_of_view_excludes_the_unmeasured_slices():
@@ -133,7 +134,7 @@ def _series(vs_ants: float, from_header: float) -> SeriesResult:
     empty = np.zeros((2, 2, 2), bool)
     return SeriesResult(name="run.nii.gz", tensor=np.zeros((2, 2, 2, 6)), fov=empty, b0=empty.astype(float),
                         registration=RigidResult(np.eye(4), 0.0), from_header_mm=from_header,
-                        vs_ants_mm=vs_ants, shells=[0, 1000], streamlines=[], tracking={})
+                        vs_ants_mm=vs_ants, ants_spread_mm=0.5, shells=[0, 1000], streamlines=[], tracking={})
 
 
 PLAUSIBLE = {"brain_ml": 1400.0, "csf_ml": 250.0, "gm_ml": 650.0, "wm_ml": 500.0, "wm_fraction": 0.36}

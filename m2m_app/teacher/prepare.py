@@ -36,9 +36,9 @@ from m2m_app.maths.streamlines import directional_density, track_density
 from m2m_app.maths.tensor import log_euclidean_mean, masked_tensor_maps
 from m2m_app.teacher import dwi as dwi_math
 from m2m_app.teacher.qc import registration_figure
-from m2m_app.teacher.register import (MAX_FROM_HEADER_MM, MAX_VS_ANTS_MM, RigidResult, ants_rigid_t1w_to_dwi,
-                                      mask_points, mean_displacement_mm, register_b0_to_t1w, resample_to_t1w,
-                                      save_itk_transform, tensor_to_t1w)
+from m2m_app.teacher.register import (ANTS_SEEDS, MAX_FROM_HEADER_MM, MAX_VS_ANTS_MM, RigidResult,
+                                      ants_rigid_t1w_to_dwi, mask_points, mean_displacement_mm,
+                                      register_b0_to_t1w, resample_to_t1w, save_itk_transform, tensor_to_t1w)
 from m2m_app.teacher.tissue import t1w_brain_mask, tissue_classes, tissue_flags
 from m2m_app.teacher.tracking import track_tensor
 
@@ -50,8 +50,8 @@ PATH_COLUMNS = ("mask", "wm", "dseg", "fov", "fa", "md", "ad", "rd", "diffusivit
 #: Manifest columns holding QC numbers and flags.
 QC_COLUMNS = ("flagged", "flags", "mean_fa_wm", "mean_fa_brain", "median_md", "n_streamlines",
               "registration_cost", "registration_start", "registration_from_header_mm",
-              "registration_vs_ants_mm", "fov_fraction", "brain_ml", "csf_ml", "gm_ml", "wm_ml",
-              "wm_fraction", "tensor_shells", "dwi_series", "runtime_s")
+              "registration_vs_ants_mm", "registration_ants_spread_mm", "fov_fraction", "brain_ml", "csf_ml",
+              "gm_ml", "wm_ml", "wm_fraction", "tensor_shells", "dwi_series", "runtime_s")
 #: Below this share of the brain inside the DWI's field of view a unit teaches too little.
 MIN_FOV_FRACTION = 0.25
 
@@ -114,6 +114,7 @@ class SeriesResult:
     registration: RigidResult
     from_header_mm: float
     vs_ants_mm: float
+    ants_spread_mm: float
     shells: list[int]
     streamlines: list[np.ndarray]
     tracking: dict
@@ -135,20 +136,21 @@ def _series_to_t1w(paths: list[Path], t1w_img: nib.Nifti1Image, t1w: np.ndarray,
     world = dwi_math.world_tensor_components(fit, dwi_img.affine)
     b0 = dwi_math.mean_b0(data, bvals)
     reg = register_b0_to_t1w(b0, dwi_img.affine, t1w, t1w_img.affine, dwi_mask)
-    ants = ants_rigid_t1w_to_dwi(b0, dwi_img.affine, t1w, t1w_img.affine)
     shape, affine = t1w.shape, t1w_img.affine
     fov = field_of_view(measured, dwi_img.affine, reg, shape, affine)
     points = mask_points(brain & fov, affine)
+    ants = ants_rigid_t1w_to_dwi(b0, dwi_img.affine, t1w, t1w_img.affine, points)
     from_header = mean_displacement_mm(reg.t1w_to_dwi, np.eye(4), points)
-    vs_ants = mean_displacement_mm(reg.t1w_to_dwi, ants, points)
-    LOGGER.info("%s: registration from the %s, %.1f mm from the header alignment, %.1f mm from ANTs",
-                name, reg.start, from_header, vs_ants)
+    vs_ants = mean_displacement_mm(reg.t1w_to_dwi, ants.t1w_to_dwi, points)
+    LOGGER.info("%s: registration from the %s, %.1f mm from the header alignment, %.1f mm from ANTs "
+                "(whose %d runs lie within %.1f mm of each other)", name, reg.start, from_header, vs_ants,
+                len(ANTS_SEEDS), ants.spread_mm)
     streamlines, tracking = track_tensor(fit.evecs[..., :, 0], np.nan_to_num(fit.fa), dwi_img.affine,
                                          random_seed=random_seed)
     return SeriesResult(
         name=name, tensor=tensor_to_t1w(world, dwi_img.affine, reg, shape, affine), fov=fov,
         b0=resample_to_t1w(b0, dwi_img.affine, reg, shape, affine), registration=reg,
-        from_header_mm=from_header, vs_ants_mm=vs_ants, shells=shells,
+        from_header_mm=from_header, vs_ants_mm=vs_ants, ants_spread_mm=ants.spread_mm, shells=shells,
         streamlines=list(transform_streamlines(streamlines, reg.dwi_to_t1w)), tracking=tracking)
 
 
@@ -269,6 +271,7 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
           "registration_candidates": {s.name: s.registration.candidates for s in series},
           "registration_from_header_mm": round(max(s.from_header_mm for s in series), 2),
           "registration_vs_ants_mm": round(max(s.vs_ants_mm for s in series), 2),
+          "registration_ants_spread_mm": round(max(s.ants_spread_mm for s in series), 2),
           "fov_fraction": round(fov_fraction, 3), **volumes,
           "tensor_shells": ",".join(str(b) for b in sorted({b for s in series for b in s.shells})),
           "dwi_series": len(series),

@@ -5,6 +5,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +16,9 @@ from nibabel.affines import apply_affine
 
 from m2m_app.maths.tensor import (components_to_matrix, exp_tensors, frame_rotation, log_tensors,
                                   matrix_to_components, rotate_tensors)
+
+if TYPE_CHECKING:
+    import ants
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,11 +105,12 @@ def register_b0_to_t1w(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
 
     Each start (the image headers when ``header_prior``, i.e. when T1w and DWI come from
     one session and share the scanner frame; always the centres of mass) is refined by
-    translation then rigid Mattes mutual information (32 bins, 3-level pyramid, dipy). A start whose result lies more than :data:`MAX_FROM_HEADER_MM`
-    from the header alignment (mean over ``b0_mask``, the DWI brain) is implausible for one
-    session and only kept if no start stays within the bound; among the rest the lowest
-    full-sample cost wins. A partial slab against a whole-head T1w is where the
-    centre-of-mass start fails: its centre lies far from the T1w's.
+    translation then rigid Mattes mutual information (32 bins, 3-level pyramid, dipy). A start
+    whose result lies more than :data:`MAX_FROM_HEADER_MM` from the header alignment (mean
+    over ``b0_mask``, the DWI brain) is implausible for one session and only kept if no
+    start stays within the bound; among the rest the lowest full-sample cost wins.
+    A partial slab against a whole-head T1w is where the centre-of-mass start fails: its
+    centre lies far from the T1w's.
     """
     t1w, t1w_affine = _coarsen(t1w, t1w_affine, float(np.abs(np.linalg.det(b0_affine[:3, :3]))))
     metric = MutualInformationMetric(nbins=32, sampling_proportion=0.3)
@@ -137,24 +142,44 @@ def register_b0_to_t1w(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
                                    for n, r in results.items()})
 
 
-def ants_rigid_t1w_to_dwi(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
-                          t1w_affine: np.ndarray, header_prior: bool = True) -> np.ndarray:
-    """An independent estimate of the same transform: ANTs rigid Mattes MI (antspyx), as QSIPrep uses.
+#: Random seeds of the ANTs runs whose medoid is the independent estimate: one run's random
+#: sampling moves it by up to 1.9 mm on ds-real (0.3 mm between repeats of one seed, from
+#: threading), and on ds-extra's partial slab one run in four lands 12-20 mm off.
+ANTS_SEEDS = (1, 2, 3)
 
-    Starts from the image headers (``header_prior``) or from the centres of mass. Returns
-    the T1w world → DWI world 4×4 matrix (RAS mm), like :attr:`RigidResult.t1w_to_dwi`.
+
+@dataclass
+class AntsCheck:
+    """The independent ANTs estimate of the T1w world → DWI world transform (RAS mm, 4×4).
+
+    ``t1w_to_dwi`` is the medoid of the seeded runs (the run with the least summed distance
+    to the others); ``spread_mm`` is the largest mean distance between two runs, over the
+    points it was measured on: how far ANTs' own answer is from reproducible.
     """
-    import ants
 
-    t1w, t1w_affine = _coarsen(t1w, t1w_affine, float(np.abs(np.linalg.det(b0_affine[:3, :3]))))
-    fixed = ants.from_nibabel_nifti(nib.Nifti1Image(t1w.astype(np.float32), t1w_affine))
-    moving = ants.from_nibabel_nifti(nib.Nifti1Image(b0.astype(np.float32), b0_affine))
-    with tempfile.TemporaryDirectory() as tmp:
-        result = ants.registration(fixed, moving, type_of_transform="Rigid", aff_metric="mattes",
-                                   initial_transform="Identity" if header_prior else None,
-                                   outprefix=str(Path(tmp) / "rigid_"))
-        (path,) = result["fwdtransforms"]  # one rigid stage: one .mat file
-        transform = ants.read_transform(path)
+    t1w_to_dwi: np.ndarray
+    spread_mm: float
+
+
+def _ants_rigid_run(fixed: ants.ANTsImage, moving: ants.ANTsImage, header_prior: bool, seed: int
+                    ) -> np.ndarray:
+    """One antspyx rigid run (Mattes MI, every voxel sampled, 2× pyramid); T1w → DWI in RAS mm."""
+    import ants
+    import ants.config
+
+    previous, ants.config._random_seed = ants.config._random_seed, seed  # antspyx's seed hook
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # a shallow pyramid, as for dipy: a slab shrunk 6× (ANTs' default) keeps too few slices
+            result = ants.registration(fixed, moving, type_of_transform="Rigid", aff_metric="mattes",
+                                       aff_random_sampling_rate=1.0, aff_shrink_factors=(2, 1),
+                                       aff_smoothing_sigmas=(1, 0), aff_iterations=(1000, 500),
+                                       initial_transform="Identity" if header_prior else None,
+                                       outprefix=str(Path(tmp) / "rigid_"))
+            (path,) = result["fwdtransforms"]  # one rigid stage: one .mat file
+            transform = ants.read_transform(path)
+    finally:
+        ants.config._random_seed = previous
     # an ITK matrix maps fixed → moving points in LPS mm: y = A (x - c) + c + t
     params, centre = np.asarray(transform.parameters), np.asarray(transform.fixed_parameters)
     lps = np.eye(4)
@@ -162,6 +187,25 @@ def ants_rigid_t1w_to_dwi(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray
     lps[:3, 3] = params[9:12] + centre - lps[:3, :3] @ centre
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     return flip @ lps @ flip
+
+
+def ants_rigid_t1w_to_dwi(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
+                          t1w_affine: np.ndarray, points: np.ndarray, header_prior: bool = True,
+                          seeds: tuple[int, ...] = ANTS_SEEDS) -> AntsCheck:
+    """An independent estimate of the same transform: ANTs rigid Mattes MI (antspyx), as QSIPrep uses.
+
+    One ANTs run per seed in ``seeds``, each from the image headers (``header_prior``) or
+    from the centres of mass; the medoid over the T1w world ``points`` ``(N, 3)`` is kept,
+    so that one run's random sampling (or its outright failure) does not decide the QC.
+    """
+    import ants
+
+    t1w, t1w_affine = _coarsen(t1w, t1w_affine, float(np.abs(np.linalg.det(b0_affine[:3, :3]))))
+    fixed = ants.from_nibabel_nifti(nib.Nifti1Image(t1w.astype(np.float32), t1w_affine))
+    moving = ants.from_nibabel_nifti(nib.Nifti1Image(b0.astype(np.float32), b0_affine))
+    runs = [_ants_rigid_run(fixed, moving, header_prior, seed) for seed in seeds]
+    distances = np.array([[mean_displacement_mm(a, b, points) for b in runs] for a in runs])
+    return AntsCheck(t1w_to_dwi=runs[int(distances.sum(axis=1).argmin())], spread_mm=float(distances.max()))
 
 
 def resample_to_t1w(volume: np.ndarray, dwi_affine: np.ndarray, result: RigidResult,
