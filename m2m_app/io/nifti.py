@@ -22,6 +22,18 @@ from m2m_app.errors import BadDataError, MissingInputError, OutputError
 MIN_AXIS_VOXELS = 8
 
 
+def ants_image(volume: np.ndarray, affine: np.ndarray):  # -> ants.ANTsImage (imported lazily)
+    """An antspyx image of a 3D array ``(X, Y, Z)`` with its voxel → RAS mm ``affine`` (float32).
+
+    The NIfTI units are set to mm, so that ANTs neither guesses nor warns about them.
+    """
+    import ants
+
+    img = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    return ants.from_nibabel_nifti(img)
+
+
 def load_image(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
     """Load a NIfTI image and its data as float32, failing clearly on missing or corrupt files.
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 from dipy.align.imaffine import (AffineMap, AffineRegistration, MutualInformationMetric,
                                  transform_centers_of_mass)
 from dipy.align.transforms import RigidTransform3D, TranslationTransform3D
 from nibabel.affines import apply_affine
 
+from m2m_app.io.nifti import ants_image
 from m2m_app.maths.tensor import (components_to_matrix, exp_tensors, frame_rotation, log_tensors,
                                   matrix_to_components, rotate_tensors)
 
@@ -198,11 +198,8 @@ def ants_rigid_t1w_to_dwi(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray
     from the centres of mass; the medoid over the T1w world ``points`` ``(N, 3)`` is kept,
     so that one run's random sampling (or its outright failure) does not decide the QC.
     """
-    import ants
-
     t1w, t1w_affine = _coarsen(t1w, t1w_affine, float(np.abs(np.linalg.det(b0_affine[:3, :3]))))
-    fixed = ants.from_nibabel_nifti(nib.Nifti1Image(t1w.astype(np.float32), t1w_affine))
-    moving = ants.from_nibabel_nifti(nib.Nifti1Image(b0.astype(np.float32), b0_affine))
+    fixed, moving = ants_image(t1w, t1w_affine), ants_image(b0, b0_affine)
     runs = [_ants_rigid_run(fixed, moving, header_prior, seed) for seed in seeds]
     distances = np.array([[mean_displacement_mm(a, b, points) for b in runs] for a in runs])
     return AntsCheck(t1w_to_dwi=runs[int(distances.sum(axis=1).argmin())], spread_mm=float(distances.max()))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
+from m2m_app.io.nifti import ants_image
+
 LOGGER = logging.getLogger(__name__)
 
 #: Plausible white-matter share of the brain volume (adults: about 0.3-0.45); outside it
@@ -64,8 +66,7 @@ def tissue_classes(img: nib.Nifti1Image, brain: np.ndarray) -> Tissues:
     import ants
 
     data = np.asarray(img.dataobj, dtype=np.float32)
-    t1w = ants.from_nibabel_nifti(nib.Nifti1Image(data, img.affine))
-    mask = ants.from_nibabel_nifti(nib.Nifti1Image(brain.astype(np.float32), img.affine))
+    t1w, mask = ants_image(data, img.affine), ants_image(brain, img.affine)
     spacing = np.asarray(t1w.spacing)
     work, work_mask = t1w, mask
     if spacing.min() < SEGMENTATION_VOXEL_MM:

@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app.errors import UsageError
+from m2m_app.io.nifti import ants_image
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,7 @@ class Atlas:
 
 def _ants(img: nib.Nifti1Image):
     """An ``ants.ANTsImage`` of a 3D nibabel image (float32, same world geometry)."""
-    import ants
-
-    out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-    out.header.set_xyzt_units("mm", "sec")
-    return ants.from_nibabel_nifti(out)
+    return ants_image(np.asarray(img.dataobj), img.affine)
 
 
 def _resample(img: nib.Nifti1Image, spacing_mm: float):
