@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy.ndimage import binary_erosion
 
 from conftest import synthetic_head
 from m2m_app.errors import UsageError
@@ -16,7 +18,7 @@ from m2m_app.teacher.dwi import tensor_volumes
 from m2m_app.teacher.prepare import SeriesResult, field_of_view, group_dwi_runs, qc_flags, qc_path, write_manifest
 from m2m_app.teacher.register import (MAX_VS_ANTS_MM, RigidResult, ants_rigid_t1w_to_dwi, mask_points,
                                       mean_displacement_mm, register_b0_to_t1w)
-from m2m_app.teacher.tissue import tissue_flags
+from m2m_app.teacher.tissue import tissue_classes, tissue_flags
 from m2m_app.training.loop import select_rows
 
 
@@ -169,3 +171,17 @@ def test_every_command_takes_a_space_separated_participant_list(tmp_path):
     bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": b"x"})
     result = run_cli("train", "prepare", bids, tmp_path / "prep", "--participant-label", "01", "98", "99")
     assert result.returncode == 66 and "98, 99" in result.stderr, result.stderr[-2000:]
+
+
+def test_tissue_classes_follow_t1w_intensity_and_leave_no_temporary_files(tmp_path, monkeypatch):
+    """Atropos on a synthetic head: its white matter is the T1w's, and nothing stays behind in
+    the temp dir (antspyx writes three probability images per call there and keeps them)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    head = synthetic_head("ras", shape=(40, 48, 40), zooms=(3.0, 3.0, 3.0))
+    brain, truth = head["mask"] > 0, head["wm"] > 0
+    t1w = head["t1w"].copy()
+    t1w[brain & ~binary_erosion(brain, iterations=2)] = 150.0  # a CSF shell: grey 600, white 850
+    tissues = tissue_classes(nib.Nifti1Image(t1w, head["affine"]), brain)
+    assert (tissues.wm & truth).sum() / (tissues.wm | truth).sum() > 0.8
+    assert not (tissues.wm & tissues.csf).any()
+    assert list(tmp_path.iterdir()) == []

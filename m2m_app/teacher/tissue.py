@@ -9,6 +9,9 @@ includes scalp fat, or a DWI slab that covers half the brain, cannot move them.
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -25,6 +28,21 @@ WM_FRACTION_RANGE = (0.2, 0.55)
 BRAIN_VOLUME_RANGE_ML = (800.0, 2200.0)
 #: Atropos runs on a grid no finer than this (mm): a 0.5 mm T1w gains nothing but time.
 SEGMENTATION_VOXEL_MM = 1.0
+
+
+@contextmanager
+def _private_temp_dir() -> Iterator[None]:
+    """Point :mod:`tempfile` at a directory of our own for the duration, then remove it.
+
+    antspyx's ``atropos`` writes its class-probability images under the temp dir and never
+    deletes them (three files per call); inside this they go with the directory.
+    """
+    with tempfile.TemporaryDirectory(prefix="m2m-atropos-") as tmp:
+        previous, tempfile.tempdir = tempfile.tempdir, tmp
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,8 @@ def tissue_classes(img: nib.Nifti1Image, brain: np.ndarray) -> Tissues:
                                    use_voxels=False, interp_type=0)
         work_mask = ants.resample_image_to_target(mask, work, interp_type="nearestNeighbor")
     corrected = ants.n4_bias_field_correction(work, mask=work_mask, shrink_factor=4)
-    labels = ants.atropos(a=corrected, x=work_mask, i="Kmeans[3]", m="[0.1,1x1x1]", c="[5,0]")["segmentation"]
+    with _private_temp_dir():
+        labels = ants.atropos(a=corrected, x=work_mask, i="Kmeans[3]", m="[0.1,1x1x1]", c="[5,0]")["segmentation"]
     if work is not t1w:
         labels = ants.resample_image_to_target(labels, t1w, interp_type="nearestNeighbor")
     labels = labels.numpy().astype(np.int16) * brain
