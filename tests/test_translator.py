@@ -17,8 +17,8 @@ from scipy import ndimage
 
 from conftest import synthetic_head as _head
 from m2m_app.errors import BadDataError
-from m2m_app.inference import conform
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2, predict_volume
+from m2m_app.maths import grid as conform
 from m2m_app.maths.tensor import components_to_matrix, tensor_derivatives
 from m2m_app.models.phases import PHASE1, PHASE2, fa_from_log, log_tensor_parts, tensor_to_log, wasserstein_1d
 from m2m_app.models.translator import Encoder, GlobalDiscriminator, PatchDiscriminator, Translator

@@ -10,10 +10,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from m2m_app.inference import conform
 from m2m_app.inference.predict import predict_phase1, predict_phase2, spread_to_source, uncertainty_scales
 from m2m_app.io.derivatives import QC_WM_FA, subject_qc, write_maps
 from m2m_app.io.naming import Subject, sidecar_path
+from m2m_app.maths import grid as conform
 from m2m_app.maths.tensor import scalar_maps
 from m2m_app.models.phases import PHASE1, PHASE2, axis_dispersion_deg, spread_sd
 from m2m_app.training import calibration

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from m2m_app.errors import BadDataError, MissingInputError, UsageError
-from m2m_app.inference.conform import ConformedGrid, resample_tensor
+from m2m_app.maths.grid import ConformedGrid, resample_tensor
 from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_inputs, phase2_inputs, slab_along
 from m2m_app.models.translator import Translator
 

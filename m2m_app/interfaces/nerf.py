@@ -34,9 +34,9 @@ class FitField(SimpleInterface):
     def _run_interface(self, runtime):
         import torch
 
-        from m2m_app.inference.conform import conform_t1w
         from m2m_app.inference.predict import resolve_device
         from m2m_app.io.nifti import load_image, load_t1w, save_nifti
+        from m2m_app.maths.grid import conform_t1w
         from m2m_app.models.nerf import fit_field
 
         torch.set_num_threads(self.inputs.num_threads)

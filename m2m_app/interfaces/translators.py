@@ -136,9 +136,9 @@ class PredictTracts(SimpleInterface):
     def _run_interface(self, runtime):
         import torch
 
-        from m2m_app.inference.conform import conform_t1w
         from m2m_app.inference.predict import predict_phase2, uncertainty_scales
         from m2m_app.io.nifti import load_image, load_t1w
+        from m2m_app.maths.grid import conform_t1w
 
         torch.set_num_threads(self.inputs.num_threads)
         img, data = load_t1w(self.inputs.t1w)

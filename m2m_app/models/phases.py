@@ -25,8 +25,8 @@ from scipy import ndimage
 from torch.nn import functional as F
 
 from m2m_app.errors import BadDataError, UsageError
-from m2m_app.inference.conform import ConformedGrid, conform_t1w, resample_tensor
 from m2m_app.io.nifti import load_image, load_t1w
+from m2m_app.maths.grid import ConformedGrid, conform_t1w, resample_tensor
 from m2m_app.maths.metrics import angular_error_deg
 from m2m_app.maths.tensor import (components_to_matrix, eigen_decomposition, log_tensors, matrix_to_components,
                                   scalar_maps)

@@ -13,7 +13,7 @@ alone for older prep dirs), and in the white matter inside that mask.
   the training subjects); ``atlas``, a population FA template warped to the T1w
   (:mod:`m2m_app.training.atlas`). With ``skull_strip`` every method scores a skull-stripped
   T1w instead (zeroed outside the teacher's brain mask grown by
-  :data:`~m2m_app.inference.conform.STRIPPED_MARGIN_MM`), as brain-extracted inputs are common.
+  :data:`~m2m_app.maths.grid.STRIPPED_MARGIN_MM`), as brain-extracted inputs are common.
 * phase 2: Pearson r and Dice (relative density above a threshold) of the track density,
   DEC-TDI angular error where the teacher's density is high. Baseline: TDI = f(FA) (mean
   relative density per FA bin, fitted on the training subjects) with colour FA as direction.
@@ -29,9 +29,9 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app.errors import UsageError
-from m2m_app.inference.conform import STRIPPED_MARGIN_MM, brain_extraction_mask, normalise_intensity
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
 from m2m_app.io.nifti import load_image, load_t1w, save_nifti, save_tsv
+from m2m_app.maths.grid import STRIPPED_MARGIN_MM, brain_extraction_mask, normalise_intensity
 from m2m_app.maths.metrics import angular_error_deg, dice, masked_ssim, pearson, psnr
 from m2m_app.maths.streamlines import fraction_near, track_density
 from m2m_app.maths.tensor import tensor_derivatives

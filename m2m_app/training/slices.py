@@ -26,9 +26,8 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from m2m_app.inference.conform import (MODEL_SHAPE, MODEL_VOXEL_MM, STRIPPED_MARGIN_MM, brain_extraction_mask,
-                                       intensity_range)
 from m2m_app.io.nifti import atomic_write
+from m2m_app.maths.grid import MODEL_SHAPE, MODEL_VOXEL_MM, STRIPPED_MARGIN_MM, brain_extraction_mask, intensity_range
 from m2m_app.maths.tensor import components_to_matrix, matrix_to_components, rotate_tensors
 from m2m_app.models.phases import PhaseSpec, neighbours, slab_along
 
@@ -131,9 +130,9 @@ def random_monotonic_curve(slab: np.ndarray, rng: np.random.Generator) -> np.nda
 
 def stripped_intensity_ranges(inputs: np.ndarray, brain: np.ndarray) -> np.ndarray:
     """``(C, 2)``: per channel of normalised ``inputs (C, X, Y, Z)``, the intensities that
-    :func:`~m2m_app.inference.conform.normalise_intensity` would map to 0 and 1 had the volume
+    :func:`~m2m_app.maths.grid.normalise_intensity` would map to 0 and 1 had the volume
     been skull-stripped (zeroed outside ``brain (X, Y, Z)`` grown by
-    :data:`~m2m_app.inference.conform.STRIPPED_MARGIN_MM`)."""
+    :data:`~m2m_app.maths.grid.STRIPPED_MARGIN_MM`)."""
     keep = brain_extraction_mask(brain, STRIPPED_MARGIN_MM, (MODEL_VOXEL_MM,) * 3)
     return np.array([intensity_range(np.where(keep, channel, 0.0)) for channel in inputs], dtype=np.float32)
 
