@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from m2m_app.io.nifti import save_json
+from m2m_app.io.files import save_json
 
 
 def test_atomic_write_follows_the_umask(tmp_path):

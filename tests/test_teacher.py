@@ -11,8 +11,8 @@ from scipy.ndimage import binary_erosion
 
 from conftest import synthetic_head
 from m2m_app.errors import UsageError
+from m2m_app.io.files import save_json
 from m2m_app.io.naming import Subject
-from m2m_app.io.nifti import save_json
 from m2m_app.maths.tensor import log_euclidean_mean
 from m2m_app.teacher.dwi import tensor_volumes
 from m2m_app.teacher.prepare import SeriesResult, field_of_view, group_dwi_runs, qc_flags, qc_path, write_manifest

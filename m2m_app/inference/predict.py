@@ -8,7 +8,6 @@ multiplied by the scale that ``m2m-train calibrate`` stored with the weights (1 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from m2m_app.errors import BadDataError, MissingInputError, UsageError
+from m2m_app.io.files import file_sha256
 from m2m_app.maths.grid import ConformedGrid, resample_tensor
 from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_inputs, phase2_inputs, slab_along
 from m2m_app.models.translator import Translator
@@ -39,15 +39,6 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_weights(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[PhaseSpec, dict, Path]:

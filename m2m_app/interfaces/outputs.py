@@ -118,7 +118,7 @@ class WriteReport(SimpleInterface):
 
     def _run_interface(self, runtime):
         from m2m_app.io.derivatives import qc_path, subject_qc
-        from m2m_app.io.nifti import save_json
+        from m2m_app.io.files import save_json
         from m2m_app.reports.subject import report_summary, write_report
 
         inputs, subject = self.inputs, _subject(self.inputs)

@@ -11,9 +11,9 @@ import numpy as np
 
 from m2m_app import __version__
 from m2m_app.io.environment import container_description
+from m2m_app.io.files import atomic_write, save_json
 from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, UNCERTAINTY_MAPS, Subject, bids_uri, derivative_path,
                                derivative_paths, sidecar_path)
-from m2m_app.io.nifti import atomic_write, save_json
 
 LOGGER = logging.getLogger(__name__)
 

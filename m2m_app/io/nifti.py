@@ -1,14 +1,11 @@
-"""Validated NIfTI loading and atomic writing.
+"""Validated NIfTI loading and atomic NIfTI writing (any other file: :mod:`m2m_app.io.files`).
 
 Every loader reads the voxel data eagerly, so a truncated or corrupt file fails here
 with a message naming the file, not later deep inside a workflow node.
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from m2m_app.errors import BadDataError, MissingInputError, OutputError
+from m2m_app.errors import BadDataError, MissingInputError
+from m2m_app.io.files import atomic_write
 
 #: Smallest number of voxels accepted along each spatial axis of an input image.
 MIN_AXIS_VOXELS = 8
@@ -109,42 +107,6 @@ def load_dwi(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray, np.n
     return img, data, bvals, bvecs.T
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, writer) -> Path:
-    """Call ``writer(tmp_path)`` then rename the temporary file onto ``path``.
-
-    A crash, a SIGTERM or a full disk therefore never leaves a half-written output
-    under its final name.
-    """
-    path = Path(path)
-    try:
-        fd, tmp = _atomic_target(path)
-    except OSError as err:
-        raise OutputError(f"{path.parent}: cannot write here: {err.strerror}") from None
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs follow the umask
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OutputError(f"{path}: writing failed: {err.strerror or err}") from None
-        raise
-    return path
-
-
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
                header: nib.Nifti1Header | None = None, dtype: Any = np.float32) -> Path:
     """Write ``data`` with ``affine`` to ``path`` atomically (qform/sform set, float32 by default)."""
@@ -153,27 +115,3 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     return atomic_write(path, lambda tmp: nib.save(img, tmp))
-
-
-def save_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def save_tsv(rows: list[dict], path: str | os.PathLike, columns: list[str] | None = None,
-             missing: str = "n/a") -> Path:
-    """Write dict rows as a tab-separated table atomically.
-
-    ``columns`` defaults to the union of the rows' keys in first-seen order; absent values
-    read ``missing`` (BIDS uses ``n/a``).
-    """
-    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
-
-    def writer(tmp: str) -> None:
-        with open(tmp, "w", newline="") as handle:
-            table = csv.DictWriter(handle, columns, delimiter="\t", restval=missing, extrasaction="ignore")
-            table.writeheader()
-            table.writerows(rows)
-
-    return atomic_write(path, writer)

@@ -9,7 +9,7 @@ import numpy as np
 from dipy.io.stateful_tractogram import Space, StatefulTractogram
 from dipy.io.streamline import save_tractogram as dipy_save_tractogram
 
-from m2m_app.io.nifti import atomic_write
+from m2m_app.io.files import atomic_write
 
 #: File extensions m2m can write, and the format name used on the command line.
 TRACTOGRAM_FORMATS = ("trx", "tck", "trk")

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from m2m_app.errors import BadDataError, MissingInputError
-from m2m_app.io.nifti import atomic_write
+from m2m_app.io.files import atomic_write
 from m2m_app.maths.metrics import psnr
 
 LOGGER = logging.getLogger(__name__)

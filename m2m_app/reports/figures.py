@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from m2m_app.io.nifti import atomic_write  # noqa: E402
+from m2m_app.io.files import atomic_write  # noqa: E402
 from m2m_app.maths.orientation import ras_zooms, to_ras  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from m2m_app.errors import MissingInputError
-from m2m_app.io.nifti import atomic_write, save_tsv
+from m2m_app.io.files import atomic_write, save_tsv
 
 #: A value further than this many robust standard deviations (1.4826 × MAD) from the median is an outlier.
 OUTLIER_Z = 3.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from m2m_app.io.nifti import atomic_write
+from m2m_app.io.files import atomic_write
 
 #: BibTeX key → (short citation shown in the report, BibTeX entry).
 REFERENCES: dict[str, tuple[str, str]] = {

@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
+from m2m_app.io.files import atomic_write
 from m2m_app.io.naming import Subject, derivative_path
-from m2m_app.io.nifti import atomic_write
 from m2m_app.io.tractogram import load_streamlines
 from m2m_app.reports.figures import mosaic, streamline_figure
 from m2m_app.reports.methods import cited, references_html, write_bibtex

@@ -28,9 +28,10 @@ from scipy.ndimage import binary_dilation
 
 from m2m_app import __version__
 from m2m_app.errors import BadDataError
+from m2m_app.io.files import save_json, save_tsv
 from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, derivative_path,
                                derivative_paths, sidecar_path)
-from m2m_app.io.nifti import load_dwi, load_t1w, save_json, save_nifti, save_tsv
+from m2m_app.io.nifti import load_dwi, load_t1w, save_nifti
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.maths.streamlines import directional_density, track_density
 from m2m_app.maths.tensor import log_euclidean_mean, masked_tensor_maps

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m2m_app.io.nifti import atomic_write
+from m2m_app.io.files import atomic_write
 from m2m_app.maths.orientation import ras_zooms, to_ras
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m2m_app.io.nifti import atomic_write
+from m2m_app.io.files import atomic_write
 from m2m_app.maths.render import QueryFn, camera_basis, render_view
 from m2m_app.models.nerf import FittedField, normalising_matrix
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from m2m_app.errors import UsageError
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
-from m2m_app.io.nifti import load_image, load_t1w, save_nifti, save_tsv
+from m2m_app.io.files import save_tsv
+from m2m_app.io.nifti import load_image, load_t1w, save_nifti
 from m2m_app.maths.grid import STRIPPED_MARGIN_MM, brain_extraction_mask, normalise_intensity
 from m2m_app.maths.metrics import angular_error_deg, dice, masked_ssim, pearson, psnr
 from m2m_app.maths.streamlines import fraction_near, track_density

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from m2m_app import __version__
 from m2m_app.errors import UsageError
-from m2m_app.inference.predict import file_sha256, resolve_device
-from m2m_app.io.nifti import atomic_write, save_json
+from m2m_app.inference.predict import resolve_device
+from m2m_app.io.files import atomic_write, file_sha256, save_json
 from m2m_app.models.phases import PhaseSpec, get_phase, read_manifest
 from m2m_app.models.translator import GlobalDiscriminator, PatchDiscriminator, Translator, parameter_count
 from m2m_app.training import recipe as default

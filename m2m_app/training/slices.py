@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from m2m_app.io.nifti import atomic_write
+from m2m_app.io.files import atomic_write
 from m2m_app.maths.grid import MODEL_SHAPE, MODEL_VOXEL_MM, STRIPPED_MARGIN_MM, brain_extraction_mask, intensity_range
 from m2m_app.maths.tensor import components_to_matrix, matrix_to_components, rotate_tensors
 from m2m_app.models.phases import PhaseSpec, neighbours, slab_along

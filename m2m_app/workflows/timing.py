@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from m2m_app.io.nifti import save_json
+from m2m_app.io.files import save_json
 
 LOGGER = logging.getLogger("m2m")
 
