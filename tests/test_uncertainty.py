@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from m2m_app.inference.predict import predict_phase1, predict_phase2, spread_to_source, uncertainty_scales
+from m2m_app.data.weights import uncertainty_scales
+from m2m_app.inference.predict import predict_phase1, predict_phase2, spread_to_source
 from m2m_app.io.derivatives import QC_WM_FA, subject_qc, write_maps
 from m2m_app.io.naming import Subject, sidecar_path
 from m2m_app.maths import grid as conform

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from m2m_app.data.weights import weight_files
 from m2m_app.errors import BadDataError, MissingInputError, UsageError
 from m2m_app.io.files import file_sha256
 from m2m_app.maths.grid import ConformedGrid, resample_tensor
@@ -25,10 +26,6 @@ from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_input
 from m2m_app.models.translator import Translator
 
 log = logging.getLogger(__name__)
-
-#: Folder of the packaged weights (``<phase>.safetensors`` + ``<phase>.json``).
-PACKAGED_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "models"
-
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
@@ -50,8 +47,7 @@ def verify_weights(phase_name: str, weights_dir: str | os.PathLike | None = None
     Returns the phase spec, the metadata and the weights path.
     """
     spec = get_phase(phase_name)
-    folder = Path(weights_dir) if weights_dir is not None else PACKAGED_WEIGHTS
-    weights, meta_path = folder / f"{spec.name}.safetensors", folder / f"{spec.name}.json"
+    weights, meta_path = weight_files(spec.name, weights_dir)
     for path in (weights, meta_path):
         if not path.exists():
             raise MissingInputError(f"{path}: translator weights not found")
@@ -68,23 +64,6 @@ def verify_weights(phase_name: str, weights_dir: str | os.PathLike | None = None
     if phase != spec.metadata():
         raise BadDataError(f"{meta_path}: weights were trained for {phase}, not for {spec.metadata()}")
     return spec, meta, weights
-
-
-#: Key of the phase JSON holding ``{uncertainty map: scale}`` (written by ``m2m-train calibrate``).
-UNCERTAINTY_SCALE_KEY = "uncertainty_scale"
-
-
-def uncertainty_scales(phase_name: str, weights_dir: str | os.PathLike | None = None) -> dict[str, float]:
-    """The calibration scale of each uncertainty map stored in ``<phase>.json`` (``{}`` when none).
-
-    A map without a stored scale is used as computed (scale 1.0).
-    """
-    path = (Path(weights_dir) if weights_dir is not None else PACKAGED_WEIGHTS) / f"{get_phase(phase_name).name}.json"
-    try:
-        stored = json.loads(path.read_text()).get(UNCERTAINTY_SCALE_KEY, {}) if path.exists() else {}
-        return {str(key): float(value) for key, value in stored.items()}
-    except (ValueError, TypeError, AttributeError) as err:
-        raise BadDataError(f"{path}: unreadable '{UNCERTAINTY_SCALE_KEY}': {err}") from None
 
 
 def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[Translator, PhaseSpec]:

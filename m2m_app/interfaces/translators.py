@@ -68,7 +68,8 @@ class PredictTensor(SimpleInterface):
     def _run_interface(self, runtime):
         import torch
 
-        from m2m_app.inference.predict import predict_phase1, uncertainty_scales
+        from m2m_app.data.weights import uncertainty_scales
+        from m2m_app.inference.predict import predict_phase1
         from m2m_app.io.nifti import load_t1w
 
         torch.set_num_threads(self.inputs.num_threads)
@@ -136,7 +137,8 @@ class PredictTracts(SimpleInterface):
     def _run_interface(self, runtime):
         import torch
 
-        from m2m_app.inference.predict import predict_phase2, uncertainty_scales
+        from m2m_app.data.weights import uncertainty_scales
+        from m2m_app.inference.predict import predict_phase2
         from m2m_app.io.nifti import load_image, load_t1w
         from m2m_app.maths.grid import conform_t1w
 

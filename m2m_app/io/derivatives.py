@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
+from m2m_app.data.weights import UNCERTAINTY_SCALE_KEY, uncertainty_scales, weight_files, weights_folder
 from m2m_app.io.environment import container_description
 from m2m_app.io.files import atomic_write, save_json
 from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, UNCERTAINTY_MAPS, Subject, bids_uri, derivative_path,
@@ -69,9 +70,7 @@ NOT_BIDS = ("*.html", "figures/", "logs/", "*_qc.json", "group_qc.tsv", "*_model
 def write_readme(output_dir: Path, weights_dir: str | None = None) -> Path:
     """Write the derivatives' ``README`` (what m2m is and where its methods and model card are) and
     the ``.bidsignore`` that keeps validators off the files in :data:`NOT_BIDS`; returns the README."""
-    from m2m_app.inference.predict import PACKAGED_WEIGHTS
-
-    card = Path(weights_dir or PACKAGED_WEIGHTS) / "README.md"
+    card = weights_folder(weights_dir) / "README.md"
     card_line = card.as_posix() if card.exists() else f"none found (no README.md in {card.parent.as_posix()})"
     text = f"""# m2m derivatives
 
@@ -97,12 +96,9 @@ Each file's JSON sidecar says so in its Description and names the T1w it was pre
 
 def weights_provenance(weights_dir: str | None) -> dict:
     """Version and SHA-256 of the translator weights used (packaged ones when ``weights_dir`` is None)."""
-    from m2m_app.inference.predict import PACKAGED_WEIGHTS
-
-    folder = Path(weights_dir) if weights_dir else PACKAGED_WEIGHTS
     out = {}
     for phase in ("phase1", "phase2"):
-        meta_path = folder / f"{phase}.json"
+        meta_path = weight_files(phase, weights_dir)[1]
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             out[phase] = {"file": f"{phase}.safetensors", "sha256": meta.get("sha256"),
@@ -127,8 +123,6 @@ UNCERTAINTY_PHASE = {"fa_sd": "phase1", "v1_dispersion": "phase1", "tdi_sd": "ph
 
 def _uncertainty_sidecar(key: str, weights_dir: str | None) -> tuple[str, dict]:
     """Description and extra sidecar keys of uncertainty map ``key`` (units, the calibration scale applied)."""
-    from m2m_app.inference.predict import UNCERTAINTY_SCALE_KEY, uncertainty_scales
-
     entities, description, units = UNCERTAINTY_MAPS[key]
     phase = UNCERTAINTY_PHASE[key]
     stored = uncertainty_scales(phase, weights_dir)

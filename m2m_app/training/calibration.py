@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from m2m_app.data.weights import PACKAGED_WEIGHTS, UNCERTAINTY_SCALE_KEY, uncertainty_scales
 from m2m_app.errors import BadDataError, UsageError
-from m2m_app.inference.predict import (PACKAGED_WEIGHTS, UNCERTAINTY_SCALE_KEY, load_translator, predict_phase1,
-                                       predict_phase2, uncertainty_scales)
+from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
 from m2m_app.io.files import save_json, save_tsv
 from m2m_app.io.nifti import load_image, load_t1w
 from m2m_app.maths.tensor import tensor_derivatives
