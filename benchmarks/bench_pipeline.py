@@ -25,8 +25,8 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
     from nipype.utils.filemanip import loadpkl
 
     from m2m_app.io import bids as bids_io
+    from m2m_app.io.timings import STAGE_ORDER
     from m2m_app.workflows.base import RunOptions, init_m2m_wf
-    from m2m_app.workflows.timing import STAGE_ORDER
 
     config.enable_resource_monitor()
     torch.set_num_threads(threads)

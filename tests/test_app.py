@@ -250,7 +250,8 @@ def test_resource_options_reach_the_nipype_plugin(tmp_path):
 def test_stage_timer_keeps_each_stage_time(tmp_path, caplog):
     from types import SimpleNamespace
 
-    from m2m_app.workflows.timing import StageTimer, read_timings, timings_path
+    from m2m_app.io.timings import read_timings, timings_path
+    from m2m_app.workflows.timing import StageTimer
 
     timer = StageTimer(tmp_path, {"sub_01_wf": "sub-01"})
     ran = SimpleNamespace(fullname="m2m_wf.sub_01_wf.phase1", result=SimpleNamespace(runtime=SimpleNamespace(duration=3.25)))

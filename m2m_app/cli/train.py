@@ -10,10 +10,11 @@ import click
 import numpy as np
 
 from m2m_app import __version__
-from m2m_app.cli.common import (crash_reasons, exit_code_for, exits_cleanly, plugin_settings, run_click,
+from m2m_app.cli.common import (exit_code_for, exits_cleanly, plugin_settings, run_click,
                                 run_workflow, setup_logging, writable_dir, write_citation)
 from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
+from m2m_app.io.crashes import crash_reasons
 from m2m_app.training import recipe as default
 
 LOGGER = logging.getLogger("m2m.train")

@@ -30,7 +30,7 @@ def _subject(inputs):
 
 
 def _timings(inputs) -> dict[str, float]:
-    from m2m_app.workflows.timing import read_timings
+    from m2m_app.io.timings import read_timings
 
     return read_timings(inputs.timings)
 

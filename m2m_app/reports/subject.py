@@ -21,12 +21,13 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
+from m2m_app.io.crashes import crash_reasons
 from m2m_app.io.files import atomic_write
 from m2m_app.io.naming import Subject, derivative_path
+from m2m_app.io.timings import STAGE_ORDER
 from m2m_app.io.tractogram import load_streamlines
 from m2m_app.reports.figures import mosaic, streamline_figure
 from m2m_app.reports.methods import cited, references_html, write_bibtex
-from m2m_app.workflows.timing import STAGE_ORDER
 
 #: Navigation bar: section id → title, in page order.
 SECTIONS: dict[str, str] = {"summary": "Summary", "maps": "Maps", "tracts": "Tracts",
@@ -156,8 +157,6 @@ def _uncertainty_section(figures: dict[str, Path], output_dir: Path) -> str:
 
 
 def _errors_section(output_dir: Path, subject: Subject, errors: list[str]) -> str:
-    from m2m_app.cli.common import crash_reasons
-
     log_dir = subject.folder(output_dir, "log")
     crashes = sorted(log_dir.glob("crash-*.txt")) if log_dir.is_dir() else []
     parts = [f'<div class="error">{html.escape(e)}</div>' for e in errors]

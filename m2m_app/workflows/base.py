@@ -15,7 +15,7 @@ from m2m_app.interfaces.nerf import FitField, RenderField, TrackField
 from m2m_app.interfaces.outputs import WriteMaps, WriteNerf, WriteReport
 from m2m_app.interfaces.translators import CheckT1w, PredictTensor, PredictTracts, TensorMaps
 from m2m_app.io.naming import Subject
-from m2m_app.workflows.timing import timings_path
+from m2m_app.io.timings import timings_path
 
 
 @dataclass(frozen=True)

@@ -4,37 +4,19 @@
 process when a node starts and when it ends, before the node's dependents are submitted.
 It logs each stage's time and keeps, per participant/session workflow, a JSON file
 ``{stage: seconds}`` under the work folder, which the writing nodes read (they run later,
-in other processes). Times come from the nodes' results, so a stage restored from the work
-folder reports the time it took when it ran.
+in other processes; see :mod:`m2m_app.io.timings`). Times come from the nodes' results, so a
+stage restored from the work folder reports the time it took when it ran.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 
-from m2m_app.io.files import save_json
+from m2m_app.io.timings import record_timing, timings_path
 
 LOGGER = logging.getLogger("m2m")
-
-#: The stages (workflow node names) of one participant/session, in the order they run.
-STAGE_ORDER = ("check_t1w", "phase1", "tensor_maps", "phase2", "nerf_fit", "nerf_render", "nerf_track",
-               "write_maps", "write_nerf", "write_report")
-
-
-def timings_path(work_dir: str | Path, unit_workflow: str) -> Path:
-    """The stage-time JSON of one participant/session workflow (named as in :func:`node_prefix`)."""
-    return Path(work_dir) / "timings" / f"{unit_workflow}.json"
-
-
-def read_timings(path: str | Path | None) -> dict[str, float]:
-    """``{stage: seconds}`` recorded so far (empty when nothing was recorded)."""
-    if not path or not Path(path).exists():
-        return {}
-    return json.loads(Path(path).read_text())
-
 
 class StageTimer:
     """Nipype status callback ``(node, status)`` recording each stage's wall time in seconds."""
@@ -62,7 +44,7 @@ class StageTimer:
         LOGGER.info("%s: %s %s in %.1f s", unit, stage, "finished" if status == "end" else "FAILED", seconds)
         with self._lock:
             path = timings_path(self.work_dir, parts[-2])
-            save_json({**read_timings(path), stage: round(seconds, 2)}, path)
+            record_timing(path, stage, seconds)
 
 
 def _run_seconds(node) -> float | None:
