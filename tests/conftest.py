@@ -20,7 +20,8 @@ DS_EXTRA = DS_REAL.parent / "ds-extra"
 requires_ds_extra = pytest.mark.skipif(not DS_EXTRA.exists(), reason=f"{DS_EXTRA} is not present")
 
 
-def run_cli(module: str, *args: str, timeout: float = 1200, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_cli(module: str, *args: str, timeout: float = 1200,
+            prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``[PREFIX] python -m m2m_app.cli.<module> ARGS`` and return the finished process (text output)."""
     return subprocess.run([*prefix, sys.executable, "-m", f"m2m_app.cli.{module}", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout)

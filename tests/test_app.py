@@ -138,7 +138,8 @@ def test_reports_load_in_a_real_browser(app_run):
         for page in ("sub-02_ses-hfs.html", "sub-03.html", "group.html"):
             browser.get((out / page).as_uri())
             images = browser.execute_script(
-                "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);")
+                "return Array.from(document.images)"
+                ".map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);")
             assert all(ok for _, ok in images), (page, [src for src, ok in images if not ok])
             errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
             assert not errors, (page, errors)
@@ -254,7 +255,8 @@ def test_stage_timer_keeps_each_stage_time(tmp_path, caplog):
     from m2m_app.workflows.timing import StageTimer
 
     timer = StageTimer(tmp_path, {"sub_01_wf": "sub-01"})
-    ran = SimpleNamespace(fullname="m2m_wf.sub_01_wf.phase1", result=SimpleNamespace(runtime=SimpleNamespace(duration=3.25)))
+    ran = SimpleNamespace(fullname="m2m_wf.sub_01_wf.phase1",
+                          result=SimpleNamespace(runtime=SimpleNamespace(duration=3.25)))
     crashed = SimpleNamespace(fullname="m2m_wf.sub_01_wf.phase2")  # no result: timed from its start
     caplog.set_level("INFO", logger="m2m")
     for node in (ran, crashed):

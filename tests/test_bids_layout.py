@@ -102,7 +102,8 @@ def test_app_summary_names_what_was_found(tmp_path):
 
 
 @pytest.mark.parametrize("path, uri", [
-    ("/data/sub-pilot/bids/sub-01/ses-a/anat/sub-01_ses-a_T1w.nii.gz", "bids:raw:sub-01/ses-a/anat/sub-01_ses-a_T1w.nii.gz"),
+    ("/data/sub-pilot/bids/sub-01/ses-a/anat/sub-01_ses-a_T1w.nii.gz",
+     "bids:raw:sub-01/ses-a/anat/sub-01_ses-a_T1w.nii.gz"),
     ("/data/sub-01/bids/sub-01/dwi/sub-01_dwi.nii.gz", "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz"),
     ("/data/anat/ses-x/bids/sub-02/anat/sub-02_T1w.nii.gz", "bids:raw:sub-02/anat/sub-02_T1w.nii.gz"),
     ("bids/sub-01/sub-01_sessions.tsv", "bids:raw:sub-01/sub-01_sessions.tsv"),

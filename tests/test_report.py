@@ -199,7 +199,8 @@ def test_group_report_table_plot_and_links(unit_output, tmp_path):
     try:
         page = _check_page(browser, (out / "group.html").as_uri())
         assert page["images"] == ["figures/group_qc.svg"]
-        rows = browser.execute_script("return Array.from(document.querySelectorAll('#qc-table tr[id]')).map(r => r.id);")
+        rows = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#qc-table tr[id]')).map(r => r.id);")
         assert rows == [f"row-sub-{i:02d}" for i in range(2, 8)]
         flagged = browser.execute_script("return Array.from(document.querySelectorAll('td.outlier'))"
                                          ".map(td => td.parentElement.id);")

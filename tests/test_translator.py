@@ -126,7 +126,8 @@ def test_phase1_loss_separates_shape_from_orientation():
     isotropic = np.array([0.77e-3, 0, 0, 0.77e-3, 0, 0.77e-3], np.float32)
     same, rotated, round_guess = loss_of(fibre_x, fibre_x), loss_of(fibre_y, fibre_x), loss_of(isotropic, fibre_x)
     assert [same[k] for k in ("size_l1", "anisotropy_l1", "orientation")] == pytest.approx([0.0] * 3, abs=1e-5)
-    assert rotated["size_l1"] == pytest.approx(0.0, abs=1e-5) and rotated["anisotropy_l1"] == pytest.approx(0.0, abs=1e-5)
+    assert rotated["size_l1"] == pytest.approx(0.0, abs=1e-5)
+    assert rotated["anisotropy_l1"] == pytest.approx(0.0, abs=1e-5)
     assert rotated["fa_l1"] == pytest.approx(0.0, abs=1e-4) and rotated["orientation"] > 1.0
     assert round_guess["anisotropy_l1"] > 1.0 and round_guess["fa_l1"] > 0.7
     # An isotropic prediction for an isotropic truth: no anisotropy, no orientation cost.
@@ -147,9 +148,12 @@ def test_fa_distribution_term_penalises_a_compressed_fa_range():
     compressed[:, [0, 3, 5]] = mean + 0.3 * (eigen - mean)
 
     def terms(predicted: np.ndarray) -> dict:
-        as_raw = lambda comps, mask: torch.from_numpy(np.concatenate(
-            [tensor_to_log(comps), np.full((64, 1), mask, np.float32)], 1).T.copy()).float().view(1, 7, 1, 64)
-        return {k: v.item() for k, v in PHASE1.loss(as_raw(predicted, 0.0), as_raw(truth, 1.0), torch.ones(1, 1, 1, 64)).items()}
+        def as_raw(comps: np.ndarray, mask: float) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate(
+                [tensor_to_log(comps), np.full((64, 1), mask, np.float32)], 1).T.copy()).float().view(1, 7, 1, 64)
+
+        losses = PHASE1.loss(as_raw(predicted, 0.0), as_raw(truth, 1.0), torch.ones(1, 1, 1, 64))
+        return {k: v.item() for k, v in losses.items()}
 
     shuffled, squeezed = terms(truth[rng.permutation(64)]), terms(compressed)
     assert shuffled["fa_distribution"] == pytest.approx(0.0, abs=1e-6) and shuffled["fa_l1"] > 0.05
@@ -211,7 +215,8 @@ def test_mirrored_passes_make_the_prediction_mirror_equivariant(spec):
 
     def mirrored_prediction(mirror: bool) -> tuple[np.ndarray, np.ndarray]:
         out = predict_volume(model, spec, volume, device="cpu", mirror=mirror)
-        out_of_mirrored = predict_volume(model, spec, np.ascontiguousarray(volume[:, ::-1]), device="cpu", mirror=mirror)
+        out_of_mirrored = predict_volume(model, spec, np.ascontiguousarray(volume[:, ::-1]), device="cpu",
+                                         mirror=mirror)
         return out, out_of_mirrored[:, ::-1] * signs
 
     np.testing.assert_allclose(*mirrored_prediction(True), atol=1e-5)
@@ -441,7 +446,8 @@ def test_training_resumes_and_exports(tmp_path, caplog):
     rows = list(csv.DictReader((out / "phase1_losses.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == first[0]
     meta = json.loads((out / "phase1.json").read_text())
-    assert meta["recipe"]["epochs"] == 2 and meta["recipe"]["subjects"] == ["sub-01"] and meta["recipe"]["elastic_px"] == 2.0
+    assert meta["recipe"]["epochs"] == 2 and meta["recipe"]["subjects"] == ["sub-01"]
+    assert meta["recipe"]["elastic_px"] == 2.0
     assert meta["recipe"]["training_datasets"] == ["prep"] and str(tmp_path) not in json.dumps(meta)
     assert meta["architecture"] == {"in_channels": 5, "out_channels": 7, **TINY}
     results = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], out_tsv=out / "eval.tsv", device="cpu")
@@ -531,7 +537,8 @@ def test_distributed_training_with_torchrun_on_cpu(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "phase1.json").read_text())
-    assert meta["recipe"]["world_size"] == 2 and meta["recipe"]["batch_size"] == 8 and meta["recipe"]["elastic_px"] == 2.0
+    assert meta["recipe"]["world_size"] == 2 and meta["recipe"]["batch_size"] == 8
+    assert meta["recipe"]["elastic_px"] == 2.0
     assert [row["epoch"] for row in csv.DictReader((out / "phase1_losses.csv").open())] == ["1"]
     load_translator("phase1", out)
 

@@ -135,7 +135,8 @@ def test_calibration_measures_on_known_errors():
     assert calibration.coverage(error, uncertainty, 1.0) == pytest.approx(0.383, abs=0.01)
     scale = calibration.fit_scale(np.abs(error), uncertainty)
     assert scale == pytest.approx(2.0, rel=0.02)
-    assert calibration.coverage(error, scale * uncertainty, 1.0) == pytest.approx(calibration.ONE_SD_COVERAGE, abs=0.005)
+    assert (calibration.coverage(error, scale * uncertainty, 1.0)
+            == pytest.approx(calibration.ONE_SD_COVERAGE, abs=0.005))
     assert calibration.coverage(error, scale * uncertainty, 2.0) == pytest.approx(0.954, abs=0.01)
     assert calibration.pooled_scale([1.0, float("nan"), 3.0, 2.5]) == 2.5 and calibration.pooled_scale([]) == 1.0
 
