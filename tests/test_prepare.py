@@ -214,10 +214,10 @@ def test_dwi_runs_are_concatenated_and_checked(tmp_path):
 def test_a_unit_whose_registration_is_forced_wrong_is_flagged_and_left_out(tmp_path, monkeypatch):
     """dipy's registration shifted by 8 mm: the ANTs check disagrees, the unit is flagged, training skips it."""
     from m2m_app.errors import UsageError
+    from m2m_app.io.manifest import select_rows, write_manifest
     from m2m_app.io.naming import Subject
     from m2m_app.teacher import prepare as teacher
     from m2m_app.teacher.register import RigidResult
-    from m2m_app.training.loop import select_rows
 
     register = teacher.register_b0_to_t1w
 
@@ -232,7 +232,7 @@ def test_a_unit_whose_registration_is_forced_wrong_is_flagged_and_left_out(tmp_p
     qc = teacher.prepare_subject(Subject("02", "hfs"), next(folder.glob("anat/*_T1w.nii.gz")),
                                  sorted(folder.glob("dwi/*_dwi.nii.gz")), tmp_path)
     assert qc["flagged"] and "from ANTs" in qc["flags"] and qc["registration_vs_ants_mm"] > 5
-    teacher.write_manifest(tmp_path)
+    write_manifest(tmp_path)
     with pytest.raises(UsageError, match="flagged"):
         select_rows([tmp_path], None)
     assert [row["subject"] for row, _ in select_rows([tmp_path], None, include_flagged=True)] == ["sub-02_ses-hfs"]

@@ -12,14 +12,14 @@ from scipy.ndimage import binary_erosion
 from conftest import synthetic_head
 from m2m_app.errors import UsageError
 from m2m_app.io.files import save_json
+from m2m_app.io.manifest import qc_path, select_rows, write_manifest
 from m2m_app.io.naming import Subject
 from m2m_app.maths.tensor import log_euclidean_mean
 from m2m_app.teacher.dwi import tensor_volumes
-from m2m_app.teacher.prepare import SeriesResult, field_of_view, group_dwi_runs, qc_flags, qc_path, write_manifest
+from m2m_app.teacher.prepare import SeriesResult, field_of_view, group_dwi_runs, qc_flags
 from m2m_app.teacher.register import (MAX_VS_ANTS_MM, RigidResult, ants_rigid_t1w_to_dwi, mask_points,
                                       mean_displacement_mm, register_b0_to_t1w)
 from m2m_app.teacher.tissue import tissue_classes, tissue_flags
-from m2m_app.training.loop import select_rows
 
 
 def rigid(angles_deg: tuple[float, float, float], translation_mm: tuple[float, float, float]) -> np.ndarray:

@@ -82,8 +82,9 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     makes the exit code 1.
     """
     from m2m_app.io.derivatives import dataset_description
+    from m2m_app.io.manifest import qc_path, write_manifest
     from m2m_app.io.nifti import load_t1w
-    from m2m_app.teacher.prepare import load_dwi_runs, qc_path, write_manifest
+    from m2m_app.teacher.prepare import load_dwi_runs
     from m2m_app.workflows.prepare import init_prepare_wf, node_name
 
     setup_logging(verbose, quiet)
@@ -346,9 +347,9 @@ def evaluate_tractogram(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[st
     from dipy.io.streamline import load_tractogram
 
     from m2m_app.errors import MissingInputError
+    from m2m_app.io.manifest import select_rows
     from m2m_app.io.naming import Subject, derivative_paths
     from m2m_app.training.evaluate import tractogram_metrics
-    from m2m_app.training.loop import select_rows
 
     setup_logging(verbose, quiet)
     click.echo("subject\ttdi_r_brain\tvisited_dice\tpredicted_near_teacher\tteacher_near_predicted"

@@ -30,10 +30,11 @@ class PrepareSubject(SimpleInterface):
     output_spec = _PrepareSubjectOutputSpec
 
     def _run_interface(self, runtime):
+        from m2m_app.io.manifest import qc_path
         from m2m_app.io.naming import Subject
         from m2m_app.io.tractogram import load_streamlines
         from m2m_app.reports.figures import streamline_figure
-        from m2m_app.teacher.prepare import prepare_subject, qc_path, tractogram_figure_path
+        from m2m_app.teacher.prepare import prepare_subject, tractogram_figure_path
 
         # ANTs reads its thread count from the environment; a MultiProc worker owns its own
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.inputs.num_threads)

@@ -14,7 +14,6 @@ Volumes on the model grid are channel-first ``(C, X, Y, Z)``; network tensors ar
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -134,15 +133,6 @@ class PhaseSpec:
         """JSON-serialisable description stored beside the weights."""
         return {"name": self.name, "inputs": list(self.inputs), "outputs": list(self.outputs),
                 "context": self.context, "in_channels": self.in_channels, "out_channels": self.out_channels}
-
-
-def read_manifest(prep_dir: Path) -> list[dict[str, str]]:
-    """The ``ok`` rows of ``prep_dir/manifest.tsv`` as dicts of column → string."""
-    path = Path(prep_dir) / "manifest.tsv"
-    if not path.exists():
-        raise UsageError(f"{path}: not found; is {prep_dir} a folder written by 'm2m-train prepare'?")
-    with path.open(newline="") as handle:
-        return [row for row in csv.DictReader(handle, delimiter="\t") if row.get("status") == "ok"]
 
 
 def _load_map(folder: Path, row: dict[str, str], column: str) -> np.ndarray:

@@ -4,7 +4,7 @@ For each unit (participant or participant/session) this writes, on the T1w grid:
 tensor maps (BEP016 names), the brain mask and tissue classes (from the T1w itself), the
 DWI's measured field of view, the b0→T1w transform, a whole-brain tensor tractogram
 (``.trx``), its track-density and directional track-density images, a QC figure and a
-QC JSON. :func:`write_manifest` gathers the QC files into ``manifest.tsv``/``manifest.json``,
+QC JSON. :func:`~m2m_app.io.manifest.write_manifest` gathers the QC files into ``manifest.tsv``/``manifest.json``,
 the list of training pairs; a unit whose QC fails a plausibility check is marked
 ``flagged`` there, and training leaves it out unless told otherwise.
 
@@ -28,7 +28,8 @@ from scipy.ndimage import binary_dilation
 
 from m2m_app import __version__
 from m2m_app.errors import BadDataError
-from m2m_app.io.files import save_json, save_tsv
+from m2m_app.io.files import save_json
+from m2m_app.io.manifest import PATH_COLUMNS, qc_path
 from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, derivative_path,
                                derivative_paths, sidecar_path)
 from m2m_app.io.nifti import load_dwi, load_t1w, save_nifti
@@ -45,21 +46,8 @@ from m2m_app.teacher.tracking import track_tensor
 
 LOGGER = logging.getLogger(__name__)
 
-#: Manifest columns holding paths (relative to the prep dir), in order.
-PATH_COLUMNS = ("mask", "wm", "dseg", "fov", "fa", "md", "ad", "rd", "diffusivity", "v1", "colfa", "tdi",
-                "dectdi", "tractogram", "xfm", "qc_figure")
-#: Manifest columns holding QC numbers and flags.
-QC_COLUMNS = ("flagged", "flags", "mean_fa_wm", "mean_fa_brain", "median_md", "n_streamlines",
-              "registration_cost", "registration_start", "registration_from_header_mm",
-              "registration_vs_ants_mm", "registration_ants_spread_mm", "fov_fraction", "brain_ml", "csf_ml",
-              "gm_ml", "wm_ml", "wm_fraction", "tensor_shells", "dwi_series", "runtime_s")
 #: Below this share of the brain inside the DWI's field of view a unit teaches too little.
 MIN_FOV_FRACTION = 0.25
-
-
-def qc_path(prep_dir: Path, subject: Subject) -> Path:
-    """Where a unit's QC JSON lives; its presence marks the unit as finished."""
-    return derivative_path(prep_dir, subject, "", "qc", ".json", desc="prepare")
 
 
 def tractogram_figure_path(prep_dir: Path, subject: Subject) -> Path:
@@ -283,16 +271,3 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     LOGGER.info("%s: done in %.0f s (%d streamlines)%s", subject.label, qc["runtime_s"], len(streamlines),
                 f"; FLAGGED: {qc['flags']}" if flags else "")
     return qc
-
-
-def write_manifest(prep_dir: Path, failures: dict[str, str] | None = None) -> Path:
-    """Collect every unit's QC JSON (and the failures) into ``manifest.tsv`` and ``manifest.json``."""
-    prep_dir = Path(prep_dir)
-    rows = [json.loads(p.read_text()) for p in sorted(prep_dir.glob("sub-*/**/*_desc-prepare_qc.json"))]
-    done = {row["subject"] for row in rows}
-    rows += [{"subject": label, "status": "failed", "error": message}
-             for label, message in sorted((failures or {}).items()) if label not in done]
-    columns = ["subject", "participant", "session", "t1w", "status", *PATH_COLUMNS, *QC_COLUMNS, "error"]
-    tsv = save_tsv(rows, prep_dir / "manifest.tsv", columns, missing="")
-    save_json({"pairs": rows}, prep_dir / "manifest.json")
-    return tsv

@@ -36,12 +36,12 @@ from m2m_app.data.weights import PACKAGED_WEIGHTS, UNCERTAINTY_SCALE_KEY, uncert
 from m2m_app.errors import BadDataError, UsageError
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
 from m2m_app.io.files import save_json, save_tsv
+from m2m_app.io.manifest import select_rows
 from m2m_app.io.nifti import load_image, load_t1w
 from m2m_app.maths.metrics import angular_error_deg
 from m2m_app.maths.tensor import tensor_derivatives
 from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
 from m2m_app.training.evaluate import FA_ANGLE_THRESHOLD, evaluation_masks
-from m2m_app.training.loop import select_rows
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ import numpy as np
 from m2m_app.errors import UsageError
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
 from m2m_app.io.files import save_tsv
+from m2m_app.io.manifest import select_rows
 from m2m_app.io.nifti import load_image, load_t1w, save_nifti
 from m2m_app.maths.grid import STRIPPED_MARGIN_MM, brain_extraction_mask, normalise_intensity
 from m2m_app.maths.metrics import angular_error_deg, dice, masked_ssim, pearson, psnr
 from m2m_app.maths.streamlines import fraction_near, track_density
 from m2m_app.maths.tensor import tensor_derivatives
 from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
-from m2m_app.training.loop import select_rows
 
 log = logging.getLogger(__name__)
 

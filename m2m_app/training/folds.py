@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from m2m_app.errors import UsageError
-from m2m_app.models.phases import read_manifest
+from m2m_app.io.manifest import read_manifest
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from m2m_app import __version__
 from m2m_app.errors import UsageError
 from m2m_app.inference.predict import resolve_device
 from m2m_app.io.files import atomic_write, file_sha256, save_json
-from m2m_app.models.phases import PhaseSpec, get_phase, read_manifest
+from m2m_app.io.manifest import select_rows
+from m2m_app.models.phases import PhaseSpec, get_phase
 from m2m_app.models.translator import GlobalDiscriminator, PatchDiscriminator, Translator, parameter_count
 from m2m_app.training import recipe as default
 from m2m_app.training.slices import SliceDataset, Source, cache_sample, training_sources, worker_threads
@@ -74,32 +75,6 @@ def _distributed_context() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from the torchrun environment (0, 1, 0 when not distributed)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def select_rows(prep_dirs: list[Path], subjects: list[str] | None,
-                include_flagged: bool = False) -> list[tuple[dict, Path]]:
-    """``(row, prep_dir)`` for every ``ok`` manifest row, restricted to ``subjects``.
-
-    Subjects may be given as ``sub-01``, ``01`` (every session of that participant) or ``sub-01_ses-a``.
-    Rows the teacher's QC flagged (implausible registration or tissue classes) are left
-    out, with a warning, unless ``include_flagged``.
-    """
-    rows = [(row, Path(prep)) for prep in prep_dirs for row in read_manifest(Path(prep))]
-    if subjects is not None:
-        wanted = {s if s.startswith("sub-") else f"sub-{s}" for s in subjects}
-        rows = [(row, prep) for row, prep in rows
-                if row["subject"] in wanted or f"sub-{row['participant']}" in wanted]
-    flagged = [row for row, _ in rows if str(row.get("flagged", "")).lower() == "true"]
-    if flagged and not include_flagged:
-        for row in flagged:
-            log.warning("%s: left out, the teacher's QC flagged it (%s); --include-flagged keeps it",
-                           row["subject"], row.get("flags", ""))
-        rows = [(row, prep) for row, prep in rows if row not in flagged]
-    if not rows:
-        raise UsageError(f"no usable subject (status ok{', in the given list' if subjects else ''}"
-                         f"{', not flagged by the QC' if flagged and not include_flagged else ''}) "
-                         f"in {', '.join(str(p) for p in prep_dirs)}")
-    return rows
 
 
 def _barrier(world: int) -> None:
@@ -264,7 +239,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     skull_strip_prob : fraction of the slices skull-stripped before the intensity augmentation,
         so that brain-extracted T1w images are in the training distribution; 0 strips none.
         Phase 1 only (MR inputs): phase 2 ignores it and its recipe records 0.
-    include_flagged : also train on units the teacher's QC flagged (see :func:`select_rows`).
+    include_flagged : also train on units the teacher's QC flagged (see :func:`~m2m_app.io.manifest.select_rows`).
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
