@@ -20,11 +20,14 @@ from m2m_app.errors import BadDataError
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2, predict_volume
 from m2m_app.maths import grid as conform
 from m2m_app.maths.tensor import components_to_matrix, tensor_derivatives
-from m2m_app.models.phases import PHASE1, PHASE2, fa_from_log, log_tensor_parts, tensor_to_log, wasserstein_1d
+from m2m_app.models.encoding import tensor_to_log
+from m2m_app.models.losses import fa_from_log, log_tensor_parts, wasserstein_1d
+from m2m_app.models.phases import PHASE1, PHASE2
 from m2m_app.models.translator import Encoder, GlobalDiscriminator, PatchDiscriminator, Translator
 from m2m_app.training import slices
 from m2m_app.training.evaluate import evaluate_phase
 from m2m_app.training.loop import export_generator, train_phase
+from m2m_app.training.samples import build_sample
 
 TINY = {"base": 4, "depth": 2}
 
@@ -518,7 +521,7 @@ def test_phase2_sample_from_predicted_inputs(tmp_path):
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 0.5, img.affine), predicted / row[column])
     sources = slices.training_sources([(row, prep)], predicted)
     assert [s.inputs_dir for s in sources] == [None, predicted]
-    teacher, from_phase1 = (PHASE2.build_sample(s.row, s.prep_dir, s.inputs_dir) for s in sources)
+    teacher, from_phase1 = (build_sample(PHASE2, s.row, s.prep_dir, s.inputs_dir) for s in sources)
     assert teacher.inputs.shape == (5,) + conform.MODEL_SHAPE and teacher.targets.shape == (4,) + conform.MODEL_SHAPE
     assert np.allclose(from_phase1.inputs, teacher.inputs * 0.5, atol=1e-5)
     assert np.array_equal(from_phase1.targets, teacher.targets)

@@ -1,7 +1,7 @@
 """A torch Dataset of 2.5D slices along all three axes of conformed training subjects.
 
 Each training source (a manifest row, with the folder its inputs come from) is conformed
-once by its phase's ``build_sample`` and cached on disk as one ``.npy`` array
+once by :func:`~m2m_app.training.samples.build_sample` and cached on disk as one ``.npy`` array
 ``(C + K + 1, X, Y, Z)`` (inputs, targets, weight), memory-mapped afterwards.
 
 Phase-2 inputs from phase-1 predictions
@@ -30,6 +30,7 @@ from m2m_app.io.files import atomic_write
 from m2m_app.maths.grid import MODEL_SHAPE, MODEL_VOXEL_MM, STRIPPED_MARGIN_MM, brain_extraction_mask, intensity_range
 from m2m_app.maths.tensor import components_to_matrix, matrix_to_components, rotate_tensors
 from m2m_app.models.phases import PhaseSpec, neighbours, slab_along
+from m2m_app.training.samples import build_sample
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,11 @@ def training_sources(rows: list[tuple[dict, Path]], predicted_inputs: Path | Non
 
 
 def cache_sample(spec: PhaseSpec, source: Source, cache_dir: Path) -> Path:
-    """Conform ``source`` with ``spec.build_sample`` into ``cache_dir`` (once) and return the ``.npy`` path."""
+    """Conform ``source`` with :func:`~m2m_app.training.samples.build_sample` into ``cache_dir`` (once);
+    returns the ``.npy`` path."""
     path = Path(cache_dir) / f"{spec.name}_{source.key}.npy"
     if not path.exists():
-        sample = spec.build_sample(source.row, source.prep_dir, source.inputs_dir)
+        sample = build_sample(spec, source.row, source.prep_dir, source.inputs_dir)
         stacked = np.concatenate([sample.inputs, sample.targets, sample.weight[None]]).astype(np.float32)
         atomic_write(path, lambda tmp: np.save(tmp, stacked))
     return path

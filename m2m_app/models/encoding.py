@@ -1,0 +1,38 @@
+"""The log-Euclidean encoding of the phase-1 tensor targets: their unit, the eigenvalue clamp, and
+the conversions between tensors and the network's six log components.
+
+Shared by the phase specs (decoding and uncertainty, :mod:`m2m_app.models.phases`), the losses
+(FA of a log-tensor, :mod:`m2m_app.models.losses`) and the training samples (encoding the
+teacher's tensors, :mod:`m2m_app.training.samples`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from m2m_app.maths.tensor import components_to_matrix, eigen_decomposition, log_tensors, matrix_to_components
+
+#: Diffusivity unit of the log-Euclidean targets, mm²/s (D / DIFFUSIVITY_SCALE is ~0.1–3).
+DIFFUSIVITY_SCALE = 1e-3
+#: Predicted eigenvalues are clamped to this range, mm²/s (positive-definite and finite in float32).
+EIGENVALUE_RANGE = (1e-6, 1e-2)
+#: The same range for the eigenvalues of ``logm(D / DIFFUSIVITY_SCALE)``.
+LOG_EIGENVALUE_RANGE = tuple(float(np.log(v / DIFFUSIVITY_SCALE)) for v in EIGENVALUE_RANGE)
+
+
+def tensor_to_log(components: np.ndarray) -> np.ndarray:
+    """``(..., 6)`` tensors in mm²/s → ``(..., 6)`` components of ``logm(D / DIFFUSIVITY_SCALE)``; zeros stay zero."""
+    out = np.zeros(components.shape, dtype=np.float32)
+    support = np.any(components != 0, axis=-1)
+    matrix = components_to_matrix(components[support].astype(float) / DIFFUSIVITY_SCALE)
+    out[support] = matrix_to_components(log_tensors(matrix, floor=1e-6 / DIFFUSIVITY_SCALE))
+    return out
+
+
+def log_to_tensor(log_components: np.ndarray) -> np.ndarray:
+    """``(..., 6)`` log components (any real values) → positive-definite tensors ``(..., 6)`` in mm²/s.
+
+    The matrix exponential, with eigenvalues clamped to :data:`EIGENVALUE_RANGE`.
+    """
+    evals, evecs = eigen_decomposition(components_to_matrix(log_components.astype(float)))
+    evals = np.exp(np.clip(evals, *LOG_EIGENVALUE_RANGE)) * DIFFUSIVITY_SCALE
+    return matrix_to_components(np.einsum("...ij,...j,...kj->...ik", evecs, evals, evecs)).astype(np.float32)
