@@ -5,6 +5,9 @@ with its wall time, its CPU time (user + system, all threads: a check on wall ti
 on a shared machine, whose load average is printed too) and its peak resident memory (the
 kernel's high-water mark, reset before each stage where ``/proc/self/clear_refs`` allows it,
 otherwise the process peak so far).
+
+``--sweep`` fits the field only, once per grid factor and batch size (2/3/4 × 2048/4096/8192,
+the other settings the app's), and prints steps to stop, PSNR and times as a Markdown table.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 import resource
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -21,10 +25,10 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from m2m_app.models.nerf import fit_field
 from m2m_app.io.tractogram import save_tractogram
-from m2m_app.tractography.streamlines import track_field
-from m2m_app.tractography.views import write_standard_views, write_turntable
+from m2m_app.models.nerf import FieldFitSettings, fit_field
+from m2m_app.tractography.streamlines import TrackingSettings, track_field
+from m2m_app.tractography.views import bake_field, write_standard_views, write_turntable
 
 SIGMA_MM = 3.0
 
@@ -82,6 +86,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def sweep(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+          settings: FieldFitSettings, args: argparse.Namespace) -> None:
+    """Fit once per grid factor and batch size; print a Markdown table (steps, PSNR, wall and CPU s)."""
+    print("| grid factor | batch | steps to stop | PSNR density dB | PSNR direction dB | wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|")
+    for grid_factor in (2, 3, 4):
+        for batch_size in (2048, 4096, 8192):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            info = fit_field(density, direction, mask, affine,
+                             replace(settings, grid_factor=grid_factor, batch_size=batch_size), seed=0,
+                             num_threads=args.threads, device=args.device).info
+            print(f"| {grid_factor} | {batch_size} | {info['steps']} | {info['psnr_density_db']:.1f} | "
+                  f"{info['psnr_direction_db']:.1f} | {time.perf_counter() - started:.1f} | "
+                  f"{time.process_time() - cpu_started:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, all stages")
@@ -90,6 +110,7 @@ def main() -> None:
     parser.add_argument("--n-seeds", type=int, default=5000, help="tracking seeds")
     parser.add_argument("--device", default="cpu", help="device of the fit: cpu or cuda (default cpu)")
     parser.add_argument("--out", type=Path, default=None, help="keep outputs here (default: a temporary dir)")
+    parser.add_argument("--sweep", action="store_true", help="fit only: grid factors 2/3/4 x batches 2048/4096/8192")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -105,13 +126,19 @@ def main() -> None:
 
     stage("synthetic volume", lambda: synthetic_brain(args.size))
     density, direction, mask, affine = results["synthetic volume"]
-    stage("fit field", lambda: fit_field(density, direction, mask, affine, seed=0, max_steps=args.max_steps,
+    settings = FieldFitSettings(max_steps=args.max_steps)
+    if args.sweep:
+        sweep(density, direction, mask, affine, settings, args)
+        return
+    stage("fit field", lambda: fit_field(density, direction, mask, affine, settings, seed=0,
                                          num_threads=args.threads, device=args.device))
     field = results["fit field"]
-    stage("render 4 views (256 px)", lambda: write_standard_views(field, out))
-    stage("turntable (24 x 160 px)", lambda: write_turntable(field, out / "turntable.gif"))
+    stage("bake the field for rendering", lambda: bake_field(field))
+    baked = results["bake the field for rendering"]
+    stage("render 4 views (512 px)", lambda: write_standard_views(baked, out))
+    stage("turntable (24 x 256 px)", lambda: write_turntable(baked, out / "turntable.gif"))
     tracking = f"track ({args.n_seeds} seeds)"
-    stage(tracking, lambda: track_field(field, mask, affine, n_seeds=args.n_seeds, seed=0))
+    stage(tracking, lambda: track_field(field, mask, affine, TrackingSettings(n_seeds=args.n_seeds), seed=0))
     streamlines = results[tracking]
     reference = nib.Nifti1Image(np.zeros(density.shape, np.uint8), affine)
     stage("save .trx", lambda: save_tractogram(streamlines, reference, out / "tracks.trx"))
@@ -121,9 +148,11 @@ def main() -> None:
           f"outputs in {out}")
     print(f"fit: {info['steps']} steps, PSNR density {info['psnr_density_db']:.1f} dB, "
           f"direction {info['psnr_direction_db']:.1f} dB; {len(streamlines)} streamlines")
-    print(f"{'stage':<28}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}")
+    print(f"{'stage':<30}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}")
     for name, seconds, cpu, rss in rows:
-        print(f"{name:<28}{seconds:>8.2f}{cpu:>8.2f}{rss:>13.0f}")
+        print(f"{name:<30}{seconds:>8.2f}{cpu:>8.2f}{rss:>13.0f}")
+    render = [row for row in rows if row[0].startswith(("bake", "render", "turntable"))]
+    print(f"{'rendering, all (nerf_render)':<30}{sum(r[1] for r in render):>8.2f}{sum(r[2] for r in render):>8.2f}")
 
 
 if __name__ == "__main__":

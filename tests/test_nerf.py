@@ -16,17 +16,18 @@ from imageio import v3 as iio
 from trx import trx_file_memmap
 
 from m2m_app.maths.render import composite, render_view
-from m2m_app.models.nerf import FittedField, fit_field
 from m2m_app.io.tractogram import save_tractogram
-from m2m_app.tractography.streamlines import align_axis, bep046_sidecar, track_field
-from m2m_app.tractography.views import write_standard_views, write_turntable
+from m2m_app.models.nerf import FieldFitSettings, FittedField, fit_field
+from m2m_app.tractography.streamlines import (TrackingSettings, align_axis, bep046_sidecar, candidate_axes,
+                                              track_field)
+from m2m_app.tractography.views import bake_field, write_standard_views, write_turntable
 
 N, ZOOM, SIGMA_MM = 32, 1.25, 1.8
 AFFINE = np.array([[-ZOOM, 0, 0, 10.0], [0, ZOOM, 0, -20.0], [0, 0, ZOOM, 5.0], [0, 0, 0, 1]])
 CENTRE = AFFINE[:3, :3] @ np.array([3.0, 3.0, (N - 1) / 2]) + AFFINE[:3, 3]
 RADIUS = (N - 9) * ZOOM
 THETA = (np.pi / 2, np.pi)        # voxel +i is world -x, voxel +j is world +y
-FIT = {"seed": 0, "max_steps": 600, "batch_size": 2048}
+FIT = FieldFitSettings(max_steps=600, batch_size=2048)
 
 
 def arc_foot(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +59,7 @@ def arc() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def fitted(arc) -> FittedField:
     torch.set_num_threads(1)
-    return fit_field(arc["density"], arc["direction"], arc["mask"], AFFINE, **FIT)
+    return fit_field(arc["density"], arc["direction"], arc["mask"], AFFINE, FIT, seed=0)
 
 
 def test_fit_reconstructs_the_slices(arc, fitted):
@@ -85,7 +86,8 @@ def test_field_is_continuous_between_voxels(fitted):
 
 def test_fit_is_deterministic(arc):
     args = (arc["density"], arc["direction"], arc["mask"], AFFINE)
-    first, second, other = (fit_field(*args, seed=s, max_steps=20, batch_size=512) for s in (3, 3, 4))
+    settings = FieldFitSettings(max_steps=20, batch_size=512)
+    first, second, other = (fit_field(*args, settings, seed=s) for s in (3, 3, 4))
     for name, value in first.net.state_dict().items():
         assert torch.equal(value, second.net.state_dict()[name]), name
     assert not torch.equal(first.net.grid, other.net.grid)
@@ -96,8 +98,9 @@ def test_fit_stops_on_a_loss_plateau():
     density[4:12, 4:12, 4:12] = 1
     direction = np.zeros(density.shape + (3,), np.float32)
     direction[density > 0] = [1, 0, 0]
-    field = fit_field(density, direction, np.ones(density.shape, bool), np.eye(4), max_steps=3000,
-                      batch_size=512, check_every=25, patience=2, min_rel_improvement=0.05)
+    field = fit_field(density, direction, np.ones(density.shape, bool), np.eye(4),
+                      FieldFitSettings(max_steps=3000, batch_size=512, check_every=25, patience=2,
+                                       min_rel_improvement=0.05))
     assert field.info["steps"] < 3000, "the fit ran to max_steps on a cube it learns within a few hundred"
     assert field.info["psnr_density_db"] > 20
 
@@ -127,8 +130,9 @@ def mean_distance_voxels(streamlines: list[np.ndarray]) -> float:
 @pytest.mark.parametrize("source", ["analytic", "fitted"])
 def test_streamlines_follow_the_arc(source, fitted, arc):
     field = analytic_field if source == "analytic" else fitted
-    streamlines = track_field(field, arc["mask"], AFFINE, seed_density_threshold=0.9, density_threshold=0.3,
-                              min_length_mm=20, max_length_mm=100, seed=1)
+    settings = TrackingSettings(seed_density_threshold=0.9, density_threshold=0.3, min_length_mm=20,
+                                max_length_mm=100)
+    streamlines = track_field(field, arc["mask"], AFFINE, settings, seed=1)
     assert len(streamlines) > 50, f"{len(streamlines)} streamlines"
     distance = mean_distance_voxels(streamlines)
     # Measured: ~0.7 voxel for both (seeds lie up to 0.7 voxel off the centre line).
@@ -148,8 +152,8 @@ def test_tracking_stops_at_a_turn_sharper_than_max_angle():
     mask = np.zeros((21, 21, 21), bool)
     mask[:11, 10, 10] = True                    # an L of voxels: along x up to the origin, then along y
     mask[10, 10:, 10] = True
-    reach = {angle: max(line[:, 1].max() for line in track_field(corner, mask, affine, max_angle_deg=angle,
-                                                                 min_length_mm=0, seed=0))
+    reach = {angle: max(line[:, 1].max() for line in track_field(
+                 corner, mask, affine, TrackingSettings(max_angle_deg=angle, min_length_mm=0), seed=0))
              for angle in (30.0, 100.0)}
     assert reach[30.0] < 1.0, "a streamline went round a 90 degree corner with max_angle 30"
     assert reach[100.0] > 5.0, "with max_angle 100 the streamlines should follow the corner"
@@ -160,6 +164,33 @@ def test_align_axis_resolves_the_signs():
     reference = true + np.array([[0.1, 0.1, 0.0], [0.0, 0.1, 0.1]])
     np.testing.assert_allclose(align_axis(np.abs(true), reference), true, atol=1e-12)
     np.testing.assert_allclose(align_axis(np.abs(true), -reference), -true, atol=1e-12)
+
+
+def test_align_axis_is_the_closest_candidate_axis():
+    """align_axis picks, bit for bit, what a search over the 4 :func:`candidate_axes` picks (its former code)."""
+    rng = np.random.default_rng(5)
+    orientation, reference = rng.normal(size=(20000, 3)), rng.normal(size=(20000, 3))
+    orientation[::7, 0] = 0                         # ties between candidates, and no orientation at all
+    orientation[::13] = 0
+    orientation[::19] = np.abs(reference[::19])     # the reference is a candidate
+    candidates = candidate_axes(orientation)
+    dots = np.einsum("nkc,nc->nk", candidates, reference)
+    rows, best = np.arange(len(dots)), np.abs(dots).argmax(axis=1)
+    searched = candidates[rows, best] * np.where(dots[rows, best] < 0, -1.0, 1.0)[:, None]
+    np.testing.assert_array_equal(align_axis(orientation, reference), searched)
+
+
+def test_same_seed_same_streamlines():
+    """Statistics of a tractogram of the analytic arc, as the tracker made it before its per-step numpy
+    work was trimmed (commit da997f1): same count, same points."""
+    settings = TrackingSettings(n_seeds=400, density_threshold=0.3, min_length_mm=5.0, max_length_mm=100.0)
+    runs = [track_field(analytic_field, np.ones((N,) * 3, bool), AFFINE, settings, seed=7) for _ in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(*runs)) and len(runs[0]) == len(runs[1])
+    points = np.concatenate(runs[0]).astype(float)
+    assert (len(runs[0]), len(points)) == (399, 37594)
+    np.testing.assert_allclose(points.sum(axis=0), [-435140.2033465583, 62956.07035863504, 918972.1045703888],
+                               rtol=1e-9)
+    np.testing.assert_allclose((points ** 2).sum(), 34815226.848988086, rtol=1e-9)
 
 
 def test_render_matches_the_analytic_projection_of_a_sphere():
@@ -200,6 +231,12 @@ def test_views_and_turntable_are_written(fitted, tmp_path):
     assert rows["top"] > 2 * rows["front"], rows
     gif = write_turntable(fitted, tmp_path / "turn.gif", n_frames=4, size=32, n_samples=32)
     assert iio.imread(gif, index=None).shape[:3] == (4, 32, 32)
+    baked = bake_field(fitted)                      # one bake for both writers gives the same files
+    (tmp_path / "baked").mkdir()
+    again = write_standard_views(baked, tmp_path / "baked", size=40, n_samples=48)
+    assert all(np.array_equal(iio.imread(again[name]), images[name]) for name in paths)
+    assert np.array_equal(iio.imread(write_turntable(baked, tmp_path / "baked.gif", n_frames=4, size=32,
+                                                     n_samples=32), index=None), iio.imread(gif, index=None))
 
 
 @pytest.mark.parametrize("extension", [".trx", ".tck", ".trk"])
@@ -228,10 +265,10 @@ def test_tractogram_round_trip(extension, tmp_path):
 
 
 def test_bep046_sidecar():
-    sidecar = bep046_sidecar({"n_seeds": 5000, "step_mm": 0.25, "n_streamlines": 4321})
+    sidecar = bep046_sidecar(TrackingSettings(n_seeds=5000, step_mm=0.25), n_streamlines=4321)
     assert sidecar["TractographyClass"] == "local" and sidecar["TractographyMethod"] == "deterministic"
     assert sidecar["SeedingMethod"] == "globalSeedNumber" and sidecar["SeedingNumberMethod"] == 5000
     assert sidecar["StepSize"] == 0.25 and sidecar["StepSizeUnits"] == "mm"
     assert sidecar["AngleCurvature"] == 45.0 and sidecar["Count"] == 4321
-    assert bep046_sidecar({})["SeedingMethod"] == "seedsPerVoxel"
+    assert bep046_sidecar()["SeedingMethod"] == "seedsPerVoxel" and "Count" not in bep046_sidecar()
     json.dumps(sidecar)

@@ -21,7 +21,7 @@ from test_app import _browser
 from m2m_app.io.naming import Subject, derivative_path, derivative_paths
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.maths.render import box_span, render_view
-from m2m_app.models.nerf import fit_field
+from m2m_app.models.nerf import FieldFitSettings, fit_field
 from m2m_app.reports.figures import PROJECTIONS, streamline_figure
 from m2m_app.reports.group import write_group_outputs
 from m2m_app.reports.subject import SECTIONS, write_report
@@ -58,7 +58,7 @@ def unit_output(tmp_path_factory):
     written["tractogram"] = save_tractogram(bundles(), nib.load(t1w), paths["tractogram"])
     torch.set_num_threads(1)
     field = fit_field(head["tdi"].astype(np.float32), head["dectdi"].astype(np.float32), head["mask"] > 0, affine,
-                      seed=0, max_steps=150, batch_size=1024)
+                      FieldFitSettings(max_steps=150, batch_size=1024), seed=0)
     figures = {name: derivative_path(out, SUBJECT, "figures", "nerf", ".png", desc=name)
                for name in ("left", "right", "top", "front")}
     for path in figures.values():

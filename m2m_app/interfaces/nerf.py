@@ -74,13 +74,13 @@ class RenderField(SimpleInterface):
         import torch
 
         from m2m_app.models.nerf import FittedField
-        from m2m_app.tractography.views import write_standard_views, write_turntable
+        from m2m_app.tractography.views import bake_field, write_standard_views, write_turntable
 
         torch.set_num_threads(self.inputs.num_threads)
-        field = FittedField.load(self.inputs.field)
-        views = write_standard_views(field, os.getcwd())
+        baked = bake_field(FittedField.load(self.inputs.field))
+        views = write_standard_views(baked, os.getcwd())
         self._results["views"] = [str(views[k]) for k in sorted(views)]
-        self._results["turntable"] = str(write_turntable(field, os.path.abspath("turntable.gif")))
+        self._results["turntable"] = str(write_turntable(baked, os.path.abspath("turntable.gif")))
         return runtime
 
 
@@ -111,17 +111,17 @@ class TrackField(SimpleInterface):
         from m2m_app.io.nifti import load_image
         from m2m_app.io.tractogram import save_tractogram
         from m2m_app.models.nerf import FittedField
-        from m2m_app.tractography.streamlines import bep046_sidecar, track_field
+        from m2m_app.tractography.streamlines import TrackingSettings, bep046_sidecar, track_field
 
         torch.set_num_threads(self.inputs.num_threads)
         field = FittedField.load(self.inputs.field)
         mask_img, mask = load_image(self.inputs.mask)
-        params = {"seed": self.inputs.random_seed}
-        streamlines = track_field(field, mask > 0, mask_img.affine, **params)
+        settings = TrackingSettings()
+        streamlines = track_field(field, mask > 0, mask_img.affine, settings, seed=self.inputs.random_seed)
         path = os.path.abspath(f"tractogram.{self.inputs.tractogram_format}")
         self._results["tractogram"] = str(save_tractogram(streamlines, nib.load(self.inputs.t1w), path))
         self._results["sidecar"] = json.loads(json.dumps(
-            bep046_sidecar({**params, "n_streamlines": len(streamlines)}), default=str))
+            bep046_sidecar(settings, n_streamlines=len(streamlines)), default=str))
         return runtime
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +137,15 @@ class FittedField:
         world = corners @ self.affine[:3, :3].T + self.affine[:3, 3]
         return np.stack([world.min(0), world.max(0)])
 
+    @cached_property
+    def _world_to_normalised(self) -> torch.Tensor:
+        """``(4, 4)`` float32 map from world mm to the ``[-1, 1]`` coordinates (built once: the tracker
+        queries the field four times per step)."""
+        return torch.as_tensor(normalising_matrix(self.shape) @ np.linalg.inv(self.affine), dtype=torch.float32)
+
     def normalised_coords(self, points_world: np.ndarray) -> torch.Tensor:
         """Map ``(N, 3)`` world points (mm) to the field's ``[-1, 1]`` coordinates, float32 ``(N, 3)``."""
-        matrix = normalising_matrix(self.shape) @ np.linalg.inv(self.affine)
-        matrix = torch.as_tensor(matrix, dtype=torch.float32)
+        matrix = self._world_to_normalised
         points = torch.as_tensor(np.asarray(points_world).reshape(-1, 3), dtype=torch.float32)
         return torch.addmm(matrix[:3, 3], points, matrix[:3, :3].T)
 
@@ -254,11 +260,37 @@ def _stalled(history: list[float], patience: int, min_rel_improvement: float) ->
     return min(history[-patience:]) > best_before * (1.0 - min_rel_improvement)
 
 
-def fit_field(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affine: np.ndarray, *,
-              seed: int = 0, device: str = "cpu", max_steps: int = 1500, batch_size: int = 4096,
-              grid_factor: int = 3, channels: int = 12, frequencies: int = 6, hidden: int = 64,
-              learning_rate: float = 1e-2, check_every: int = 50, patience: int = 4,
-              min_rel_improvement: float = 0.01, psnr_slices: int = 8, num_threads: int = 1) -> FittedField:
+@dataclass(frozen=True)
+class FieldFitSettings:
+    """Tunables of :func:`fit_field`; the defaults are the app's (stored in the fit report).
+
+    max_steps : Adam steps at most; the fit stops earlier when the loss, averaged over
+        windows of ``check_every`` steps, improved by less than ``min_rel_improvement`` (a
+        fraction, 0.01 = 1 %) over the last ``patience`` windows.
+    batch_size : pixels (voxels of random slices) per Adam step.
+    grid_factor : the feature grid has ``ceil(n / grid_factor)`` points per axis of ``n`` voxels.
+    channels, frequencies, hidden : feature-grid channels, positional-encoding frequencies and
+        MLP width (see :class:`FieldConfig`).
+    learning_rate : Adam step size of the feature grid (the MLP's is half of it).
+    psnr_slices : slices per axis, evenly spaced, on which the fit is scored.
+    """
+
+    max_steps: int = 1500
+    batch_size: int = 4096
+    grid_factor: int = 3
+    channels: int = 12
+    frequencies: int = 6
+    hidden: int = 64
+    learning_rate: float = 1e-2
+    check_every: int = 50
+    patience: int = 4
+    min_rel_improvement: float = 0.01
+    psnr_slices: int = 8
+
+
+def fit_field(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+              settings: FieldFitSettings = FieldFitSettings(), *, seed: int = 0, device: str = "cpu",
+              num_threads: int = 1) -> FittedField:
     """Fit a field to track-density slices.
 
     Parameters
@@ -267,14 +299,9 @@ def fit_field(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affi
     direction : (X, Y, Z, 3) mean |fibre direction| per world axis, in [0, 1].
     mask : (X, Y, Z) bool brain mask (the PSNR is measured inside it).
     affine : (4, 4) voxel-to-world (RAS+ mm).
+    settings : steps, batch, architecture and stopping rule (:class:`FieldFitSettings`).
     seed : seeds torch and the NumPy batch generator; on CPU two fits with the same seed and
         ``num_threads`` give bit-identical weights.
-    max_steps : Adam steps at most; the fit stops earlier when the loss, averaged over
-        windows of ``check_every`` steps, improved by less than ``min_rel_improvement`` over the
-        last ``patience`` windows.
-    grid_factor : the feature grid has ``ceil(n / grid_factor)`` points per axis.
-
-    psnr_slices : slices per axis, evenly spaced, on which the fit is scored.
     num_threads : torch CPU threads during the fit (the caller's setting is restored after).
         A step is many small operations: on a 2-core machine shared with other jobs, 2 threads
         took 265 ms per step against 17-40 ms for 1 thread (each parallel region waits for a
@@ -283,7 +310,8 @@ def fit_field(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affi
     The loss is the mean squared error of the density (in units of the robust maximum) plus
     that of the colour ``|orientation|`` against ``direction``. ``info`` of the result holds
     ``psnr_density_db`` and ``psnr_direction_db`` of the reconstructed slices (their voxels in
-    the mask, peak 1) against the inputs, ``steps``, ``seconds`` and ``final_loss``.
+    the mask, peak 1) against the inputs, ``steps``, ``seconds``, ``final_loss``, ``seed`` and
+    ``settings`` (the :class:`FieldFitSettings` as a dict).
     """
     density = np.asarray(density, dtype=np.float32)
     direction = np.asarray(direction, dtype=np.float32)
@@ -299,19 +327,18 @@ def fit_field(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affi
     try:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        config = FieldConfig(tuple(math.ceil(n / grid_factor) for n in shape), channels, frequencies, hidden)
+        config = FieldConfig(tuple(math.ceil(n / settings.grid_factor) for n in shape), settings.channels,
+                             settings.frequencies, settings.hidden)
         net = FieldNet(config).to(device)
         targets = torch.as_tensor(np.concatenate([(density / unit)[..., None], direction], axis=-1),
                                   device=device).permute(3, 0, 1, 2)[None]
-        steps, final_loss = _optimise(net, targets, _SliceSampler(shape, mask & (density > 0), rng),
-                                      max_steps, batch_size, learning_rate, check_every, patience,
-                                      min_rel_improvement)
+        steps, final_loss = _optimise(net, targets, _SliceSampler(shape, mask & (density > 0), rng), settings)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         torch.set_num_threads(threads_before)
     fitted = FittedField(net, np.asarray(affine, dtype=float), tuple(shape), unit)
-    fitted.info = {**_slice_psnr(fitted, density / unit, direction, mask, psnr_slices),
-                   "steps": steps, "final_loss": final_loss, "seed": seed,
+    fitted.info = {**_slice_psnr(fitted, density / unit, direction, mask, settings.psnr_slices),
+                   "steps": steps, "final_loss": final_loss, "seed": seed, "settings": asdict(settings),
                    "seconds": time.perf_counter() - started}
     LOGGER.info("field fitted in %d steps, %.1f s: PSNR density %.1f dB, direction %.1f dB", steps,
                 fitted.info["seconds"], fitted.info["psnr_density_db"], fitted.info["psnr_direction_db"])
@@ -334,23 +361,23 @@ def _slice_psnr(fitted: FittedField, density: np.ndarray, direction: np.ndarray,
             "psnr_direction_db": psnr(fit_colour, direction[voxels])}
 
 
-def _optimise(net: FieldNet, targets: torch.Tensor, sampler: _SliceSampler, max_steps: int,
-              batch_size: int, learning_rate: float, check_every: int, patience: int,
-              min_rel_improvement: float) -> tuple[int, float]:
-    """Adam on random slice-pixel batches until ``max_steps`` or a loss plateau.
+def _optimise(net: FieldNet, targets: torch.Tensor, sampler: _SliceSampler,
+              settings: FieldFitSettings) -> tuple[int, float]:
+    """Adam on random slice-pixel batches until ``settings.max_steps`` or a loss plateau.
 
     Returns the number of steps taken and the mean loss of the last window.
 
     ``targets`` is the ``(1, 4, X, Y, Z)`` volume of normalised density and direction.
     """
-    optimiser = torch.optim.Adam([{"params": [net.grid], "lr": learning_rate},
-                                  {"params": net.mlp.parameters(), "lr": learning_rate / 2}])
+    optimiser = torch.optim.Adam([{"params": [net.grid], "lr": settings.learning_rate},
+                                  {"params": net.mlp.parameters(), "lr": settings.learning_rate / 2}])
+    check_every = settings.check_every
     net.train()
     history: list[float] = []
     window = 0.0
     step = 0
-    for step in range(1, max_steps + 1):
-        coords = torch.as_tensor(sampler(batch_size), dtype=torch.float32, device=targets.device)
+    for step in range(1, settings.max_steps + 1):
+        coords = torch.as_tensor(sampler(settings.batch_size), dtype=torch.float32, device=targets.device)
         target = F.grid_sample(targets, coords.flip(-1).view(1, -1, 1, 1, 3), mode="bilinear",
                                align_corners=True).view(4, -1).T
         density, colour = decode(net(coords))
@@ -363,6 +390,6 @@ def _optimise(net: FieldNet, targets: torch.Tensor, sampler: _SliceSampler, max_
             history.append(window / check_every)
             window = 0.0
             LOGGER.debug("field fit step %d: loss %.5f", step, history[-1])
-            if _stalled(history, patience, min_rel_improvement):
+            if _stalled(history, settings.patience, settings.min_rel_improvement):
                 break
     return step, history[-1] if history else float("nan")

@@ -16,10 +16,10 @@ arbitrary points for all streamlines at once (one batched query per RK4 stage).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-from typing import Any, Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,13 +49,15 @@ def candidate_axes(orientation: np.ndarray) -> np.ndarray:
 def align_axis(orientation: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Unit direction ``(N, 3)``: the candidate axis closest to ``reference`` ``(N, 3)``, pointing along it.
 
-    Zero where the orientation is zero (outside the field).
+    Zero where the orientation is zero (outside the field). The same as picking among
+    :func:`candidate_axes` without building them: the sign patterns' third component is +1.
     """
-    candidates = candidate_axes(orientation)
-    dots = np.einsum("nkc,nc->nk", candidates, reference)
+    unit = _unit(np.abs(orientation))
+    products = unit * reference                                   # the dot products, term by term
+    dots = products[:, :1] * _SIGN_PATTERNS[:, 0] + products[:, 1:2] * _SIGN_PATTERNS[:, 1] + products[:, 2:3]
     best = np.abs(dots).argmax(axis=1)
-    rows = np.arange(len(best))
-    return candidates[rows, best] * np.where(dots[rows, best] < 0, -1.0, 1.0)[:, None]
+    sign = np.where(dots[np.arange(len(best)), best] < 0, -1.0, 1.0)
+    return unit * (_SIGN_PATTERNS[best] * sign[:, None])
 
 
 def _as_query(field_or_query_fn: FittedField | FieldQuery) -> FieldQuery:
@@ -155,11 +157,36 @@ def _per_particle(ids: np.ndarray, points: np.ndarray, n_particles: int) -> list
     return np.split(points[order], np.cumsum(np.bincount(ids, minlength=n_particles))[:-1])
 
 
-def track_field(field_or_query_fn: FittedField | FieldQuery, mask: np.ndarray, affine: np.ndarray, *,
-                seeds_per_voxel: int | None = None, n_seeds: int | None = None, step_mm: float = 0.5,
-                density_threshold: float = 0.1, seed_density_threshold: float = 0.5,
-                max_angle_deg: float = 45.0, min_length_mm: float = 20.0, max_length_mm: float = 250.0,
-                seed: int = 0) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Tunables of :func:`track_field`; the defaults are the app's (reported in the BEP046 sidecar).
+
+    seeds_per_voxel, n_seeds : seeding, at most one of them (neither: 1 seed per voxel);
+        seeds go in mask voxels whose density is at least ``seed_density_threshold``.
+    step_mm : integration step (mm).
+    density_threshold : tracking stops where the density falls below it (field units: the
+        input's robust maximum).
+    seed_density_threshold : least density of a seed voxel (field units).
+    max_angle_deg : largest turn between consecutive steps (degrees).
+    min_length_mm, max_length_mm : streamlines outside this length range (mm) are discarded.
+    """
+
+    seeds_per_voxel: int | None = None
+    n_seeds: int | None = None
+    step_mm: float = 0.5
+    density_threshold: float = 0.1
+    seed_density_threshold: float = 0.5
+    max_angle_deg: float = 45.0
+    min_length_mm: float = 20.0
+    max_length_mm: float = 250.0
+
+    def __post_init__(self) -> None:
+        if self.seeds_per_voxel is not None and self.n_seeds is not None:
+            raise ValueError("give seeds_per_voxel or n_seeds, not both")
+
+
+def track_field(field_or_query_fn: FittedField | FieldQuery, mask: np.ndarray, affine: np.ndarray,
+                settings: TrackingSettings = TrackingSettings(), *, seed: int = 0) -> list[np.ndarray]:
     """Bidirectional deterministic RK4 streamlines through the field, in world RAS+ mm.
 
     Parameters
@@ -167,49 +194,41 @@ def track_field(field_or_query_fn: FittedField | FieldQuery, mask: np.ndarray, a
     field_or_query_fn : a :class:`FittedField`, or a function of ``(N, 3)`` world points
         returning density ``(N,)`` and orientation ``(N, 3)`` (its signs are ignored).
     mask : (X, Y, Z) bool tracking mask on the grid of ``affine`` (4, 4, voxel → world mm).
-    seeds_per_voxel, n_seeds : seeding, at most one of them (default: 1 seed per voxel);
-        seeds go in mask voxels whose density is at least ``seed_density_threshold``.
-    step_mm : integration step (mm).
-    density_threshold : tracking stops where the density falls below it (field units).
-    max_angle_deg : largest turn between consecutive steps.
-    min_length_mm, max_length_mm : streamlines outside this length range are discarded.
+    settings : seeding, step, stopping and length rules (:class:`TrackingSettings`).
     seed : seed of the random seed placement.
 
     Returns a list of ``(n_i, 3)`` float32 streamlines, each running through its seed point.
     """
-    if seeds_per_voxel is not None and n_seeds is not None:
-        raise ValueError("give seeds_per_voxel or n_seeds, not both")
-    if seeds_per_voxel is None and n_seeds is None:
-        seeds_per_voxel = 1
+    s = settings
+    seeds_per_voxel = 1 if s.seeds_per_voxel is None and s.n_seeds is None else s.seeds_per_voxel
     query = _as_query(field_or_query_fn)
-    seeds = seed_points(query, mask, affine, threshold=seed_density_threshold, n_seeds=n_seeds,
+    seeds = seed_points(query, mask, affine, threshold=s.seed_density_threshold, n_seeds=s.n_seeds,
                         seeds_per_voxel=seeds_per_voxel, rng=np.random.default_rng(seed))
     if not len(seeds):
-        LOGGER.warning("no voxel reaches the seed density %.3g; no streamlines", seed_density_threshold)
+        LOGGER.warning("no voxel reaches the seed density %.3g; no streamlines", s.seed_density_threshold)
         return []
-    axes = initial_axes(query, seeds, step_mm)
+    axes = initial_axes(query, seeds, s.step_mm)
     ids, points = _march(query, _MaskLookup(mask, affine), np.concatenate([seeds, seeds]),
-                         np.concatenate([axes, -axes]), step_mm=step_mm, density_threshold=density_threshold,
-                         max_angle_deg=max_angle_deg, max_steps=math.ceil(max_length_mm / step_mm))
+                         np.concatenate([axes, -axes]), step_mm=s.step_mm, density_threshold=s.density_threshold,
+                         max_angle_deg=s.max_angle_deg, max_steps=math.ceil(s.max_length_mm / s.step_mm))
     halves = _per_particle(ids, points, 2 * len(seeds))
     streamlines = []
     for i, start in enumerate(seeds):
         line = np.concatenate([halves[len(seeds) + i][::-1], start[None], halves[i]])
-        if min_length_mm <= (len(line) - 1) * step_mm <= max_length_mm:
+        if s.min_length_mm <= (len(line) - 1) * s.step_mm <= s.max_length_mm:
             streamlines.append(line.astype(np.float32))
     LOGGER.info("tracked %d streamlines from %d seeds", len(streamlines), len(seeds))
     return streamlines
 
 
-def bep046_sidecar(params: Mapping[str, Any]) -> dict[str, Any]:
-    """BEP046 tractography sidecar for :func:`track_field` run with ``params`` (its keyword names).
+def bep046_sidecar(settings: TrackingSettings = TrackingSettings(),
+                   n_streamlines: int | None = None) -> dict[str, Any]:
+    """BEP046 tractography sidecar for :func:`track_field` run with ``settings``.
 
-    Missing parameters take :func:`track_field`'s defaults; ``n_streamlines`` (optional) is
-    reported as ``Count``. ``MinimumLength``/``MaximumLength`` (mm) are beyond the BEP's table.
+    ``n_streamlines`` (optional) is reported as ``Count``. ``MinimumLength``/``MaximumLength``
+    (mm) are beyond the BEP's table.
     """
-    defaults = {name: p.default for name, p in inspect.signature(track_field).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    p = {**defaults, **params}
+    p = asdict(settings)
     per_voxel = p["n_seeds"] is None
     sidecar = {
         "TractographyClass": "local",
@@ -236,6 +255,6 @@ def bep046_sidecar(params: Mapping[str, Any]) -> dict[str, Any]:
             "the maps but do not change seeding, stepping or stopping; whether stopping where V1 dispersion is "
             "high helps the held-out tractogram has not been measured"),
     }
-    if "n_streamlines" in params:
-        sidecar["Count"] = int(params["n_streamlines"])
+    if n_streamlines is not None:
+        sidecar["Count"] = int(n_streamlines)
     return sidecar
