@@ -38,6 +38,7 @@ def app_run(tmp_path_factory):
     return bids, out, work, result
 
 
+@pytest.mark.slow
 @requires_ds_real
 def test_participant_run_writes_every_derivative(app_run):
     bids, out, _, result = app_run
@@ -85,6 +86,7 @@ def test_participant_run_writes_every_derivative(app_run):
     assert "tensor" in (out / "logs" / "CITATION.md").read_text()
 
 
+@pytest.mark.slow
 @requires_ds_real
 def test_derivatives_are_indexed_by_pybids(app_run):
     bids, out, _, _ = app_run
@@ -96,6 +98,7 @@ def test_derivatives_are_indexed_by_pybids(app_run):
     assert len(names) == len(PARAMS) + 2 + len(UNCERTAINTY)
 
 
+@pytest.mark.slow
 @requires_ds_real
 def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
     bids, out, work, _ = app_run
@@ -128,6 +131,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+@pytest.mark.slow
 @requires_ds_real
 def test_reports_load_in_a_real_browser(app_run):
     """Every report page loads with no console error and every image (mosaics, views, turntable) decodes."""
@@ -159,6 +163,7 @@ def _tiny_t1w(path, data):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, code, words", [
     ("no_t1w", 66, "no T1w"),
     ("four_d", 65, "3D"),
@@ -222,6 +227,7 @@ def test_help_teaches():
         assert word in result.stdout
 
 
+@pytest.mark.slow
 def test_readme_example_runs_end_to_end(tmp_path):
     """The README's first command: the embedded example dataset through the whole app."""
     result = run_cli("run", "example-data", tmp_path / "example")

@@ -86,6 +86,7 @@ def _phantom(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.nda
     return t1.astype(np.float32), fa.astype(np.float32)
 
 
+@pytest.mark.slow
 def test_atlas_baseline_recovers_a_known_shift():
     """The subject is the template moved by 6 mm: the warped FA must land on the subject's."""
     pytest.importorskip("ants")

@@ -26,6 +26,7 @@ def load(prep, row, key):
     return nib.load(prep / row[key])
 
 
+@pytest.mark.slow
 @requires_ds_real
 def test_prepare_completes_on_every_unit(prepared_ds_real):
     prep, result = prepared_ds_real
@@ -42,6 +43,7 @@ def test_prepare_completes_on_every_unit(prepared_ds_real):
     assert "deepbet" in methods and "Atropos" in methods and "ANTs" in methods
 
 
+@pytest.mark.slow
 @requires_ds_real
 @pytest.mark.parametrize("unit", UNITS)
 def test_prepared_maps_are_physically_plausible_and_on_the_t1w_grid(prepared_ds_real, unit):
@@ -68,6 +70,7 @@ def test_prepared_maps_are_physically_plausible_and_on_the_t1w_grid(prepared_ds_
     assert (prep / row["qc_figure"]).stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @requires_ds_real
 def test_white_matter_of_a_whole_head_t1w_stays_off_the_scalp(prepared_ds_real):
     """sub-01's MPRAGE shows the whole head, bright scalp fat included: the white matter lies deep inside."""
@@ -86,6 +89,7 @@ def test_white_matter_of_a_whole_head_t1w_stays_off_the_scalp(prepared_ds_real):
     assert np.mean(depth[wm] > 10.0) > 0.995  # scalp and skull: the outer ~10 mm
 
 
+@pytest.mark.slow
 @requires_ds_real
 @pytest.mark.parametrize("unit", UPRIGHT)
 def test_corpus_callosum_is_left_right(prepared_ds_real, unit):
@@ -106,6 +110,7 @@ def test_corpus_callosum_is_left_right(prepared_ds_real, unit):
     assert mean_abs[0] > mean_abs[1] and mean_abs[0] > mean_abs[2], mean_abs
 
 
+@pytest.mark.slow
 @requires_ds_real
 def test_rerun_skips_finished_units(prepared_ds_real):
     prep, _ = prepared_ds_real
@@ -117,6 +122,7 @@ def test_rerun_skips_finished_units(prepared_ds_real):
     assert fa_file.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 @requires_ds_real
 def test_one_bad_unit_leaves_the_others_intact(tmp_path):
     """A truncated DWI in sub-03 fails with exit 65 naming the file; sub-02 is still prepared."""
@@ -137,6 +143,7 @@ def test_one_bad_unit_leaves_the_others_intact(tmp_path):
     assert (prep / rows["sub-02_ses-hfs"]["fa"]).exists()
 
 
+@pytest.mark.slow
 def test_unknown_participant_and_missing_dataset_give_documented_codes(tmp_path):
     bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": b"x"})
     result = run_cli("train", "prepare", bids, tmp_path / "prep", "--participant-label", "99")

@@ -58,6 +58,7 @@ def displaced_pair():
     return head, b0, true @ head["affine"], true
 
 
+@pytest.mark.slow
 def test_registration_recovers_a_known_rigid_displacement(displaced_pair):
     head, b0, b0_affine, true = displaced_pair
     result = register_b0_to_t1w(b0, b0_affine, head["t1w"], head["affine"], head["mask"] > 0)
@@ -68,6 +69,7 @@ def test_registration_recovers_a_known_rigid_displacement(displaced_pair):
     assert 4.0 < mean_displacement_mm(result.t1w_to_dwi, np.eye(4), points) < 12.0
 
 
+@pytest.mark.slow
 def test_ants_check_recovers_the_same_transform_in_ras(displaced_pair):
     """The independent ANTs estimate comes back in the same (RAS, T1w → DWI) convention.
 

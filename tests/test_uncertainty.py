@@ -79,6 +79,7 @@ def test_spread_measures_of_known_passes():
     assert axis_dispersion_deg(np.stack([tilted, tilted]), x) == pytest.approx(30.0)
 
 
+@pytest.mark.slow
 def test_phase1_uncertainty_is_high_where_the_views_disagree():
     """The sagittal passes (2 of 6) predict another tensor inside the bright cube: there the FA SD
     and the V1 dispersion take the values of that disagreement; elsewhere they are zero."""
@@ -166,6 +167,7 @@ def test_uncertainty_maps_are_written_with_sidecars_and_reach_the_qc_row(tmp_pat
     assert qc["median_fa_sd_wm"] == pytest.approx(0.04)
 
 
+@pytest.mark.slow
 def test_calibrate_command_on_a_tiny_model(tmp_path):
     """``m2m-train calibrate`` on a tiny translator: summary and reliability tables; with another
     fold's table the pooled scale is applied, stored with the weights and used at inference."""
