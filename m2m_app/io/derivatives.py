@@ -5,6 +5,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -33,7 +34,7 @@ def dataset_description(output_dir: Path, bids_dir: Path, name: str = "m2m deriv
     normalised absolute ``file://`` URI (symlinks and ``..`` resolved).
     """
     container = container_description()
-    generated = {"Name": "m2m", "Version": __version__,
+    generated: dict[str, Any] = {"Name": "m2m", "Version": __version__,
                  "Description": "T1w -> DTI -> tractography translation",
                  "CodeURL": "https://pypi.org/project/m2m-app/"}
     if container:
@@ -189,6 +190,11 @@ def qc_path(output_dir: Path, subject: Subject) -> Path:
 QC_WM_FA = 0.2
 
 
+def _voxels(path: Path) -> np.ndarray:
+    """The stored voxel values of a NIfTI file."""
+    return np.asarray(cast(nib.Nifti1Image, nib.load(path)).dataobj)
+
+
 def subject_qc(subject: Subject, written: dict[str, Path], nerf_report: dict) -> dict:
     """One row of the group QC table: brain volume, mean FA, median MD, median WM FA SD, streamlines, NeRF PSNR.
 
@@ -196,13 +202,12 @@ def subject_qc(subject: Subject, written: dict[str, Path], nerf_report: dict) ->
     brain mask and predicted FA > :data:`QC_WM_FA`; NaN without either): an input far from the
     training data (another contrast, heavy artefacts) makes the passes disagree and raises it.
     """
-    mask_img = nib.load(written["mask"])
+    mask_img = cast(nib.Nifti1Image, nib.load(written["mask"]))
     mask = np.asarray(mask_img.dataobj) > 0
     voxel_ml = float(np.prod(mask_img.header.get_zooms()[:3])) / 1000
-    fa = np.asarray(nib.load(written["fa"]).dataobj)
-    md = np.asarray(nib.load(written["md"]).dataobj)
+    fa, md = _voxels(written["fa"]), _voxels(written["md"])
     wm = mask & (fa > QC_WM_FA)
-    fa_sd = np.asarray(nib.load(written["fa_sd"]).dataobj) if "fa_sd" in written else None
+    fa_sd = _voxels(written["fa_sd"]) if "fa_sd" in written else None
     tracking = json.loads(sidecar_path(written["tractogram"]).read_text()) if "tractogram" in written else {}
     return {"subject": subject.label, "brain_volume_ml": round(float(mask.sum()) * voxel_ml, 1),
             "mean_fa": float(fa[mask].mean()) if mask.any() else float("nan"),

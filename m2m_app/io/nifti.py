@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -41,7 +41,7 @@ def load_image(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
     if not path.exists():
         raise MissingInputError(f"{path}: file not found")
     try:
-        img = nib.load(path)
+        img = cast(nib.Nifti1Image, nib.load(path))  # NIfTI-1 or -2 (a subclass)
         data = np.asarray(img.dataobj, dtype=np.float32)
     except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
         raise BadDataError(f"{path}: cannot be read as NIfTI (truncated or corrupt file?): {err}") from None

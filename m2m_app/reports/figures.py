@@ -109,8 +109,8 @@ def streamline_figure(streamlines: Sequence[np.ndarray], out_path: str | os.Path
     for ax, (name, (h, v)) in zip(axes, PROJECTIONS.items()):
         ax.set_facecolor("black")
         ax.set_gid(f"panel-{name}")
-        collection = LineCollection(segments[:, :, [h, v]], colors=np.c_[colours, np.full(len(colours), 0.6)],
-                                    linewidths=0.35)
+        collection = LineCollection(segments[:, :, [h, v]],  # type: ignore[arg-type]  # (N, 2, 2) array: stub too narrow
+                                    colors=np.c_[colours, np.full(len(colours), 0.6)], linewidths=0.35)
         collection.set_rasterized(True)
         ax.add_collection(collection)
         ax.set_xlim(low[h], high[h])

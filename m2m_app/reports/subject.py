@@ -16,6 +16,7 @@ import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -61,7 +62,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;tex
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(path)
+    img = cast(nib.Nifti1Image, nib.load(path))
     return np.asarray(img.dataobj, dtype=np.float32), img.affine
 
 
@@ -96,7 +97,7 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
     out = {}
     for name, (data, extension) in drawn.items():
         path = derivative_path(output_dir, subject, "figures", name.replace("_", ""), extension, desc="m2m")
-        out[name] = atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        out[name] = atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))  # called at once
     if "tractogram" in written:
         out["streamlines"] = streamline_figure(
             load_streamlines(written["tractogram"], t1w),
@@ -173,12 +174,12 @@ def _about_section(command_line: str, weights_dir: str | None) -> str:
     from m2m_app.io.derivatives import weights_provenance
     from m2m_app.io.environment import container_image, container_type
 
-    engine = container_type()
+    engine, image = container_type(), container_image()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     rows = {"command line": command_line or "n/a", "m2m version": __version__,
             **{f"{phase} weights SHA-256": meta["sha256"] for phase, meta in weights_provenance(weights_dir).items()},
             "report written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": (f"container ({engine}{', ' + container_image() if container_image() else ''})"
+            "environment": (f"container ({engine}{', ' + image if image else ''})"
                             if engine else "not in a container"),
             "CPU": f"{' '.join(filter(None, (platform.machine(), platform.processor())))}, "
                    f"{os.cpu_count()} logical cores",
@@ -213,7 +214,7 @@ def write_report(output_dir: Path, subject: Subject, t1w: str, written: dict[str
                f"{BIBTEX.as_posix()}</a></p>")
     bodies = {"summary": summary_html,
               "maps": _maps_section(figures, output_dir) if figures else failed,
-              "tracts": _tracts_section(figures, written, output_dir) if figures else failed,
+              "tracts": _tracts_section(figures, written or {}, output_dir) if figures else failed,
               "uncertainty": _uncertainty_section(figures, output_dir) if figures else failed,
               "methods": methods,
               "errors": _errors_section(output_dir, subject, errors),
