@@ -1,6 +1,7 @@
 """Shared fixtures: the real data in ../shared/data/ds-real and small BIDS datasets built from it."""
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -125,3 +126,40 @@ def synthetic_head(kind: str = "ras", shape: tuple[int, int, int] = (48, 56, 48)
     dectdi = np.where(wm[..., None], [1.0, 0.1, 0.1], [0.4, 0.4, 0.4]) * brain[..., None]
     return {"affine": affine, "t1w": t1w.astype(np.float32), "mask": brain.astype(np.uint8),
             "wm": wm.astype(np.uint8), "diffusivity": tensor, "tdi": tdi, "dectdi": dectdi, **maps}
+
+
+#: Translator size of the tiny networks the tests train (``Translator(..., **TINY)``).
+TINY = {"base": 4, "depth": 2}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread and torch's seed 0 (the translator tests: ``pytest.mark.usefixtures``)."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+def make_prep_dir(root: Path, kinds: tuple[str, ...] = ("ras", "oblique")) -> Path:
+    """A fake ``m2m-train prepare`` output with one synthetic subject per ``kinds`` entry."""
+    prep, columns = root / "prep", ("mask", "wm", "fa", "md", "ad", "rd", "diffusivity", "v1", "colfa", "tdi", "dectdi")
+    rows = []
+    for number, kind in enumerate(kinds, start=1):
+        subject = f"sub-{number:02d}"
+        maps = synthetic_head(kind)
+        t1w_path = root / "bids" / subject / "anat" / f"{subject}_T1w.nii.gz"
+        t1w_path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(maps["t1w"], maps["affine"]), t1w_path)
+        row = {"subject": subject, "participant": f"{number:02d}", "session": "", "t1w": str(t1w_path), "status": "ok"}
+        for column in columns:
+            relative = Path(subject) / "dwi" / f"{subject}_{column}.nii.gz"
+            (prep / relative).parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.asarray(maps[column], np.float32), maps["affine"]), prep / relative)
+            row[column] = str(relative)
+        rows.append(row)
+    with (prep / "manifest.tsv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]) + ["mean_fa_wm"], delimiter="\t", restval="0.5")
+        writer.writeheader()
+        writer.writerows(rows)
+    return prep

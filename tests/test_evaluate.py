@@ -153,3 +153,18 @@ def test_model_card_table_gives_each_fold_and_the_mean_of_the_folds(tmp_path):
     assert "| **mean of 3 folds** | baseline_fa_atlas | 0.317 |" in rows
     (tmp_path / "loso-test-sub-03" / "phase1_heldout.tsv").unlink()
     assert not any("mean of" in row for row in tables.table(tmp_path, "phase1_heldout.tsv", ("fa_r_brain",)))
+
+
+def test_fa_metrics_measure_bias_and_compression():
+    """A prediction squeezed towards its mean keeps r = 1 but shows its spread (< 1) and bias."""
+    from m2m_app.training.evaluate import fa_metrics
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.1, 0.8, (12, 12, 12))
+    brain = np.ones(truth.shape, bool)
+    wm = truth > 0.3
+    exact = fa_metrics(truth, truth, brain, wm)
+    assert exact["fa_bias_wm"] == 0.0 and exact["fa_spread_wm"] == pytest.approx(1.0)
+    squeezed = fa_metrics(0.25 + 0.5 * (truth - 0.25), truth, brain, wm)
+    assert squeezed["fa_r_wm"] == pytest.approx(1.0) and squeezed["fa_spread_wm"] == pytest.approx(0.5)
+    assert squeezed["fa_bias_wm"] < -0.1 and squeezed["fa_mae_wm"] == pytest.approx(-squeezed["fa_bias_wm"])

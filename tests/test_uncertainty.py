@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from conftest import TINY, make_prep_dir
 from m2m_app.data.weights import uncertainty_scales
 from m2m_app.inference.predict import predict_phase1, predict_phase2, spread_to_source
 from m2m_app.io.derivatives import QC_WM_FA, subject_qc, write_maps
@@ -18,7 +19,6 @@ from m2m_app.maths import grid as conform
 from m2m_app.maths.tensor import scalar_maps
 from m2m_app.models.phases import PHASE1, PHASE2, axis_dispersion_deg, spread_sd
 from m2m_app.training import calibration
-from test_translator import TINY, make_prep_dir
 
 #: The synthetic T1w: 3 mm voxels, a head sphere with one bright cube (the region the passes disagree in).
 SHAPE, ZOOM = (40, 40, 40), 3.0

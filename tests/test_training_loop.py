@@ -1,0 +1,145 @@
+"""The training loop (training/loop.py): resume, export, moving average, the shipped recipe as defaults, DDP on
+CPU, CUDA — tiny and synthetic."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, make_prep_dir
+from m2m_app.inference.predict import load_translator, predict_volume
+from m2m_app.models.phases import PHASE2
+from m2m_app.models.translator import Translator
+from m2m_app.training.evaluate import evaluate_phase
+from m2m_app.training.loop import export_generator, train_phase
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.slow
+def test_training_resumes_and_exports(tmp_path, caplog):
+    prep = make_prep_dir(tmp_path)
+    out = tmp_path / "model"
+    options = {"batch_size": 16, "device": "cpu", "seed": 3, "lr": 1e-3, "disc_base": 4, "subjects": ["01"],
+               "elastic_px": 2.0, **TINY}
+    train_phase("phase1", prep, out, epochs=1, **options)
+    first = list(csv.DictReader((out / "phase1_losses.csv").open()))
+    assert [r["epoch"] for r in first] == ["1"]
+    caplog.set_level("INFO")
+    train_phase("phase1", prep, out, epochs=2, **options)
+    assert "resuming" in caplog.text
+    rows = list(csv.DictReader((out / "phase1_losses.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == first[0]
+    meta = json.loads((out / "phase1.json").read_text())
+    assert meta["recipe"]["epochs"] == 2 and meta["recipe"]["subjects"] == ["sub-01"]
+    assert meta["recipe"]["elastic_px"] == 2.0
+    assert meta["recipe"]["training_datasets"] == ["prep"] and str(tmp_path) not in json.dumps(meta)
+    assert meta["architecture"] == {"in_channels": 5, "out_channels": 7, **TINY}
+    results = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], out_tsv=out / "eval.tsv", device="cpu")
+    assert {r["method"] for r in results} == {"m2m", "baseline_fa_from_t1w"}
+    assert np.isfinite(results[0]["fa_mae_brain"]) and (out / "eval.tsv").exists()
+    stripped = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], device="cpu", skull_strip=True)
+    assert [r["method"] for r in stripped] == [r["method"] for r in results]
+    assert np.isfinite(stripped[0]["fa_mae_brain"]) and stripped[0]["fa_mae_brain"] != results[0]["fa_mae_brain"]
+
+
+@pytest.mark.slow
+def test_training_exports_the_moving_average_of_the_generator(tmp_path):
+    """With --ema-decay the exported weights are the checkpoint's averaged generator (not its last
+    weights), the average resumes with the run, and a run without it cannot resume from it."""
+    from safetensors.torch import load_file
+
+    from m2m_app.errors import UsageError
+
+    prep, out = make_prep_dir(tmp_path), tmp_path / "model"
+    options = {"batch_size": 16, "device": "cpu", "seed": 3, "lr": 1e-3, "disc_base": 4, **TINY}
+    train_phase("phase1", prep, out, epochs=1, ema_decay=0.9, **options)
+    train_phase("phase1", prep, out, epochs=2, ema_decay=0.9, **options)
+    state = torch.load(out / "checkpoints" / "phase1_last.pt", weights_only=True)["networks"]
+    exported = load_file(out / "phase1.safetensors")
+    batches = sum(int(row["batches"]) for row in csv.DictReader((out / "phase1_losses.csv").open()))
+    assert int(state["ema_updates"]) == batches > 1
+    for name, value in exported.items():
+        torch.testing.assert_close(value, state[f"ema_generator.{name}"])
+    assert any(not torch.allclose(value, state[f"generator.{name}"]) for name, value in exported.items())
+    metadata = json.loads((out / "phase1.json").read_text())
+    assert metadata["recipe"]["ema_decay"] == 0.9
+    assert metadata["parameters"] == sum(value.numel() for value in exported.values())
+    with pytest.raises(UsageError, match="different architecture"):
+        train_phase("phase1", prep, out, epochs=3, ema_decay=0.0, **options)
+
+
+def test_exported_weights_record_the_package_version_and_their_checksum(tmp_path):
+    """Every weights JSON says which m2m wrote it (a shipped-weights change bumps the version; CONTRIBUTING.md)."""
+    from m2m_app import __version__
+    from m2m_app.io.files import file_sha256
+
+    weights = export_generator(Translator(PHASE2.in_channels, PHASE2.out_channels, **TINY), PHASE2, tmp_path,
+                               {"epochs": 0})
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert meta["m2m_version"] == __version__ and __version__ != "0+unknown"
+    assert meta["sha256"] == file_sha256(weights) and meta["architecture"]["base"] == TINY["base"]
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_training_defaults_are_the_shipped_recipe(phase):
+    """Training without options (the CLI and the Python API) follows the recipe recorded in
+    the shipped weights' JSON, the one the model card measured."""
+    import inspect
+
+    from m2m_app.cli.train import cli
+    from m2m_app.inference.predict import verify_weights
+
+    _, meta, _ = verify_weights(phase)
+    recipe = meta["recipe"]
+    shipped = {"base": meta["architecture"]["base"], "depth": meta["architecture"]["depth"],
+               **{k: recipe[k] for k in ("batch_size", "lr", "ema_decay", "elastic_px", "disc_base",
+                                         "adversarial_weight")}}
+    on_the_command_line = ["base", "batch_size", "lr", "ema_decay", "elastic_px"]
+    if phase == "phase1":  # phase 2 ignores skull stripping (its recipe records 0)
+        shipped["skull_strip_prob"] = recipe["skull_strip_prob"]
+        on_the_command_line.append("skull_strip_prob")
+    assert recipe["world_size"] == 1  # so the recorded batch size is the per-process one
+    api = {name: p.default for name, p in inspect.signature(train_phase).parameters.items() if name in shipped}
+    assert api == shipped
+    options = {p.name: p.default for p in cli.commands[phase].params}
+    assert {k: options[k] for k in on_the_command_line} == {k: shipped[k] for k in on_the_command_line}
+
+
+@pytest.mark.slow
+def test_distributed_training_with_torchrun_on_cpu(tmp_path):
+    """Two DDP processes (gloo on CPU) train one epoch; only rank 0 writes the loss table and the weights."""
+    prep = make_prep_dir(tmp_path)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "m2m_app.cli.train", "phase1", str(prep), str(out), "--epochs", "1", "--width", "4",
+               "--batch-size", "4", "--device", "cpu", "--elastic-px", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "phase1.json").read_text())
+    assert meta["recipe"]["world_size"] == 2 and meta["recipe"]["batch_size"] == 8
+    assert meta["recipe"]["elastic_px"] == 2.0
+    assert [row["epoch"] for row in csv.DictReader((out / "phase1_losses.csv").open())] == ["1"]
+    load_translator("phase1", out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a machine with one)")
+def test_cuda_training_and_inference_agree_with_cpu(tmp_path):
+    """A tiny model trains on CUDA; its weights predict the same volume on CUDA as on the CPU."""
+    prep, out = make_prep_dir(tmp_path), tmp_path / "model"
+    train_phase("phase1", prep, out, epochs=1, batch_size=16, device="cuda", seed=3, lr=1e-3, disc_base=4,
+                ema_decay=0.9, **TINY)
+    model, spec = load_translator("phase1", out)
+    volume = np.random.default_rng(4).random((1, 24, 28, 24)).astype(np.float32)
+    on_gpu = predict_volume(model, spec, volume, device="cuda")
+    on_cpu = predict_volume(model, spec, volume, device="cpu")
+    assert np.isfinite(on_gpu).all()
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)
