@@ -1,6 +1,7 @@
 """``m2m-train``: build training targets from a BIDS dataset with DWI, train and evaluate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -10,14 +11,18 @@ import click
 import numpy as np
 
 from m2m_app import __version__
-from m2m_app.cli.common import (exit_code_for, exits_cleanly, plugin_settings, run_click,
-                                run_workflow, setup_logging, writable_dir, write_citation)
+from m2m_app.cli.common import (collect_units, echo_failures, exit_code_for, exits_cleanly, plugin_settings,
+                                run_click, run_workflow, setup_logging, writable_dir, write_citation)
 from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
+from m2m_app.io.naming import Subject
 from m2m_app.io.crashes import crash_reasons
-from m2m_app.training import recipe as default
+from m2m_app.training.recipe import TrainingRecipe
 
 LOGGER = logging.getLogger("m2m.train")
+
+#: The shipped weights' recipe: the defaults of ``phase1`` and ``phase2``.
+DEFAULT = TrainingRecipe()
 
 verbosity = [click.option("-v", "--verbose", count=True, help="More log output (-vv: debug)."),
              click.option("-q", "--quiet", count=True, help="Less log output.")]
@@ -84,6 +89,7 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     from m2m_app.io.derivatives import dataset_description
     from m2m_app.io.manifest import qc_path, write_manifest
     from m2m_app.io.nifti import load_t1w
+    from m2m_app.reports.methods import TEACHER_REFERENCES, TEACHER_SOFTWARE, write_bibtex
     from m2m_app.teacher.prepare import load_dwi_runs
     from m2m_app.workflows.prepare import init_prepare_wf, node_name
 
@@ -92,30 +98,32 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     prep_dir = writable_dir(prep_dir, "prep folder", forbidden_inside=bids_dir)
     work_dir = writable_dir(work_dir or prep_dir / ".m2m_work", "work folder", forbidden_inside=bids_dir)
     filters = bids_io.read_filters(bids_filter_file)
-    units, failures, codes = {}, {}, set()
-    for subject in bids_io.collect_subjects(layout, list(participant_labels), list(session_labels)):
+
+    def find(subject: Subject) -> tuple[Path, list[Path]] | None:
         if qc_path(prep_dir, subject).exists():
             LOGGER.info("%s: already prepared, skipping", subject.label)
-            continue
+            return None
         try:
             t1w, dwi = bids_io.find_t1w(layout, subject, filters), bids_io.find_dwi(layout, subject, filters)
         except M2MError as err:  # a unit without DWI is no training pair: skip unless asked for
             LOGGER.warning("%s", err)
             if participant_labels:
-                failures[subject.label], codes = str(err), codes | {err.exit_code}
-            continue
-        try:  # read every input once now, so bad data fails with its own message and exit code
-            load_t1w(t1w)
-            load_dwi_runs(dwi)
-        except M2MError as err:
-            failures[subject.label], codes = str(err), codes | {err.exit_code}
-            continue
-        units[subject] = (t1w, dwi)
+                raise
+            return None
+        load_t1w(t1w)  # read every input once now, so bad data fails with its own message and exit code
+        load_dwi_runs(dwi)
+        return t1w, dwi
+
+    subjects = bids_io.collect_subjects(layout, list(participant_labels), list(session_labels))
+    units, errors = collect_units(subjects, find)
+    failures = {label: str(err) for label, err in errors.items()}
+    codes = {err.exit_code for err in errors.values()}
     ok = True
     if units:
         LOGGER.info("preparing %d unit(s): %s", len(units), ", ".join(s.label for s in units))
         workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads)
-        write_citation(prep_dir, workflow)
+        citation = write_citation(prep_dir, workflow)
+        write_bibtex(citation.with_suffix(".bib"), TEACHER_REFERENCES, TEACHER_SOFTWARE)
         workflow.config["execution"]["crashdump_dir"] = str(prep_dir / "logs")
         ok = run_workflow(workflow, plugin_settings(nprocs, None, use_plugin), stop_on_first_crash=False)
         reasons = crash_reasons(prep_dir / "logs")
@@ -125,8 +133,7 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
                 codes.add(EX_FAILURE)
     dataset_description(prep_dir, bids_dir, name="m2m teacher targets (m2m-train prepare)")
     manifest = write_manifest(prep_dir, failures)
-    for label, message in sorted(failures.items()):
-        click.echo(f"m2m-train prepare: {label} FAILED: {message}", err=True)
+    echo_failures("m2m-train prepare", failures)
     for row in json.loads((prep_dir / "manifest.json").read_text())["pairs"]:
         if row.get("flagged"):
             click.echo(f"m2m-train prepare: {row['subject']} FLAGGED, left out of training unless "
@@ -159,26 +166,26 @@ def training_options(func):
     options = [
         click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path)),
         click.argument("model_out", type=click.Path(file_okay=False, path_type=Path)),
-        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+        click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT.epochs, show_default=True,
                      help="Total epochs; a re-run resumes from the last checkpoint up to this number. "
                           "The shipped weights saw about 3 400 steps per phase (phase 1: 24 epochs of 5 sessions)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=default.BATCH_SIZE, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT.batch_size, show_default=True,
                      help="Slices per step (per GPU under torchrun)."),
-        click.option("--lr", type=float, default=default.LEARNING_RATE, show_default=True,
+        click.option("--lr", type=float, default=DEFAULT.lr, show_default=True,
                      help="Adam learning rate."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--random-seed", "seed", type=int, default=0, show_default=True,
+        click.option("--random-seed", "seed", type=int, default=DEFAULT.seed, show_default=True,
                      help="Seeds weights, shuffling and augmentation."),
         click.option("--subject", "subjects", multiple=True,
                      help="Train only on these (sub-01, 01 or sub-01_ses-a); repeatable. Default: all."),
-        click.option("--width", "base", type=click.IntRange(min=4), default=default.WIDTH, show_default=True,
+        click.option("--width", "base", type=click.IntRange(min=4), default=DEFAULT.base, show_default=True,
                      help="Channels of the first encoder level (doubles per level); 24 has ~2x the "
                           "parameters and trains ~2x slower."),
         click.option("--ema-decay", type=click.FloatRange(min=0.0, max=1.0, max_open=True),
-                     default=default.EMA_DECAY, show_default=True,
+                     default=DEFAULT.ema_decay, show_default=True,
                      help="Ship a moving average of the generator's weights (decay per step) instead "
                           "of its last weights, which an adversarial run can catch on a spike. 0: off."),
-        click.option("--elastic-px", type=click.FloatRange(min=0.0), default=default.ELASTIC_PX, show_default=True,
+        click.option("--elastic-px", type=click.FloatRange(min=0.0), default=DEFAULT.elastic_px, show_default=True,
                      help="Elastic augmentation: half of the geometric augmentations also deform the "
                           "slice smoothly by up to this many 2 mm pixels. 0: affine only."),
         click.option("--extra-prep-dir", "extra_prep_dirs", multiple=True,
@@ -199,7 +206,9 @@ def _train(phase: str, prep_dir: Path, model_out: Path, subjects: tuple[str, ...
 
     setup_logging(verbose, quiet)
     writable_dir(model_out, "model folder")
-    weights = train_phase(phase, prep_dir, model_out, subjects=list(subjects) or None,
+    fields = {field.name for field in dataclasses.fields(TrainingRecipe)}
+    recipe = TrainingRecipe(**{key: kwargs.pop(key) for key in list(kwargs) if key in fields})
+    weights = train_phase(phase, prep_dir, model_out, recipe, subjects=list(subjects) or None,
                           extra_prep_dirs=list(extra_prep_dirs) or None, **kwargs)
     click.echo(f"weights: {weights}")
 
@@ -207,7 +216,7 @@ def _train(phase: str, prep_dir: Path, model_out: Path, subjects: tuple[str, ...
 @cli.command()
 @training_options
 @click.option("--skull-strip-prob", type=click.FloatRange(min=0.0, max=1.0),
-              default=default.SKULL_STRIP_PROB, show_default=True,
+              default=DEFAULT.skull_strip_prob, show_default=True,
               help="This fraction of training slices is skull-stripped (zeroed outside the teacher's "
                    "brain mask grown by 0-6 mm, re-normalised), so that brain-extracted T1w images "
                    "work too. 0: none.")

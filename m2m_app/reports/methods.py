@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
 
 from m2m_app.io.files import atomic_write
@@ -79,12 +80,46 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "  title = {The brain imaging data structure, a format for organizing and describing outputs of "
         "neuroimaging experiments},\n  journal = {Scientific Data},\n  year = {2016}, volume = {3},"
         " pages = {160044},\n  doi = {10.1038/sdata.2016.44}\n}"),
+    "fisch2024": (
+        "Fisch L, Zumdick S, Barkhau C, et al. deepbet: fast brain extraction of T1-weighted MRI using "
+        "convolutional neural networks. Comput Biol Med. 2024;179:108845.",
+        "@article{fisch2024,\n  author = {Fisch, L. and Zumdick, S. and Barkhau, C. and others},\n"
+        "  title = {deepbet: fast brain extraction of {T1}-weighted {MRI} using convolutional neural networks},\n"
+        "  journal = {Computers in Biology and Medicine},\n  year = {2024}, volume = {179}, pages = {108845},\n"
+        "  doi = {10.1016/j.compbiomed.2024.108845}\n}"),
+    "avants2011": (
+        "Avants BB, Tustison NJ, Wu J, Cook PA, Gee JC. An open source multivariate framework for n-tissue "
+        "segmentation with evaluation on public data. Neuroinformatics. 2011;9(4):381-400.",
+        "@article{avants2011,\n  author = {Avants, B. B. and Tustison, N. J. and Wu, J. and Cook, P. A. and "
+        "Gee, J. C.},\n  title = {An open source multivariate framework for n-tissue segmentation with "
+        "evaluation on public data},\n  journal = {Neuroinformatics},\n  year = {2011}, volume = {9},"
+        " number = {4}, pages = {381--400},\n  doi = {10.1007/s12021-011-9109-y}\n}"),
+    "tustison2010": (
+        "Tustison NJ, Avants BB, Cook PA, et al. N4ITK: improved N3 bias correction. IEEE Trans Med Imaging. "
+        "2010;29(6):1310-1320.",
+        "@article{tustison2010,\n  author = {Tustison, N. J. and Avants, B. B. and Cook, P. A. and others},\n"
+        "  title = {{N4ITK}: improved {N3} bias correction},\n  journal = {IEEE Transactions on Medical Imaging},\n"
+        "  year = {2010}, volume = {29}, number = {6}, pages = {1310--1320},\n"
+        "  doi = {10.1109/TMI.2010.2046908}\n}"),
+    "avants2008": (
+        "Avants BB, Epstein CL, Grossman M, Gee JC. Symmetric diffeomorphic image registration with "
+        "cross-correlation. Med Image Anal. 2008;12(1):26-41.",
+        "@article{avants2008,\n  author = {Avants, B. B. and Epstein, C. L. and Grossman, M. and Gee, J. C.},\n"
+        "  title = {Symmetric diffeomorphic image registration with cross-correlation: evaluating automated "
+        "labeling of elderly and neurodegenerative brain},\n  journal = {Medical Image Analysis},\n"
+        "  year = {2008}, volume = {12}, number = {1}, pages = {26--41},\n"
+        "  doi = {10.1016/j.media.2007.06.004}\n}"),
 }
 
 #: The references of each part of the pipeline.
 PHASE1_REFERENCES = ("basser1994", "pajevic1999", "arsigny2006", "ronneberger2015", "isola2017")
 NERF_REFERENCES = ("mildenhall2020", "basser2000")
 TOOL_REFERENCES = ("gorgolewski2011", "garyfallidis2014", "gorgolewski2016")
+#: The references of the teacher's methods text (``m2m-train prepare``), in the order it cites them.
+TEACHER_REFERENCES = ("fisch2024", "avants2011", "tustison2010", "garyfallidis2014", "avants2008",
+                      "gorgolewski2011", "gorgolewski2016")
+#: The distributions the teacher runs on, cited with their installed versions.
+TEACHER_SOFTWARE = ("m2m-app", "deepbet", "antspyx", "dipy", "nipype", "nibabel", "torch")
 
 
 def cited(with_nerf: bool) -> list[str]:
@@ -98,7 +133,22 @@ def references_html(keys: list[str]) -> str:
         f'<li id="ref-{key}">{html.escape(REFERENCES[key][0])}</li>' for key in keys) + "</ol>"
 
 
-def write_bibtex(path: Path, keys: list[str]) -> Path:
-    """Write the BibTeX entries of ``keys`` to ``path`` (atomically)."""
-    text = "\n\n".join(REFERENCES[key][1] for key in keys) + "\n"
+def software_bibtex(distribution: str) -> str:
+    """A ``@software`` BibTeX entry for an installed distribution, with its version (``unknown`` if not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version(distribution)
+    except PackageNotFoundError:
+        installed = "unknown"
+    key = "".join(c for c in distribution if c.isalnum())
+    return (f"@software{{{key},\n  title = {{{distribution}}},\n  version = {{{installed}}},\n"
+            f"  url = {{https://pypi.org/project/{distribution}/{installed}/}}\n}}")
+
+
+def write_bibtex(path: Path, keys: Sequence[str], software: Sequence[str] = ()) -> Path:
+    """Write the BibTeX entries of ``keys``, then one ``@software`` entry (with its installed
+    version) per distribution in ``software``, to ``path`` (atomically)."""
+    entries = [REFERENCES[key][1] for key in keys] + [software_bibtex(name) for name in software]
+    text = "\n\n".join(entries) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import datetime
 import json
 import logging
@@ -21,6 +22,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from m2m_app.io.files import atomic_write, file_sha256, save_json
 from m2m_app.io.manifest import select_rows
 from m2m_app.models.phases import PhaseSpec, get_phase
 from m2m_app.models.translator import GlobalDiscriminator, PatchDiscriminator, Translator, parameter_count
-from m2m_app.training import recipe as default
+from m2m_app.training.recipe import TrainingRecipe
 from m2m_app.training.slices import SliceDataset, Source, cache_sample, training_sources, worker_threads
 
 log = logging.getLogger(__name__)
@@ -199,50 +201,37 @@ def export_generator(generator: Translator, spec: PhaseSpec, model_out: Path, re
     return weights
 
 
-def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os.PathLike, epochs: int,
-                batch_size: int = default.BATCH_SIZE, device: str = "auto", seed: int = 0,
-                lr: float = default.LEARNING_RATE, subjects: list[str] | None = None,
+def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os.PathLike,
+                recipe: TrainingRecipe | None = None, *, device: str = "auto", subjects: list[str] | None = None,
                 extra_prep_dirs: list[str | os.PathLike] | None = None,
-                predicted_inputs: str | os.PathLike | None = None, base: int = default.WIDTH,
-                depth: int = default.DEPTH, disc_base: int = default.DISC_WIDTH,
-                adversarial_weight: float = default.ADVERSARIAL_WEIGHT, workers: int | None = None,
-                ema_decay: float = default.EMA_DECAY, elastic_px: float = default.ELASTIC_PX,
-                skull_strip_prob: float = default.SKULL_STRIP_PROB, include_flagged: bool = False) -> Path:
+                predicted_inputs: str | os.PathLike | None = None, workers: int | None = None,
+                include_flagged: bool = False, **changes: Any) -> Path:
     """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
-
-    The defaults are the shipped weights' recipe (:mod:`m2m_app.training.recipe`).
 
     Parameters
     ----------
     spec_name : ``phase1`` or ``phase2``.
     prep_dir : folder written by ``m2m-train prepare`` (``manifest.tsv`` + teacher maps).
     model_out : output folder (losses CSV, checkpoints, cache, exported weights).
-    epochs : total number of epochs; a resumed run continues up to this number.
-    batch_size : slices per optimisation step (per process under DDP).
+    recipe : the training settings (:class:`~m2m_app.training.recipe.TrainingRecipe`; its
+        defaults, the shipped weights' recipe, if None).
     device : ``auto``, ``cpu`` or ``cuda``.
-    seed : seeds initialisation, shuffling and augmentation.
-    lr : Adam learning rate (generator and discriminators).
     subjects : subject labels to train on (``sub-01``, ``01`` or ``sub-01_ses-a``); all ``ok`` rows if None.
     extra_prep_dirs : more prep dirs whose subjects are pooled with ``prep_dir``'s.
     predicted_inputs : phase 2 only: folder of phase-1 predicted maps laid out like the prep
         dir (see :mod:`m2m_app.training.slices`); those subjects are used with both inputs.
-    base, depth : translator width and number of poolings.
-    disc_base : width of both discriminators (not exported).
-    adversarial_weight : weight of each discriminator's LSGAN term.
     workers : DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
-    ema_decay : if > 0, export an exponential moving average of the generator's weights with
-        this decay per step instead of its last weights (an adversarial run's last step can
-        land on a spike); 0 exports the last weights.
-    elastic_px : if > 0, half of the geometric augmentations also deform the slice elastically,
-        displacing it by up to this many pixels of the 2 mm grid (tensors turn with the tissue);
-        0 keeps them affine.
-    skull_strip_prob : fraction of the slices skull-stripped before the intensity augmentation,
-        so that brain-extracted T1w images are in the training distribution; 0 strips none.
-        Phase 1 only (MR inputs): phase 2 ignores it and its recipe records 0.
     include_flagged : also train on units the teacher's QC flagged (see :func:`~m2m_app.io.manifest.select_rows`).
+    changes : recipe fields to change, e.g. ``epochs=2, lr=1e-3`` (``dataclasses.replace``).
+
+    The exported JSON's ``recipe`` is the recipe as it ran (phase 2 ignores skull stripping:
+    its ``skull_strip_prob`` is 0; ``batch_size`` is summed over the DDP processes), with the
+    run's facts: phase, world size, training datasets and subjects, slices per epoch, date
+    and the last epoch's losses.
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
+    recipe = dataclasses.replace(recipe or TrainingRecipe(), **changes)
     spec = get_phase(spec_name)
     if predicted_inputs is not None and spec.name != "phase2":
         raise UsageError("predicted_inputs only applies to phase2 (its inputs are phase-1 maps)")
@@ -254,37 +243,31 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     torch_device = resolve_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    seed_everything(seed)
+    seed_everything(recipe.seed)
 
     prep_dirs = [Path(prep_dir)] + [Path(p) for p in extra_prep_dirs or []]
     rows = select_rows(prep_dirs, subjects, include_flagged)
     sources = training_sources(rows, Path(predicted_inputs) if predicted_inputs else None)
-    if elastic_px < 0:
-        raise UsageError(f"elastic_px must be >= 0, not {elastic_px}")
-    if not 0.0 <= skull_strip_prob <= 1.0:
-        raise UsageError(f"skull_strip_prob must be in [0, 1], not {skull_strip_prob}")
-    dataset = _cached_dataset(spec, sources, model_out / "cache", seed, rank, world, elastic_px, skull_strip_prob)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    dataset = _cached_dataset(spec, sources, model_out / "cache", recipe.seed, rank, world, recipe.elastic_px,
+                              recipe.skull_strip_prob)
+    recipe = dataclasses.replace(recipe, skull_strip_prob=dataset.skull_strip_prob)  # as it runs (phase 2: 0)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed)
     workers = (4 if torch_device.type == "cuda" else 0) if workers is None else workers
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, num_workers=workers,
                         worker_init_fn=worker_threads, pin_memory=torch_device.type == "cuda")
 
-    if not 0.0 <= ema_decay < 1.0:
-        raise UsageError(f"ema_decay must be in [0, 1), not {ema_decay}")
-    networks = _Networks(spec, base, depth, disc_base, ema_decay).to(torch_device)
-    opt_g = torch.optim.Adam(networks.generator.parameters(), lr=lr, betas=BETAS)
+    networks = _Networks(spec, recipe.base, recipe.depth, recipe.disc_base, recipe.ema_decay).to(torch_device)
+    opt_g = torch.optim.Adam(networks.generator.parameters(), lr=recipe.lr, betas=BETAS)
     opt_d = torch.optim.Adam(list(networks.global_d.parameters()) + list(networks.patch_d.parameters()),
-                             lr=lr, betas=BETAS)
-    recipe = {"phase": spec.name, "epochs": epochs, "batch_size": batch_size * world, "lr": lr, "seed": seed,
-              "adversarial_weight": adversarial_weight, "disc_base": disc_base, "world_size": world,
-              "training_datasets": training_datasets(prep_dirs),
+                             lr=recipe.lr, betas=BETAS)
+    record = {**dataclasses.asdict(recipe), "batch_size": recipe.batch_size * world, "phase": spec.name,
+              "world_size": world, "training_datasets": training_datasets(prep_dirs),
               "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
-              "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset),
-              "ema_decay": ema_decay, "elastic_px": elastic_px, "skull_strip_prob": dataset.skull_strip_prob}
+              "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset)}
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
-    architecture = {**networks.generator.config, "disc_base": disc_base}
-    if ema_decay:  # a checkpoint with or without the moving average resumes only as such
-        architecture["ema_decay"] = ema_decay
+    architecture = {**networks.generator.config, "disc_base": recipe.disc_base}
+    if recipe.ema_decay:  # a checkpoint with or without the moving average resumes only as such
+        architecture["ema_decay"] = recipe.ema_decay
     start = _resume(checkpoint, networks, opt_g, opt_d, architecture, torch_device)
 
     def wrap(module: nn.Module) -> nn.Module:
@@ -293,15 +276,15 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
         return DistributedDataParallel(module, device_ids=[local_rank] if torch_device.type == "cuda" else None)
 
     step = _Step(spec, wrap(networks.generator), [wrap(networks.global_d), wrap(networks.patch_d)],
-                 opt_g, opt_d, adversarial_weight)
+                 opt_g, opt_d, recipe.adversarial_weight)
     losses_csv = model_out / f"{spec.name}_losses.csv"
     history = _read_losses(losses_csv, start) if rank == 0 else []
-    for epoch in range(start + 1, epochs + 1):
+    for epoch in range(start + 1, recipe.epochs + 1):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         networks.train()
         began, sums, batches = time.monotonic(), {}, 0
-        for batch in tqdm(loader, desc=f"{spec.name} epoch {epoch}/{epochs}", disable=rank != 0, leave=False):
+        for batch in tqdm(loader, desc=f"{spec.name} epoch {epoch}/{recipe.epochs}", disable=rank != 0, leave=False):
             values = step({k: v.to(torch_device, non_blocking=True) for k, v in batch.items()})
             networks.update_ema()
             sums = {k: sums.get(k, 0.0) + v for k, v in values.items()}
@@ -312,14 +295,14 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
             history.append(row)
             _write_losses(losses_csv, history)
             _save_checkpoint(checkpoint, epoch, networks, opt_g, opt_d, architecture)
-            log.info("%s epoch %d/%d: %s", spec.name, epoch, epochs,
+            log.info("%s epoch %d/%d: %s", spec.name, epoch, recipe.epochs,
                      ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
         _barrier(world)
     weights = model_out / f"{spec.name}.safetensors"
     if rank == 0:
-        recipe["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        recipe["final_losses"] = history[-1] if history else {}
-        export_generator(networks.exported(), spec, model_out, recipe)
+        record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record["final_losses"] = history[-1] if history else {}
+        export_generator(networks.exported(), spec, model_out, record)
     if owns_group:
         _barrier(world)
         dist.destroy_process_group()

@@ -1,29 +1,71 @@
-"""The default training recipe: the settings the shipped weights were trained with.
+"""The training recipe: the settings the shipped weights were trained with.
 
-``m2m-train phase1/phase2`` and :func:`m2m_app.training.loop.train_phase` take their
-defaults from here, so that training on a new dataset without options follows the recipe
-the model card measured. ``scripts/train_shipped_weights.sh`` still spells every setting
-out, so that it reproduces the shipped weights whatever these defaults become; a test
-checks that these values are the ones recorded in the shipped weights' JSON.
+:class:`TrainingRecipe`'s defaults are the shipped weights' recipe, so that training on a
+new dataset without options (``m2m-train phase1/phase2`` or
+:func:`m2m_app.training.loop.train_phase`) follows the recipe the model card measured; it
+is stored as-is in the exported weights' JSON (``recipe``). ``scripts/train_shipped_weights.sh``
+still spells every setting out, so that it reproduces the shipped weights whatever these
+defaults become; a test checks that these values are the ones recorded in the shipped weights' JSON.
 
 This module imports nothing heavy (the CLI reads it to build ``--help``).
 """
+from __future__ import annotations
 
-#: Channels of the translator's first encoder level (doubled per level).
-WIDTH = 16
-#: Poolings of the translator's encoder.
-DEPTH = 4
-#: Channels of the first level of both discriminators (not exported).
-DISC_WIDTH = 32
-#: Slices per optimisation step (per process under DDP).
-BATCH_SIZE = 8
-#: Adam learning rate of the generator and of the discriminators.
-LEARNING_RATE = 2e-4
-#: Decay per step of the exported moving average of the generator's weights (0: export the last weights).
-EMA_DECAY = 0.999
-#: Largest elastic displacement, in pixels of the 2 mm grid, in half of the geometric augmentations (0: affine only).
-ELASTIC_PX = 3.0
-#: Fraction of phase-1 training slices skull-stripped by the augmentation (0: none).
-SKULL_STRIP_PROB = 0.25
-#: Weight of each discriminator's LSGAN term in the generator loss.
-ADVERSARIAL_WEIGHT = 0.01
+import dataclasses
+from dataclasses import dataclass
+
+from m2m_app.errors import UsageError
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """What decides a translator's training, besides its data."""
+
+    #: Total epochs; a resumed run continues up to this number. (The shipped weights saw about
+    #: 3 400 steps per phase: phase 1 ran 24 epochs of 5 sessions.)
+    epochs: int = 30
+    #: Slices per optimisation step (per process under DDP).
+    batch_size: int = 8
+    #: Adam learning rate of the generator and of the discriminators.
+    lr: float = 2e-4
+    #: Seeds initialisation, shuffling and augmentation.
+    seed: int = 0
+    #: Channels of the translator's first encoder level (doubled per level).
+    base: int = 16
+    #: Poolings of the translator's encoder.
+    depth: int = 4
+    #: Channels of the first level of both discriminators (not exported).
+    disc_base: int = 32
+    #: Weight of each discriminator's LSGAN term in the generator loss.
+    adversarial_weight: float = 0.01
+    #: Decay per step of the exported moving average of the generator's weights (0: export the last weights).
+    ema_decay: float = 0.999
+    #: Largest elastic displacement, in pixels of the 2 mm grid, in half of the geometric augmentations
+    #: (0: affine only).
+    elastic_px: float = 3.0
+    #: Fraction of phase-1 training slices skull-stripped by the augmentation (0: none; phase 2 ignores it).
+    skull_strip_prob: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.elastic_px < 0:
+            raise UsageError(f"elastic_px must be >= 0, not {self.elastic_px}")
+        if not 0.0 <= self.skull_strip_prob <= 1.0:
+            raise UsageError(f"skull_strip_prob must be in [0, 1], not {self.skull_strip_prob}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UsageError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+
+    @classmethod
+    def from_weights(cls, meta: dict) -> TrainingRecipe:
+        """The recipe an exported weights JSON records (``meta`` as loaded from ``<phase>.json``).
+
+        The JSON's ``recipe`` holds every field, ``batch_size`` summed over the DDP processes
+        (``world_size``); the weights exported before the recipe had ``base`` and ``depth``
+        (0.1.0) keep them in ``architecture`` only.
+        """
+        architecture = meta.get("architecture", {})
+        stored = {**{k: architecture[k] for k in ("base", "depth") if k in architecture}, **meta["recipe"]}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in stored.items() if k in fields}
+        if "batch_size" in values:
+            values["batch_size"] //= int(stored.get("world_size", 1))
+        return cls(**values)
