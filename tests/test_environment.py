@@ -71,6 +71,7 @@ def test_dataset_description_records_the_engine(tmp_path, monkeypatch):
     assert generated["Container"] == {"Type": "Apptainer", "Tag": f"m2m:{__version__}"}
 
 
+@pytest.mark.slow
 def test_work_dir_defaults_to_m2m_work_dir(tmp_path):
     bids = make_bids(tmp_path / "bids", {})
     run_cli("run", bids, tmp_path / "out", "participant", "--skip-bids-validation",
@@ -79,6 +80,7 @@ def test_work_dir_defaults_to_m2m_work_dir(tmp_path):
     assert not (tmp_path / "m2m_work").exists()  # OUTPUT_DIR/../m2m_work, the default without the variable
 
 
+@pytest.mark.slow
 def test_read_only_without_a_writable_folder_is_one_line(tmp_path):
     """As ``--read-only`` without a tmpfs: the work folder and matplotlib's cache cannot be
     made; m2m stops with its one-line error (exit 73), before matplotlib would raise."""

@@ -62,6 +62,7 @@ def fitted(arc) -> FittedField:
     return fit_field(arc["density"], arc["direction"], arc["mask"], AFFINE, FIT, seed=0)
 
 
+@pytest.mark.slow
 def test_fit_reconstructs_the_slices(arc, fitted):
     info = fitted.info
     # Measured: 46.8 dB (density) and 29.1 dB (direction) at 600 steps.
@@ -73,6 +74,7 @@ def test_fit_reconstructs_the_slices(arc, fitted):
     assert error < 0.1, f"axial slice max density error {error:.3f}"
 
 
+@pytest.mark.slow
 def test_field_is_continuous_between_voxels(fitted):
     theta = np.linspace(*THETA, 40)[1:-1]
     on_arc = CENTRE + RADIUS * np.stack([np.cos(theta), np.sin(theta), np.zeros_like(theta)], -1)
@@ -105,6 +107,7 @@ def test_fit_stops_on_a_loss_plateau():
     assert field.info["psnr_density_db"] > 20
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(fitted, tmp_path):
     path = fitted.save(tmp_path / "field.safetensors")
     loaded = FittedField.load(path)
@@ -116,6 +119,7 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert loaded.info["steps"] == fitted.info["steps"]
 
 
+@pytest.mark.slow
 def test_query_is_zero_outside_the_grid(fitted):
     far = fitted.bounds[1] + 5.0
     density, orientation = fitted.query(far[None])
@@ -127,6 +131,7 @@ def mean_distance_voxels(streamlines: list[np.ndarray]) -> float:
     return float(np.linalg.norm(points - arc_foot(points)[0], axis=1).mean() / ZOOM)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["analytic", "fitted"])
 def test_streamlines_follow_the_arc(source, fitted, arc):
     field = analytic_field if source == "analytic" else fitted
@@ -221,6 +226,7 @@ def test_composite_is_front_to_back():
     np.testing.assert_allclose(opacity, [1.0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_views_and_turntable_are_written(fitted, tmp_path):
     paths = write_standard_views(fitted, tmp_path, size=40, n_samples=48)
     assert sorted(paths) == ["front", "left", "right", "top"]

@@ -167,6 +167,7 @@ def _check_subject_page(browser, out) -> None:
     assert sorted(panels) == sorted(f"panel-{name}" for name in PROJECTIONS)
 
 
+@pytest.mark.slow
 def test_subject_report_in_a_browser_and_after_moving_the_folder(unit_output, tmp_path):
     root, out, page = unit_output
     assert str(root) not in page.read_text()  # nothing points outside the output folder
@@ -184,6 +185,7 @@ def test_subject_report_in_a_browser_and_after_moving_the_folder(unit_output, tm
         browser.quit()
 
 
+@pytest.mark.slow
 def test_group_report_table_plot_and_links(unit_output, tmp_path):
     _, source, _ = unit_output
     out = tmp_path / "out"

@@ -46,6 +46,7 @@ ODD = {
 }
 
 
+@pytest.mark.slow
 def test_odd_but_valid_t1w_images_run(tmp_path):
     files = {}
     for label, make in ODD.items():
@@ -93,6 +94,7 @@ def _wait_for(path_glob, root, timeout: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_then_resume(tmp_path):
     """SIGTERM after phase 1: exit 143 with a resume hint; the re-run reuses phase 1 and completes."""
     t1w = tmp_path / "t1w.nii.gz"
@@ -124,6 +126,7 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     assert "phase1" in (out / "sub-01.html").read_text()
 
 
+@pytest.mark.slow
 def test_runs_with_a_read_only_home(tmp_path):
     """As in the container run with --read-only: HOME is not writable, caches go to /tmp (Dockerfile's ENV)."""
     t1w = tmp_path / "t1w.nii.gz"

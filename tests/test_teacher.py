@@ -166,6 +166,7 @@ def test_flagged_units_are_left_out_of_training_unless_asked(tmp_path):
         select_rows([tmp_path], ["sub-02"])
 
 
+@pytest.mark.slow
 def test_every_command_takes_a_space_separated_participant_list(tmp_path):
     """``m2m-train prepare --participant-label 01 02`` as BIDS-Apps write it (was: 'unexpected extra argument')."""
     from conftest import make_bids, run_cli

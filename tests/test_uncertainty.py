@@ -95,6 +95,7 @@ def test_phase1_uncertainty_is_high_where_the_views_disagree():
     assert out["fa_sd"][far].max() < 1e-4 and out["v1_dispersion"][far].max() < 0.5
 
 
+@pytest.mark.slow
 def test_phase2_uncertainty_is_high_where_the_views_disagree():
     img = _head_with_cube()
     _, grid = conform.conform_t1w(img, np.asarray(img.dataobj))
