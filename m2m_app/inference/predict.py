@@ -102,8 +102,8 @@ def predict_views(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device
                 size = inputs.shape[1 + axis]
                 for first in range(0, size, batch_size):
                     slices = range(first, min(first + batch_size, size))
-                    batch = np.stack([slab_along(volume, axis, neighbours(k, size, spec.context)) for k in slices])
-                    batch = torch.from_numpy(batch.reshape((len(slices), -1) + batch.shape[-2:]))
+                    slabs = np.stack([slab_along(volume, axis, neighbours(k, size, spec.context)) for k in slices])
+                    batch = torch.from_numpy(slabs.reshape((len(slices), -1) + slabs.shape[-2:]))
                     out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
                     np.moveaxis(raw, 1 + axis, 0)[first:first + len(slices)] = out  # (size, K, H, W) view
                 views.append(raw[:, ::-1] * signs if mirrored else raw)
@@ -162,10 +162,10 @@ def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = Non
     inputs, grid = phase1_inputs(t1w_img, t1w_data)
     views = predict_views(model, spec, inputs, device, batch_size)
     fused = spec.fuse(views)
-    out = {**phase1_to_source(fused, grid, mask_tensor), "grid": grid}
+    maps = phase1_to_source(fused, grid, mask_tensor)
     if uncertainty:
-        out |= spread_to_source(views, fused, spec, grid, out["mask"] if mask_tensor else None, scales)
-    return out
+        maps |= spread_to_source(views, fused, spec, grid, maps["mask"] if mask_tensor else None, scales)
+    return {**maps, "grid": grid}
 
 
 def phase1_to_source(raw: np.ndarray, grid: ConformedGrid, mask_tensor: bool = True) -> dict[str, np.ndarray]:

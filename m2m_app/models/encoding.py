@@ -16,7 +16,8 @@ DIFFUSIVITY_SCALE = 1e-3
 #: Predicted eigenvalues are clamped to this range, mm²/s (positive-definite and finite in float32).
 EIGENVALUE_RANGE = (1e-6, 1e-2)
 #: The same range for the eigenvalues of ``logm(D / DIFFUSIVITY_SCALE)``.
-LOG_EIGENVALUE_RANGE = tuple(float(np.log(v / DIFFUSIVITY_SCALE)) for v in EIGENVALUE_RANGE)
+LOG_EIGENVALUE_RANGE: tuple[float, float] = (float(np.log(EIGENVALUE_RANGE[0] / DIFFUSIVITY_SCALE)),
+                                             float(np.log(EIGENVALUE_RANGE[1] / DIFFUSIVITY_SCALE)))
 
 
 def tensor_to_log(components: np.ndarray) -> np.ndarray:

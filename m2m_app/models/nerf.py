@@ -74,6 +74,8 @@ class FieldNet(torch.nn.Module):
     Returns the raw ``(N, 4)`` output: density logit, then the signed orientation vector.
     """
 
+    bands: torch.Tensor  # (frequencies,) angular frequencies of the positional encoding, a buffer
+
     def __init__(self, config: FieldConfig) -> None:
         super().__init__()
         self.config = config
@@ -174,17 +176,17 @@ class FittedField:
         """
         return self._evaluate(self.normalised_coords(points_world_mm))
 
-    def sample_volume(self, shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def sample_volume(self, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Evaluate the field on a regular grid spanning the input grid's voxel centres.
 
         ``shape`` defaults to the input's; another shape resamples the same extent (first and
         last voxel centres kept). Returns density ``shape`` and colour ``shape + (3,)``, float32.
         """
-        shape = tuple(self.shape if shape is None else shape)
-        axes = [torch.linspace(-1.0, 1.0, n) for n in shape]
+        grid_shape = tuple(self.shape if shape is None else shape)
+        axes = [torch.linspace(-1.0, 1.0, n) for n in grid_shape]
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
         density, colour = self._evaluate(coords)
-        return density.reshape(shape), colour.reshape(shape + (3,))
+        return density.reshape(grid_shape), colour.reshape(grid_shape + (3,))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the weights and JSON metadata (geometry, normalisation, fit report) to a safetensors file."""
@@ -350,7 +352,7 @@ def _slice_psnr(fitted: FittedField, density: np.ndarray, direction: np.ndarray,
     """PSNR (dB) of the field on ``per_axis`` evenly spaced slices of each axis, inside the mask."""
     chosen = np.zeros(mask.shape, dtype=bool)
     for axis, n in enumerate(mask.shape):
-        index = [slice(None)] * 3
+        index: list[slice | np.ndarray] = [slice(None)] * 3
         index[axis] = np.unique(np.linspace(0, n - 1, per_axis).round().astype(int))
         chosen[tuple(index)] = True
     ijk = np.argwhere(chosen & mask)

@@ -139,7 +139,10 @@ def phase1_inputs(t1w_img, t1w_data: np.ndarray) -> tuple[np.ndarray, ConformedG
 
 def mean_of_views(views: list[np.ndarray]) -> np.ndarray:
     """Voxel-wise mean of the views' raw outputs ``(K, X, Y, Z)``."""
-    return (sum(views) / len(views)).astype(np.float32)
+    total = np.zeros_like(views[0], dtype=np.float64)
+    for view in views:
+        total += view
+    return (total / len(views)).astype(np.float32)
 
 
 def _fuse_phase1(views: list[np.ndarray]) -> np.ndarray:

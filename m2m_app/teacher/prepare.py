@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -72,7 +73,7 @@ def group_dwi_runs(paths: list[Path]) -> list[list[Path]]:
     """
     groups: dict[tuple, list[Path]] = {}
     for path in paths:
-        img = nib.load(path)
+        img = cast(nib.Nifti1Image, nib.load(path))
         key = (img.shape[:3], tuple(np.round(img.affine, 3).ravel()), _phase_encoding(path))
         groups.setdefault(key, []).append(path)
     return list(groups.values())

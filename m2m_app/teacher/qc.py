@@ -40,7 +40,7 @@ def registration_figure(t1w: np.ndarray, affine: np.ndarray, b0: np.ndarray, fa:
     level = 0.5 * float(np.median(volumes["b0"][volumes["fov"] > 0])) if np.any(volumes["fov"] > 0) else 0.0
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), facecolor="black")
     for ax, axis, title in zip(axes, (0, 1, 2), ("sagittal", "coronal", "axial")):
-        index = [slice(None)] * 3
+        index: list[slice | int] = [slice(None)] * 3
         index[axis] = int(np.clip(centre[axis], 0, volumes["t1w"].shape[axis] - 1))
         cut = {name: v[tuple(index)].T for name, v in volumes.items()}
         other = [a for a in range(3) if a != axis]

@@ -100,7 +100,7 @@ def seed_points(query: FieldQuery, mask: np.ndarray, affine: np.ndarray, *, thre
     if n_seeds is not None:
         chosen = voxels[rng.choice(len(voxels), size=n_seeds, p=density / density.sum())]
     else:
-        chosen = np.repeat(voxels, seeds_per_voxel, axis=0)
+        chosen = np.repeat(voxels, 1 if seeds_per_voxel is None else seeds_per_voxel, axis=0)
     jittered = chosen + rng.uniform(-0.5, 0.5, size=chosen.shape)
     return jittered @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
 

@@ -13,6 +13,7 @@ is proportional to its density.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -111,6 +112,11 @@ def view_orientation(name: str) -> dict[str, str]:
             "bottom": _axis_letter(-up)}
 
 
+def _write_png(image: np.ndarray, path: str) -> None:
+    """Write an RGB image ``(H, W, 3)`` in [0, 1] as an 8-bit PNG."""
+    iio.imwrite(path, _to_uint8(image))
+
+
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
@@ -154,7 +160,7 @@ def write_standard_views(field: FittedField | BakedField, out: str | os.PathLike
     for name, path in paths.items():
         image = render_view(query, box, *STANDARD_VIEWS[name], size, n_samples=n_samples,
                             half_extent_mm=half_extent, clip_to_box=True)
-        atomic_write(path, lambda tmp, img=image: iio.imwrite(tmp, _to_uint8(img)))
+        atomic_write(path, functools.partial(_write_png, image))
         LOGGER.info("wrote the %s view %s", name, path)
     return paths
 

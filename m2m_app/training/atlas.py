@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from importlib import resources
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -68,7 +69,7 @@ def tractseg_fa_template() -> nib.Nifti1Image:
         raise UsageError("the atlas baseline needs the FA template of the 'tractseg' package: "
                          'pip install "m2m-app[atlas]" (or: pip install --no-deps tractseg)') from err
     with resources.as_file(path) as file:
-        img = nib.load(file)
+        img = cast(nib.Nifti1Image, nib.load(file))
         return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
 
 

@@ -71,7 +71,8 @@ def build_phase2(row: dict[str, str], prep_dir: Path, inputs_dir: Path | None) -
     measured brain."""
     _, grid = phase1_inputs(*load_t1w(row["t1w"]))
     source = inputs_dir or prep_dir
-    inputs = phase2_inputs(*(load_map(source, row, c) for c in ("fa", "md", "colfa")), grid)
+    fa, md, colfa = (load_map(source, row, c) for c in ("fa", "md", "colfa"))
+    inputs = phase2_inputs(fa, md, colfa, grid)
     mask = load_map(prep_dir, row, "mask") > 0
     measured = measured_region(prep_dir, row, mask)
     tdi = relative_tdi(load_map(prep_dir, row, "tdi"), measured)
