@@ -26,16 +26,17 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
 
     from m2m_app.io import bids as bids_io
     from m2m_app.io.timings import STAGE_ORDER
-    from m2m_app.workflows.base import RunOptions, init_m2m_wf
+    from m2m_app.workflows.base import init_m2m_wf
+    from m2m_app.workflows.config import RunConfig
 
     config.enable_resource_monitor()
     torch.set_num_threads(threads)
     layout = bids_io.load_layout(bids)
     subject = bids_io.collect_subjects(layout, [participant])[0]
     with tempfile.TemporaryDirectory() as tmp:
-        options = RunOptions(output_dir=Path(tmp) / "out", weights_dir=weights_dir, device=device,
-                             omp_nthreads=threads)
-        workflow = init_m2m_wf({subject: bids_io.find_t1w(layout, subject)}, options, Path(tmp) / "work")
+        config = RunConfig(bids_dir=Path(bids), output_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work",
+                           weights_dir=weights_dir, device=device, omp_nthreads=threads)
+        workflow = init_m2m_wf({subject: bids_io.find_t1w(layout, subject)}, config)
         start, previous = time.monotonic(), os.getcwd()
         os.chdir(tmp)  # Nipype's resource monitor writes its .proc-* files into the current folder
         try:

@@ -104,7 +104,7 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     args = [bids, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "2", "--omp-nthreads", "1"]
     process = subprocess.Popen([sys.executable, "-m", "m2m_app.cli.run", *map(str, args)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    phase1_result = "m2m_wf/sub_01_wf/phase1/result_phase1.pklz"
+    phase1_result = "m2m_wf/sub_01_wf/phase1_wf/phase1/result_phase1.pklz"
     try:
         assert _wait_for(phase1_result, work, timeout=300), "phase 1 never finished"
         process.send_signal(signal.SIGTERM)

@@ -3,21 +3,26 @@ tractogram from each T1w; ``m2m BIDS_DIR OUTPUT_DIR group`` writes the QC table;
 ``m2m example-data DIR`` writes the embedded example dataset."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from m2m_app import __version__
-from m2m_app.cli.common import (available_cpus, exit_code_for, exits_cleanly, plugin_settings, run_click,
-                                run_workflow, setup_logging, writable_dir, write_citation)
-from m2m_app.errors import EX_FAILURE, M2MError
+from m2m_app.cli.common import (available_cpus, collect_units, echo_failures, exit_code_for,
+                                exits_cleanly, plugin_settings, run_click, run_workflow, setup_logging, writable_dir,
+                                write_citation)
+from m2m_app.errors import EX_FAILURE
 from m2m_app.io import bids as bids_io
 from m2m_app.io.crashes import crash_reasons
+from m2m_app.io.naming import Subject
+from m2m_app.workflows.config import RunConfig
 
 LOGGER = logging.getLogger("m2m")
 
@@ -70,12 +75,7 @@ command resumes from the work folder.
 @click.option("-q", "--quiet", count=True, help="Less log output.")
 @click.version_option(__version__, prog_name="m2m")
 @exits_cleanly
-def participant_main(bids_dir: Path, output_dir: Path, analysis_level: str, participant_labels: tuple[str, ...],
-                     session_labels: tuple[str, ...], bids_filter_file: Path | None, skip_bids_validation: bool,
-                     work_dir: Path | None, nprocs: int | None, omp_nthreads: int | None, mem_mb: int | None,
-                     use_plugin: Path | None, device: str, weights_dir: Path | None, stop_on_first_crash: bool,
-                     random_seed: int, tractogram_format: str, skip_phase2: bool, skip_nerf: bool,
-                     verbose: int, quiet: int) -> None:
+def participant_main(analysis_level: str, verbose: int, quiet: int, **options: Any) -> None:
     """Predict diffusion-tensor maps and a whole-brain tractogram from T1w images (BIDS-App).
 
     Reads BIDS_DIR with pybids and writes BIDS-Derivatives to OUTPUT_DIR: per subject
@@ -87,61 +87,70 @@ def participant_main(bids_dir: Path, output_dir: Path, analysis_level: str, part
     if analysis_level == "group":
         from m2m_app.reports.group import write_group_outputs
 
-        tsv = write_group_outputs(Path(output_dir))
+        tsv = write_group_outputs(Path(options["output_dir"]))
         click.echo(f"group QC table: {tsv}")
         return
-    _run_participants(bids_dir, output_dir, participant_labels, session_labels, bids_filter_file,
-                      skip_bids_validation, work_dir, nprocs, omp_nthreads, mem_mb, use_plugin, device,
-                      weights_dir, stop_on_first_crash, random_seed, tractogram_format, skip_phase2, skip_nerf)
+    _run_participants(run_config(**options))
 
 
-def _run_participants(bids_dir, output_dir, participant_labels, session_labels, bids_filter_file,
-                      skip_bids_validation, work_dir, nprocs, omp_nthreads, mem_mb, use_plugin, device,
-                      weights_dir, stop_on_first_crash, random_seed, tractogram_format, skip_phase2,
-                      skip_nerf) -> None:
-    from m2m_app.inference.predict import resolve_device, verify_weights
-    from m2m_app.io.derivatives import dataset_description, qc_path, write_readme
-    from m2m_app.io.naming import Subject
+def run_config(bids_dir: Path, output_dir: Path, work_dir: Path | None, nprocs: int | None,
+               omp_nthreads: int | None, weights_dir: Path | None, **options: Any) -> RunConfig:
+    """The run's :class:`RunConfig` from the click options, defaults resolved: the work folder
+    (``OUTPUT_DIR/../m2m_work``), the CPUs (all this process may use) and the threads per
+    task (``min(nprocs, 8)``). The folders are checked later (:func:`writable_dir`)."""
+    output_dir = Path(output_dir).absolute()
+    nprocs = nprocs or available_cpus()
+    return RunConfig(bids_dir=Path(bids_dir).absolute(), output_dir=output_dir,
+                     work_dir=Path(work_dir or output_dir.parent / "m2m_work").absolute(), nprocs=nprocs,
+                     omp_nthreads=omp_nthreads or min(nprocs, 8),
+                     weights_dir=str(weights_dir) if weights_dir else None,
+                     command_line=shlex.join(["m2m", *sys.argv[1:]]), **options)
+
+
+def _find_t1w(layout, filters: dict, subject: Subject) -> Path:
+    """The unit's T1w, read once here so that bad data fails with its own message and exit code."""
     from m2m_app.io.nifti import load_t1w
 
+    t1w = bids_io.find_t1w(layout, subject, filters)
+    load_t1w(t1w)
+    return t1w
+
+
+def _run_participants(config: RunConfig) -> None:
+    from m2m_app.inference.predict import resolve_device, verify_weights
+    from m2m_app.io.derivatives import dataset_description, qc_path, write_readme
+
     start = time.monotonic()
-    layout = bids_io.load_layout(bids_dir, validate=not skip_bids_validation)
-    output_dir = writable_dir(output_dir, "output folder", forbidden_inside=bids_dir)
-    work_dir = writable_dir(work_dir or output_dir.parent / "m2m_work", "work folder", forbidden_inside=bids_dir)
+    layout = bids_io.load_layout(config.bids_dir, validate=not config.skip_bids_validation)
+    output_dir = writable_dir(config.output_dir, "output folder", forbidden_inside=config.bids_dir)
+    work_dir = writable_dir(config.work_dir, "work folder", forbidden_inside=config.bids_dir)
     # Only now: matplotlib (reports) needs a writable cache folder at import, and without one
     # (--read-only, no tmpfs /tmp) the folder checks above give the one-line error instead.
     from m2m_app.reports.subject import write_report
-    from m2m_app.workflows.base import RunOptions, init_m2m_wf, node_prefix
+    from m2m_app.workflows.base import init_m2m_wf, node_prefix
     from m2m_app.workflows.timing import StageTimer
-    resolve_device(device)
-    phases = ("phase1",) + (() if skip_phase2 else ("phase2",))
-    for phase in phases:
-        verify_weights(phase, weights_dir)  # checksum and metadata checked once, before any work
-    filters = bids_io.read_filters(bids_filter_file)
-    units, failures, codes = {}, {}, set()
-    for subject in bids_io.collect_subjects(layout, list(participant_labels), list(session_labels)):
-        try:
-            t1w = bids_io.find_t1w(layout, subject, filters)
-            load_t1w(t1w)
-            units[subject] = t1w
-        except M2MError as err:
-            LOGGER.error("%s", err)
-            failures[subject.label], codes = (str(err), None), codes | {err.exit_code}
-    dataset_description(output_dir, bids_dir, weights_dir=str(weights_dir) if weights_dir else None, phases=phases)
-    write_readme(output_dir, str(weights_dir) if weights_dir else None)
-    nprocs = nprocs or available_cpus()
-    options = RunOptions(output_dir=output_dir, weights_dir=str(weights_dir) if weights_dir else None,
-                         device=device, omp_nthreads=omp_nthreads or min(nprocs, 8), random_seed=random_seed,
-                         tractogram_format=tractogram_format, skip_phase2=skip_phase2, skip_nerf=skip_nerf,
-                         command_line=shlex.join(["m2m", *sys.argv[1:]]))
+    resolve_device(config.device)
+    for phase in config.phases:
+        verify_weights(phase, config.weights_dir)  # checksum and metadata checked once, before any work
+    filters = bids_io.read_filters(config.bids_filter_file)
+    subjects = bids_io.collect_subjects(layout, list(config.participant_labels), list(config.session_labels))
+    units, errors = collect_units(subjects, functools.partial(_find_t1w, layout, filters))
+    for err in errors.values():
+        LOGGER.error("%s", err)
+    failures = {label: (str(err), None) for label, err in errors.items()}
+    codes = {err.exit_code for err in errors.values()}
+    dataset_description(output_dir, config.bids_dir, weights_dir=config.weights_dir, phases=config.phases)
+    write_readme(output_dir, config.weights_dir)
     ok = True
-    if units and not (stop_on_first_crash and failures):
+    if units and not (config.stop_on_first_crash and failures):
         LOGGER.info("running %d participant/session(s): %s", len(units), ", ".join(s.label for s in units))
-        workflow = init_m2m_wf(units, options, work_dir)
+        for subject in units:
+            config.save(subject)
+        workflow = init_m2m_wf(units, config)
         write_citation(output_dir, workflow)
-        os.environ["OMP_NUM_THREADS"] = str(options.omp_nthreads)  # inherited by the workers' NumPy/SciPy
-        ok = run_workflow(workflow, plugin_settings(nprocs, mem_mb, use_plugin), stop_on_first_crash,
-                          StageTimer(work_dir, {node_prefix(s): s.label for s in units}))
+        os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)  # inherited by the workers' NumPy/SciPy
+        ok = run_workflow(workflow, plugin_settings(config.nprocs, config.mem_mb, config.use_plugin),
+                          config.stop_on_first_crash, StageTimer(work_dir, {node_prefix(s): s.label for s in units}))
     for subject, t1w in units.items():
         if not qc_path(output_dir, subject).exists():
             reasons = crash_reasons(subject.folder(output_dir, "log"))
@@ -149,18 +158,22 @@ def _run_participants(bids_dir, output_dir, participant_labels, session_labels, 
                                 if node.startswith(f"m2m_wf.{node_prefix(subject)}")) or "did not finish"
             failures[subject.label], codes = (message, t1w), codes | {EX_FAILURE}
     for label, (message, t1w) in sorted(failures.items()):
-        subject = next((s for s in units if s.label == label), None) or Subject(*_split_label(label))
-        write_report(output_dir, subject, str(t1w or ""), None, {}, "", [message], command_line=options.command_line,
-                     weights_dir=options.weights_dir)
-        click.echo(f"m2m: {label} FAILED: {message} (crash files: {subject.folder(output_dir, 'log')})", err=True)
+        write_report(output_dir, _unit(label, units), str(t1w or ""), None, {}, "", [message],
+                     command_line=config.command_line, weights_dir=config.weights_dir)
+    echo_failures("m2m", {label: f"{message} (crash files: {_unit(label, units).folder(output_dir, 'log')})"
+                          for label, (message, _) in failures.items()})
     LOGGER.info("finished in %.0f s: %d ok, %d failed", time.monotonic() - start,
                 len(units) - len([f for f in failures if any(s.label == f for s in units)]), len(failures))
     sys.exit(exit_code_for(codes, ok or bool(failures)))
 
 
-def _split_label(label: str) -> tuple[str, str | None]:
+def _unit(label: str, units: dict[Subject, Path]) -> Subject:
+    """The unit named ``label`` (``sub-01_ses-a``), among ``units`` or parsed from the label."""
+    found = next((s for s in units if s.label == label), None)
+    if found is not None:
+        return found
     parts = dict(part.split("-", 1) for part in label.split("_"))
-    return parts["sub"], parts.get("ses")
+    return Subject(parts["sub"], parts.get("ses"))
 
 
 @click.command(name="example-data", context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,7 +10,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
 
 
 class _FitFieldInputSpec(BaseInterfaceInputSpec):
-    t1w = File(exists=True, mandatory=True, desc="the T1w (defines the model grid)")
+    grid = traits.Dict(mandatory=True, desc="the T1w's model grid (ConformedGrid.to_dict), from PredictTensor")
     tdi = File(exists=True, mandatory=True)
     dectdi = File(exists=True, mandatory=True)
     mask = File(exists=True, mandatory=True)
@@ -35,13 +35,12 @@ class FitField(SimpleInterface):
         import torch
 
         from m2m_app.inference.predict import resolve_device
-        from m2m_app.io.nifti import load_image, load_t1w, save_nifti
-        from m2m_app.maths.grid import conform_t1w
+        from m2m_app.io.nifti import load_image, save_nifti
+        from m2m_app.maths.grid import ConformedGrid
         from m2m_app.models.nerf import fit_field
 
         torch.set_num_threads(self.inputs.num_threads)
-        img, data = load_t1w(self.inputs.t1w)
-        _, grid = conform_t1w(img, data)
+        grid = ConformedGrid.from_dict(self.inputs.grid)
         tdi = np.clip(grid.to_model(load_image(self.inputs.tdi)[1]), 0, None)
         dectdi = np.clip(grid.to_model(load_image(self.inputs.dectdi)[1]), 0, 1)
         mask = grid.to_model(load_image(self.inputs.mask)[1], order=0) > 0

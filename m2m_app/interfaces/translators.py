@@ -57,6 +57,7 @@ class _PredictTensorOutputSpec(TraitedSpec):
     mask = File(exists=True, desc="predicted brain mask on the T1w grid")
     fa_sd = File(exists=True, desc="FA standard deviation across the six passes, on the T1w grid")
     v1_dispersion = File(exists=True, desc="V1 angular dispersion across the six passes (degrees), on the T1w grid")
+    grid = traits.Dict(desc="the T1w's model grid (ConformedGrid.to_dict), for the later phases")
 
 
 class PredictTensor(SimpleInterface):
@@ -80,6 +81,7 @@ class PredictTensor(SimpleInterface):
         self._results["mask"] = _save(out["mask"], img.affine, "mask.nii.gz", np.uint8)
         for key in ("fa_sd", "v1_dispersion"):
             self._results[key] = _save(out[key], img.affine, f"{key}.nii.gz")
+        self._results["grid"] = out["grid"].to_dict()
         return runtime
 
 
@@ -115,7 +117,7 @@ class TensorMaps(SimpleInterface):
 
 
 class _PredictTractsInputSpec(_TorchInputSpec):
-    t1w = File(exists=True, mandatory=True, desc="the T1w (defines the model grid)")
+    grid = traits.Dict(mandatory=True, desc="the T1w's model grid, from PredictTensor")
     fa = File(exists=True, mandatory=True)
     md = File(exists=True, mandatory=True)
     colfa = File(exists=True, mandatory=True)
@@ -139,16 +141,15 @@ class PredictTracts(SimpleInterface):
 
         from m2m_app.data.weights import uncertainty_scales
         from m2m_app.inference.predict import predict_phase2
-        from m2m_app.io.nifti import load_image, load_t1w
-        from m2m_app.maths.grid import conform_t1w
+        from m2m_app.io.nifti import load_image
+        from m2m_app.maths.grid import ConformedGrid
 
         torch.set_num_threads(self.inputs.num_threads)
-        img, data = load_t1w(self.inputs.t1w)
-        _, grid = conform_t1w(img, data)
+        grid = ConformedGrid.from_dict(self.inputs.grid)
         maps = {key: load_image(getattr(self.inputs, key))[1] for key in ("fa", "md", "colfa", "mask")}
         out = predict_phase2(maps["fa"], maps["md"], maps["colfa"], grid, mask=maps["mask"] > 0,
                              weights_dir=self.inputs.weights_dir, device=self.inputs.device,
                              uncertainty=True, scales=uncertainty_scales("phase2", self.inputs.weights_dir))
         for key in ("tdi", "dectdi", "tdi_sd"):
-            self._results[key] = _save(out[key], img.affine, f"{key}.nii.gz")
+            self._results[key] = _save(out[key], grid.source_affine, f"{key}.nii.gz")
         return runtime

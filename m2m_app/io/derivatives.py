@@ -64,8 +64,9 @@ def _source_description(bids_dir: Path) -> dict:
 
 
 #: Files m2m writes beside the BIDS-Derivatives that no BIDS specification or proposal names
-#: (reports, figures, logs, QC tables, the NeRF field), as ``.bidsignore`` patterns.
-NOT_BIDS = ("*.html", "figures/", "logs/", "*_qc.json", "group_qc.tsv", "*_model.safetensors")
+#: (reports, figures, logs, each unit's run settings and crash files, QC tables, the NeRF field), as
+#: ``.bidsignore`` patterns.
+NOT_BIDS = ("*.html", "figures/", "logs/", "log/", "*_qc.json", "group_qc.tsv", "*_model.safetensors")
 
 
 def write_readme(output_dir: Path, weights_dir: str | None = None) -> Path:

@@ -127,6 +127,18 @@ class ConformedGrid:
         """Resample a model-grid volume ``(x, y, z[, C])`` back onto the original T1w grid."""
         return _resample_any(volume, self.affine, self.source_affine, self.source_shape, order)
 
+    def to_dict(self) -> dict[str, list]:
+        """The grid as plain lists (exact: float64 values as Python floats), e.g. to pass between workflow nodes."""
+        return {"shape": list(self.shape), "affine": self.affine.tolist(), "source_shape": list(self.source_shape),
+                "source_affine": self.source_affine.tolist()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, list]) -> ConformedGrid:
+        """The grid :meth:`to_dict` described."""
+        return cls(shape=tuple(values["shape"]), affine=np.array(values["affine"], dtype=float),
+                   source_shape=tuple(values["source_shape"]),
+                   source_affine=np.array(values["source_affine"], dtype=float))
+
 
 def model_grid(source_shape: tuple[int, ...], source_affine: np.ndarray, centre: np.ndarray) -> ConformedGrid:
     """The axis-aligned RAS+ model grid centred on ``centre`` (world mm) for a given source grid."""

@@ -34,16 +34,16 @@ class StageTimer:
             self._started[name] = time.monotonic()
             return
         started = self._started.pop(name, None)
-        parts = name.split(".")
+        parts = name.split(".")  # m2m_wf.<unit workflow>[.<sub-workflow>].<stage>
         if len(parts) < 3:  # not a node of a participant/session workflow
             return
-        unit, stage = self.labels.get(parts[-2], parts[-2]), parts[-1]
+        unit, stage = self.labels.get(parts[1], parts[1]), parts[-1]
         seconds = _run_seconds(node)  # kept in the node's cached result, so a resumed run reports it too
         if seconds is None:
             seconds = time.monotonic() - started if started is not None else float("nan")
         LOGGER.info("%s: %s %s in %.1f s", unit, stage, "finished" if status == "end" else "FAILED", seconds)
         with self._lock:
-            path = timings_path(self.work_dir, parts[-2])
+            path = timings_path(self.work_dir, parts[1])
             record_timing(path, stage, seconds)
 
 
