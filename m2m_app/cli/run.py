@@ -137,7 +137,7 @@ def _run_participants(config: RunConfig) -> None:
     units, errors = collect_units(subjects, functools.partial(_find_t1w, layout, filters))
     for err in errors.values():
         LOGGER.error("%s", err)
-    failures = {label: (str(err), None) for label, err in errors.items()}
+    failures: dict[str, tuple[str, Path | None]] = {label: (str(err), None) for label, err in errors.items()}
     codes = {err.exit_code for err in errors.values()}
     dataset_description(output_dir, config.bids_dir, weights_dir=config.weights_dir, phases=config.phases)
     write_readme(output_dir, config.weights_dir)
@@ -157,8 +157,8 @@ def _run_participants(config: RunConfig) -> None:
             message = "; ".join(f"{node.split('.')[-1]}: {why}" for node, why in reasons.items()
                                 if node.startswith(f"m2m_wf.{node_prefix(subject)}")) or "did not finish"
             failures[subject.label], codes = (message, t1w), codes | {EX_FAILURE}
-    for label, (message, t1w) in sorted(failures.items()):
-        write_report(output_dir, _unit(label, units), str(t1w or ""), None, {}, "", [message],
+    for label, (message, failed_t1w) in sorted(failures.items()):
+        write_report(output_dir, _unit(label, units), str(failed_t1w or ""), None, {}, "", [message],
                      command_line=config.command_line, weights_dir=config.weights_dir)
     echo_failures("m2m", {label: f"{message} (crash files: {_unit(label, units).folder(output_dir, 'log')})"
                           for label, (message, _) in failures.items()})
