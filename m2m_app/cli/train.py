@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from m2m_app import __version__
 from m2m_app.cli.common import (collect_units, echo_failures, exit_code_for, exits_cleanly, plugin_settings,
@@ -352,12 +351,12 @@ def evaluate_tractogram(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[st
     Prints TDI correlation, Dice of visited voxels, and the fraction of predicted streamlines
     within 2 mm of a teacher streamline and vice versa.
     """
-    import nibabel as nib
     from dipy.io.streamline import load_tractogram
 
     from m2m_app.errors import MissingInputError
     from m2m_app.io.manifest import select_rows
     from m2m_app.io.naming import Subject, derivative_paths
+    from m2m_app.io.nifti import load_image
     from m2m_app.training.evaluate import tractogram_metrics
 
     setup_logging(verbose, quiet)
@@ -369,10 +368,11 @@ def evaluate_tractogram(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[st
                      if (p := derivative_paths(m2m_output_dir, subject, "nerf", fmt)["tractogram"]).exists()), None)
         if ours is None:
             raise MissingInputError(f"{subject.label}: no m2m tractogram in {m2m_output_dir}")
-        reference = nib.load(row["t1w"])
-        brain = np.asarray(nib.load(prep / row["mask"]).dataobj) > 0
+        reference, _ = load_image(row["t1w"])
+        brain = load_image(prep / row["mask"])[1] > 0
         load = lambda path: list(load_tractogram(str(path), reference, bbox_valid_check=False).streamlines)  # noqa: E731
-        metrics = tractogram_metrics(load(ours), load(prep / row["tractogram"]), reference.shape[:3],
+        x, y, z = reference.shape[:3]
+        metrics = tractogram_metrics(load(ours), load(prep / row["tractogram"]), (x, y, z),
                                      reference.affine, brain)
         click.echo("\t".join([row["subject"], *(f"{v:.4g}" for v in metrics.values())]))
 

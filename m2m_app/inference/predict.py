@@ -214,7 +214,10 @@ def predict_phase2(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: Conf
 
 
 def phase2_to_source(raw: np.ndarray, grid: ConformedGrid, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Decode the fused phase-2 output ``(4, x, y, z)`` onto the T1w grid (``tdi``, ``dectdi`` as in :func:`predict_phase2`)."""
+    """Decode the fused phase-2 output ``(4, x, y, z)`` onto the T1w grid.
+
+    Returns ``tdi`` and ``dectdi`` as :func:`predict_phase2` does.
+    """
     maps = get_phase("phase2").decode(raw)
     tdi = np.clip(grid.to_source(maps["tdi"]), 0.0, None)
     dectdi = np.clip(grid.to_source(maps["dectdi"]), 0.0, 1.0)

@@ -144,7 +144,8 @@ def model_grid(source_shape: tuple[int, ...], source_affine: np.ndarray, centre:
     """The axis-aligned RAS+ model grid centred on ``centre`` (world mm) for a given source grid."""
     affine = np.diag([MODEL_VOXEL_MM] * 3 + [1.0])
     affine[:3, 3] = centre - MODEL_VOXEL_MM * (np.array(MODEL_SHAPE) - 1) / 2.0
-    return ConformedGrid(shape=MODEL_SHAPE, affine=affine, source_shape=tuple(source_shape[:3]),
+    x, y, z = source_shape[:3]
+    return ConformedGrid(shape=MODEL_SHAPE, affine=affine, source_shape=(x, y, z),
                          source_affine=np.asarray(source_affine, dtype=float))
 
 

@@ -100,6 +100,9 @@ class _Networks(nn.Module):
     """The generator, both discriminators and (with ``ema_decay``) the generator's moving
     average, as one module for checkpointing."""
 
+    ema_generator: Translator | None
+    ema_updates: torch.Tensor  # () int64 buffer: how many moving-average updates so far
+
     def __init__(self, spec: PhaseSpec, base: int, depth: int, disc_base: int, ema_decay: float = 0.0) -> None:
         super().__init__()
         self.generator = Translator(spec.in_channels, spec.out_channels, base=base, depth=depth)
@@ -123,8 +126,8 @@ class _Networks(nn.Module):
         decay = min(self.ema_decay, (1.0 + float(self.ema_updates)) / (10.0 + float(self.ema_updates)))
         for average, current in zip(self.ema_generator.parameters(), self.generator.parameters()):
             average.lerp_(current.detach(), 1.0 - decay)
-        for average, current in zip(self.ema_generator.buffers(), self.generator.buffers()):
-            average.copy_(current)
+        for average_buffer, buffer in zip(self.ema_generator.buffers(), self.generator.buffers()):
+            average_buffer.copy_(buffer)
         self.ema_updates += 1
 
     def exported(self) -> Translator:
@@ -161,7 +164,7 @@ class _Step:
         self.opt_d.step()
 
         terms = self.spec.loss(raw, target, weight)
-        adversarial = sum(_lsgan(disc(x, fake), True) for disc in self.discriminators)
+        adversarial = torch.stack([_lsgan(disc(x, fake), True) for disc in self.discriminators]).sum()
         self.opt_g.zero_grad()
         (terms["total"] + self.adversarial_weight * adversarial).backward()
         self.opt_g.step()
@@ -251,7 +254,8 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     dataset = _cached_dataset(spec, sources, model_out / "cache", recipe.seed, rank, world, recipe.elastic_px,
                               recipe.skull_strip_prob)
     recipe = dataclasses.replace(recipe, skull_strip_prob=dataset.skull_strip_prob)  # as it runs (phase 2: 0)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=recipe.seed)
     workers = (4 if torch_device.type == "cuda" else 0) if workers is None else workers
     loader = DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, num_workers=workers,
                         worker_init_fn=worker_threads, pin_memory=torch_device.type == "cuda")
@@ -265,7 +269,7 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
               "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
               "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset)}
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
-    architecture = {**networks.generator.config, "disc_base": recipe.disc_base}
+    architecture: dict[str, float] = {**networks.generator.config, "disc_base": recipe.disc_base}
     if recipe.ema_decay:  # a checkpoint with or without the moving average resumes only as such
         architecture["ema_decay"] = recipe.ema_decay
     start = _resume(checkpoint, networks, opt_g, opt_d, architecture, torch_device)
@@ -283,7 +287,8 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         networks.train()
-        began, sums, batches = time.monotonic(), {}, 0
+        began, batches = time.monotonic(), 0
+        sums: dict[str, float] = {}
         for batch in tqdm(loader, desc=f"{spec.name} epoch {epoch}/{recipe.epochs}", disable=rank != 0, leave=False):
             values = step({k: v.to(torch_device, non_blocking=True) for k, v in batch.items()})
             networks.update_ema()
