@@ -8,6 +8,7 @@ initialised networks of the default architecture (same cost; marked ``random`` b
 The ``uncertainty`` rows are what the per-voxel uncertainty maps add (spread of the six
 passes, back to the T1w grid); the other rows are the prediction without them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,13 @@ import numpy as np
 import torch
 
 from m2m_app.errors import MissingInputError
-from m2m_app.inference.predict import (load_translator, phase1_to_source, phase2_to_source, predict_views,
-                                       spread_to_source)
+from m2m_app.inference.predict import (
+    load_translator,
+    phase1_to_source,
+    phase2_to_source,
+    predict_views,
+    spread_to_source,
+)
 from m2m_app.io.nifti import load_t1w
 from m2m_app.maths.tensor import masked_tensor_maps
 from m2m_app.models.phases import get_phase, phase1_inputs, phase2_inputs
@@ -77,8 +83,13 @@ def run(t1w_path: Path | None, weights_dir: Path | None, batch_size: int) -> lis
     model1, kind1 = translator("phase1", weights_dir)
     model2, kind2 = translator("phase2", weights_dir)
     spec1, spec2 = get_phase("phase1"), get_phase("phase2")
-    log.info("phase1 %s (%d parameters), phase2 %s (%d parameters)",
-             kind1, parameter_count(model1), kind2, parameter_count(model2))
+    log.info(
+        "phase1 %s (%d parameters), phase2 %s (%d parameters)",
+        kind1,
+        parameter_count(model1),
+        kind2,
+        parameter_count(model2),
+    )
     began = time.perf_counter()
     with stage(table, "phase1: conform"):
         inputs, grid = phase1_inputs(img, data)

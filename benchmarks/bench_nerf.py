@@ -9,6 +9,7 @@ otherwise the process peak so far).
 ``--sweep`` fits the field only, once per grid factor and batch size (2/3/4 × 2048/4096/8192,
 the other settings the app's), and prints steps to stop, PSNR and times as a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,10 @@ def bundle_curves() -> list[np.ndarray]:
     """Seven smooth bundles (points ``(n, 3)`` in world mm): a callosal arch, cingula, CSTs, arcuates."""
     t = np.linspace(0.0, 1.0, 600)
     arch = np.stack([45 * np.cos(np.pi * t), np.zeros_like(t), 10 + 40 * np.sin(np.pi * t)], -1)
-    cingula = [np.stack([np.full_like(t, x), -55 + 100 * t, 28 + 8 * np.sin(np.pi * t)], -1)
-               for x in (-10, 10)]
+    cingula = [np.stack([np.full_like(t, x), -55 + 100 * t, 28 + 8 * np.sin(np.pi * t)], -1) for x in (-10, 10)]
     csts = [np.stack([x + 8 * np.sin(np.pi * t), np.full_like(t, -10), -55 + 100 * t], -1) for x in (-28, 28)]
     turn = 1.2 * np.pi * t
-    arcuates = [np.stack([np.full_like(t, x), -10 + 35 * np.cos(turn), 5 + 30 * np.sin(turn)], -1)
-                for x in (-42, 42)]
+    arcuates = [np.stack([np.full_like(t, x), -10 + 35 * np.cos(turn), 5 + 30 * np.sin(turn)], -1) for x in (-42, 42)]
     return [arch, *cingula, *csts, *arcuates]
 
 
@@ -62,13 +61,17 @@ def synthetic_brain(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
         distance, nearest = cKDTree(curve).query(world[mask], distance_upper_bound=4 * SIGMA_MM)
         near = np.isfinite(distance)
         voxels = np.flatnonzero(mask)[near]
-        weight = np.exp(-distance[near] ** 2 / (2 * SIGMA_MM ** 2))
+        weight = np.exp(-(distance[near] ** 2) / (2 * SIGMA_MM**2))
         density[voxels] += weight
         weighted[voxels] += weight[:, None] * np.abs(tangent[nearest[near]])
     direction = np.divide(weighted, density[:, None], out=np.zeros_like(weighted), where=density[:, None] > 0)
     shape = (size,) * 3
-    return (density.reshape(shape).astype(np.float32), direction.reshape(shape + (3,)).astype(np.float32),
-            mask.reshape(shape), affine)
+    return (
+        density.reshape(shape).astype(np.float32),
+        direction.reshape(shape + (3,)).astype(np.float32),
+        mask.reshape(shape),
+        affine,
+    )
 
 
 def _reset_peak_rss() -> bool:
@@ -86,20 +89,36 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def sweep(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affine: np.ndarray,
-          settings: FieldFitSettings, args: argparse.Namespace) -> None:
+def sweep(
+    density: np.ndarray,
+    direction: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    settings: FieldFitSettings,
+    args: argparse.Namespace,
+) -> None:
     """Fit once per grid factor and batch size; print a Markdown table (steps, PSNR, wall and CPU s)."""
     print("| grid factor | batch | steps to stop | PSNR density dB | PSNR direction dB | wall s | CPU s |")
     print("|---|---|---|---|---|---|---|")
     for grid_factor in (2, 3, 4):
         for batch_size in (2048, 4096, 8192):
             started, cpu_started = time.perf_counter(), time.process_time()
-            info = fit_field(density, direction, mask, affine,
-                             replace(settings, grid_factor=grid_factor, batch_size=batch_size), seed=0,
-                             num_threads=args.threads, device=args.device).info
-            print(f"| {grid_factor} | {batch_size} | {info['steps']} | {info['psnr_density_db']:.1f} | "
-                  f"{info['psnr_direction_db']:.1f} | {time.perf_counter() - started:.1f} | "
-                  f"{time.process_time() - cpu_started:.1f} |", flush=True)
+            info = fit_field(
+                density,
+                direction,
+                mask,
+                affine,
+                replace(settings, grid_factor=grid_factor, batch_size=batch_size),
+                seed=0,
+                num_threads=args.threads,
+                device=args.device,
+            ).info
+            print(
+                f"| {grid_factor} | {batch_size} | {info['steps']} | {info['psnr_density_db']:.1f} | "
+                f"{info['psnr_direction_db']:.1f} | {time.perf_counter() - started:.1f} | "
+                f"{time.process_time() - cpu_started:.1f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -130,8 +149,12 @@ def main() -> None:
     if args.sweep:
         sweep(density, direction, mask, affine, settings, args)
         return
-    stage("fit field", lambda: fit_field(density, direction, mask, affine, settings, seed=0,
-                                         num_threads=args.threads, device=args.device))
+    stage(
+        "fit field",
+        lambda: fit_field(
+            density, direction, mask, affine, settings, seed=0, num_threads=args.threads, device=args.device
+        ),
+    )
     field = results["fit field"]
     stage("bake the field for rendering", lambda: bake_field(field))
     baked = results["bake the field for rendering"]
@@ -144,10 +167,14 @@ def main() -> None:
     stage("save .trx", lambda: save_tractogram(streamlines, reference, out / "tracks.trx"))
 
     info = field.info
-    print(f"\nsize {args.size}^3, {args.threads} threads, fit on {args.device}, load average {os.getloadavg()[0]:.1f}, "
-          f"outputs in {out}")
-    print(f"fit: {info['steps']} steps, PSNR density {info['psnr_density_db']:.1f} dB, "
-          f"direction {info['psnr_direction_db']:.1f} dB; {len(streamlines)} streamlines")
+    print(
+        f"\nsize {args.size}^3, {args.threads} threads, fit on {args.device}, load average {os.getloadavg()[0]:.1f}, "
+        f"outputs in {out}"
+    )
+    print(
+        f"fit: {info['steps']} steps, PSNR density {info['psnr_density_db']:.1f} dB, "
+        f"direction {info['psnr_direction_db']:.1f} dB; {len(streamlines)} streamlines"
+    )
     print(f"{'stage':<30}{'wall s':>8}{'cpu s':>8}{'peak RSS MB':>13}")
     for name, seconds, cpu, rss in rows:
         print(f"{name:<30}{seconds:>8.2f}{cpu:>8.2f}{rss:>13.0f}")

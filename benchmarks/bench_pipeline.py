@@ -7,6 +7,7 @@ tracking (the teacher, ``m2m-train prepare``). Prints one table. Usage:
 
     python benchmarks/bench_pipeline.py [--threads 2 --threads 16] [--participant 01] [--no-classical]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
     layout = bids_io.load_layout(bids)
     subject = bids_io.collect_subjects(layout, [participant])[0]
     with tempfile.TemporaryDirectory() as tmp:
-        config = RunConfig(bids_dir=Path(bids), output_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work",
-                           weights_dir=weights_dir, device=device, omp_nthreads=threads)
+        config = RunConfig(
+            bids_dir=Path(bids),
+            output_dir=Path(tmp) / "out",
+            work_dir=Path(tmp) / "work",
+            weights_dir=weights_dir,
+            device=device,
+            omp_nthreads=threads,
+        )
         workflow = init_m2m_wf({subject: bids_io.find_t1w(layout, subject)}, config)
         start, previous = time.monotonic(), os.getcwd()
         os.chdir(tmp)  # Nipype's resource monitor writes its .proc-* files into the current folder
@@ -61,8 +68,7 @@ def run_classical(bids: Path, participant: str) -> dict:
     layout = bids_io.load_layout(bids)
     subject = bids_io.collect_subjects(layout, [participant])[0]
     with tempfile.TemporaryDirectory() as prep:
-        qc = prepare_subject(subject, bids_io.find_t1w(layout, subject), bids_io.find_dwi(layout, subject),
-                             Path(prep))
+        qc = prepare_subject(subject, bids_io.find_t1w(layout, subject), bids_io.find_dwi(layout, subject), Path(prep))
     stages = {name: (seconds, float("nan")) for name, seconds in qc["stage_seconds"].items()}
     stages["total"] = (qc["runtime_s"], float("nan"))
     return stages

@@ -7,6 +7,7 @@ written field (the ``nerf_render`` node's work) into the output folder's figure 
 one row per stage with its wall and CPU time (user + system, all threads) and the load average
 (the machine may be shared); the report itself is rewritten in place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ from m2m_app.tractography.views import write_standard_views, write_turntable
 def written_outputs(output_dir: Path, subject: Subject) -> dict[str, Path]:
     """The unit's written derivatives keyed as the workflow's ``written`` dicts (only existing files)."""
     paths = {key: path for key, path in derivative_paths(output_dir, subject, "nerf").items() if path.exists()}
-    paths["field"] = derivative_path(output_dir, subject, "dwi", "model", ".safetensors", space="T1w",
-                                     tract="wholebrain", desc="nerf")
+    paths["field"] = derivative_path(
+        output_dir, subject, "dwi", "model", ".safetensors", space="T1w", tract="wholebrain", desc="nerf"
+    )
     for name, extension in [*((view, ".png") for view in NERF_VIEWS), ("turntable", ".gif")]:
         paths[f"figure_{name}"] = derivative_path(output_dir, subject, "figures", "nerf", extension, desc=name)
     return {key: path for key, path in paths.items() if path.exists()}
@@ -53,12 +55,26 @@ def main() -> None:
     rows: list[tuple[str, float, float]] = []
     if args.render:
         field = FittedField.load(written["field"])
-        _timed(rows, "NeRF views (4 × 512 px)", lambda: write_standard_views(
-            field, {view: written[f"figure_{view}"] for view in NERF_VIEWS}))
+        _timed(
+            rows,
+            "NeRF views (4 × 512 px)",
+            lambda: write_standard_views(field, {view: written[f"figure_{view}"] for view in NERF_VIEWS}),
+        )
         _timed(rows, "NeRF turntable", lambda: write_turntable(field, written["figure_turntable"]))
-    _timed(rows, "write_report (figures + page)", lambda: write_report(
-        args.output_dir, subject, str(args.t1w), written,
-        report_summary(written, None, {}, None), "benchmark", [], command_line="bench_report.py"))
+    _timed(
+        rows,
+        "write_report (figures + page)",
+        lambda: write_report(
+            args.output_dir,
+            subject,
+            str(args.t1w),
+            written,
+            report_summary(written, None, {}, None),
+            "benchmark",
+            [],
+            command_line="bench_report.py",
+        ),
+    )
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {args.threads} threads")
     print("| stage | wall s | CPU s |\n|---|---|---|")
     for name, wall, cpu in rows:

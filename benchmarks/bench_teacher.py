@@ -7,6 +7,7 @@ and peak memory. Usage:
 
     python benchmarks/bench_teacher.py --threads 2 [--bids DIR] [--participant 01]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as prep:
         for subject in bids_io.collect_subjects(layout, args.participant):
-            qc = prepare_subject(subject, bids_io.find_t1w(layout, subject), bids_io.find_dwi(layout, subject),
-                                 Path(prep), num_threads=args.threads)
+            qc = prepare_subject(
+                subject,
+                bids_io.find_t1w(layout, subject),
+                bids_io.find_dwi(layout, subject),
+                Path(prep),
+                num_threads=args.threads,
+            )
             rows.append((subject.label, qc["stage_seconds"], qc["runtime_s"], qc["n_streamlines"]))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stages = list(rows[0][1])

@@ -1,4 +1,5 @@
 """m2m: diffusion-tensor maps and a whole-brain tractogram predicted from a T1-weighted MRI."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

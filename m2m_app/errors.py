@@ -1,4 +1,5 @@
 """User-facing errors and the exit codes of the BIDS-Apps execution draft (sysexits)."""
+
 from __future__ import annotations
 
 #: Exit codes, after ``sysexits.h`` as the BIDS Apps execution draft recommends.

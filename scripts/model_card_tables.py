@@ -8,24 +8,49 @@ several sessions shows their mean (the per-session rows are in the TSVs). After 
 one row per method gives the mean of the three folds (each fold weighs the same, whatever
 its number of sessions); it is left out while a fold is missing.
 """
+
 from __future__ import annotations
 
 import csv
 import sys
 from pathlib import Path
 
-FOLDS = {"sub-01 (Philips)": "loso-test-sub-01", "sub-02 (Siemens, 4 sessions)": "loso-test-sub-02",
-         "sub-03 (United Imaging, 2 sessions)": "loso-test-sub-03"}
-PHASE1 = ("fa_mae_brain", "fa_r_brain", "fa_bias_brain", "fa_spread_brain", "fa_ssim_brain", "fa_psnr_brain",
-          "fa_mae_wm", "fa_r_wm", "fa_bias_wm", "fa_spread_wm", "fa_ssim_wm",
-          "md_mae_brain", "md_r_brain", "v1_angle_deg_brain", "v1_angle_deg_wm", "mask_dice")
+FOLDS = {
+    "sub-01 (Philips)": "loso-test-sub-01",
+    "sub-02 (Siemens, 4 sessions)": "loso-test-sub-02",
+    "sub-03 (United Imaging, 2 sessions)": "loso-test-sub-03",
+}
+PHASE1 = (
+    "fa_mae_brain",
+    "fa_r_brain",
+    "fa_bias_brain",
+    "fa_spread_brain",
+    "fa_ssim_brain",
+    "fa_psnr_brain",
+    "fa_mae_wm",
+    "fa_r_wm",
+    "fa_bias_wm",
+    "fa_spread_wm",
+    "fa_ssim_wm",
+    "md_mae_brain",
+    "md_r_brain",
+    "v1_angle_deg_brain",
+    "v1_angle_deg_wm",
+    "mask_dice",
+)
 TABLES = {
     "phase1_heldout.tsv": PHASE1,
     "phase1_heldout_skullstripped.tsv": PHASE1,
     "phase2_heldout_teacher_inputs.tsv": ("tdi_r_brain", "tdi_dice", "dec_angle_deg"),
     "phase2_heldout_predicted_inputs.tsv": ("tdi_r_brain", "tdi_dice", "dec_angle_deg"),
-    "tractogram_heldout.tsv": ("tdi_r_brain", "visited_dice", "predicted_near_teacher", "teacher_near_predicted",
-                               "n_predicted", "n_teacher"),
+    "tractogram_heldout.tsv": (
+        "tdi_r_brain",
+        "visited_dice",
+        "predicted_near_teacher",
+        "teacher_near_predicted",
+        "n_predicted",
+        "n_teacher",
+    ),
 }
 
 
@@ -54,8 +79,11 @@ def cell(value: float | None) -> str:
 def table(runs: Path, name: str, columns: tuple[str, ...]) -> list[str]:
     """The Markdown lines of one table: per fold and method, then the mean of the folds per method."""
     lines = ["| fold | method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    per_fold = {fold: fold_means(runs / folder / name, columns)
-                for fold, folder in FOLDS.items() if (runs / folder / name).exists()}
+    per_fold = {
+        fold: fold_means(runs / folder / name, columns)
+        for fold, folder in FOLDS.items()
+        if (runs / folder / name).exists()
+    }
     for fold, methods in per_fold.items():
         lines += [f"| {fold} | {m} | " + " | ".join(cell(v[c]) for c in columns) + " |" for m, v in methods.items()]
     if len(per_fold) == len(FOLDS):
@@ -63,8 +91,11 @@ def table(runs: Path, name: str, columns: tuple[str, ...]) -> list[str]:
             values = [methods[method] for methods in per_fold.values() if method in methods]
             if len(values) == len(FOLDS):
                 means = [[v[c] for v in values] for c in columns]
-                lines.append(f"| **mean of {len(FOLDS)} folds** | {method} | " + " | ".join(
-                    cell(sum(x) / len(x)) if None not in x else "—" for x in means) + " |")
+                lines.append(
+                    f"| **mean of {len(FOLDS)} folds** | {method} | "
+                    + " | ".join(cell(sum(x) / len(x)) if None not in x else "—" for x in means)
+                    + " |"
+                )
     return lines
 
 

@@ -7,6 +7,7 @@ temporary folder (a few minutes on 2 cores); with one, it reuses that output fol
 The screenshot is the whole page at 1200 px wide, the T1w/FA toggle showing FA, saved with a
 256-colour palette to keep the file small.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ EXAMPLE_PAGE = "sub-MNI152.html"
 def run_example(root: Path) -> Path:
     """Write the example dataset under ``root`` and run the app on it; returns the output folder."""
     out = root / "out"
-    for args in (["example-data", root / "example"],
-                 [root / "example", out, "participant", "-w", root / "work", "--nprocs", "1", "--omp-nthreads", "2"]):
+    for args in (
+        ["example-data", root / "example"],
+        [root / "example", out, "participant", "-w", root / "work", "--nprocs", "1", "--omp-nthreads", "2"],
+    ):
         subprocess.run([sys.executable, "-m", "m2m_app.cli.run", *map(str, args)], check=True)
     return out
 
@@ -40,15 +43,22 @@ def screenshot(page: Path, target: Path, width: int = 1200) -> Path:
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--hide-scrollbars", f"--window-size={width},900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--window-size={width},900",
+    ):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
         browser.get(page.resolve().as_uri())
         browser.execute_script("document.getElementById('fa-toggle-switch').click();")
         height, chrome = browser.execute_script(
-            "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight];")
+            "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight];"
+        )
         browser.set_window_size(width, height + chrome)
         target.parent.mkdir(parents=True, exist_ok=True)
         image = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")

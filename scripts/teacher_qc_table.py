@@ -7,18 +7,28 @@ registration start, distance from the header alignment and from ANTs (mm, mean o
 T1w brain inside the DWI's field of view), the share of the brain the DWI covers, tissue
 volumes, mean white-matter FA, streamlines, runtime and flags.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-COLUMNS = [("unit", "subject"), ("start", "registration_start"), ("from headers (mm)", "registration_from_header_mm"),
-           ("vs ANTs (mm)", "registration_vs_ants_mm"),
-           ("ANTs runs' spread (mm)", "registration_ants_spread_mm"), ("brain in DWI FOV", "fov_fraction"),
-           ("brain (ml)", "brain_ml"), ("WM (ml)", "wm_ml"), ("WM share", "wm_fraction"),
-           ("mean WM FA", "mean_fa_wm"), ("streamlines", "n_streamlines"), ("runtime (s)", "runtime_s"),
-           ("flags", "flags")]
+COLUMNS = [
+    ("unit", "subject"),
+    ("start", "registration_start"),
+    ("from headers (mm)", "registration_from_header_mm"),
+    ("vs ANTs (mm)", "registration_vs_ants_mm"),
+    ("ANTs runs' spread (mm)", "registration_ants_spread_mm"),
+    ("brain in DWI FOV", "fov_fraction"),
+    ("brain (ml)", "brain_ml"),
+    ("WM (ml)", "wm_ml"),
+    ("WM share", "wm_fraction"),
+    ("mean WM FA", "mean_fa_wm"),
+    ("streamlines", "n_streamlines"),
+    ("runtime (s)", "runtime_s"),
+    ("flags", "flags"),
+]
 
 
 def _cell(value) -> str:

@@ -1,4 +1,5 @@
 """Shared fixtures: the real data in ../shared/data/ds-real and small BIDS datasets built from it."""
+
 from __future__ import annotations
 
 import csv
@@ -21,11 +22,16 @@ DS_EXTRA = DS_REAL.parent / "ds-extra"
 requires_ds_extra = pytest.mark.skipif(not DS_EXTRA.exists(), reason=f"{DS_EXTRA} is not present")
 
 
-def run_cli(module: str, *args: str, timeout: float = 1200,
-            prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, timeout: float = 1200, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """Run ``[PREFIX] python -m m2m_app.cli.<module> ARGS`` and return the finished process (text output)."""
-    return subprocess.run([*prefix, sys.executable, "-m", f"m2m_app.cli.{module}", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", f"m2m_app.cli.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_only_mount_prefix(mount_point: Path) -> tuple[str, ...]:
@@ -74,10 +80,12 @@ def prepared_ds_real(tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
 @pytest.fixture
 def copy_of(tmp_path):
     """Copy a file into tmp_path (to corrupt it without touching the source)."""
+
     def _copy(source: Path, name: str | None = None) -> Path:
         target = tmp_path / (name or source.name)
         shutil.copyfile(source, target)
         return target
+
     return _copy
 
 
@@ -102,8 +110,9 @@ def synthetic_affine(kind: str, zooms: tuple[float, float, float] = (4.0, 4.0, 4
     return affine
 
 
-def synthetic_head(kind: str = "ras", shape: tuple[int, int, int] = (48, 56, 48),
-                   zooms: tuple[float, float, float] = (4.0, 4.0, 4.0)) -> dict[str, np.ndarray]:
+def synthetic_head(
+    kind: str = "ras", shape: tuple[int, int, int] = (48, 56, 48), zooms: tuple[float, float, float] = (4.0, 4.0, 4.0)
+) -> dict[str, np.ndarray]:
     """A synthetic head on a grid centred on the world origin: T1w, masks, tensors and track maps."""
     affine = synthetic_affine(kind, zooms)
     affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2) + np.array([3.0, -5.0, 10.0])
@@ -124,8 +133,16 @@ def synthetic_head(kind: str = "ras", shape: tuple[int, int, int] = (48, 56, 48)
         maps[name] = np.where(brain[..., None] if maps[name].ndim == 4 else brain, maps[name], 0)
     tdi = np.where(wm, 40.0, 0.0) + brain * 2.0
     dectdi = np.where(wm[..., None], [1.0, 0.1, 0.1], [0.4, 0.4, 0.4]) * brain[..., None]
-    return {"affine": affine, "t1w": t1w.astype(np.float32), "mask": brain.astype(np.uint8),
-            "wm": wm.astype(np.uint8), "diffusivity": tensor, "tdi": tdi, "dectdi": dectdi, **maps}
+    return {
+        "affine": affine,
+        "t1w": t1w.astype(np.float32),
+        "mask": brain.astype(np.uint8),
+        "wm": wm.astype(np.uint8),
+        "diffusivity": tensor,
+        "tdi": tdi,
+        "dectdi": dectdi,
+        **maps,
+    }
 
 
 #: Translator size of the tiny networks the tests train (``Translator(..., **TINY)``).

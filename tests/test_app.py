@@ -1,4 +1,5 @@
 """The BIDS-App end to end on a real subject, and its bad-input matrix."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from m2m_app.io.derivatives import QC_WM_FA
 
 REAL_T1W = DS_REAL / "sub-02/ses-hfs/anat/sub-02_ses-hfs_acq-fl2d_T1w.nii.gz"
 PARAMS = ("fa", "md", "ad", "rd", "diffusivity", "v1", "colfa")
-UNCERTAINTY = ("model-tensor_param-fa_desc-sd", "model-tensor_param-v1_desc-dispersion",
-               "tract-wholebrain_param-tdi_desc-sd")
+UNCERTAINTY = (
+    "model-tensor_param-fa_desc-sd",
+    "model-tensor_param-v1_desc-dispersion",
+    "tract-wholebrain_param-tdi_desc-sd",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +34,11 @@ def app_run(tmp_path_factory):
     bad = nib.Nifti1Image(nan, nib.load(REAL_T1W).affine)
     bad_path = root / "bad_T1w.nii"
     nib.save(bad, bad_path)
-    bids = make_bids(root / "bids", {**ds_real_unit("02", "hfs", ("anat",)),
-                                     "sub-03/anat/sub-03_T1w.nii": bad_path})
+    bids = make_bids(root / "bids", {**ds_real_unit("02", "hfs", ("anat",)), "sub-03/anat/sub-03_T1w.nii": bad_path})
     out, work = root / "out", root / "work"
-    result = run_cli("run", bids, out, "participant", "-w", work, "--nprocs", "2", "--omp-nthreads", "2",
-                     "--skip-bids-validation")
+    result = run_cli(
+        "run", bids, out, "participant", "-w", work, "--nprocs", "2", "--omp-nthreads", "2", "--skip-bids-validation"
+    )
     return bids, out, work, result
 
 
@@ -91,8 +95,9 @@ def test_participant_run_writes_every_derivative(app_run):
 def test_derivatives_are_indexed_by_pybids(app_run):
     bids, out, _, _ = app_run
     layout = BIDSLayout(str(bids), validate=False, derivatives=str(out))
-    found = layout.get(scope="derivatives", subject="02", session="hfs", suffix="dwimap",
-                       extension=".nii.gz", return_type="file")
+    found = layout.get(
+        scope="derivatives", subject="02", session="hfs", suffix="dwimap", extension=".nii.gz", return_type="file"
+    )
     names = {os.path.basename(f) for f in found}
     assert "sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz" in names
     assert len(names) == len(PARAMS) + 2 + len(UNCERTAINTY)
@@ -104,8 +109,21 @@ def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
     bids, out, work, _ = app_run
     fa = out / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz"
     before = fa.read_bytes()
-    result = run_cli("run", bids, out, "participant", "-w", work, "--participant-label", "02",
-                     "--skip-bids-validation", "--nprocs", "2", "--omp-nthreads", "2")
+    result = run_cli(
+        "run",
+        bids,
+        out,
+        "participant",
+        "-w",
+        work,
+        "--participant-label",
+        "02",
+        "--skip-bids-validation",
+        "--nprocs",
+        "2",
+        "--omp-nthreads",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert fa.read_bytes() == before
     result = run_cli("run", bids, out, "group")
@@ -124,8 +142,16 @@ def _browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=options)
@@ -143,7 +169,8 @@ def test_reports_load_in_a_real_browser(app_run):
             browser.get((out / page).as_uri())
             images = browser.execute_script(
                 "return Array.from(document.images)"
-                ".map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);")
+                ".map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);"
+            )
             assert all(ok for _, ok in images), (page, [src for src, ok in images if not ok])
             errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
             assert not errors, (page, errors)
@@ -164,28 +191,33 @@ def _tiny_t1w(path, data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, code, words", [
-    ("no_t1w", 66, "no T1w"),
-    ("four_d", 65, "3D"),
-    ("two_d", 65, "2D"),
-    ("nan", 65, "NaN"),
-    ("inf", 65, "infinite"),
-    ("zeros", 65, "all zeros"),
-    ("truncated", 65, "truncated"),
-    ("unknown_label", 66, "not found"),
-    ("output_is_input", 64, "must not be"),
-    ("work_in_input", 64, "must not be"),
-    ("read_only_output", 73, "not writable"),
-    ("output_under_a_file", 73, "cannot create"),
-])
+@pytest.mark.parametrize(
+    "case, code, words",
+    [
+        ("no_t1w", 66, "no T1w"),
+        ("four_d", 65, "3D"),
+        ("two_d", 65, "2D"),
+        ("nan", 65, "NaN"),
+        ("inf", 65, "infinite"),
+        ("zeros", 65, "all zeros"),
+        ("truncated", 65, "truncated"),
+        ("unknown_label", 66, "not found"),
+        ("output_is_input", 64, "must not be"),
+        ("work_in_input", 64, "must not be"),
+        ("read_only_output", 73, "not writable"),
+        ("output_under_a_file", 73, "cannot create"),
+    ],
+)
 def test_bad_inputs_give_clear_messages_and_codes(tmp_path, case, code, words):
     rng = np.random.default_rng(0)
     volume = rng.uniform(0, 100, size=(20, 20, 20))
-    files = {"four_d": _tiny_t1w(tmp_path / "a.nii", rng.uniform(0, 100, size=(20, 20, 20, 3))),
-             "two_d": _tiny_t1w(tmp_path / "b.nii", rng.uniform(0, 100, size=(20, 20, 1))),
-             "nan": _tiny_t1w(tmp_path / "c.nii", np.where(volume > 99, np.nan, volume)),
-             "inf": _tiny_t1w(tmp_path / "e.nii", np.where(volume > 99, -np.inf, volume)),
-             "zeros": _tiny_t1w(tmp_path / "d.nii", np.zeros((20, 20, 20)))}
+    files = {
+        "four_d": _tiny_t1w(tmp_path / "a.nii", rng.uniform(0, 100, size=(20, 20, 20, 3))),
+        "two_d": _tiny_t1w(tmp_path / "b.nii", rng.uniform(0, 100, size=(20, 20, 1))),
+        "nan": _tiny_t1w(tmp_path / "c.nii", np.where(volume > 99, np.nan, volume)),
+        "inf": _tiny_t1w(tmp_path / "e.nii", np.where(volume > 99, -np.inf, volume)),
+        "zeros": _tiny_t1w(tmp_path / "d.nii", np.zeros((20, 20, 20))),
+    }
     good = _tiny_t1w(tmp_path / "good.nii", volume)
     if case == "truncated":
         raw = nib.Nifti1Image(volume.astype(np.float32), np.eye(4))
@@ -232,8 +264,18 @@ def test_readme_example_runs_end_to_end(tmp_path):
     """The README's first command: the embedded example dataset through the whole app."""
     result = run_cli("run", "example-data", tmp_path / "example")
     assert result.returncode == 0, result.stderr[-2000:]
-    result = run_cli("run", tmp_path / "example", tmp_path / "out", "participant", "-w", tmp_path / "work",
-                     "--nprocs", "1", "--omp-nthreads", "2")
+    result = run_cli(
+        "run",
+        tmp_path / "example",
+        tmp_path / "out",
+        "participant",
+        "-w",
+        tmp_path / "work",
+        "--nprocs",
+        "1",
+        "--omp-nthreads",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "out" / "sub-MNI152.html").read_text()
     assert "predicted from the T1w" in report and "figures/" in report
@@ -261,8 +303,9 @@ def test_stage_timer_keeps_each_stage_time(tmp_path, caplog):
     from m2m_app.workflows.timing import StageTimer
 
     timer = StageTimer(tmp_path, {"sub_01_wf": "sub-01"})
-    ran = SimpleNamespace(fullname="m2m_wf.sub_01_wf.phase1",
-                          result=SimpleNamespace(runtime=SimpleNamespace(duration=3.25)))
+    ran = SimpleNamespace(
+        fullname="m2m_wf.sub_01_wf.phase1", result=SimpleNamespace(runtime=SimpleNamespace(duration=3.25))
+    )
     crashed = SimpleNamespace(fullname="m2m_wf.sub_01_wf.phase2")  # no result: timed from its start
     caplog.set_level("INFO", logger="m2m")
     for node in (ran, crashed):

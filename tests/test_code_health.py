@@ -4,6 +4,7 @@ Each check calls the tool the ``[test]`` extra installs: import-linter (the laye
 pyproject.toml), ruff (lint rules and formatting of pyproject.toml) and mypy (its strictness is
 stated in pyproject.toml). A failure prints the tool's own report.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_layers_hold():
     """No module imports a layer above its own (import-linter, `lint-imports`)."""
-    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 

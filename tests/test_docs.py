@@ -1,4 +1,5 @@
 """docs/usage.md cannot drift from the CLI: it names every option of every command and every exit code."""
+
 from __future__ import annotations
 
 import importlib
@@ -27,10 +28,10 @@ def _commands() -> dict[str, click.Command]:
     for script in metadata.distribution("m2m-app").entry_points.select(group="console_scripts"):
         module = importlib.import_module(script.module)
         entry_source = inspect.getsource(getattr(module, script.attr))
-        commands = [c for c in vars(module).values()
-                    if isinstance(c, click.Command) and c.callback.__module__ == script.module]
-        in_groups = {id(sub) for group in commands if isinstance(group, click.Group)
-                     for sub in group.commands.values()}
+        commands = [
+            c for c in vars(module).values() if isinstance(c, click.Command) and c.callback.__module__ == script.module
+        ]
+        in_groups = {id(sub) for group in commands if isinstance(group, click.Group) for sub in group.commands.values()}
         for command in commands:
             if isinstance(command, click.Group):
                 found[script.name] = command
@@ -56,8 +57,14 @@ def _sections(text: str) -> dict[str, str]:
 
 def test_the_console_scripts_are_found():
     commands = _commands()
-    assert {"m2m", "m2m example-data", "m2m-train", "m2m-train prepare", "m2m-train phase1",
-            "m2m-train evaluate"} <= set(commands)
+    assert {
+        "m2m",
+        "m2m example-data",
+        "m2m-train",
+        "m2m-train prepare",
+        "m2m-train phase1",
+        "m2m-train evaluate",
+    } <= set(commands)
 
 
 def test_usage_names_every_option_of_every_command():
@@ -70,8 +77,12 @@ def test_usage_names_every_option_of_every_command():
         if name not in sections:
             missing.append(f"{name}: no section headed `{name}`")
             continue
-        missing += [f"{name}: {flag}" for option in options for flag in option.opts + option.secondary_opts
-                    if f"`{flag}" not in sections[name]]
+        missing += [
+            f"{name}: {flag}"
+            for option in options
+            for flag in option.opts + option.secondary_opts
+            if f"`{flag}" not in sections[name]
+        ]
     assert not missing, missing
 
 

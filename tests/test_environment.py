@@ -1,6 +1,7 @@
 """The environment m2m runs in: container detection (m2m_app.io.environment) on fake roots and
 environments and what dataset_description.json records from it; the work folder's default
 ($M2M_WORK_DIR, which the image sets) and a read-only file system without a writable folder."""
+
 from __future__ import annotations
 
 import json
@@ -28,22 +29,25 @@ def fake_root(tmp_path: Path, dockerenv: bool = False, containerenv: str | None 
 PODMAN_CONTAINERENV = 'engine="podman-4.3.1"\nname="festive_m2m"\nid="0123abcd"\nimage="localhost/m2m:latest"\n'
 
 
-@pytest.mark.parametrize("environ, markers, expected", [
-    ({}, {}, None),
-    ({"APPTAINER_BINDPATH": "/data", "SINGULARITY_CACHEDIR": "/scratch"}, {}, None),  # host settings only
-    ({"APPTAINER_CONTAINER": "/images/m2m.sif", "APPTAINER_NAME": "m2m.sif"}, {}, "Apptainer"),
-    ({"APPTAINER_NAME": "m2m.sif", "SINGULARITY_NAME": "m2m.sif"}, {}, "Apptainer"),  # Apptainer sets both
-    ({"SINGULARITY_CONTAINER": "/images/m2m.sif"}, {}, "Singularity"),
-    ({"APPTAINER_CONTAINER": "/images/m2m.sif"}, {"dockerenv": True}, "Apptainer"),  # image made by docker export
-    ({"container": "podman"}, {"containerenv": ""}, "Podman"),  # what Podman 4.3 gives an unprivileged container
-    ({}, {"containerenv": PODMAN_CONTAINERENV}, "Podman"),  # --privileged: the file names the engine
-    ({"container": "lxc"}, {}, None),
-    ({}, {"dockerenv": True}, "Docker"),
-    ({}, {"dockerenv": True, "containerenv": PODMAN_CONTAINERENV}, "Podman"),
-    ({}, {"containerenv": ""}, "OCI"),  # CRI-O writes an empty /run/.containerenv
-    ({"M2M_CONTAINER": "m2m"}, {}, "OCI"),  # m2m's image under an engine without markers
-    ({"M2M_CONTAINER": ""}, {}, None),
-])
+@pytest.mark.parametrize(
+    "environ, markers, expected",
+    [
+        ({}, {}, None),
+        ({"APPTAINER_BINDPATH": "/data", "SINGULARITY_CACHEDIR": "/scratch"}, {}, None),  # host settings only
+        ({"APPTAINER_CONTAINER": "/images/m2m.sif", "APPTAINER_NAME": "m2m.sif"}, {}, "Apptainer"),
+        ({"APPTAINER_NAME": "m2m.sif", "SINGULARITY_NAME": "m2m.sif"}, {}, "Apptainer"),  # Apptainer sets both
+        ({"SINGULARITY_CONTAINER": "/images/m2m.sif"}, {}, "Singularity"),
+        ({"APPTAINER_CONTAINER": "/images/m2m.sif"}, {"dockerenv": True}, "Apptainer"),  # image made by docker export
+        ({"container": "podman"}, {"containerenv": ""}, "Podman"),  # what Podman 4.3 gives an unprivileged container
+        ({}, {"containerenv": PODMAN_CONTAINERENV}, "Podman"),  # --privileged: the file names the engine
+        ({"container": "lxc"}, {}, None),
+        ({}, {"dockerenv": True}, "Docker"),
+        ({}, {"dockerenv": True, "containerenv": PODMAN_CONTAINERENV}, "Podman"),
+        ({}, {"containerenv": ""}, "OCI"),  # CRI-O writes an empty /run/.containerenv
+        ({"M2M_CONTAINER": "m2m"}, {}, "OCI"),  # m2m's image under an engine without markers
+        ({"M2M_CONTAINER": ""}, {}, None),
+    ],
+)
 def test_container_type(tmp_path, environ, markers, expected):
     assert container_type(environ, fake_root(tmp_path, **markers)) == expected
 
@@ -74,8 +78,15 @@ def test_dataset_description_records_the_engine(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_work_dir_defaults_to_m2m_work_dir(tmp_path):
     bids = make_bids(tmp_path / "bids", {})
-    run_cli("run", bids, tmp_path / "out", "participant", "--skip-bids-validation",
-            prefix=("env", f"M2M_WORK_DIR={tmp_path / 'scratch' / 'work'}"), timeout=300)
+    run_cli(
+        "run",
+        bids,
+        tmp_path / "out",
+        "participant",
+        "--skip-bids-validation",
+        prefix=("env", f"M2M_WORK_DIR={tmp_path / 'scratch' / 'work'}"),
+        timeout=300,
+    )
     assert (tmp_path / "scratch" / "work").is_dir()
     assert not (tmp_path / "m2m_work").exists()  # OUTPUT_DIR/../m2m_work, the default without the variable
 
@@ -87,11 +98,23 @@ def test_read_only_without_a_writable_folder_is_one_line(tmp_path):
     bids = make_bids(tmp_path / "bids", {})
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    environment = ("env", f"TMPDIR={read_only}", f"MPLCONFIGDIR={read_only / 'matplotlib'}",
-                   f"M2M_WORK_DIR={read_only / 'work'}")
-    result = run_cli("run", bids, tmp_path / "out", "participant", "--skip-bids-validation",
-                     prefix=read_only_mount_prefix(read_only) + environment, timeout=300)
+    environment = (
+        "env",
+        f"TMPDIR={read_only}",
+        f"MPLCONFIGDIR={read_only / 'matplotlib'}",
+        f"M2M_WORK_DIR={read_only / 'work'}",
+    )
+    result = run_cli(
+        "run",
+        bids,
+        tmp_path / "out",
+        "participant",
+        "--skip-bids-validation",
+        prefix=read_only_mount_prefix(read_only) + environment,
+        timeout=300,
+    )
     assert result.returncode == 73, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"m2m: error: cannot create the work folder {read_only / 'work'}: Read-only file system")
+        f"m2m: error: cannot create the work folder {read_only / 'work'}: Read-only file system"
+    )

@@ -1,4 +1,5 @@
 """The evaluation protocol: masked 3D SSIM, FOV restriction, leave-one-person-out folds, atlas baseline."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,8 +44,11 @@ def test_metrics_ignore_everything_outside_the_measured_fov(tmp_path):
     fov = np.zeros(shape, bool)
     fov[:, :, 10:] = True  # a partial slab
     wm = brain & (rng.uniform(size=shape) > 0.5)
-    row = {"mask": _save(brain, tmp_path / "brain.nii.gz"), "wm": _save(wm, tmp_path / "wm.nii.gz"),
-           "fov": _save(fov, tmp_path / "fov.nii.gz")}
+    row = {
+        "mask": _save(brain, tmp_path / "brain.nii.gz"),
+        "wm": _save(wm, tmp_path / "wm.nii.gz"),
+        "fov": _save(fov, tmp_path / "fov.nii.gz"),
+    }
     mask, wm_in, fov_read = evaluation_masks(tmp_path, row)
     assert np.array_equal(mask, brain & fov) and np.array_equal(wm_in, wm & fov) and np.array_equal(fov_read, fov)
     assert np.array_equal(evaluation_masks(tmp_path, {**row, "fov": ""})[0], brain)  # older prep dirs
@@ -59,8 +63,11 @@ def test_metrics_ignore_everything_outside_the_measured_fov(tmp_path):
 def test_leave_one_person_out_never_splits_a_person():
     rng = np.random.default_rng(2)
     sessions = {"01": [""], "02": ["hfs", "hfp", "hfdl", "hfdr"], "03": ["1", "2"]}
-    rows = [{"participant": p, "session": s, "subject": f"sub-{p}" + (f"_ses-{s}" if s else "")}
-            for p, ss in sessions.items() for s in ss]
+    rows = [
+        {"participant": p, "session": s, "subject": f"sub-{p}" + (f"_ses-{s}" if s else "")}
+        for p, ss in sessions.items()
+        for s in ss
+    ]
     rows = [rows[i] for i in rng.permutation(len(rows))]
     folds = leave_one_person_out(rows)
     assert [f.test for f in folds] == ["sub-01", "sub-02", "sub-03"]
@@ -79,7 +86,7 @@ def _phantom(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.nda
     """A smooth head-like T1 (ellipsoid with texture) and an FA map that follows its bright parts."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    inside = (grid ** 2 / np.array([0.8, 0.85, 0.75])[:, None, None, None] ** 2).sum(0) < 1
+    inside = (grid**2 / np.array([0.8, 0.85, 0.75])[:, None, None, None] ** 2).sum(0) < 1
     texture = gaussian_filter(rng.normal(size=shape), 2.0)
     t1 = np.where(inside, 0.5 + 2.0 * texture, 0.0).clip(0, None)
     fa = np.where(inside, np.clip(0.2 + 2.0 * texture, 0, 1), 0.0)
@@ -103,8 +110,9 @@ def test_atlas_baseline_recovers_a_known_shift():
     subject = nib.Nifti1Image(t1, subject_affine)
     warped = warp_atlas_fa(subject, atlas)
     assert warped.shape == t1.shape and warped.min() >= 0 and warped.max() <= 1
-    unregistered = resample_to_img(atlas.fa, subject, interpolation="linear", force_resample=True,
-                                   copy_header=True).get_fdata()
+    unregistered = resample_to_img(
+        atlas.fa, subject, interpolation="linear", force_resample=True, copy_header=True
+    ).get_fdata()
     head = t1 > 0
     assert pearson(warped[head], fa[head]) > 0.9
     assert pearson(warped[head], fa[head]) > pearson(unregistered[head], fa[head]) + 0.2

@@ -1,5 +1,6 @@
 """Inference (inference/predict.py): the model grid and back, view fusion, mirrored passes, checked weights —
 tiny and synthetic."""
+
 from __future__ import annotations
 
 import nibabel as nib
@@ -47,8 +48,15 @@ def test_round_trip_to_original_grid(kind):
     evals = np.linalg.eigvalsh(components_to_matrix(pred["tensor"][pred["mask"]].astype(float)))
     assert np.all(evals > 0)
     derived = tensor_derivatives(pred["tensor"])
-    out = predict_phase2(derived["fa"], derived["md"], derived["colfa"], pred["grid"], mask=pred["mask"],
-                         model=Translator(PHASE2.in_channels, PHASE2.out_channels, **TINY), device="cpu")
+    out = predict_phase2(
+        derived["fa"],
+        derived["md"],
+        derived["colfa"],
+        pred["grid"],
+        mask=pred["mask"],
+        model=Translator(PHASE2.in_channels, PHASE2.out_channels, **TINY),
+        device="cpu",
+    )
     assert out["tdi"].shape == maps["t1w"].shape and out["dectdi"].shape == maps["t1w"].shape + (3,)
     assert not out["tdi"][~pred["mask"]].any()
 
@@ -56,7 +64,7 @@ def test_round_trip_to_original_grid(kind):
 def test_predict_volume_fuses_three_views():
     class Identity(torch.nn.Module):  # returns the centre slice of the 2.5D stack
         def forward(self, x):
-            return x[:, PHASE1.context:PHASE1.context + 1].repeat(1, PHASE1.out_channels, 1, 1)
+            return x[:, PHASE1.context : PHASE1.context + 1].repeat(1, PHASE1.out_channels, 1, 1)
 
     volume = np.random.default_rng(0).random((1, 6, 7, 8)).astype(np.float32)
     out = predict_volume(Identity(), PHASE1, volume, device="cpu", batch_size=4, mirror=False)
@@ -73,8 +81,9 @@ def test_mirrored_passes_make_the_prediction_mirror_equivariant(spec):
 
     def mirrored_prediction(mirror: bool) -> tuple[np.ndarray, np.ndarray]:
         out = predict_volume(model, spec, volume, device="cpu", mirror=mirror)
-        out_of_mirrored = predict_volume(model, spec, np.ascontiguousarray(volume[:, ::-1]), device="cpu",
-                                         mirror=mirror)
+        out_of_mirrored = predict_volume(
+            model, spec, np.ascontiguousarray(volume[:, ::-1]), device="cpu", mirror=mirror
+        )
         return out, out_of_mirrored[:, ::-1] * signs
 
     np.testing.assert_allclose(*mirrored_prediction(True), atol=1e-5)

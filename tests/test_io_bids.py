@@ -1,4 +1,5 @@
 """io/bids: labels, BIDS filter files and the participant/session units of a dataset (pybids)."""
+
 from __future__ import annotations
 
 import logging
@@ -14,12 +15,17 @@ from m2m_app.io.naming import Subject
 @pytest.fixture
 def dataset(tmp_path):
     """sub-01 (two T1w, one DWI), sub-02 with sessions a and b (a T1w each); names only, no image data."""
-    return make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_acq-b_T1w.nii.gz": b"",
-                                         "sub-01/anat/sub-01_acq-a_T1w.nii.gz": b"",
-                                         "sub-01/dwi/sub-01_run-2_dwi.nii.gz": b"",
-                                         "sub-01/dwi/sub-01_run-1_dwi.nii.gz": b"",
-                                         "sub-02/ses-a/anat/sub-02_ses-a_T1w.nii": b"",
-                                         "sub-02/ses-b/anat/sub-02_ses-b_T1w.nii": b""})
+    return make_bids(
+        tmp_path / "bids",
+        {
+            "sub-01/anat/sub-01_acq-b_T1w.nii.gz": b"",
+            "sub-01/anat/sub-01_acq-a_T1w.nii.gz": b"",
+            "sub-01/dwi/sub-01_run-2_dwi.nii.gz": b"",
+            "sub-01/dwi/sub-01_run-1_dwi.nii.gz": b"",
+            "sub-02/ses-a/anat/sub-02_ses-a_T1w.nii": b"",
+            "sub-02/ses-b/anat/sub-02_ses-b_T1w.nii": b"",
+        },
+    )
 
 
 def test_labels_are_taken_with_or_without_their_prefix():
@@ -64,7 +70,9 @@ def test_several_t1w_give_the_first_sorted_with_a_warning(dataset, caplog):
     assert t1w == dataset / "sub-01/anat/sub-01_acq-a_T1w.nii.gz" and "2 T1w images" in caplog.text
     assert bids_io.find_t1w(layout, Subject("01"), {"t1w": {"acquisition": "b"}}).name == "sub-01_acq-b_T1w.nii.gz"
     assert bids_io.find_t1w(layout, Subject("02", "b")) == dataset / "sub-02/ses-b/anat/sub-02_ses-b_T1w.nii"
-    assert [p.name for p in bids_io.find_dwi(layout, Subject("01"))] == ["sub-01_run-1_dwi.nii.gz",
-                                                                          "sub-01_run-2_dwi.nii.gz"]
+    assert [p.name for p in bids_io.find_dwi(layout, Subject("01"))] == [
+        "sub-01_run-1_dwi.nii.gz",
+        "sub-01_run-2_dwi.nii.gz",
+    ]
     run_2 = dataset / "sub-01/dwi/sub-01_run-2_dwi.nii.gz"
     assert bids_io.find_dwi(layout, Subject("01"), {"dwi": {"run": 2}}) == [run_2]

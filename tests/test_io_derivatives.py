@@ -1,4 +1,5 @@
 """io/derivatives: the dataset description, README, map sidecars and QC row of one unit, on tiny files."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,17 @@ import numpy as np
 import pytest
 
 from m2m_app import __version__
-from m2m_app.io.derivatives import (NOT_BIDS, PREDICTED, QC_WM_FA, dataset_description, qc_path, subject_qc,
-                                    weights_provenance, write_maps, write_readme)
+from m2m_app.io.derivatives import (
+    NOT_BIDS,
+    PREDICTED,
+    QC_WM_FA,
+    dataset_description,
+    qc_path,
+    subject_qc,
+    weights_provenance,
+    write_maps,
+    write_readme,
+)
 from m2m_app.io.naming import TENSOR_PARAMS, Subject, derivative_paths, sidecar_path
 
 UNIT = Subject("01", "a")
@@ -20,16 +30,28 @@ def weights_dir(tmp_path):
     """Phase-1 weights metadata only (no phase 2): SHA-256, training subjects, version, a stored scale."""
     folder = tmp_path / "weights"
     folder.mkdir()
-    (folder / "phase1.json").write_text(json.dumps({"sha256": "ab" * 32, "m2m_version": "9.9.9",
-                                                    "recipe": {"subjects": ["sub-07", "sub-08"]},
-                                                    "uncertainty_scale": {"fa_sd": 2.5}}))
+    (folder / "phase1.json").write_text(
+        json.dumps(
+            {
+                "sha256": "ab" * 32,
+                "m2m_version": "9.9.9",
+                "recipe": {"subjects": ["sub-07", "sub-08"]},
+                "uncertainty_scale": {"fa_sd": 2.5},
+            }
+        )
+    )
     return folder
 
 
 def test_weights_provenance_reads_each_phase_present(weights_dir, tmp_path):
-    assert weights_provenance(str(weights_dir)) == {"phase1": {"file": "phase1.safetensors", "sha256": "ab" * 32,
-                                                               "trained_on": ["sub-07", "sub-08"],
-                                                               "m2m_version": "9.9.9"}}
+    assert weights_provenance(str(weights_dir)) == {
+        "phase1": {
+            "file": "phase1.safetensors",
+            "sha256": "ab" * 32,
+            "trained_on": ["sub-07", "sub-08"],
+            "m2m_version": "9.9.9",
+        }
+    }
     old = tmp_path / "old"
     old.mkdir()
     (old / "phase2.json").write_text(json.dumps({"sha256": "cd", "version": "0.0.1"}))  # before m2m_version
@@ -42,8 +64,9 @@ def test_dataset_description_credits_m2m_its_weights_and_the_source(tmp_path, we
     source.mkdir()
     (source / "dataset_description.json").write_text(json.dumps({"Name": "raw", "Authors": ["A. Person"]}))
     (tmp_path / "link").symlink_to(source)
-    path = dataset_description(tmp_path / "out", tmp_path / "link" / ".." / "link", weights_dir=str(weights_dir),
-                               phases=("phase1", "phase2"))
+    path = dataset_description(
+        tmp_path / "out", tmp_path / "link" / ".." / "link", weights_dir=str(weights_dir), phases=("phase1", "phase2")
+    )
     description = json.loads(path.read_text())
     assert description["DatasetType"] == "derivative" and description["Authors"] == ["A. Person"]
     assert description["SourceDatasets"] == [{"URL": source.resolve().as_uri()}]  # symlink and .. resolved
@@ -71,8 +94,10 @@ def _nifti(path, data):
 
 def test_maps_get_their_bids_names_and_sidecars(tmp_path, weights_dir):
     shape = (4, 4, 4)
-    work = {key: _nifti(tmp_path / f"{key}.nii.gz", np.full(shape, i + 1.0))
-            for i, key in enumerate(("fa", "md", "mask", "fa_sd", "v1_dispersion", "tdi"))}
+    work = {
+        key: _nifti(tmp_path / f"{key}.nii.gz", np.full(shape, i + 1.0))
+        for i, key in enumerate(("fa", "md", "mask", "fa_sd", "v1_dispersion", "tdi"))
+    }
     t1w = "/data/bids/sub-01/ses-a/anat/sub-01_ses-a_T1w.nii.gz"
     written = write_maps(tmp_path / "out", UNIT, t1w, work, str(weights_dir), {"phase1": 12.5})
     expected = derivative_paths(tmp_path / "out", UNIT, "nerf")

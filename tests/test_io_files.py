@@ -1,4 +1,5 @@
 """io/files: atomic writing (no partial file under the final name, ever), JSON/TSV writers and hashing."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """The training losses (models/losses.py): shape vs orientation, the FA distribution term."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_phase1_loss_separates_shape_from_orientation():
     """A rotated tensor costs orientation only; an isotropic guess costs anisotropy and FA; gradients stay finite."""
+
     def loss_of(predicted: np.ndarray, truth: np.ndarray) -> dict:
         raw = torch.from_numpy(np.append(tensor_to_log(predicted[None])[0], 0.0)).float().view(1, 7, 1, 1)
         raw.requires_grad_()
@@ -51,8 +53,11 @@ def test_fa_distribution_term_penalises_a_compressed_fa_range():
 
     def terms(predicted: np.ndarray) -> dict:
         def as_raw(comps: np.ndarray, mask: float) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate(
-                [tensor_to_log(comps), np.full((64, 1), mask, np.float32)], 1).T.copy()).float().view(1, 7, 1, 64)
+            return (
+                torch.from_numpy(np.concatenate([tensor_to_log(comps), np.full((64, 1), mask, np.float32)], 1).T.copy())
+                .float()
+                .view(1, 7, 1, 64)
+            )
 
         losses = PHASE1.loss(as_raw(predicted, 0.0), as_raw(truth, 1.0), torch.ones(1, 1, 1, 64))
         return {k: v.item() for k, v in losses.items()}

@@ -1,4 +1,5 @@
 """The phase specs (models/phases.py): decoding any network output, fusing the views."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,9 +24,14 @@ def test_any_network_output_gives_positive_definite_tensors():
     assert torch.all(torch.isfinite(fa)) and torch.all((fa >= 0) & (fa <= 1 + 1e-5))
     # The log-Euclidean target round-trips to the tensor it came from.
     tensor = np.array([[1.7e-3, 1e-4, 0, 0.3e-3, 0, 0.4e-3]], np.float32)
-    assert np.allclose(PHASE1.decode(np.concatenate([tensor_to_log(tensor).T[:, :, None, None],
-                                                     np.zeros((1, 1, 1, 1))]))["tensor"][0, 0, 0], tensor[0],
-                       rtol=1e-4, atol=1e-9)
+    assert np.allclose(
+        PHASE1.decode(np.concatenate([tensor_to_log(tensor).T[:, :, None, None], np.zeros((1, 1, 1, 1))]))["tensor"][
+            0, 0, 0
+        ],
+        tensor[0],
+        rtol=1e-4,
+        atol=1e-9,
+    )
 
 
 def test_view_fusion_keeps_the_anisotropy_of_disagreeing_views():
@@ -43,8 +49,10 @@ def test_view_fusion_keeps_the_anisotropy_of_disagreeing_views():
         raw = np.zeros((7, 1, 1, 1), np.float32)
         raw[:6, 0, 0, 0] = [log[0, 0], log[0, 1], log[0, 2], log[1, 1], log[1, 2], log[2, 2]]
         views.append(raw)
-    fa = {name: tensor_derivatives(PHASE1.decode(raw)["tensor"][0, 0, 0])
-          for name, raw in (("one", views[1]), ("mean", mean_of_views(views)), ("fused", PHASE1.fuse(views)))}
+    fa = {
+        name: tensor_derivatives(PHASE1.decode(raw)["tensor"][0, 0, 0])
+        for name, raw in (("one", views[1]), ("mean", mean_of_views(views)), ("fused", PHASE1.fuse(views)))
+    }
     assert fa["mean"]["fa"] < fa["one"]["fa"] - 0.02
     assert fa["fused"]["fa"] == pytest.approx(fa["one"]["fa"], rel=1e-5)
     np.testing.assert_allclose(np.abs(fa["fused"]["v1"]), [1.0, 0.0, 0.0], atol=1e-5)

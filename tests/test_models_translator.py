@@ -1,4 +1,5 @@
 """The translator networks (models/translator.py): shapes, and a tiny one learns."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,9 @@ def test_tiny_model_overfits_two_slices():
     rng = np.random.default_rng(0)
     size = 32
     yy, xx = np.mgrid[:size, :size] / size
-    inputs = torch.from_numpy(np.stack([np.stack([np.sin(6 * xx + k) * yy] * PHASE1.in_channels)
-                                        for k in range(2)]).astype(np.float32))
+    inputs = torch.from_numpy(
+        np.stack([np.stack([np.sin(6 * xx + k) * yy] * PHASE1.in_channels) for k in range(2)]).astype(np.float32)
+    )
     mask = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.12).astype(np.float32)
     logs = np.zeros((2, size, size, 6), np.float32)
     logs[..., [0, 3, 5]] = rng.normal(0, 0.1, 3) + np.array([0.5, -1.0, -1.2])

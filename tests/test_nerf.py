@@ -4,6 +4,7 @@ The synthetic input is a quarter-circle bundle in the world x-y plane, on an x-f
 1.25 mm grid, with a Gaussian cross-section (a hard-edged tube would alias on the grid) and
 the bundle's |tangent| as directionally encoded colour.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,14 @@ from trx import trx_file_memmap
 from m2m_app.maths.render import composite, render_view
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.models.nerf import FieldFitSettings, FittedField, fit_field
-from m2m_app.tractography.streamlines import (TrackingSettings, align_axis, bep046_sidecar, candidate_axes,
-                                              track_field)
+from m2m_app.tractography.streamlines import TrackingSettings, align_axis, bep046_sidecar, candidate_axes, track_field
 from m2m_app.tractography.views import bake_field, write_standard_views, write_turntable
 
 N, ZOOM, SIGMA_MM = 32, 1.25, 1.8
 AFFINE = np.array([[-ZOOM, 0, 0, 10.0], [0, ZOOM, 0, -20.0], [0, 0, ZOOM, 5.0], [0, 0, 0, 1]])
 CENTRE = AFFINE[:3, :3] @ np.array([3.0, 3.0, (N - 1) / 2]) + AFFINE[:3, 3]
 RADIUS = (N - 9) * ZOOM
-THETA = (np.pi / 2, np.pi)        # voxel +i is world -x, voxel +j is world +y
+THETA = (np.pi / 2, np.pi)  # voxel +i is world -x, voxel +j is world +y
 FIT = FieldFitSettings(max_steps=600, batch_size=2048)
 
 
@@ -43,17 +43,19 @@ def analytic_field(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Density (1 on the arc) and signed tangent at world points."""
     foot, tangent = arc_foot(points)
     distance = np.linalg.norm(points - foot, axis=-1)
-    return np.exp(-distance ** 2 / (2 * SIGMA_MM ** 2)), tangent
+    return np.exp(-(distance**2) / (2 * SIGMA_MM**2)), tangent
 
 
 @pytest.fixture(scope="module")
 def arc() -> dict[str, np.ndarray]:
     ijk = np.stack(np.meshgrid(*[np.arange(N)] * 3, indexing="ij"), -1).reshape(-1, 3)
     density, tangent = analytic_field(ijk @ AFFINE[:3, :3].T + AFFINE[:3, 3])
-    density = np.where(density > np.exp(-4.5), density, 0.0)          # tracks end 3 sigma out
-    return {"density": density.reshape((N,) * 3).astype(np.float32),
-            "direction": (np.abs(tangent) * (density > 0)[:, None]).reshape((N,) * 3 + (3,)).astype("f4"),
-            "mask": np.ones((N,) * 3, bool)}
+    density = np.where(density > np.exp(-4.5), density, 0.0)  # tracks end 3 sigma out
+    return {
+        "density": density.reshape((N,) * 3).astype(np.float32),
+        "direction": (np.abs(tangent) * (density > 0)[:, None]).reshape((N,) * 3 + (3,)).astype("f4"),
+        "mask": np.ones((N,) * 3, bool),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_fit_reconstructs_the_slices(arc, fitted):
 def test_field_is_continuous_between_voxels(fitted):
     theta = np.linspace(*THETA, 40)[1:-1]
     on_arc = CENTRE + RADIUS * np.stack([np.cos(theta), np.sin(theta), np.zeros_like(theta)], -1)
-    density, orientation = fitted.query(on_arc)                       # z is half-way between voxels
+    density, orientation = fitted.query(on_arc)  # z is half-way between voxels
     true_density, tangent = analytic_field(on_arc)
     assert np.abs(density * fitted.density_scale - true_density).max() < 0.15
     cosine = np.sum(np.abs(tangent) * orientation, axis=1) / np.linalg.norm(orientation, axis=1)
@@ -100,9 +102,13 @@ def test_fit_stops_on_a_loss_plateau():
     density[4:12, 4:12, 4:12] = 1
     direction = np.zeros(density.shape + (3,), np.float32)
     direction[density > 0] = [1, 0, 0]
-    field = fit_field(density, direction, np.ones(density.shape, bool), np.eye(4),
-                      FieldFitSettings(max_steps=3000, batch_size=512, check_every=25, patience=2,
-                                       min_rel_improvement=0.05))
+    field = fit_field(
+        density,
+        direction,
+        np.ones(density.shape, bool),
+        np.eye(4),
+        FieldFitSettings(max_steps=3000, batch_size=512, check_every=25, patience=2, min_rel_improvement=0.05),
+    )
     assert field.info["steps"] < 3000, "the fit ran to max_steps on a cube it learns within a few hundred"
     assert field.info["psnr_density_db"] > 20
 
@@ -135,8 +141,7 @@ def mean_distance_voxels(streamlines: list[np.ndarray]) -> float:
 @pytest.mark.parametrize("source", ["analytic", "fitted"])
 def test_streamlines_follow_the_arc(source, fitted, arc):
     field = analytic_field if source == "analytic" else fitted
-    settings = TrackingSettings(seed_density_threshold=0.9, density_threshold=0.3, min_length_mm=20,
-                                max_length_mm=100)
+    settings = TrackingSettings(seed_density_threshold=0.9, density_threshold=0.3, min_length_mm=20, max_length_mm=100)
     streamlines = track_field(field, arc["mask"], AFFINE, settings, seed=1)
     assert len(streamlines) > 50, f"{len(streamlines)} streamlines"
     distance = mean_distance_voxels(streamlines)
@@ -148,18 +153,24 @@ def test_streamlines_follow_the_arc(source, fitted, arc):
 
 
 def test_tracking_stops_at_a_turn_sharper_than_max_angle():
-    def corner(points):      # +x for x < 0, then +y; seeds only where x < -1 (density 1 there, 0.3 after)
+    def corner(points):  # +x for x < 0, then +y; seeds only where x < -1 (density 1 there, 0.3 after)
         direction = np.where(points[:, :1] < 0, [[1.0, 0, 0]], [[0, 1.0, 0]])
         return np.where(points[:, 0] < -1, 1.0, 0.3), direction
 
     affine = np.eye(4)
     affine[:3, 3] = -10
     mask = np.zeros((21, 21, 21), bool)
-    mask[:11, 10, 10] = True                    # an L of voxels: along x up to the origin, then along y
+    mask[:11, 10, 10] = True  # an L of voxels: along x up to the origin, then along y
     mask[10, 10:, 10] = True
-    reach = {angle: max(line[:, 1].max() for line in track_field(
-                 corner, mask, affine, TrackingSettings(max_angle_deg=angle, min_length_mm=0), seed=0))
-             for angle in (30.0, 100.0)}
+    reach = {
+        angle: max(
+            line[:, 1].max()
+            for line in track_field(
+                corner, mask, affine, TrackingSettings(max_angle_deg=angle, min_length_mm=0), seed=0
+            )
+        )
+        for angle in (30.0, 100.0)
+    }
     assert reach[30.0] < 1.0, "a streamline went round a 90 degree corner with max_angle 30"
     assert reach[100.0] > 5.0, "with max_angle 100 the streamlines should follow the corner"
 
@@ -175,9 +186,9 @@ def test_align_axis_is_the_closest_candidate_axis():
     """align_axis picks, bit for bit, what a search over the 4 :func:`candidate_axes` picks (its former code)."""
     rng = np.random.default_rng(5)
     orientation, reference = rng.normal(size=(20000, 3)), rng.normal(size=(20000, 3))
-    orientation[::7, 0] = 0                         # ties between candidates, and no orientation at all
+    orientation[::7, 0] = 0  # ties between candidates, and no orientation at all
     orientation[::13] = 0
-    orientation[::19] = np.abs(reference[::19])     # the reference is a candidate
+    orientation[::19] = np.abs(reference[::19])  # the reference is a candidate
     candidates = candidate_axes(orientation)
     dots = np.einsum("nkc,nc->nk", candidates, reference)
     rows, best = np.arange(len(dots)), np.abs(dots).argmax(axis=1)
@@ -193,9 +204,10 @@ def test_same_seed_same_streamlines():
     assert all(np.array_equal(a, b) for a, b in zip(*runs)) and len(runs[0]) == len(runs[1])
     points = np.concatenate(runs[0]).astype(float)
     assert (len(runs[0]), len(points)) == (399, 37594)
-    np.testing.assert_allclose(points.sum(axis=0), [-435140.2033465583, 62956.07035863504, 918972.1045703888],
-                               rtol=1e-9)
-    np.testing.assert_allclose((points ** 2).sum(), 34815226.848988086, rtol=1e-9)
+    np.testing.assert_allclose(
+        points.sum(axis=0), [-435140.2033465583, 62956.07035863504, 918972.1045703888], rtol=1e-9
+    )
+    np.testing.assert_allclose((points**2).sum(), 34815226.848988086, rtol=1e-9)
 
 
 def test_render_matches_the_analytic_projection_of_a_sphere():
@@ -210,8 +222,8 @@ def test_render_matches_the_analytic_projection_of_a_sphere():
     image = render_view(sphere, bounds, 30.0, 20.0, size, n_samples=256)
     half_width = 0.5 * np.linalg.norm(bounds[1] - bounds[0])
     pixel = (2 * np.arange(size) + 1) / size - 1
-    impact = half_width * np.hypot(*np.meshgrid(pixel, pixel))        # distance of each ray from the centre
-    chord = 2 * np.sqrt(np.clip(radius ** 2 - impact ** 2, 0, None))
+    impact = half_width * np.hypot(*np.meshgrid(pixel, pixel))  # distance of each ray from the centre
+    chord = 2 * np.sqrt(np.clip(radius**2 - impact**2, 0, None))
     expected = 1 - np.exp(-sigma * chord)
     error = np.abs(image[..., 0] - expected)
     assert error.max() < 0.03 and error.mean() < 0.003, f"max {error.max():.4f}, mean {error.mean():.5f}"
@@ -220,7 +232,7 @@ def test_render_matches_the_analytic_projection_of_a_sphere():
 
 def test_composite_is_front_to_back():
     sigma = np.array([[0.0, 50.0, 50.0]])
-    colour = np.array([[[0, 0, 1.0], [1.0, 0, 0], [0, 1.0, 0]]])     # the first opaque sample hides the rest
+    colour = np.array([[[0, 0, 1.0], [1.0, 0, 0], [0, 1.0, 0]]])  # the first opaque sample hides the rest
     rgb, opacity = composite(sigma, colour, 1.0)
     np.testing.assert_allclose(rgb[0], [1, 0, 0], atol=1e-6)
     np.testing.assert_allclose(opacity, [1.0], atol=1e-6)
@@ -237,12 +249,14 @@ def test_views_and_turntable_are_written(fitted, tmp_path):
     assert rows["top"] > 2 * rows["front"], rows
     gif = write_turntable(fitted, tmp_path / "turn.gif", n_frames=4, size=32, n_samples=32)
     assert iio.imread(gif, index=None).shape[:3] == (4, 32, 32)
-    baked = bake_field(fitted)                      # one bake for both writers gives the same files
+    baked = bake_field(fitted)  # one bake for both writers gives the same files
     (tmp_path / "baked").mkdir()
     again = write_standard_views(baked, tmp_path / "baked", size=40, n_samples=48)
     assert all(np.array_equal(iio.imread(again[name]), images[name]) for name in paths)
-    assert np.array_equal(iio.imread(write_turntable(baked, tmp_path / "baked.gif", n_frames=4, size=32,
-                                                     n_samples=32), index=None), iio.imread(gif, index=None))
+    assert np.array_equal(
+        iio.imread(write_turntable(baked, tmp_path / "baked.gif", n_frames=4, size=32, n_samples=32), index=None),
+        iio.imread(gif, index=None),
+    )
 
 
 @pytest.mark.parametrize("extension", [".trx", ".tck", ".trk"])
@@ -259,7 +273,7 @@ def test_tractogram_round_trip(extension, tmp_path):
         loaded = [np.array(s, copy=True) for s in trx.streamlines]
         trx.close()
     else:
-        loaded = list(nib.streamlines.load(path).streamlines)     # nibabel returns RAS+ mm
+        loaded = list(nib.streamlines.load(path).streamlines)  # nibabel returns RAS+ mm
     from dipy.io.stateful_tractogram import Space
     from dipy.io.streamline import load_tractogram
 

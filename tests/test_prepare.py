@@ -1,4 +1,5 @@
 """The teacher (``m2m-train prepare``) on real data, and its handling of bad input."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,21 @@ def test_prepare_completes_on_every_unit(prepared_ds_real):
     assert all(row["status"] == "ok" for row in rows.values())
     assert json.loads((prep / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     header = (prep / "manifest.tsv").read_text().splitlines()[0].split("\t")
-    assert {"t1w", "fa", "diffusivity", "tdi", "dectdi", "mean_fa_wm", "registration_cost", "fov", "dseg",
-            "flagged", "registration_vs_ants_mm", "registration_from_header_mm", "wm_fraction"} <= set(header)
+    assert {
+        "t1w",
+        "fa",
+        "diffusivity",
+        "tdi",
+        "dectdi",
+        "mean_fa_wm",
+        "registration_cost",
+        "fov",
+        "dseg",
+        "flagged",
+        "registration_vs_ants_mm",
+        "registration_from_header_mm",
+        "wm_fraction",
+    } <= set(header)
     assert "FLAGGED" not in result.stderr
     methods = (prep / "logs" / "CITATION.md").read_text()
     assert "deepbet" in methods and "Atropos" in methods and "ANTs" in methods
@@ -103,8 +117,14 @@ def test_corpus_callosum_is_left_right(prepared_ds_real, unit):
     xyz = (ijk @ fa_img.affine[:3, :3].T + fa_img.affine[:3, 3]).reshape(fa.shape + (3,))
     centre = np.median(xyz[brain], axis=0)
     offset = xyz - centre
-    body = ((np.abs(offset[..., 0]) < 3) & (offset[..., 2] > 0) & (offset[..., 2] < 30)
-            & (np.abs(offset[..., 1]) < 30) & (fa > 0.3) & brain)
+    body = (
+        (np.abs(offset[..., 0]) < 3)
+        & (offset[..., 2] > 0)
+        & (offset[..., 2] < 30)
+        & (np.abs(offset[..., 1]) < 30)
+        & (fa > 0.3)
+        & brain
+    )
     assert body.sum() > 100
     mean_abs = np.abs(v1[body]).mean(axis=0)
     assert mean_abs[0] > mean_abs[1] and mean_abs[0] > mean_abs[2], mean_abs
@@ -128,10 +148,12 @@ def test_one_bad_unit_leaves_the_others_intact(tmp_path):
     """A truncated DWI in sub-03 fails with exit 65 naming the file; sub-02 is still prepared."""
     good = ds_real_unit("02", "hfs")
     raw = (DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi.nii.gz").read_bytes()
-    bad = {"sub-03/anat/sub-03_T1w.nii.gz": DS_REAL / "sub-01/anat/sub-01_T1w.nii.gz",
-           "sub-03/dwi/sub-03_dwi.nii.gz": raw[: len(raw) // 3],
-           "sub-03/dwi/sub-03_dwi.bval": DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi.bval",
-           "sub-03/dwi/sub-03_dwi.bvec": DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi.bvec"}
+    bad = {
+        "sub-03/anat/sub-03_T1w.nii.gz": DS_REAL / "sub-01/anat/sub-01_T1w.nii.gz",
+        "sub-03/dwi/sub-03_dwi.nii.gz": raw[: len(raw) // 3],
+        "sub-03/dwi/sub-03_dwi.bval": DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi.bval",
+        "sub-03/dwi/sub-03_dwi.bvec": DS_REAL / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_dwi.bvec",
+    }
     bids = make_bids(tmp_path / "bids", {**good, **bad})
     prep = tmp_path / "prep"
     result = run_cli("train", "prepare", bids, prep, "--nprocs", "1")
@@ -172,14 +194,17 @@ def _gradients(n):
     return np.r_[0, np.full(n - 1, 1000.0)], vecs
 
 
-@pytest.mark.parametrize("case, error, words", [
-    ("missing_bval", MissingInputError, ".bval"),
-    ("mismatched_bvec", BadDataError, "must match"),
-    ("three_d", BadDataError, "4D"),
-    ("no_b0", BadDataError, "no b=0"),
-    ("nan", BadDataError, "NaN"),
-    ("truncated", BadDataError, "truncated"),
-])
+@pytest.mark.parametrize(
+    "case, error, words",
+    [
+        ("missing_bval", MissingInputError, ".bval"),
+        ("mismatched_bvec", BadDataError, "must match"),
+        ("three_d", BadDataError, "4D"),
+        ("no_b0", BadDataError, "no b=0"),
+        ("nan", BadDataError, "NaN"),
+        ("truncated", BadDataError, "truncated"),
+    ],
+)
 def test_bad_dwi_inputs_fail_clearly(tmp_path, case, error, words):
     data = np.random.default_rng(1).uniform(100, 200, size=(10, 10, 10, 8)).astype(np.float32)
     bvals, bvecs = _gradients(8)
@@ -236,8 +261,9 @@ def test_a_unit_whose_registration_is_forced_wrong_is_flagged_and_left_out(tmp_p
 
     monkeypatch.setattr(teacher, "register_b0_to_t1w", shifted)
     folder = DS_REAL / "sub-02" / "ses-hfs"
-    qc = teacher.prepare_subject(Subject("02", "hfs"), next(folder.glob("anat/*_T1w.nii.gz")),
-                                 sorted(folder.glob("dwi/*_dwi.nii.gz")), tmp_path)
+    qc = teacher.prepare_subject(
+        Subject("02", "hfs"), next(folder.glob("anat/*_T1w.nii.gz")), sorted(folder.glob("dwi/*_dwi.nii.gz")), tmp_path
+    )
     assert qc["flagged"] and "from ANTs" in qc["flags"] and qc["registration_vs_ants_mm"] > 5
     write_manifest(tmp_path)
     with pytest.raises(UsageError, match="flagged"):
@@ -279,9 +305,12 @@ def test_runs_with_opposite_phase_encoding_are_fitted_apart_and_averaged(prepare
     files = dict(ds_real_unit("02", "hfs", modalities=("anat",)))
     for direction, code in (("AP", "j-"), ("PA", "j")):
         stem = f"sub-02/ses-hfs/dwi/sub-02_ses-hfs_dir-{direction}_dwi"
-        files |= {f"{stem}.nii.gz": Path(f"{source}.nii.gz"), f"{stem}.bval": Path(f"{source}.bval"),
-                  f"{stem}.bvec": Path(f"{source}.bvec"),
-                  f"{stem}.json": json.dumps({"PhaseEncodingDirection": code}).encode()}
+        files |= {
+            f"{stem}.nii.gz": Path(f"{source}.nii.gz"),
+            f"{stem}.bval": Path(f"{source}.bval"),
+            f"{stem}.bvec": Path(f"{source}.bvec"),
+            f"{stem}.json": json.dumps({"PhaseEncodingDirection": code}).encode(),
+        }
     prep = tmp_path / "prep"
     result = run_cli("train", "prepare", make_bids(tmp_path / "bids", files), prep)
     assert result.returncode == 0, result.stderr[-3000:]

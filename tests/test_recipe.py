@@ -1,4 +1,5 @@
 """TrainingRecipe: its defaults are the shipped recipe, it reads every weights JSON m2m wrote."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,10 @@ def test_shipped_weights_json_loads_as_a_recipe(path):
     assert recipe.base == meta["architecture"]["base"] and recipe.depth == meta["architecture"]["depth"]
     assert recipe.epochs == meta["recipe"]["epochs"] and recipe.lr == meta["recipe"]["lr"]
     # everything else the shipped run used is the default
-    assert dataclasses.replace(recipe, epochs=TrainingRecipe().epochs,
-                               skull_strip_prob=TrainingRecipe().skull_strip_prob) == TrainingRecipe()
+    assert (
+        dataclasses.replace(recipe, epochs=TrainingRecipe().epochs, skull_strip_prob=TrainingRecipe().skull_strip_prob)
+        == TrainingRecipe()
+    )
 
 
 def test_an_exported_record_reads_back_as_its_recipe():
@@ -30,9 +33,14 @@ def test_an_exported_record_reads_back_as_its_recipe():
     assert TrainingRecipe.from_weights({"architecture": {"base": 16, "depth": 4}, "recipe": record}) == recipe
 
 
-@pytest.mark.parametrize("change, words", [({"elastic_px": -1.0}, "elastic_px"),
-                                           ({"skull_strip_prob": 1.5}, "skull_strip_prob"),
-                                           ({"ema_decay": 1.0}, "ema_decay")])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"elastic_px": -1.0}, "elastic_px"),
+        ({"skull_strip_prob": 1.5}, "skull_strip_prob"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+    ],
+)
 def test_recipe_refuses_values_out_of_range(change, words):
     with pytest.raises(UsageError, match=words):
         TrainingRecipe(**change)

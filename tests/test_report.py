@@ -4,6 +4,7 @@ A small synthetic unit (conftest's synthetic head, a tiny fitted NeRF field rend
 real view code, straight bundles as the tractogram, one crash file) goes through
 ``write_report`` directly, which takes seconds instead of the minutes of a pipeline run.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,24 +58,47 @@ def unit_output(tmp_path_factory):
     nib.save(nib.Nifti1Image((0.1 * head["fa"]).astype(np.float32), affine), written["fa_sd"])
     written["tractogram"] = save_tractogram(bundles(), nib.load(t1w), paths["tractogram"])
     torch.set_num_threads(1)
-    field = fit_field(head["tdi"].astype(np.float32), head["dectdi"].astype(np.float32), head["mask"] > 0, affine,
-                      FieldFitSettings(max_steps=150, batch_size=1024), seed=0)
-    figures = {name: derivative_path(out, SUBJECT, "figures", "nerf", ".png", desc=name)
-               for name in ("left", "right", "top", "front")}
+    field = fit_field(
+        head["tdi"].astype(np.float32),
+        head["dectdi"].astype(np.float32),
+        head["mask"] > 0,
+        affine,
+        FieldFitSettings(max_steps=150, batch_size=1024),
+        seed=0,
+    )
+    figures = {
+        name: derivative_path(out, SUBJECT, "figures", "nerf", ".png", desc=name)
+        for name in ("left", "right", "top", "front")
+    }
     for path in figures.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     write_standard_views(field, figures, size=96, n_samples=48, bake_size=32)
     written |= {f"figure_{name}": path for name, path in figures.items()}
     written["figure_turntable"] = write_turntable(
-        field, derivative_path(out, SUBJECT, "figures", "nerf", ".gif", desc="turntable"),
-        n_frames=4, size=64, n_samples=32, bake_size=32)
+        field,
+        derivative_path(out, SUBJECT, "figures", "nerf", ".gif", desc="turntable"),
+        n_frames=4,
+        size=64,
+        n_samples=32,
+        bake_size=32,
+    )
     log = SUBJECT.folder(out, "log")
     log.mkdir(parents=True)
     (log / "crash-20260101-000000-m2m-nerf_track-1234.txt").write_text(
-        "Node: m2m_wf.sub_01_ses_a_wf.nerf_track\nTraceback:\nRuntimeError: tracking ran out of seeds\n")
-    page = write_report(out, SUBJECT, str(t1w), written, {"input T1w": t1w.name}, "Diffusion tensors were "
-                        "predicted.", [], {"phase1": 2.0}, command_line="m2m bids out participant",
-                        weights_dir=None)
+        "Node: m2m_wf.sub_01_ses_a_wf.nerf_track\nTraceback:\nRuntimeError: tracking ran out of seeds\n"
+    )
+    page = write_report(
+        out,
+        SUBJECT,
+        str(t1w),
+        written,
+        {"input T1w": t1w.name},
+        "Diffusion tensors were predicted.",
+        [],
+        {"phase1": 2.0},
+        command_line="m2m bids out participant",
+        weights_dir=None,
+    )
     return root, out, page
 
 
@@ -94,6 +118,7 @@ def test_streamline_figure_colours_and_panels(tmp_path):
 
 def test_marching_only_through_the_box_renders_the_same_field():
     """A ball inside a box: rays clipped to the box (fewer samples) give the full march's image."""
+
     def ball(points):
         inside = np.linalg.norm(points - [2.0, -1.0, 3.0], axis=1) < 15.0
         return 0.2 * inside, np.tile([0.2, 0.9, 0.4], (len(points), 1))
@@ -125,7 +150,8 @@ def _check_page(browser, uri: str) -> dict:
     browser.get(uri)
     browser.execute_script("return document.fonts.ready")
     images = browser.execute_script(
-        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);")
+        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);"
+    )
     assert images and all(ok for _, ok in images), [src for src, ok in images if not ok]
     errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
@@ -139,7 +165,8 @@ def _check_subject_page(browser, out) -> None:
     assert sections == list(SECTIONS)
     targets = browser.execute_script(
         "return Array.from(document.querySelectorAll('nav a')).map(a => [a.getAttribute('href'),"
-        " !!document.getElementById(a.getAttribute('href').slice(1))]);")
+        " !!document.getElementById(a.getAttribute('href').slice(1))]);"
+    )
     assert [href for href, _ in targets] == [f"#{key}" for key in SECTIONS] and all(ok for _, ok in targets)
     for href, _ in targets:
         browser.find_element("css selector", f'nav a[href="{href}"]').click()
@@ -150,8 +177,9 @@ def _check_subject_page(browser, out) -> None:
     assert "container" in text and "GPU" in text and "References" in text
     assert text.count("not computed") == 2  # v1_dispersion, tdi_sd; fa_sd is drawn
     assert any(src.endswith("_desc-m2m_fasd.png") for src in page["images"])
-    for link in browser.execute_script("return Array.from(document.querySelectorAll('#errors a, #methods a'))"
-                                       ".map(a => a.href);"):
+    for link in browser.execute_script(
+        "return Array.from(document.querySelectorAll('#errors a, #methods a')).map(a => a.href);"
+    ):
         browser.get(link)
         assert "ERR_FILE_NOT_FOUND" not in browser.page_source
         browser.back()
@@ -202,10 +230,12 @@ def test_group_report_table_plot_and_links(unit_output, tmp_path):
         page = _check_page(browser, (out / "group.html").as_uri())
         assert page["images"] == ["figures/group_qc.svg"]
         rows = browser.execute_script(
-            "return Array.from(document.querySelectorAll('#qc-table tr[id]')).map(r => r.id);")
+            "return Array.from(document.querySelectorAll('#qc-table tr[id]')).map(r => r.id);"
+        )
         assert rows == [f"row-sub-{i:02d}" for i in range(2, 8)]
-        flagged = browser.execute_script("return Array.from(document.querySelectorAll('td.outlier'))"
-                                         ".map(td => td.parentElement.id);")
+        flagged = browser.execute_script(
+            "return Array.from(document.querySelectorAll('td.outlier')).map(td => td.parentElement.id);"
+        )
         assert flagged == ["row-sub-07"]
         links = browser.execute_script("return Array.from(document.querySelectorAll('#qc-table a')).map(a => a.href);")
         assert len(links) == 6

@@ -1,4 +1,5 @@
 """reports/group without a browser: outliers, the QC table, its page and strip plot."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """reports/methods: the references a run cites, as HTML and as BibTeX."""
+
 from __future__ import annotations
 
 import re

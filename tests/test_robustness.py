@@ -4,6 +4,7 @@ The bad-input matrix (4D/2D T1w, NaN/Inf, all zeros, truncated gzip, unknown lab
 unusable folders) is in ``test_app.py``; the real-data runs there read symlinked inputs
 (``make_bids`` links ds-real's files), thick-slice 1×1×4.8 mm PSR T1w images included.
 """
+
 from __future__ import annotations
 
 import errno
@@ -55,8 +56,20 @@ def test_odd_but_valid_t1w_images_run(tmp_path):
         files[f"sub-{label}/anat/sub-{label}_T1w.nii.gz"] = path
     bids = make_bids(tmp_path / "bids", files)
     out = tmp_path / "out"
-    result = run_cli("run", bids, out, "participant", "-w", tmp_path / "work", "--skip-bids-validation",
-                     "--skip-phase2", "--nprocs", "2", "--omp-nthreads", "1")
+    result = run_cli(
+        "run",
+        bids,
+        out,
+        "participant",
+        "-w",
+        tmp_path / "work",
+        "--skip-bids-validation",
+        "--skip-phase2",
+        "--nprocs",
+        "2",
+        "--omp-nthreads",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for label in ODD:
         source = nib.load(tmp_path / f"{label}.nii.gz")
@@ -102,8 +115,12 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": t1w})
     out, work = tmp_path / "out", tmp_path / "work"
     args = [bids, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "2", "--omp-nthreads", "1"]
-    process = subprocess.Popen([sys.executable, "-m", "m2m_app.cli.run", *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "m2m_app.cli.run", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     phase1_result = "m2m_wf/sub_01_wf/phase1_wf/phase1/result_phase1.pklz"
     try:
         assert _wait_for(phase1_result, work, timeout=300), "phase 1 never finished"
@@ -115,8 +132,9 @@ def test_sigterm_mid_run_then_resume(tmp_path):
     assert "re-run the same command to resume" in stderr and "Traceback" not in stderr
     assert not (out / "sub-01" / "sub-01_desc-m2m_qc.json").exists()
     # atomic_write's temporary files are hidden (".<name>.XXXX<suffix>"); .bidsignore is a BIDS file
-    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"], \
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"], (
         "temporary files left in the output folder"
+    )
     finished = (work / phase1_result).stat().st_mtime_ns
 
     result = run_cli("run", *args)
@@ -134,9 +152,22 @@ def test_runs_with_a_read_only_home(tmp_path):
     bids = make_bids(tmp_path / "bids", {"sub-01/anat/sub-01_T1w.nii.gz": t1w})
     home = tmp_path / "home"
     home.mkdir()
-    environment = ("env", f"HOME={home}", f"MPLCONFIGDIR={tmp_path / 'caches' / 'mpl'}",
-                   f"TORCH_HOME={tmp_path / 'caches' / 'torch'}")
-    result = run_cli("run", bids, tmp_path / "out", "participant", "-w", tmp_path / "work",
-                     "--skip-bids-validation", "--skip-phase2", prefix=read_only_mount_prefix(home) + environment)
+    environment = (
+        "env",
+        f"HOME={home}",
+        f"MPLCONFIGDIR={tmp_path / 'caches' / 'mpl'}",
+        f"TORCH_HOME={tmp_path / 'caches' / 'torch'}",
+    )
+    result = run_cli(
+        "run",
+        bids,
+        tmp_path / "out",
+        "participant",
+        "-w",
+        tmp_path / "work",
+        "--skip-bids-validation",
+        "--skip-phase2",
+        prefix=read_only_mount_prefix(home) + environment,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out/sub-01/dwi/sub-01_space-T1w_model-tensor_param-fa_dwimap.nii.gz").exists()

@@ -1,4 +1,5 @@
 """The teacher's parts on small synthetic data: registration, field of view, shells, runs, QC flags."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ from m2m_app.io.naming import Subject
 from m2m_app.maths.tensor import log_euclidean_mean
 from m2m_app.teacher.dwi import tensor_volumes
 from m2m_app.teacher.prepare import SeriesResult, field_of_view, group_dwi_runs, qc_flags
-from m2m_app.teacher.register import (MAX_VS_ANTS_MM, RigidResult, ants_rigid_t1w_to_dwi, mask_points,
-                                      mean_displacement_mm, register_b0_to_t1w)
+from m2m_app.teacher.register import (
+    MAX_VS_ANTS_MM,
+    RigidResult,
+    ants_rigid_t1w_to_dwi,
+    mask_points,
+    mean_displacement_mm,
+    register_b0_to_t1w,
+)
 from m2m_app.teacher.tissue import tissue_classes, tissue_flags
 
 
@@ -136,9 +143,19 @@ def test_log_euclidean_mean_of_runs_ignores_runs_without_data():
 
 def _series(vs_ants: float, from_header: float) -> SeriesResult:
     empty = np.zeros((2, 2, 2), bool)
-    return SeriesResult(name="run.nii.gz", tensor=np.zeros((2, 2, 2, 6)), fov=empty, b0=empty.astype(float),
-                        registration=RigidResult(np.eye(4), 0.0), from_header_mm=from_header,
-                        vs_ants_mm=vs_ants, ants_spread_mm=0.5, shells=[0, 1000], streamlines=[], tracking={})
+    return SeriesResult(
+        name="run.nii.gz",
+        tensor=np.zeros((2, 2, 2, 6)),
+        fov=empty,
+        b0=empty.astype(float),
+        registration=RigidResult(np.eye(4), 0.0),
+        from_header_mm=from_header,
+        vs_ants_mm=vs_ants,
+        ants_spread_mm=0.5,
+        shells=[0, 1000],
+        streamlines=[],
+        tracking={},
+    )
 
 
 PLAUSIBLE = {"brain_ml": 1400.0, "csf_ml": 250.0, "gm_ml": 650.0, "wm_ml": 500.0, "wm_fraction": 0.36}
@@ -157,8 +174,18 @@ def test_qc_flags_name_what_is_implausible():
 def test_flagged_units_are_left_out_of_training_unless_asked(tmp_path):
     for label, flags in (("01", ""), ("02", "run.nii.gz: registration is 7.0 mm from ANTs'")):
         subject = Subject(label)
-        save_json({"subject": subject.label, "participant": label, "session": "", "t1w": "t1w.nii.gz",
-                   "status": "ok", "flagged": bool(flags), "flags": flags}, qc_path(tmp_path, subject))
+        save_json(
+            {
+                "subject": subject.label,
+                "participant": label,
+                "session": "",
+                "t1w": "t1w.nii.gz",
+                "status": "ok",
+                "flagged": bool(flags),
+                "flags": flags,
+            },
+            qc_path(tmp_path, subject),
+        )
     write_manifest(tmp_path)
     assert [row["subject"] for row, _ in select_rows([tmp_path], None)] == ["sub-01"]
     assert [row["subject"] for row, _ in select_rows([tmp_path], None, include_flagged=True)] == ["sub-01", "sub-02"]

@@ -1,4 +1,5 @@
 """Tensor algebra, b-vector conventions and tensor reorientation against analytic answers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,15 +7,23 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from m2m_app.maths.streamlines import directional_density, track_density
-from m2m_app.maths.tensor import (components_to_matrix, exp_tensors, frame_rotation, log_tensors,
-                                  matrix_to_components, rotate_tensors, tensor_derivatives)
+from m2m_app.maths.tensor import (
+    components_to_matrix,
+    exp_tensors,
+    frame_rotation,
+    log_tensors,
+    matrix_to_components,
+    rotate_tensors,
+    tensor_derivatives,
+)
 from m2m_app.teacher.dwi import fsl_bvecs_to_voxel
 from m2m_app.teacher.register import RigidResult, tensor_to_t1w
 
 EVALS = np.array([1.7e-3, 0.3e-3, 0.2e-3])
 #: FA of EVALS from its textbook definition, sqrt(1/2)·|λ - λ's differences| / |λ|.
-FA = np.sqrt(0.5 * ((EVALS[0] - EVALS[1]) ** 2 + (EVALS[1] - EVALS[2]) ** 2
-                    + (EVALS[2] - EVALS[0]) ** 2) / (EVALS ** 2).sum())
+FA = np.sqrt(
+    0.5 * ((EVALS[0] - EVALS[1]) ** 2 + (EVALS[1] - EVALS[2]) ** 2 + (EVALS[2] - EVALS[0]) ** 2) / (EVALS**2).sum()
+)
 
 
 def stick(direction: np.ndarray) -> np.ndarray:
@@ -35,8 +44,12 @@ def test_components_round_trip_and_order():
 def test_log_exp_round_trip_is_positive_definite():
     matrix = stick(np.array([0.2, -1.0, 0.5]))
     np.testing.assert_allclose(exp_tensors(log_tensors(matrix)), matrix, rtol=1e-8, atol=1e-12)
-    assert np.all(np.linalg.eigvalsh(exp_tensors(np.random.default_rng(0).normal(size=(5, 3, 3)) * 0
-                                                 + np.diag([-9.0, -7.0, -6.5]))) > 0)
+    assert np.all(
+        np.linalg.eigvalsh(
+            exp_tensors(np.random.default_rng(0).normal(size=(5, 3, 3)) * 0 + np.diag([-9.0, -7.0, -6.5]))
+        )
+        > 0
+    )
 
 
 def test_rotation_moves_v1_and_keeps_eigenvalues():
@@ -92,8 +105,9 @@ def test_clip_eigenvalues_keeps_directions():
     wild = stick(np.array([0.0, 1.0, 1.0])) * 5.0  # largest eigenvalue 8.5e-3 mm²/s
     clipped = clip_eigenvalues(wild, 0.0, 4e-3)
     assert np.linalg.eigvalsh(clipped).max() == pytest.approx(4e-3)
-    np.testing.assert_allclose(np.abs(tensor_derivatives(matrix_to_components(clipped))["v1"]),
-                               np.array([0, 1, 1]) / np.sqrt(2), atol=1e-9)
+    np.testing.assert_allclose(
+        np.abs(tensor_derivatives(matrix_to_components(clipped))["v1"]), np.array([0, 1, 1]) / np.sqrt(2), atol=1e-9
+    )
 
 
 def test_tensor_to_t1w_does_not_swell_at_the_edge_of_the_data():
@@ -106,4 +120,3 @@ def test_tensor_to_t1w_does_not_swell_at_the_edge_of_the_data():
     moved = tensor_to_t1w(field, affine, RigidResult(t1w_to_dwi=shift, cost=0.0), shape, affine)
     eigen = np.linalg.eigvalsh(components_to_matrix(moved[np.any(moved != 0, axis=-1)]))
     assert eigen.max() <= EVALS.max() * (1 + 1e-6)
-

@@ -1,5 +1,6 @@
 """The training loop (training/loop.py): resume, export, moving average, the shipped recipe as defaults, DDP on
 CPU, CUDA — tiny and synthetic."""
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_training_resumes_and_exports(tmp_path, caplog):
     prep = make_prep_dir(tmp_path)
     out = tmp_path / "model"
-    options = {"batch_size": 16, "device": "cpu", "seed": 3, "lr": 1e-3, "disc_base": 4, "subjects": ["01"],
-               "elastic_px": 2.0, **TINY}
+    options = {
+        "batch_size": 16,
+        "device": "cpu",
+        "seed": 3,
+        "lr": 1e-3,
+        "disc_base": 4,
+        "subjects": ["01"],
+        "elastic_px": 2.0,
+        **TINY,
+    }
     train_phase("phase1", prep, out, epochs=1, **options)
     first = list(csv.DictReader((out / "phase1_losses.csv").open()))
     assert [r["epoch"] for r in first] == ["1"]
@@ -80,8 +89,9 @@ def test_exported_weights_record_the_package_version_and_their_checksum(tmp_path
     from m2m_app import __version__
     from m2m_app.io.files import file_sha256
 
-    weights = export_generator(Translator(PHASE2.in_channels, PHASE2.out_channels, **TINY), PHASE2, tmp_path,
-                               {"epochs": 0})
+    weights = export_generator(
+        Translator(PHASE2.in_channels, PHASE2.out_channels, **TINY), PHASE2, tmp_path, {"epochs": 0}
+    )
     meta = json.loads(weights.with_suffix(".json").read_text())
     assert meta["m2m_version"] == __version__ and __version__ != "0+unknown"
     assert meta["sha256"] == file_sha256(weights) and meta["architecture"]["base"] == TINY["base"]
@@ -97,9 +107,11 @@ def test_training_defaults_are_the_shipped_recipe(phase):
 
     _, meta, _ = verify_weights(phase)
     recipe = meta["recipe"]
-    shipped = {"base": meta["architecture"]["base"], "depth": meta["architecture"]["depth"],
-               **{k: recipe[k] for k in ("batch_size", "lr", "ema_decay", "elastic_px", "disc_base",
-                                         "adversarial_weight")}}
+    shipped = {
+        "base": meta["architecture"]["base"],
+        "depth": meta["architecture"]["depth"],
+        **{k: recipe[k] for k in ("batch_size", "lr", "ema_decay", "elastic_px", "disc_base", "adversarial_weight")},
+    }
     on_the_command_line = ["base", "batch_size", "lr", "ema_decay", "elastic_px"]
     if phase == "phase1":  # phase 2 ignores skull stripping (its recipe records 0)
         shipped["skull_strip_prob"] = recipe["skull_strip_prob"]
@@ -116,11 +128,32 @@ def test_distributed_training_with_torchrun_on_cpu(tmp_path):
     """Two DDP processes (gloo on CPU) train one epoch; only rank 0 writes the loss table and the weights."""
     prep = make_prep_dir(tmp_path)
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "m2m_app.cli.train", "phase1", str(prep), str(out), "--epochs", "1", "--width", "4",
-               "--batch-size", "4", "--device", "cpu", "--elastic-px", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "m2m_app.cli.train",
+        "phase1",
+        str(prep),
+        str(out),
+        "--epochs",
+        "1",
+        "--width",
+        "4",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--elastic-px",
+        "2",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "phase1.json").read_text())
     assert meta["recipe"]["world_size"] == 2 and meta["recipe"]["batch_size"] == 8
@@ -134,8 +167,9 @@ def test_distributed_training_with_torchrun_on_cpu(tmp_path):
 def test_cuda_training_and_inference_agree_with_cpu(tmp_path):
     """A tiny model trains on CUDA; its weights predict the same volume on CUDA as on the CPU."""
     prep, out = make_prep_dir(tmp_path), tmp_path / "model"
-    train_phase("phase1", prep, out, epochs=1, batch_size=16, device="cuda", seed=3, lr=1e-3, disc_base=4,
-                ema_decay=0.9, **TINY)
+    train_phase(
+        "phase1", prep, out, epochs=1, batch_size=16, device="cuda", seed=3, lr=1e-3, disc_base=4, ema_decay=0.9, **TINY
+    )
     model, spec = load_translator("phase1", out)
     volume = np.random.default_rng(4).random((1, 24, 28, 24)).astype(np.float32)
     on_gpu = predict_volume(model, spec, volume, device="cuda")

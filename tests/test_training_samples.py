@@ -1,4 +1,5 @@
 """Training samples from prep-dir files (training/samples.py)."""
+
 from __future__ import annotations
 
 import csv

@@ -1,5 +1,6 @@
 """Training slices and their augmentations (training/slices.py): flips, rotations and elastic warps turn the
 tensors, skull stripping, contrast curves."""
+
 from __future__ import annotations
 
 import csv
@@ -71,8 +72,9 @@ def test_geometric_augmentation_rotates_tensors_with_the_image(seed):
     """The bar randomly rotated/scaled in the axial plane: its direction and V1 of the warped tensors agree."""
     slab, target = _stick_bar()
     spec = dataclasses.replace(PHASE1, max_rotation_deg=60.0)
-    warped, rotated, weight = slices.augment_geometry(slab, target, np.ones((1, 64, 64)), 2, spec,
-                                                      np.random.default_rng(seed))
+    warped, rotated, weight = slices.augment_geometry(
+        slab, target, np.ones((1, 64, 64)), 2, spec, np.random.default_rng(seed)
+    )
     bar_axis, v1 = _bar_axis_and_v1(warped, rotated)
     assert abs(v1[2]) < 1e-6 and weight[0, 32, 32] == 1
     assert _angle_deg(v1[:2], bar_axis) < 4.0
@@ -97,7 +99,7 @@ def test_content_rotation_angles_of_a_linear_warp_are_exact():
 def test_elastic_displacement_is_smooth_bounded_and_seeded():
     field = slices.elastic_displacement((96, 112), 3.0, np.random.default_rng(1))
     assert field.shape == (2, 96, 112)
-    assert np.sqrt((field ** 2).sum(0)).max() == pytest.approx(3.0)
+    assert np.sqrt((field**2).sum(0)).max() == pytest.approx(3.0)
     jacobian = [np.gradient(component) for component in field]
     determinant = (1 + jacobian[0][0]) * (1 + jacobian[1][1]) - jacobian[0][1] * jacobian[1][0]
     assert determinant.min() > 0.5  # no folding
@@ -115,8 +117,9 @@ def test_elastic_augmentation_turns_tensors_with_the_tissue(monkeypatch):
     spec = dataclasses.replace(PHASE1, max_rotation_deg=0.0)
     x_axis = np.array([1.0, 0.0])
     for elastic_px, turn in ((3.0, 30.0), (0.0, 0.0)):
-        warped, rotated, _ = slices.augment_geometry(slab, target, np.ones((1, 64, 64)), 2, spec,
-                                                     np.random.default_rng(0), elastic_px=elastic_px)
+        warped, rotated, _ = slices.augment_geometry(
+            slab, target, np.ones((1, 64, 64)), 2, spec, np.random.default_rng(0), elastic_px=elastic_px
+        )
         bar_axis, v1 = _bar_axis_and_v1(warped, rotated)
         assert _angle_deg(bar_axis, x_axis) == pytest.approx(turn, abs=3.0)
         assert _angle_deg(v1[:2], bar_axis) < 4.0 and abs(v1[2]) < 1e-6

@@ -1,4 +1,5 @@
 """Per-voxel uncertainty from the passes' disagreement, its derivatives and its calibration (synthetic, tiny)."""
+
 from __future__ import annotations
 
 import csv
@@ -35,7 +36,7 @@ def _head_with_cube() -> nib.Nifti1Image:
     affine = np.diag([ZOOM] * 3 + [1.0])
     affine[:3, 3] = -ZOOM * (np.array(SHAPE) - 1) / 2
     ijk = np.stack(np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij"), -1)
-    head = (((ijk - (np.array(SHAPE) - 1) / 2) * ZOOM) ** 2).sum(-1) < 55.0 ** 2
+    head = (((ijk - (np.array(SHAPE) - 1) / 2) * ZOOM) ** 2).sum(-1) < 55.0**2
     data = np.where(head, 400.0, 0.0)
     data[CUBE] = 1000.0
     return nib.Nifti1Image(data.astype(np.float32), affine)
@@ -61,7 +62,7 @@ class SagittalDisagrees(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.agree.view(1, -1, 1, 1).expand(x.shape[0], -1, *x.shape[-2:]).clone()
         if x.shape[-2:] == conform.MODEL_SHAPE[1:]:
-            region = (x[:, self.centre:self.centre + 1] > 0.5).float()
+            region = (x[:, self.centre : self.centre + 1] > 0.5).float()
             out = out * (1 - region) + self.disagree.view(1, -1, 1, 1) * region
         return out
 
@@ -103,8 +104,16 @@ def test_phase2_uncertainty_is_high_where_the_views_disagree():
     fa = np.where(head, 0.1, 0.0).astype(np.float32)
     fa[CUBE] = 0.8
     model = SagittalDisagrees(PHASE2.context, [np.log1p(1.0), 0.0, 0.0, 0.0], [np.log1p(3.0), 0.0, 0.0, 0.0])
-    out = predict_phase2(fa, np.full(SHAPE, 8e-4, np.float32), np.zeros(SHAPE + (3,), np.float32), grid,
-                         mask=head, model=model, device="cpu", uncertainty=True)
+    out = predict_phase2(
+        fa,
+        np.full(SHAPE, 8e-4, np.float32),
+        np.zeros(SHAPE + (3,), np.float32),
+        grid,
+        mask=head,
+        model=model,
+        device="cpu",
+        uncertainty=True,
+    )
     inside, far = _regions()
     np.testing.assert_allclose(out["tdi_sd"][inside], np.std([1.0] * 4 + [3.0] * 2), rtol=1e-3)
     assert out["tdi_sd"][far].max() < 1e-5 and not out["tdi_sd"][~head].any()
@@ -137,8 +146,9 @@ def test_calibration_measures_on_known_errors():
     assert calibration.coverage(error, uncertainty, 1.0) == pytest.approx(0.383, abs=0.01)
     scale = calibration.fit_scale(np.abs(error), uncertainty)
     assert scale == pytest.approx(2.0, rel=0.02)
-    assert (calibration.coverage(error, scale * uncertainty, 1.0)
-            == pytest.approx(calibration.ONE_SD_COVERAGE, abs=0.005))
+    assert calibration.coverage(error, scale * uncertainty, 1.0) == pytest.approx(
+        calibration.ONE_SD_COVERAGE, abs=0.005
+    )
     assert calibration.coverage(error, scale * uncertainty, 2.0) == pytest.approx(0.954, abs=0.01)
     assert calibration.pooled_scale([1.0, float("nan"), 3.0, 2.5]) == 2.5 and calibration.pooled_scale([]) == 1.0
 
@@ -178,11 +188,23 @@ def test_calibrate_command_on_a_tiny_model(tmp_path):
     from m2m_app.training.loop import train_phase
 
     prep, models = make_prep_dir(tmp_path), tmp_path / "model"
-    train_phase("phase1", prep, models, epochs=1, batch_size=16, device="cpu", seed=3, lr=1e-3, disc_base=4,
-                subjects=["01"], **TINY)
+    train_phase(
+        "phase1",
+        prep,
+        models,
+        epochs=1,
+        batch_size=16,
+        device="cpu",
+        seed=3,
+        lr=1e-3,
+        disc_base=4,
+        subjects=["01"],
+        **TINY,
+    )
     first = tmp_path / "fold.tsv"
-    result = CliRunner().invoke(cli, ["calibrate", str(prep), str(models), "--test-subject", "sub-02",
-                                      "--device", "cpu", "--out", str(first)])
+    result = CliRunner().invoke(
+        cli, ["calibrate", str(prep), str(models), "--test-subject", "sub-02", "--device", "cpu", "--out", str(first)]
+    )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(first.open(), delimiter="\t"))
     assert [row["map"] for row in rows] == ["fa_sd", "v1_dispersion"]
@@ -192,11 +214,25 @@ def test_calibrate_command_on_a_tiny_model(tmp_path):
     assert {row["map"] for row in reliability} == {"fa_sd", "v1_dispersion"} and len(reliability) == 20
     assert sum(int(r["n_voxels"]) for r in reliability if r["map"] == "fa_sd") == int(rows[0]["n_voxels"])
 
-    result = CliRunner().invoke(cli, ["calibrate", str(prep), str(models), "--test-subject", "sub-01",
-                                      "--device", "cpu", "--store-scale"])
+    result = CliRunner().invoke(
+        cli, ["calibrate", str(prep), str(models), "--test-subject", "sub-01", "--device", "cpu", "--store-scale"]
+    )
     assert result.exit_code != 0 and "scale_from" in str(result.output) + str(result.exception)
-    result = CliRunner().invoke(cli, ["calibrate", str(prep), str(models), "--test-subject", "sub-01",
-                                      "--device", "cpu", "--scale-from", str(first), "--store-scale"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            str(prep),
+            str(models),
+            "--test-subject",
+            "sub-01",
+            "--device",
+            "cpu",
+            "--scale-from",
+            str(first),
+            "--store-scale",
+        ],
+    )
     assert result.exit_code == 0, result.output
     stored = json.loads((models / "phase1.json").read_text())["uncertainty_scale"]
     assert stored == pytest.approx({row["map"]: float(row["scale_fit"]) for row in rows}, rel=1e-3)

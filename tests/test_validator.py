@@ -1,5 +1,6 @@
 """The derivatives of the embedded example pass the BIDS validator except for the documented names
 it does not know yet, load in pybids by entity, and describe themselves (README, Authors, links)."""
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,22 @@ def documented_unknown_names() -> list[re.Pattern]:
     expressions on the validator's root-relative paths (``*``: within a folder, ``**/``: any folders,
     ``{a,b}``: either)."""
     text = DOCS.read_text()
-    section = text[text.index("<!-- validator-unknown-names -->"):text.index("<!-- /validator-unknown-names -->")]
+    section = text[text.index("<!-- validator-unknown-names -->") : text.index("<!-- /validator-unknown-names -->")]
     globs = re.findall(r"^- `([^`]+)`", section, flags=re.M)
     assert globs, "docs/outputs.md lists no names"
-    return [re.compile("^/" + re.escape(g).replace(r"\*\*/", "(?:[^/]+/)*").replace(r"\*", "[^/]*")
-                       .replace(r"\{", "(?:").replace(r"\}", ")").replace(",", "|") + "$") for g in globs]
+    return [
+        re.compile(
+            "^/"
+            + re.escape(g)
+            .replace(r"\*\*/", "(?:[^/]+/)*")
+            .replace(r"\*", "[^/]*")
+            .replace(r"\{", "(?:")
+            .replace(r"\}", ")")
+            .replace(",", "|")
+            + "$"
+        )
+        for g in globs
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +47,18 @@ def example_outputs(tmp_path_factory) -> tuple[Path, Path]:
     """The embedded example through the whole app once (about 3 minutes on 2 cores); then the group level."""
     root = tmp_path_factory.mktemp("validator")
     assert run_cli("run", "example-data", root / "example").returncode == 0
-    result = run_cli("run", root / "example", root / "out", "participant", "-w", root / "work",
-                     "--nprocs", "1", "--omp-nthreads", "2")
+    result = run_cli(
+        "run",
+        root / "example",
+        root / "out",
+        "participant",
+        "-w",
+        root / "work",
+        "--nprocs",
+        "1",
+        "--omp-nthreads",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_cli("run", root / "example", root / "out", "group")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -50,13 +72,15 @@ def _validate(folder: Path) -> tuple[dict[str, set[str]], list[str]]:
     if shutil.which("bids-validator"):
         version = subprocess.run(["bids-validator", "--version"], capture_output=True, text=True).stdout.strip()
         assert version.startswith("1."), f"expected the legacy 1.x validator, found {version}"
-        done = subprocess.run(["bids-validator", str(folder), "--json", "--verbose"], capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(
+            ["bids-validator", str(folder), "--json", "--verbose"], capture_output=True, text=True, timeout=600
+        )
         issues = json.loads(done.stdout)["issues"]
         rejected: dict[str, set[str]] = {}
         for error in issues["errors"]:
             rejected.setdefault(error["key"], set()).update(
-                (entry.get("file") or {}).get("relativePath") for entry in error["files"])
+                (entry.get("file") or {}).get("relativePath") for entry in error["files"]
+            )
         return rejected, [f"{w['key']}: {w['reason']}" for w in issues["warnings"]]
     from bids_validator import BIDSValidator
 
@@ -119,8 +143,14 @@ def test_example_derivatives_load_in_pybids_by_entity(example_outputs):
         assert path in layout.get(scope="derivatives", return_type="file", **entities)
     tensor = layout.get(scope="derivatives", model="tensor", suffix="dwimap", extension=".nii.gz", return_type="file")
     assert {Path(p).name for p in tensor} == {Path(p).name for p in on_disk if "model-tensor" in p}
-    assert len(layout.get(scope="derivatives", subject="MNI152", datatype="anat", suffix="mask", desc="brain",
-                          extension=".nii.gz")) == 1
+    assert (
+        len(
+            layout.get(
+                scope="derivatives", subject="MNI152", datatype="anat", suffix="mask", desc="brain", extension=".nii.gz"
+            )
+        )
+        == 1
+    )
     assert len(layout.get(scope="derivatives", subject="MNI152", suffix="tractogram", extension=".trx")) == 1
     group = (out / "group_qc.tsv").read_text().splitlines()
     assert group[0].split("\t")[0] == "subject" and group[1].startswith("sub-MNI152\t")

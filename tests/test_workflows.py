@@ -1,5 +1,6 @@
 """Graph construction of the participant workflow for the main option combinations (no data, seconds),
 as fMRIPrep's test_init_fmriprep_wf; the run's RunConfig and the shared CLI plumbing."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,15 @@ def _edges(workflow) -> dict[tuple[str, str], set[tuple[str, str]]]:
     return {(short(u), short(v)): set(data["connect"]) for u, v, data in graph.edges(data=True)}
 
 
-@pytest.mark.parametrize("options, stages", [
-    ({}, PHASE1 | PHASE2 | NERF),
-    ({"skip_nerf": True}, PHASE1 | PHASE2),
-    ({"skip_phase2": True}, PHASE1),
-    ({"tractogram_format": "tck", "random_seed": 7, "omp_nthreads": 3}, PHASE1 | PHASE2 | NERF),
-])
+@pytest.mark.parametrize(
+    "options, stages",
+    [
+        ({}, PHASE1 | PHASE2 | NERF),
+        ({"skip_nerf": True}, PHASE1 | PHASE2),
+        ({"skip_phase2": True}, PHASE1),
+        ({"tractogram_format": "tck", "random_seed": 7, "omp_nthreads": 3}, PHASE1 | PHASE2 | NERF),
+    ],
+)
 def test_init_m2m_wf(tmp_path, options, stages):
     t1w = tmp_path / "sub-01_T1w.nii.gz"
     t1w.touch()
@@ -52,7 +56,8 @@ def test_init_m2m_wf(tmp_path, options, stages):
     # the model grid is conformed once, in phase 1, and handed on: no later stage reads the T1w for it
     grid_users = {v.split(".")[-1] for (u, v), pairs in edges.items() if ("grid", "grid") in pairs}
     assert grid_users >= ({"phase2"} if "phase2_wf.phase2" in stages else set()) | (
-        {"nerf_fit"} if "nerf_wf.nerf_fit" in stages else set())
+        {"nerf_fit"} if "nerf_wf.nerf_fit" in stages else set()
+    )
     t1w_users = {v.split(".")[-1] for (u, v), pairs in edges.items() if ("t1w", "t1w") in pairs}
     assert not t1w_users & {"phase2", "nerf_fit"}
     unit = workflow.get_node("sub_01_wf")
@@ -72,8 +77,12 @@ def test_sub_workflows_have_methods_text_and_io_nodes(tmp_path):
     from m2m_app.workflows.translators import init_phase1_wf, init_phase2_wf
 
     config = _config(tmp_path)
-    for workflow in (init_phase1_wf(config), init_phase2_wf(config), init_nerf_wf(config),
-                     init_ds_wf(Subject("01"), config)):
+    for workflow in (
+        init_phase1_wf(config),
+        init_phase2_wf(config),
+        init_nerf_wf(config),
+        init_ds_wf(Subject("01"), config),
+    ):
         assert workflow.__desc__.strip()
         assert {"inputnode", "outputnode"} <= set(workflow.list_node_names())
 
@@ -96,8 +105,19 @@ def test_m2m_builds_its_config_from_the_options(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "_run_participants", lambda config: seen.setdefault("config", config))
     monkeypatch.setattr(run, "available_cpus", lambda: 12)
     with pytest.raises(SystemExit) as done:
-        run.main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--participant-label", "01", "02",
-                  "--skip-nerf", "--tractogram-format", "tck"])
+        run.main(
+            [
+                str(tmp_path / "bids"),
+                str(tmp_path / "out"),
+                "participant",
+                "--participant-label",
+                "01",
+                "02",
+                "--skip-nerf",
+                "--tractogram-format",
+                "tck",
+            ]
+        )
     assert done.value.code == 0
     config = seen["config"]
     assert config.participant_labels == ("01", "02") and config.skip_nerf and config.tractogram_format == "tck"
@@ -112,8 +132,19 @@ def test_every_command_takes_a_list_of_labels(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(train.prepare, "callback", lambda **kwargs: seen.update(kwargs))
     with pytest.raises(SystemExit):
-        train.main(["prepare", str(tmp_path / "bids"), str(tmp_path / "prep"), "--participant-label", "01", "02",
-                    "--session-label", "a", "b"])
+        train.main(
+            [
+                "prepare",
+                str(tmp_path / "bids"),
+                str(tmp_path / "prep"),
+                "--participant-label",
+                "01",
+                "02",
+                "--session-label",
+                "a",
+                "b",
+            ]
+        )
     assert seen["participant_labels"] == ("01", "02") and seen["session_labels"] == ("a", "b")
 
 

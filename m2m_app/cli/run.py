@@ -1,6 +1,7 @@
 """``m2m``: the BIDS-App. ``m2m BIDS_DIR OUTPUT_DIR participant`` predicts DTI maps and a
 tractogram from each T1w; ``m2m BIDS_DIR OUTPUT_DIR group`` writes the QC table;
 ``m2m example-data DIR`` writes the embedded example dataset."""
+
 from __future__ import annotations
 
 import functools
@@ -15,9 +16,19 @@ from typing import Any
 import click
 
 from m2m_app import __version__
-from m2m_app.cli.common import (available_cpus, collect_units, echo_failures, exit_code_for,
-                                exits_cleanly, plugin_settings, run_click, run_workflow, setup_logging, writable_dir,
-                                write_citation)
+from m2m_app.cli.common import (
+    available_cpus,
+    collect_units,
+    echo_failures,
+    exit_code_for,
+    exits_cleanly,
+    plugin_settings,
+    run_click,
+    run_workflow,
+    setup_logging,
+    writable_dir,
+    write_citation,
+)
 from m2m_app.errors import EX_FAILURE
 from m2m_app.io import bids as bids_io
 from m2m_app.io.crashes import crash_reasons
@@ -44,28 +55,61 @@ command resumes from the work folder.
 @click.argument("bids_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("analysis_level", type=click.Choice(["participant", "group"]))
-@click.option("--participant-label", "participant_labels", multiple=True,
-              help="Participant label(s), with or without 'sub-' (default: all), as in the "
-                   "BIDS-Apps spec: --participant-label 01 02.")
+@click.option(
+    "--participant-label",
+    "participant_labels",
+    multiple=True,
+    help="Participant label(s), with or without 'sub-' (default: all), as in the "
+    "BIDS-Apps spec: --participant-label 01 02.",
+)
 @click.option("--session-label", "session_labels", multiple=True, help="Session label(s): --session-label a b.")
-@click.option("--bids-filter-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help='JSON choosing the T1w when there are several, e.g. {"t1w": {"acquisition": "mprage"}}.')
+@click.option(
+    "--bids-filter-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help='JSON choosing the T1w when there are several, e.g. {"t1w": {"acquisition": "mprage"}}.',
+)
 @click.option("--skip-bids-validation", is_flag=True, help="Do not validate the input dataset.")
-@click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path), envvar=WORK_DIR_VARIABLE,
-              help="Nipype work folder; keep it to resume. Default: $M2M_WORK_DIR if set (the container "
-                   "image sets /tmp/m2m_work), else OUTPUT_DIR/../m2m_work.")
-@click.option("--nprocs", "--n-cpus", type=click.IntRange(min=1), default=None,
-              help="CPUs for the whole run (Nipype MultiProc). Default: all.")
-@click.option("--omp-nthreads", type=click.IntRange(min=1), default=None,
-              help="Threads per task (torch). Default: min(nprocs, 8).")
-@click.option("--mem-mb", type=click.IntRange(min=256), default=None,
-              help="Memory the scheduler may use, MB (MultiProc).")
-@click.option("--use-plugin", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Nipype plugin YAML, e.g. 'plugin: SLURM' + 'plugin_args: {sbatch_args: ...}'.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the networks run.")
-@click.option("--weights-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Use your own weights (from m2m-train) instead of the packaged ones.")
+@click.option(
+    "-w",
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=WORK_DIR_VARIABLE,
+    help="Nipype work folder; keep it to resume. Default: $M2M_WORK_DIR if set (the container "
+    "image sets /tmp/m2m_work), else OUTPUT_DIR/../m2m_work.",
+)
+@click.option(
+    "--nprocs",
+    "--n-cpus",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPUs for the whole run (Nipype MultiProc). Default: all.",
+)
+@click.option(
+    "--omp-nthreads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads per task (torch). Default: min(nprocs, 8).",
+)
+@click.option(
+    "--mem-mb", type=click.IntRange(min=256), default=None, help="Memory the scheduler may use, MB (MultiProc)."
+)
+@click.option(
+    "--use-plugin",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Nipype plugin YAML, e.g. 'plugin: SLURM' + 'plugin_args: {sbatch_args: ...}'.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the networks run.",
+)
+@click.option(
+    "--weights-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Use your own weights (from m2m-train) instead of the packaged ones.",
+)
 @click.option("--stop-on-first-crash", is_flag=True, help="Stop everything at the first failure.")
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the NeRF fit and tracking.")
 @click.option("--tractogram-format", type=click.Choice(["trx", "tck", "trk"]), default="trx", show_default=True)
@@ -93,18 +137,30 @@ def participant_main(analysis_level: str, verbose: int, quiet: int, **options: A
     _run_participants(run_config(**options))
 
 
-def run_config(bids_dir: Path, output_dir: Path, work_dir: Path | None, nprocs: int | None,
-               omp_nthreads: int | None, weights_dir: Path | None, **options: Any) -> RunConfig:
+def run_config(
+    bids_dir: Path,
+    output_dir: Path,
+    work_dir: Path | None,
+    nprocs: int | None,
+    omp_nthreads: int | None,
+    weights_dir: Path | None,
+    **options: Any,
+) -> RunConfig:
     """The run's :class:`RunConfig` from the click options, defaults resolved: the work folder
     (``OUTPUT_DIR/../m2m_work``), the CPUs (all this process may use) and the threads per
     task (``min(nprocs, 8)``). The folders are checked later (:func:`writable_dir`)."""
     output_dir = Path(output_dir).absolute()
     nprocs = nprocs or available_cpus()
-    return RunConfig(bids_dir=Path(bids_dir).absolute(), output_dir=output_dir,
-                     work_dir=Path(work_dir or output_dir.parent / "m2m_work").absolute(), nprocs=nprocs,
-                     omp_nthreads=omp_nthreads or min(nprocs, 8),
-                     weights_dir=str(weights_dir) if weights_dir else None,
-                     command_line=shlex.join(["m2m", *sys.argv[1:]]), **options)
+    return RunConfig(
+        bids_dir=Path(bids_dir).absolute(),
+        output_dir=output_dir,
+        work_dir=Path(work_dir or output_dir.parent / "m2m_work").absolute(),
+        nprocs=nprocs,
+        omp_nthreads=omp_nthreads or min(nprocs, 8),
+        weights_dir=str(weights_dir) if weights_dir else None,
+        command_line=shlex.join(["m2m", *sys.argv[1:]]),
+        **options,
+    )
 
 
 def _find_t1w(layout, filters: dict, subject: Subject) -> Path:
@@ -129,6 +185,7 @@ def _run_participants(config: RunConfig) -> None:
     from m2m_app.reports.subject import write_report
     from m2m_app.workflows.base import init_m2m_wf, node_prefix
     from m2m_app.workflows.timing import StageTimer
+
     resolve_device(config.device)
     for phase in config.phases:
         verify_weights(phase, config.weights_dir)  # checksum and metadata checked once, before any work
@@ -149,21 +206,49 @@ def _run_participants(config: RunConfig) -> None:
         workflow = init_m2m_wf(units, config)
         write_citation(output_dir, workflow)
         os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)  # inherited by the workers' NumPy/SciPy
-        ok = run_workflow(workflow, plugin_settings(config.nprocs, config.mem_mb, config.use_plugin),
-                          config.stop_on_first_crash, StageTimer(work_dir, {node_prefix(s): s.label for s in units}))
+        ok = run_workflow(
+            workflow,
+            plugin_settings(config.nprocs, config.mem_mb, config.use_plugin),
+            config.stop_on_first_crash,
+            StageTimer(work_dir, {node_prefix(s): s.label for s in units}),
+        )
     for subject, t1w in units.items():
         if not qc_path(output_dir, subject).exists():
             reasons = crash_reasons(subject.folder(output_dir, "log"))
-            message = "; ".join(f"{node.split('.')[-1]}: {why}" for node, why in reasons.items()
-                                if node.startswith(f"m2m_wf.{node_prefix(subject)}")) or "did not finish"
+            message = (
+                "; ".join(
+                    f"{node.split('.')[-1]}: {why}"
+                    for node, why in reasons.items()
+                    if node.startswith(f"m2m_wf.{node_prefix(subject)}")
+                )
+                or "did not finish"
+            )
             failures[subject.label], codes = (message, t1w), codes | {EX_FAILURE}
     for label, (message, failed_t1w) in sorted(failures.items()):
-        write_report(output_dir, _unit(label, units), str(failed_t1w or ""), None, {}, "", [message],
-                     command_line=config.command_line, weights_dir=config.weights_dir)
-    echo_failures("m2m", {label: f"{message} (crash files: {_unit(label, units).folder(output_dir, 'log')})"
-                          for label, (message, _) in failures.items()})
-    LOGGER.info("finished in %.0f s: %d ok, %d failed", time.monotonic() - start,
-                len(units) - len([f for f in failures if any(s.label == f for s in units)]), len(failures))
+        write_report(
+            output_dir,
+            _unit(label, units),
+            str(failed_t1w or ""),
+            None,
+            {},
+            "",
+            [message],
+            command_line=config.command_line,
+            weights_dir=config.weights_dir,
+        )
+    echo_failures(
+        "m2m",
+        {
+            label: f"{message} (crash files: {_unit(label, units).folder(output_dir, 'log')})"
+            for label, (message, _) in failures.items()
+        },
+    )
+    LOGGER.info(
+        "finished in %.0f s: %d ok, %d failed",
+        time.monotonic() - start,
+        len(units) - len([f for f in failures if any(s.label == f for s in units)]),
+        len(failures),
+    )
     sys.exit(exit_code_for(codes, ok or bool(failures)))
 
 

@@ -1,4 +1,5 @@
 """``m2m-train``: build training targets from a BIDS dataset with DWI, train and evaluate."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,18 @@ from pathlib import Path
 import click
 
 from m2m_app import __version__
-from m2m_app.cli.common import (collect_units, echo_failures, exit_code_for, exits_cleanly, plugin_settings,
-                                run_click, run_workflow, setup_logging, writable_dir, write_citation)
+from m2m_app.cli.common import (
+    collect_units,
+    echo_failures,
+    exit_code_for,
+    exits_cleanly,
+    plugin_settings,
+    run_click,
+    run_workflow,
+    setup_logging,
+    writable_dir,
+    write_citation,
+)
 from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
 from m2m_app.io.naming import Subject
@@ -23,8 +34,10 @@ LOGGER = logging.getLogger("m2m.train")
 #: The shipped weights' recipe: the defaults of ``phase1`` and ``phase2``.
 DEFAULT = TrainingRecipe()
 
-verbosity = [click.option("-v", "--verbose", count=True, help="More log output (-vv: debug)."),
-             click.option("-q", "--quiet", count=True, help="Less log output.")]
+verbosity = [
+    click.option("-v", "--verbose", count=True, help="More log output (-vv: debug)."),
+    click.option("-q", "--quiet", count=True, help="Less log output."),
+]
 
 
 def with_verbosity(func):
@@ -52,26 +65,59 @@ def cli() -> None:
 @cli.command()
 @click.argument("bids_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("prep_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--participant-label", "participant_labels", multiple=True,
-              help="Participant(s) to prepare, with or without 'sub-' (default: all). Repeatable.")
+@click.option(
+    "--participant-label",
+    "participant_labels",
+    multiple=True,
+    help="Participant(s) to prepare, with or without 'sub-' (default: all). Repeatable.",
+)
 @click.option("--session-label", "session_labels", multiple=True, help="Session(s) to prepare. Repeatable.")
-@click.option("--bids-filter-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help='JSON selecting files, e.g. {"t1w": {"acquisition": "mprage"}, "dwi": {"run": 1}}.')
-@click.option("--nprocs", type=click.IntRange(min=1), default=None,
-              help="Participants processed in parallel (Nipype MultiProc; default: all cores).")
-@click.option("--use-plugin", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Nipype plugin YAML (e.g. SLURM) instead of MultiProc.")
-@click.option("-w", "--work-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Nipype work folder (default: PREP_DIR/.m2m_work).")
+@click.option(
+    "--bids-filter-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help='JSON selecting files, e.g. {"t1w": {"acquisition": "mprage"}, "dwi": {"run": 1}}.',
+)
+@click.option(
+    "--nprocs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Participants processed in parallel (Nipype MultiProc; default: all cores).",
+)
+@click.option(
+    "--use-plugin",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Nipype plugin YAML (e.g. SLURM) instead of MultiProc.",
+)
+@click.option(
+    "-w",
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Nipype work folder (default: PREP_DIR/.m2m_work).",
+)
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the tractography.")
-@click.option("--omp-nthreads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Threads per unit (deepbet's torch, ANTs' ITK).")
+@click.option(
+    "--omp-nthreads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Threads per unit (deepbet's torch, ANTs' ITK).",
+)
 @with_verbosity
 @exits_cleanly
-def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
-            session_labels: tuple[str, ...], bids_filter_file: Path | None, nprocs: int | None,
-            use_plugin: Path | None, work_dir: Path | None, random_seed: int, omp_nthreads: int,
-            verbose: int, quiet: int) -> None:
+def prepare(
+    bids_dir: Path,
+    prep_dir: Path,
+    participant_labels: tuple[str, ...],
+    session_labels: tuple[str, ...],
+    bids_filter_file: Path | None,
+    nprocs: int | None,
+    use_plugin: Path | None,
+    work_dir: Path | None,
+    random_seed: int,
+    omp_nthreads: int,
+    verbose: int,
+    quiet: int,
+) -> None:
     """Compute training targets from every T1w + DWI pair in BIDS_DIR into PREP_DIR.
 
     For each participant/session: brain mask (deepbet) and tissue classes (ANTs Atropos)
@@ -135,8 +181,11 @@ def prepare(bids_dir: Path, prep_dir: Path, participant_labels: tuple[str, ...],
     echo_failures("m2m-train prepare", failures)
     for row in json.loads((prep_dir / "manifest.json").read_text())["pairs"]:
         if row.get("flagged"):
-            click.echo(f"m2m-train prepare: {row['subject']} FLAGGED, left out of training unless "
-                       f"--include-flagged: {row['flags']} (see {row['qc_figure']})", err=True)
+            click.echo(
+                f"m2m-train prepare: {row['subject']} FLAGGED, left out of training unless "
+                f"--include-flagged: {row['flags']} (see {row['qc_figure']})",
+                err=True,
+            )
     LOGGER.info("manifest: %s", manifest)
     sys.exit(exit_code_for(codes, ok))
 
@@ -148,11 +197,18 @@ def held_out_scoring(func):
         click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path)),
         click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path)),
         click.option("--phase", type=click.Choice(["1", "2"]), default="1", show_default=True),
-        click.option("--test-subject", "test_subjects", multiple=True, required=True,
-                     help="Held-out subject(s) of WEIGHTS_DIR to score (default weights: the packaged ones). "
-                          "Repeatable."),
-        click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
-                     help="Phase 2: score on phase-1 predictions instead of the teacher's maps."),
+        click.option(
+            "--test-subject",
+            "test_subjects",
+            multiple=True,
+            required=True,
+            help="Held-out subject(s) of WEIGHTS_DIR to score (default weights: the packaged ones). Repeatable.",
+        ),
+        click.option(
+            "--predicted-inputs",
+            type=click.Path(file_okay=False, exists=True, path_type=Path),
+            help="Phase 2: score on phase-1 predictions instead of the teacher's maps.",
+        ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
     ]
     for option in reversed(options):
@@ -165,60 +221,120 @@ def training_options(func):
     options = [
         click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path)),
         click.argument("model_out", type=click.Path(file_okay=False, path_type=Path)),
-        click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT.epochs, show_default=True,
-                     help="Total epochs; a re-run resumes from the last checkpoint up to this number. "
-                          "The shipped weights saw about 3 400 steps per phase (phase 1: 24 epochs of 5 sessions)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT.batch_size, show_default=True,
-                     help="Slices per step (per GPU under torchrun)."),
-        click.option("--lr", type=float, default=DEFAULT.lr, show_default=True,
-                     help="Adam learning rate."),
+        click.option(
+            "--epochs",
+            type=click.IntRange(min=1),
+            default=DEFAULT.epochs,
+            show_default=True,
+            help="Total epochs; a re-run resumes from the last checkpoint up to this number. "
+            "The shipped weights saw about 3 400 steps per phase (phase 1: 24 epochs of 5 sessions).",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=DEFAULT.batch_size,
+            show_default=True,
+            help="Slices per step (per GPU under torchrun).",
+        ),
+        click.option("--lr", type=float, default=DEFAULT.lr, show_default=True, help="Adam learning rate."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--random-seed", "seed", type=int, default=DEFAULT.seed, show_default=True,
-                     help="Seeds weights, shuffling and augmentation."),
-        click.option("--subject", "subjects", multiple=True,
-                     help="Train only on these (sub-01, 01 or sub-01_ses-a); repeatable. Default: all."),
-        click.option("--width", "base", type=click.IntRange(min=4), default=DEFAULT.base, show_default=True,
-                     help="Channels of the first encoder level (doubles per level); 24 has ~2x the "
-                          "parameters and trains ~2x slower."),
-        click.option("--ema-decay", type=click.FloatRange(min=0.0, max=1.0, max_open=True),
-                     default=DEFAULT.ema_decay, show_default=True,
-                     help="Ship a moving average of the generator's weights (decay per step) instead "
-                          "of its last weights, which an adversarial run can catch on a spike. 0: off."),
-        click.option("--elastic-px", type=click.FloatRange(min=0.0), default=DEFAULT.elastic_px, show_default=True,
-                     help="Elastic augmentation: half of the geometric augmentations also deform the "
-                          "slice smoothly by up to this many 2 mm pixels. 0: affine only."),
-        click.option("--extra-prep-dir", "extra_prep_dirs", multiple=True,
-                     type=click.Path(file_okay=False, exists=True, path_type=Path),
-                     help="Pool subjects of further prep dirs (e.g. several sites). Repeatable."),
-        click.option("--include-flagged", is_flag=True,
-                     help="Also train on units whose teacher QC was flagged (registration far from "
-                          "ANTs' or the headers, implausible tissue volumes; see manifest.tsv 'flags')."),
+        click.option(
+            "--random-seed",
+            "seed",
+            type=int,
+            default=DEFAULT.seed,
+            show_default=True,
+            help="Seeds weights, shuffling and augmentation.",
+        ),
+        click.option(
+            "--subject",
+            "subjects",
+            multiple=True,
+            help="Train only on these (sub-01, 01 or sub-01_ses-a); repeatable. Default: all.",
+        ),
+        click.option(
+            "--width",
+            "base",
+            type=click.IntRange(min=4),
+            default=DEFAULT.base,
+            show_default=True,
+            help="Channels of the first encoder level (doubles per level); 24 has ~2x the "
+            "parameters and trains ~2x slower.",
+        ),
+        click.option(
+            "--ema-decay",
+            type=click.FloatRange(min=0.0, max=1.0, max_open=True),
+            default=DEFAULT.ema_decay,
+            show_default=True,
+            help="Ship a moving average of the generator's weights (decay per step) instead "
+            "of its last weights, which an adversarial run can catch on a spike. 0: off.",
+        ),
+        click.option(
+            "--elastic-px",
+            type=click.FloatRange(min=0.0),
+            default=DEFAULT.elastic_px,
+            show_default=True,
+            help="Elastic augmentation: half of the geometric augmentations also deform the "
+            "slice smoothly by up to this many 2 mm pixels. 0: affine only.",
+        ),
+        click.option(
+            "--extra-prep-dir",
+            "extra_prep_dirs",
+            multiple=True,
+            type=click.Path(file_okay=False, exists=True, path_type=Path),
+            help="Pool subjects of further prep dirs (e.g. several sites). Repeatable.",
+        ),
+        click.option(
+            "--include-flagged",
+            is_flag=True,
+            help="Also train on units whose teacher QC was flagged (registration far from "
+            "ANTs' or the headers, implausible tissue volumes; see manifest.tsv 'flags').",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return with_verbosity(func)
 
 
-def _train(phase: str, prep_dir: Path, model_out: Path, subjects: tuple[str, ...],
-           extra_prep_dirs: tuple[Path, ...], verbose: int, quiet: int, **kwargs) -> None:
+def _train(
+    phase: str,
+    prep_dir: Path,
+    model_out: Path,
+    subjects: tuple[str, ...],
+    extra_prep_dirs: tuple[Path, ...],
+    verbose: int,
+    quiet: int,
+    **kwargs,
+) -> None:
     from m2m_app.training.loop import train_phase
 
     setup_logging(verbose, quiet)
     writable_dir(model_out, "model folder")
     fields = {field.name for field in dataclasses.fields(TrainingRecipe)}
     recipe = TrainingRecipe(**{key: kwargs.pop(key) for key in list(kwargs) if key in fields})
-    weights = train_phase(phase, prep_dir, model_out, recipe, subjects=list(subjects) or None,
-                          extra_prep_dirs=list(extra_prep_dirs) or None, **kwargs)
+    weights = train_phase(
+        phase,
+        prep_dir,
+        model_out,
+        recipe,
+        subjects=list(subjects) or None,
+        extra_prep_dirs=list(extra_prep_dirs) or None,
+        **kwargs,
+    )
     click.echo(f"weights: {weights}")
 
 
 @cli.command()
 @training_options
-@click.option("--skull-strip-prob", type=click.FloatRange(min=0.0, max=1.0),
-              default=DEFAULT.skull_strip_prob, show_default=True,
-              help="This fraction of training slices is skull-stripped (zeroed outside the teacher's "
-                   "brain mask grown by 0-6 mm, re-normalised), so that brain-extracted T1w images "
-                   "work too. 0: none.")
+@click.option(
+    "--skull-strip-prob",
+    type=click.FloatRange(min=0.0, max=1.0),
+    default=DEFAULT.skull_strip_prob,
+    show_default=True,
+    help="This fraction of training slices is skull-stripped (zeroed outside the teacher's "
+    "brain mask grown by 0-6 mm, re-normalised), so that brain-extracted T1w images "
+    "work too. 0: none.",
+)
 @exits_cleanly
 def phase1(prep_dir: Path, model_out: Path, **kwargs) -> None:
     """Train the T1w -> DTI translator on PREP_DIR's pairs; write MODEL_OUT/phase1.safetensors.
@@ -234,9 +350,12 @@ def phase1(prep_dir: Path, model_out: Path, **kwargs) -> None:
 
 @cli.command()
 @training_options
-@click.option("--predicted-inputs", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Folder of phase-1 predictions (from `m2m-train predict`) used as extra inputs, "
-                   "so phase 2 also learns on what it will see at inference.")
+@click.option(
+    "--predicted-inputs",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Folder of phase-1 predictions (from `m2m-train predict`) used as extra inputs, "
+    "so phase 2 also learns on what it will see at inference.",
+)
 @exits_cleanly
 def phase2(prep_dir: Path, model_out: Path, **kwargs) -> None:
     """Train the DTI -> tractography-slice translator; write MODEL_OUT/phase2.safetensors.
@@ -249,14 +368,24 @@ def phase2(prep_dir: Path, model_out: Path, **kwargs) -> None:
 @cli.command()
 @click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--weights-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Folder with phase1.safetensors (default: the packaged weights).")
+@click.option(
+    "--weights-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Folder with phase1.safetensors (default: the packaged weights).",
+)
 @click.option("--subject", "subjects", multiple=True, help="Only these subjects. Repeatable.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @with_verbosity
 @exits_cleanly
-def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: tuple[str, ...],
-            device: str, verbose: int, quiet: int) -> None:
+def predict(
+    prep_dir: Path,
+    out_dir: Path,
+    weights_dir: Path | None,
+    subjects: tuple[str, ...],
+    device: str,
+    verbose: int,
+    quiet: int,
+) -> None:
     """Write phase-1 predicted FA/MD/colour-FA for PREP_DIR's subjects into OUT_DIR (prep layout)."""
     from m2m_app.training.evaluate import write_phase1_predictions
 
@@ -267,23 +396,45 @@ def predict(prep_dir: Path, out_dir: Path, weights_dir: Path | None, subjects: t
 
 @cli.command()
 @held_out_scoring
-@click.option("--train-subject", "train_subjects", multiple=True,
-              help="Subjects the baseline is fitted on (default: all others).")
-@click.option("--skull-strip", is_flag=True,
-              help="Phase 1: score on the T1w skull-stripped with the teacher's brain mask (grown by 3 mm), "
-                   "as a brain-extracted input would be.")
-@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["intensity", "atlas"]),
-              default=("intensity",), show_default=True,
-              help="Phase 1: baseline(s) scored with m2m; repeatable. intensity: FA from T1w intensity "
-                   "(fitted on the training subjects); atlas: TractSeg's HCP FA template warped to the T1w "
-                   "through nilearn's MNI152 T1 with ANTs SyN (needs: pip install \"m2m-app[atlas]\").")
-@click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the table as TSV here.")
+@click.option(
+    "--train-subject", "train_subjects", multiple=True, help="Subjects the baseline is fitted on (default: all others)."
+)
+@click.option(
+    "--skull-strip",
+    is_flag=True,
+    help="Phase 1: score on the T1w skull-stripped with the teacher's brain mask (grown by 3 mm), "
+    "as a brain-extracted input would be.",
+)
+@click.option(
+    "--baseline",
+    "baselines",
+    multiple=True,
+    type=click.Choice(["intensity", "atlas"]),
+    default=("intensity",),
+    show_default=True,
+    help="Phase 1: baseline(s) scored with m2m; repeatable. intensity: FA from T1w intensity "
+    "(fitted on the training subjects); atlas: TractSeg's HCP FA template warped to the T1w "
+    'through nilearn\'s MNI152 T1 with ANTs SyN (needs: pip install "m2m-app[atlas]").',
+)
+@click.option(
+    "--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as TSV here."
+)
 @with_verbosity
 @exits_cleanly
-def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
-             train_subjects: tuple[str, ...], predicted_inputs: Path | None, skull_strip: bool,
-             baselines: tuple[str, ...], out_tsv: Path | None, device: str, verbose: int, quiet: int) -> None:
+def evaluate(
+    prep_dir: Path,
+    weights_dir: Path | None,
+    phase: str,
+    test_subjects: tuple[str, ...],
+    train_subjects: tuple[str, ...],
+    predicted_inputs: Path | None,
+    skull_strip: bool,
+    baselines: tuple[str, ...],
+    out_tsv: Path | None,
+    device: str,
+    verbose: int,
+    quiet: int,
+) -> None:
     """Score a translator (WEIGHTS_DIR, default: packaged) on held-out subjects against baselines.
 
     Follows the evaluation protocol of docs/training.md: 3D maps on the T1w grid inside the
@@ -295,31 +446,64 @@ def evaluate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects
     from m2m_app.training.evaluate import evaluate_phase
 
     setup_logging(verbose, quiet)
-    rows = evaluate_phase(f"phase{phase}", prep_dir, weights_dir, list(test_subjects),
-                          list(train_subjects) or None, out_tsv, device, predicted_inputs, skull_strip,
-                          baselines)
+    rows = evaluate_phase(
+        f"phase{phase}",
+        prep_dir,
+        weights_dir,
+        list(test_subjects),
+        list(train_subjects) or None,
+        out_tsv,
+        device,
+        predicted_inputs,
+        skull_strip,
+        baselines,
+    )
     columns = list(dict.fromkeys(key for row in rows for key in row))
     click.echo("\t".join(columns))
     for row in rows:
-        click.echo("\t".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
-                             for c in columns))
+        click.echo(
+            "\t".join(
+                f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns
+            )
+        )
 
 
 @cli.command()
 @held_out_scoring
-@click.option("--scale-from", "scale_from", multiple=True,
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Summary table (--out) of another fold; the scale applied is the median of their fitted "
-                   "scales (default: the one stored with the weights, else 1). Repeatable.")
-@click.option("--store-scale", is_flag=True,
-              help="Write the applied scale into WEIGHTS_DIR/phase<N>.json (uncertainty_scale); needs --scale-from.")
-@click.option("--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the summary as TSV here and the reliability table beside it (<stem>_reliability.tsv).")
+@click.option(
+    "--scale-from",
+    "scale_from",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Summary table (--out) of another fold; the scale applied is the median of their fitted "
+    "scales (default: the one stored with the weights, else 1). Repeatable.",
+)
+@click.option(
+    "--store-scale",
+    is_flag=True,
+    help="Write the applied scale into WEIGHTS_DIR/phase<N>.json (uncertainty_scale); needs --scale-from.",
+)
+@click.option(
+    "--out",
+    "out_tsv",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the summary as TSV here and the reliability table beside it (<stem>_reliability.tsv).",
+)
 @with_verbosity
 @exits_cleanly
-def calibrate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subjects: tuple[str, ...],
-              scale_from: tuple[Path, ...], store_scale: bool, predicted_inputs: Path | None,
-              out_tsv: Path | None, device: str, verbose: int, quiet: int) -> None:
+def calibrate(
+    prep_dir: Path,
+    weights_dir: Path | None,
+    phase: str,
+    test_subjects: tuple[str, ...],
+    scale_from: tuple[Path, ...],
+    store_scale: bool,
+    predicted_inputs: Path | None,
+    out_tsv: Path | None,
+    device: str,
+    verbose: int,
+    quiet: int,
+) -> None:
     """Check the uncertainty maps of a translator (WEIGHTS_DIR) against its error on held-out subjects.
 
     Prints one row per subject and map (fa_sd, v1_dispersion; tdi_sd for phase 2): the
@@ -329,8 +513,17 @@ def calibrate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subject
     from m2m_app.training.calibration import calibrate_phase
 
     setup_logging(verbose, quiet)
-    summary, _ = calibrate_phase(f"phase{phase}", prep_dir, weights_dir, list(test_subjects),
-                                 list(scale_from) or None, out_tsv, device, predicted_inputs, store_scale)
+    summary, _ = calibrate_phase(
+        f"phase{phase}",
+        prep_dir,
+        weights_dir,
+        list(test_subjects),
+        list(scale_from) or None,
+        out_tsv,
+        device,
+        predicted_inputs,
+        store_scale,
+    )
     columns = list(summary[0])
     click.echo("\t".join(columns))
     for row in summary:
@@ -340,12 +533,18 @@ def calibrate(prep_dir: Path, weights_dir: Path | None, phase: str, test_subject
 @cli.command("evaluate-tractogram")
 @click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("m2m_output_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--subject", "subjects", multiple=True, required=True,
-              help="Subject(s) present in both (sub-01 or sub-01_ses-a). Repeatable.")
+@click.option(
+    "--subject",
+    "subjects",
+    multiple=True,
+    required=True,
+    help="Subject(s) present in both (sub-01 or sub-01_ses-a). Repeatable.",
+)
 @with_verbosity
 @exits_cleanly
-def evaluate_tractogram(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[str, ...], verbose: int,
-                        quiet: int) -> None:
+def evaluate_tractogram(
+    prep_dir: Path, m2m_output_dir: Path, subjects: tuple[str, ...], verbose: int, quiet: int
+) -> None:
     """Compare the app's tractogram (from the T1w alone) with the teacher's (from the DWI).
 
     Prints TDI correlation, Dice of visited voxels, and the fraction of predicted streamlines
@@ -360,20 +559,26 @@ def evaluate_tractogram(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[st
     from m2m_app.training.evaluate import tractogram_metrics
 
     setup_logging(verbose, quiet)
-    click.echo("subject\ttdi_r_brain\tvisited_dice\tpredicted_near_teacher\tteacher_near_predicted"
-               "\tn_predicted\tn_teacher")
+    click.echo(
+        "subject\ttdi_r_brain\tvisited_dice\tpredicted_near_teacher\tteacher_near_predicted\tn_predicted\tn_teacher"
+    )
     for row, prep in select_rows([prep_dir], list(subjects)):
         subject = Subject(row["participant"], row["session"] or None)
-        ours = next((p for fmt in ("trx", "tck", "trk")
-                     if (p := derivative_paths(m2m_output_dir, subject, "nerf", fmt)["tractogram"]).exists()), None)
+        ours = next(
+            (
+                p
+                for fmt in ("trx", "tck", "trk")
+                if (p := derivative_paths(m2m_output_dir, subject, "nerf", fmt)["tractogram"]).exists()
+            ),
+            None,
+        )
         if ours is None:
             raise MissingInputError(f"{subject.label}: no m2m tractogram in {m2m_output_dir}")
         reference, _ = load_image(row["t1w"])
         brain = load_image(prep / row["mask"])[1] > 0
         load = lambda path: list(load_tractogram(str(path), reference, bbox_valid_check=False).streamlines)  # noqa: E731
         x, y, z = reference.shape[:3]
-        metrics = tractogram_metrics(load(ours), load(prep / row["tractogram"]), (x, y, z),
-                                     reference.affine, brain)
+        metrics = tractogram_metrics(load(ours), load(prep / row["tractogram"]), (x, y, z), reference.affine, brain)
         click.echo("\t".join([row["subject"], *(f"{v:.4g}" for v in metrics.values())]))
 
 

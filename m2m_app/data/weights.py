@@ -6,6 +6,7 @@ SHA-256, training recipe and, after ``m2m-train calibrate``, the uncertainty sca
 torch: writing derivatives reads the weights' provenance and scales without importing it.
 Checking and loading the weights is :mod:`m2m_app.inference.predict`'s job.
 """
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ fusion: no stair-steps between slices), then decoded and resampled onto the T1w'
 The six passes' disagreement gives per-voxel uncertainty maps (:attr:`PhaseSpec.spread`),
 multiplied by the scale that ``m2m-train calibrate`` stored with the weights (1 without one).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_input
 from m2m_app.models.translator import Translator
 
 log = logging.getLogger(__name__)
+
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
@@ -59,8 +61,10 @@ def verify_weights(phase_name: str, weights_dir: str | os.PathLike | None = None
     if not isinstance(meta.get("architecture"), dict):
         raise BadDataError(f"{meta_path}: unreadable weights metadata: no 'architecture'")
     if file_sha256(weights) != recorded:
-        raise BadDataError(f"{weights}: SHA-256 checksum does not match the one recorded in "
-                           f"{meta_path.name}; the weight file is corrupted or was replaced")
+        raise BadDataError(
+            f"{weights}: SHA-256 checksum does not match the one recorded in "
+            f"{meta_path.name}; the weight file is corrupted or was replaced"
+        )
     if phase != spec.metadata():
         raise BadDataError(f"{meta_path}: weights were trained for {phase}, not for {spec.metadata()}")
     return spec, meta, weights
@@ -79,8 +83,14 @@ def load_translator(phase_name: str, weights_dir: str | os.PathLike | None = Non
     return model.eval(), spec
 
 
-def predict_views(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device: str = "auto",
-                  batch_size: int = 16, mirror: bool = True) -> list[np.ndarray]:
+def predict_views(
+    model: Translator,
+    spec: PhaseSpec,
+    inputs: np.ndarray,
+    device: str = "auto",
+    batch_size: int = 16,
+    mirror: bool = True,
+) -> list[np.ndarray]:
     """Run the 2D net over the axial, coronal and sagittal slices of ``inputs (C, X, Y, Z)``.
 
     With ``mirror`` the volume is also run mirrored left-right (world x, the model grid's
@@ -105,20 +115,31 @@ def predict_views(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device
                     slabs = np.stack([slab_along(volume, axis, neighbours(k, size, spec.context)) for k in slices])
                     batch = torch.from_numpy(slabs.reshape((len(slices), -1) + slabs.shape[-2:]))
                     out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
-                    np.moveaxis(raw, 1 + axis, 0)[first:first + len(slices)] = out  # (size, K, H, W) view
+                    np.moveaxis(raw, 1 + axis, 0)[first : first + len(slices)] = out  # (size, K, H, W) view
                 views.append(raw[:, ::-1] * signs if mirrored else raw)
     return views
 
 
-def predict_volume(model: Translator, spec: PhaseSpec, inputs: np.ndarray, device: str = "auto",
-                   batch_size: int = 16, mirror: bool = True) -> np.ndarray:
+def predict_volume(
+    model: Translator,
+    spec: PhaseSpec,
+    inputs: np.ndarray,
+    device: str = "auto",
+    batch_size: int = 16,
+    mirror: bool = True,
+) -> np.ndarray:
     """:func:`predict_views` fused by the phase (:attr:`PhaseSpec.fuse`): one raw output ``(K, X, Y, Z)``."""
     return spec.fuse(predict_views(model, spec, inputs, device, batch_size, mirror))
 
 
-def spread_to_source(views: list[np.ndarray], fused: np.ndarray, spec: PhaseSpec, grid: ConformedGrid,
-                     mask: np.ndarray | None = None,
-                     scales: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
+def spread_to_source(
+    views: list[np.ndarray],
+    fused: np.ndarray,
+    spec: PhaseSpec,
+    grid: ConformedGrid,
+    mask: np.ndarray | None = None,
+    scales: Mapping[str, float] | None = None,
+) -> dict[str, np.ndarray]:
     """The phase's uncertainty maps (:attr:`PhaseSpec.spread`) on the T1w grid, ``(X, Y, Z)`` float32 each.
 
     Each map is resampled linearly, multiplied by ``scales[key]`` (1.0 for a key without a
@@ -133,10 +154,17 @@ def spread_to_source(views: list[np.ndarray], fused: np.ndarray, spec: PhaseSpec
     return out
 
 
-def predict_phase1(t1w_img, t1w_data: np.ndarray, model: Translator | None = None,
-                   weights_dir: str | os.PathLike | None = None, device: str = "auto",
-                   batch_size: int = 16, mask_tensor: bool = True, uncertainty: bool = False,
-                   scales: Mapping[str, float] | None = None) -> dict:
+def predict_phase1(
+    t1w_img,
+    t1w_data: np.ndarray,
+    model: Translator | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    mask_tensor: bool = True,
+    uncertainty: bool = False,
+    scales: Mapping[str, float] | None = None,
+) -> dict:
     """Diffusion tensors and brain mask predicted from a T1w, on the T1w's own grid.
 
     Parameters
@@ -184,10 +212,19 @@ def phase1_to_source(raw: np.ndarray, grid: ConformedGrid, mask_tensor: bool = T
     return {"tensor": tensor, "mask": mask}
 
 
-def predict_phase2(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: ConformedGrid,
-                   mask: np.ndarray | None = None, model: Translator | None = None,
-                   weights_dir: str | os.PathLike | None = None, device: str = "auto",
-                   batch_size: int = 16, uncertainty: bool = False, scales: Mapping[str, float] | None = None) -> dict:
+def predict_phase2(
+    fa: np.ndarray,
+    md: np.ndarray,
+    colfa: np.ndarray,
+    grid: ConformedGrid,
+    mask: np.ndarray | None = None,
+    model: Translator | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    uncertainty: bool = False,
+    scales: Mapping[str, float] | None = None,
+) -> dict:
     """Track density and directional track density from tensor maps, on the T1w's own grid.
 
     Parameters

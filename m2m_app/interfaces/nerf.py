@@ -1,12 +1,12 @@
 """Nipype interfaces around phase 3: the NeRF field, its rendered views and its streamlines."""
+
 from __future__ import annotations
 
 import json
 import os
 
 import numpy as np
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 
 class _FitFieldInputSpec(BaseInterfaceInputSpec):
@@ -44,11 +44,11 @@ class FitField(SimpleInterface):
         tdi = np.clip(grid.to_model(load_image(self.inputs.tdi)[1]), 0, None)
         dectdi = np.clip(grid.to_model(load_image(self.inputs.dectdi)[1]), 0, 1)
         mask = grid.to_model(load_image(self.inputs.mask)[1], order=0) > 0
-        field = fit_field(tdi, dectdi, mask, grid.affine, seed=self.inputs.random_seed,
-                          device=str(resolve_device(self.inputs.device)))
+        field = fit_field(
+            tdi, dectdi, mask, grid.affine, seed=self.inputs.random_seed, device=str(resolve_device(self.inputs.device))
+        )
         self._results["field"] = str(field.save(os.path.abspath("field.safetensors")))
-        self._results["mask"] = str(save_nifti(mask, grid.affine, os.path.abspath("field_mask.nii.gz"),
-                                               dtype=np.uint8))
+        self._results["mask"] = str(save_nifti(mask, grid.affine, os.path.abspath("field_mask.nii.gz"), dtype=np.uint8))
         self._results["report"] = dict(field.info)
         return runtime
 
@@ -119,8 +119,7 @@ class TrackField(SimpleInterface):
         streamlines = track_field(field, mask > 0, mask_img.affine, settings, seed=self.inputs.random_seed)
         path = os.path.abspath(f"tractogram.{self.inputs.tractogram_format}")
         self._results["tractogram"] = str(save_tractogram(streamlines, nib.load(self.inputs.t1w), path))
-        self._results["sidecar"] = json.loads(json.dumps(
-            bep046_sidecar(settings, n_streamlines=len(streamlines)), default=str))
+        self._results["sidecar"] = json.loads(
+            json.dumps(bep046_sidecar(settings, n_streamlines=len(streamlines)), default=str)
+        )
         return runtime
-
-

@@ -3,15 +3,37 @@
 Maps, phase-3 outputs and the report are three nodes, so that a failure in phase 3 does
 not keep the tensor maps from reaching the output folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface, Str,
-                                    TraitedSpec, isdefined, traits)
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
 
-MAP_KEYS = ("fa", "md", "ad", "rd", "v1", "colfa", "mask", "tdi", "dectdi", "diffusivity",
-            "fa_sd", "v1_dispersion", "tdi_sd")
+MAP_KEYS = (
+    "fa",
+    "md",
+    "ad",
+    "rd",
+    "v1",
+    "colfa",
+    "mask",
+    "tdi",
+    "dectdi",
+    "diffusivity",
+    "fa_sd",
+    "v1_dispersion",
+    "tdi_sd",
+)
 
 
 class _SubjectInputSpec(BaseInterfaceInputSpec):
@@ -65,8 +87,14 @@ class WriteMaps(SimpleInterface):
         from m2m_app.io.derivatives import write_maps
 
         maps = {key: getattr(self.inputs, key) for key in MAP_KEYS if isdefined(getattr(self.inputs, key))}
-        written = write_maps(Path(self.inputs.output_dir), _subject(self.inputs), self.inputs.t1w, maps,
-                             self.inputs.weights_dir, _timings(self.inputs))
+        written = write_maps(
+            Path(self.inputs.output_dir),
+            _subject(self.inputs),
+            self.inputs.t1w,
+            maps,
+            self.inputs.weights_dir,
+            _timings(self.inputs),
+        )
         self._results["written"] = {k: str(v) for k, v in written.items()}
         return runtime
 
@@ -89,9 +117,17 @@ class WriteNerf(SimpleInterface):
         from m2m_app.io.derivatives import write_nerf
 
         figures = {Path(v).stem: v for v in self.inputs.views} | {"turntable": self.inputs.turntable}
-        written = write_nerf(Path(self.inputs.output_dir), _subject(self.inputs), self.inputs.t1w,
-                             self.inputs.tractogram, self.inputs.tracking, self.inputs.field, figures,
-                             self.inputs.weights_dir, _timings(self.inputs))
+        written = write_nerf(
+            Path(self.inputs.output_dir),
+            _subject(self.inputs),
+            self.inputs.t1w,
+            self.inputs.tractogram,
+            self.inputs.tracking,
+            self.inputs.field,
+            figures,
+            self.inputs.weights_dir,
+            _timings(self.inputs),
+        )
         self._results["written"] = {k: str(v) for k, v in written.items()}
         return runtime
 
@@ -125,11 +161,24 @@ class WriteReport(SimpleInterface):
         written = {k: Path(v) for k, v in {**inputs.maps, **(inputs.nerf if isdefined(inputs.nerf) else {})}.items()}
         field_report = inputs.field_report if isdefined(inputs.field_report) else {}
         qc = subject_qc(subject, written, field_report)
-        summary = {"input T1w": inputs.t1w, **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {}),
-                   **report_summary(written, qc["n_streamlines"], field_report, inputs.weights_dir)}
-        self._results["report"] = str(write_report(Path(inputs.output_dir), subject, inputs.t1w, written,
-                                                   summary, inputs.boilerplate, [], _timings(inputs),
-                                                   command_line=inputs.command_line,
-                                                   weights_dir=inputs.weights_dir))
+        summary = {
+            "input T1w": inputs.t1w,
+            **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {}),
+            **report_summary(written, qc["n_streamlines"], field_report, inputs.weights_dir),
+        }
+        self._results["report"] = str(
+            write_report(
+                Path(inputs.output_dir),
+                subject,
+                inputs.t1w,
+                written,
+                summary,
+                inputs.boilerplate,
+                [],
+                _timings(inputs),
+                command_line=inputs.command_line,
+                weights_dir=inputs.weights_dir,
+            )
+        )
         self._results["qc"] = str(save_json(qc, qc_path(Path(inputs.output_dir), subject)))
         return runtime

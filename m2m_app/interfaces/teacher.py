@@ -1,11 +1,20 @@
 """Nipype interface around :func:`m2m_app.teacher.prepare.prepare_subject`."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, InputMultiObject,
-                                    SimpleInterface, Str, TraitedSpec, traits)
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    traits,
+)
 
 
 class _PrepareSubjectInputSpec(BaseInterfaceInputSpec):
@@ -39,10 +48,20 @@ class PrepareSubject(SimpleInterface):
         # ANTs reads its thread count from the environment; a MultiProc worker owns its own
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.inputs.num_threads)
         subject, prep_dir = Subject(self.inputs.participant, self.inputs.session or None), Path(self.inputs.prep_dir)
-        qc = prepare_subject(subject, Path(self.inputs.t1w), [Path(p) for p in self.inputs.dwi],
-                             prep_dir, self.inputs.random_seed, self.inputs.num_threads)
-        self._results["tractogram_figure"] = str(streamline_figure(
-            load_streamlines(prep_dir / qc["tractogram"], self.inputs.t1w),
-            tractogram_figure_path(prep_dir, subject), title=f"{subject.label}: teacher (DWI) tractogram"))
+        qc = prepare_subject(
+            subject,
+            Path(self.inputs.t1w),
+            [Path(p) for p in self.inputs.dwi],
+            prep_dir,
+            self.inputs.random_seed,
+            self.inputs.num_threads,
+        )
+        self._results["tractogram_figure"] = str(
+            streamline_figure(
+                load_streamlines(prep_dir / qc["tractogram"], self.inputs.t1w),
+                tractogram_figure_path(prep_dir, subject),
+                title=f"{subject.label}: teacher (DWI) tractogram",
+            )
+        )
         self._results["qc_file"] = str(qc_path(prep_dir, subject))
         return runtime

@@ -1,17 +1,18 @@
 """Nipype interfaces around phases 1 and 2 (the translators) and the tensor maps."""
+
 from __future__ import annotations
 
 import os
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, Str, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, Str, TraitedSpec, traits
 
 
 class _TorchInputSpec(BaseInterfaceInputSpec):
-    weights_dir = traits.Either(None, Str, default=None, usedefault=True,
-                                desc="folder with <phase>.safetensors (None: packaged weights)")
+    weights_dir = traits.Either(
+        None, Str, default=None, usedefault=True, desc="folder with <phase>.safetensors (None: packaged weights)"
+    )
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
 
@@ -43,8 +44,11 @@ class CheckT1w(SimpleInterface):
         img, data = load_t1w(self.inputs.t1w)
         self._results["t1w"] = self.inputs.t1w
         self._results["summary"] = {
-            "shape": list(data.shape), "zooms_mm": [round(float(z), 3) for z in img.header.get_zooms()[:3]],
-            "orientation": "".join(nib.aff2axcodes(img.affine)), "dtype": str(img.get_data_dtype())}
+            "shape": list(data.shape),
+            "zooms_mm": [round(float(z), 3) for z in img.header.get_zooms()[:3]],
+            "orientation": "".join(nib.aff2axcodes(img.affine)),
+            "dtype": str(img.get_data_dtype()),
+        }
         return runtime
 
 
@@ -75,8 +79,14 @@ class PredictTensor(SimpleInterface):
 
         torch.set_num_threads(self.inputs.num_threads)
         img, data = load_t1w(self.inputs.t1w)
-        out = predict_phase1(img, data, weights_dir=self.inputs.weights_dir, device=self.inputs.device,
-                             uncertainty=True, scales=uncertainty_scales("phase1", self.inputs.weights_dir))
+        out = predict_phase1(
+            img,
+            data,
+            weights_dir=self.inputs.weights_dir,
+            device=self.inputs.device,
+            uncertainty=True,
+            scales=uncertainty_scales("phase1", self.inputs.weights_dir),
+        )
         self._results["tensor"] = _save(out["tensor"], img.affine, "tensor.nii.gz")
         self._results["mask"] = _save(out["mask"], img.affine, "mask.nii.gz", np.uint8)
         for key in ("fa_sd", "v1_dispersion"):
@@ -147,9 +157,17 @@ class PredictTracts(SimpleInterface):
         torch.set_num_threads(self.inputs.num_threads)
         grid = ConformedGrid.from_dict(self.inputs.grid)
         maps = {key: load_image(getattr(self.inputs, key))[1] for key in ("fa", "md", "colfa", "mask")}
-        out = predict_phase2(maps["fa"], maps["md"], maps["colfa"], grid, mask=maps["mask"] > 0,
-                             weights_dir=self.inputs.weights_dir, device=self.inputs.device,
-                             uncertainty=True, scales=uncertainty_scales("phase2", self.inputs.weights_dir))
+        out = predict_phase2(
+            maps["fa"],
+            maps["md"],
+            maps["colfa"],
+            grid,
+            mask=maps["mask"] > 0,
+            weights_dir=self.inputs.weights_dir,
+            device=self.inputs.device,
+            uncertainty=True,
+            scales=uncertainty_scales("phase2", self.inputs.weights_dir),
+        )
         for key in ("tdi", "dectdi", "tdi_sd"):
             self._results[key] = _save(out[key], grid.source_affine, f"{key}.nii.gz")
         return runtime

@@ -1,4 +1,5 @@
 """Finding the inputs of each participant/session in a BIDS dataset with pybids."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ LOGGER = logging.getLogger(__name__)
 
 def strip_prefix(label: str, prefix: str) -> str:
     """``sub-01`` → ``01`` and ``01`` → ``01`` (labels are accepted with or without prefix)."""
-    return label[len(prefix) + 1:] if label.startswith(prefix + "-") else label
+    return label[len(prefix) + 1 :] if label.startswith(prefix + "-") else label
 
 
 def root_relative_config(root: Path) -> dict:
@@ -66,8 +67,9 @@ def read_filters(path: Path | None) -> dict:
     return filters
 
 
-def collect_subjects(layout: BIDSLayout, participant_labels: list[str] | None = None,
-                     session_labels: list[str] | None = None) -> list[Subject]:
+def collect_subjects(
+    layout: BIDSLayout, participant_labels: list[str] | None = None, session_labels: list[str] | None = None
+) -> list[Subject]:
     """The participant/session units to process, in sorted order.
 
     Raises :class:`MissingInputError` for a participant label that is not in the dataset.
@@ -76,8 +78,10 @@ def collect_subjects(layout: BIDSLayout, participant_labels: list[str] | None = 
     wanted = [strip_prefix(p, "sub") for p in participant_labels] if participant_labels else available
     unknown = sorted(set(wanted) - set(available))
     if unknown:
-        raise MissingInputError(f"participant label(s) not found in {layout.root}: "
-                                f"{', '.join(unknown)} (available: {', '.join(available) or 'none'})")
+        raise MissingInputError(
+            f"participant label(s) not found in {layout.root}: "
+            f"{', '.join(unknown)} (available: {', '.join(available) or 'none'})"
+        )
     sessions_wanted = [strip_prefix(s, "ses") for s in session_labels] if session_labels else None
     units = []
     for participant in wanted:
@@ -92,8 +96,7 @@ def collect_subjects(layout: BIDSLayout, participant_labels: list[str] | None = 
 
 
 def _query(layout: BIDSLayout, subject: Subject, base: dict, filters: dict) -> list[str]:
-    query = {"subject": subject.participant, "extension": [".nii", ".nii.gz"],
-             "return_type": "file", **base, **filters}
+    query = {"subject": subject.participant, "extension": [".nii", ".nii.gz"], "return_type": "file", **base, **filters}
     query["session"] = subject.session if subject.session else None
     return sorted(layout.get(**query))
 
@@ -106,8 +109,10 @@ def _not_found(layout: BIDSLayout, subject: Subject, what: str, base: dict, filt
     outside any datatype folder are named, and a BIDS filter file that excludes every
     candidate is said so.
     """
-    kinds = {Path(f): layout.get_file(f).entities.get("datatype", "outside-a-datatype-folder")
-             for f in _query(layout, subject, {}, {})}
+    kinds = {
+        Path(f): layout.get_file(f).entities.get("datatype", "outside-a-datatype-folder")
+        for f in _query(layout, subject, {}, {})
+    }
     found = []
     for kind, n in sorted(Counter(kinds.values()).items()):
         names = sorted(f.name for f, k in kinds.items() if k == kind)
@@ -116,8 +121,10 @@ def _not_found(layout: BIDSLayout, subject: Subject, what: str, base: dict, filt
     excluded = _query(layout, subject, base, {}) if filters else []
     tail = f"; the BIDS filter file excludes {len(excluded)} {what}" if excluded else ""
     expected = subject.folder(Path(), base["datatype"]) / f"{subject.label}[_<entities>]_{base['suffix']}.nii[.gz]"
-    return MissingInputError(f"{subject.label}: no {what} image found: found {', '.join(found) or 'no NIfTI image'}, "
-                             f"no {what}{tail} (expected {expected.as_posix()})")
+    return MissingInputError(
+        f"{subject.label}: no {what} image found: found {', '.join(found) or 'no NIfTI image'}, "
+        f"no {what}{tail} (expected {expected.as_posix()})"
+    )
 
 
 def find_t1w(layout: BIDSLayout, subject: Subject, filters: dict | None = None) -> Path:

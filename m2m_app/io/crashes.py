@@ -1,4 +1,5 @@
 """Reading the crash files Nipype writes for failed nodes (``crash-*.txt`` in a log folder)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,9 @@ def crash_reasons(crash_dir: Path) -> dict[str, str]:
     reasons = {}
     for crash in sorted(Path(crash_dir).glob("crash-*.txt")):
         text = crash.read_text(errors="replace")
-        node = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                     if line.startswith("Node:")), crash.stem)
+        node = next(
+            (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Node:")), crash.stem
+        )
         lines = [line for line in text.splitlines() if line.strip()]
         error = next((line for line in reversed(lines) if "Error:" in line), lines[-1] if lines else "")
         reasons[node] = error.split("Error: ", 1)[-1].strip()

@@ -1,4 +1,5 @@
 """Writing one subject's BIDS-Derivatives (maps, tractogram, sidecars, QC) and the dataset description."""
+
 from __future__ import annotations
 
 import json
@@ -14,18 +15,33 @@ from m2m_app import __version__
 from m2m_app.data.weights import UNCERTAINTY_SCALE_KEY, uncertainty_scales, weight_files, weights_folder
 from m2m_app.io.environment import container_description
 from m2m_app.io.files import atomic_write, save_json
-from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, UNCERTAINTY_MAPS, Subject, bids_uri, derivative_path,
-                               derivative_paths, sidecar_path)
+from m2m_app.io.naming import (
+    TDI_PARAMS,
+    TENSOR_PARAMS,
+    UNCERTAINTY_MAPS,
+    Subject,
+    bids_uri,
+    derivative_path,
+    derivative_paths,
+    sidecar_path,
+)
 
 LOGGER = logging.getLogger(__name__)
 
 #: What every sidecar says about where the values come from.
-PREDICTED = ("predicted by m2m from the T1-weighted image alone (no diffusion data was acquired "
-             "or used); a model estimate, not a measurement")
+PREDICTED = (
+    "predicted by m2m from the T1-weighted image alone (no diffusion data was acquired "
+    "or used); a model estimate, not a measurement"
+)
 
 
-def dataset_description(output_dir: Path, bids_dir: Path, name: str = "m2m derivatives",
-                        weights_dir: str | None = None, phases: tuple[str, ...] = ()) -> Path:
+def dataset_description(
+    output_dir: Path,
+    bids_dir: Path,
+    name: str = "m2m derivatives",
+    weights_dir: str | None = None,
+    phases: tuple[str, ...] = (),
+) -> Path:
     """Write ``dataset_description.json`` (DatasetType derivative, Authors, GeneratedBy, SourceDatasets).
 
     ``Authors`` are the input dataset's (the people whose data these derive from; m2m itself is
@@ -34,25 +50,40 @@ def dataset_description(output_dir: Path, bids_dir: Path, name: str = "m2m deriv
     normalised absolute ``file://`` URI (symlinks and ``..`` resolved).
     """
     container = container_description()
-    generated: dict[str, Any] = {"Name": "m2m", "Version": __version__,
-                 "Description": "T1w -> DTI -> tractography translation",
-                 "CodeURL": "https://pypi.org/project/m2m-app/"}
+    generated: dict[str, Any] = {
+        "Name": "m2m",
+        "Version": __version__,
+        "Description": "T1w -> DTI -> tractography translation",
+        "CodeURL": "https://pypi.org/project/m2m-app/",
+    }
     if container:
         generated["Container"] = container
     weights = weights_provenance(weights_dir)
     generated_by = [generated] + [
-        {"Name": f"m2m {phase} translator weights", "Version": str(weights[phase]["m2m_version"] or "unrecorded"),
-         "Description": f"{weights[phase]['file']} (SHA-256 {weights[phase]['sha256']}), trained on "
-                        f"{', '.join(weights[phase]['trained_on'] or []) or 'unrecorded subjects'}"}
-        for phase in phases if phase in weights]
+        {
+            "Name": f"m2m {phase} translator weights",
+            "Version": str(weights[phase]["m2m_version"] or "unrecorded"),
+            "Description": f"{weights[phase]['file']} (SHA-256 {weights[phase]['sha256']}), trained on "
+            f"{', '.join(weights[phase]['trained_on'] or []) or 'unrecorded subjects'}",
+        }
+        for phase in phases
+        if phase in weights
+    ]
     source = Path(bids_dir).resolve()
     authors = _source_description(source).get("Authors")
-    return save_json({"Name": name, "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-                      **({"Authors": authors} if authors else {}),
-                      "GeneratedBy": generated_by, "SourceDatasets": [{"URL": source.as_uri()}],
-                      "DatasetLinks": {"raw": source.as_uri()},
-                      "HowToAcknowledge": "Cite m2m and the methods in logs/CITATION.md."},
-                     Path(output_dir) / "dataset_description.json")
+    return save_json(
+        {
+            "Name": name,
+            "BIDSVersion": "1.10.0",
+            "DatasetType": "derivative",
+            **({"Authors": authors} if authors else {}),
+            "GeneratedBy": generated_by,
+            "SourceDatasets": [{"URL": source.as_uri()}],
+            "DatasetLinks": {"raw": source.as_uri()},
+            "HowToAcknowledge": "Cite m2m and the methods in logs/CITATION.md.",
+        },
+        Path(output_dir) / "dataset_description.json",
+    )
 
 
 def _source_description(bids_dir: Path) -> dict:
@@ -103,9 +134,12 @@ def weights_provenance(weights_dir: str | None) -> dict:
         meta_path = weight_files(phase, weights_dir)[1]
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            out[phase] = {"file": f"{phase}.safetensors", "sha256": meta.get("sha256"),
-                          "trained_on": meta.get("recipe", {}).get("subjects"),
-                          "m2m_version": meta.get("m2m_version", meta.get("version"))}
+            out[phase] = {
+                "file": f"{phase}.safetensors",
+                "sha256": meta.get("sha256"),
+                "trained_on": meta.get("recipe", {}).get("subjects"),
+                "m2m_version": meta.get("m2m_version", meta.get("version")),
+            }
     return out
 
 
@@ -115,8 +149,12 @@ def _copy(source: str | Path, target: Path) -> Path:
 
 def _common_sidecar(t1w: str, weights_dir: str | None, timings: dict[str, float]) -> dict:
     """Keys of every sidecar: sources, software, weights and the wall time of the stages run so far."""
-    return {"Sources": [bids_uri(t1w)], "GeneratedBy": [{"Name": "m2m", "Version": __version__}],
-            "Weights": weights_provenance(weights_dir), "StageWallTimeSeconds": timings}
+    return {
+        "Sources": [bids_uri(t1w)],
+        "GeneratedBy": [{"Name": "m2m", "Version": __version__}],
+        "Weights": weights_provenance(weights_dir),
+        "StageWallTimeSeconds": timings,
+    }
 
 
 #: Phase whose passes each uncertainty map comes from (its scale is stored in ``<phase>.json``).
@@ -128,17 +166,29 @@ def _uncertainty_sidecar(key: str, weights_dir: str | None) -> tuple[str, dict]:
     entities, description, units = UNCERTAINTY_MAPS[key]
     phase = UNCERTAINTY_PHASE[key]
     stored = uncertainty_scales(phase, weights_dir)
-    scale_note = (f"'{UNCERTAINTY_SCALE_KEY}' of {phase}.json, fitted by 'm2m-train calibrate' on held-out subjects"
-                  if key in stored else
-                  f"1.0: the weights' {phase}.json stores no '{UNCERTAINTY_SCALE_KEY}', so this is the raw, "
-                  "uncalibrated spread of the passes")
-    extra = {"Units": units, "UncertaintyScale": stored.get(key, 1.0), "UncertaintyScaleSource": scale_note,
-             **({"Model": "tensor"} if entities.get("model") == "tensor" else {})}
+    scale_note = (
+        f"'{UNCERTAINTY_SCALE_KEY}' of {phase}.json, fitted by 'm2m-train calibrate' on held-out subjects"
+        if key in stored
+        else f"1.0: the weights' {phase}.json stores no '{UNCERTAINTY_SCALE_KEY}', so this is the raw, "
+        "uncalibrated spread of the passes"
+    )
+    extra = {
+        "Units": units,
+        "UncertaintyScale": stored.get(key, 1.0),
+        "UncertaintyScaleSource": scale_note,
+        **({"Model": "tensor"} if entities.get("model") == "tensor" else {}),
+    }
     return f"{description} (uncertainty from the disagreement of the network's passes)", extra
 
 
-def write_maps(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str],
-               weights_dir: str | None, timings: dict[str, float] | None = None) -> dict[str, Path]:
+def write_maps(
+    output_dir: Path,
+    subject: Subject,
+    t1w: str,
+    maps: dict[str, str],
+    weights_dir: str | None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Path]:
     """Copy the phase-1/2 maps under their BIDS-Derivatives names, each with a JSON sidecar.
 
     ``maps`` holds work-dir NIfTI files keyed like :func:`derivative_paths` (``fa``, ``md``,
@@ -165,20 +215,39 @@ def write_maps(output_dir: Path, subject: Subject, t1w: str, maps: dict[str, str
     return written
 
 
-def write_nerf(output_dir: Path, subject: Subject, t1w: str, tractogram: str, tracking: dict, field: str,
-               figures: dict[str, str], weights_dir: str | None,
-               timings: dict[str, float] | None = None) -> dict[str, Path]:
+def write_nerf(
+    output_dir: Path,
+    subject: Subject,
+    t1w: str,
+    tractogram: str,
+    tracking: dict,
+    field: str,
+    figures: dict[str, str],
+    weights_dir: str | None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Path]:
     """Copy phase 3's tractogram (BEP046 sidecar), fitted field and rendered figures into place."""
     output_dir = Path(output_dir)
     target = derivative_paths(output_dir, subject, "nerf", Path(tractogram).suffix.lstrip("."))["tractogram"]
     written = {"tractogram": _copy(tractogram, target)}
-    save_json({**tracking, "Description": f"{tracking.get('Description', '')} Streamlines {PREDICTED}.",
-               **_common_sidecar(t1w, weights_dir, timings or {})}, sidecar_path(target))
-    written["field"] = _copy(field, derivative_path(output_dir, subject, "dwi", "model", ".safetensors",
-                                                    space="T1w", tract="wholebrain", desc="nerf"))
+    save_json(
+        {
+            **tracking,
+            "Description": f"{tracking.get('Description', '')} Streamlines {PREDICTED}.",
+            **_common_sidecar(t1w, weights_dir, timings or {}),
+        },
+        sidecar_path(target),
+    )
+    written["field"] = _copy(
+        field,
+        derivative_path(
+            output_dir, subject, "dwi", "model", ".safetensors", space="T1w", tract="wholebrain", desc="nerf"
+        ),
+    )
     for name, source in figures.items():
-        written[f"figure_{name}"] = _copy(source, derivative_path(output_dir, subject, "figures", "nerf",
-                                                                  Path(source).suffix, desc=name))
+        written[f"figure_{name}"] = _copy(
+            source, derivative_path(output_dir, subject, "figures", "nerf", Path(source).suffix, desc=name)
+        )
     return written
 
 
@@ -210,9 +279,13 @@ def subject_qc(subject: Subject, written: dict[str, Path], nerf_report: dict) ->
     wm = mask & (fa > QC_WM_FA)
     fa_sd = _voxels(written["fa_sd"]) if "fa_sd" in written else None
     tracking = json.loads(sidecar_path(written["tractogram"]).read_text()) if "tractogram" in written else {}
-    return {"subject": subject.label, "brain_volume_ml": round(float(mask.sum()) * voxel_ml, 1),
-            "mean_fa": float(fa[mask].mean()) if mask.any() else float("nan"),
-            "median_md": float(np.median(md[mask])) if mask.any() else float("nan"),
-            "median_fa_sd_wm": float(np.median(fa_sd[wm])) if fa_sd is not None and wm.any() else float("nan"),
-            "n_streamlines": tracking.get("Count"), "nerf_psnr_density_db": nerf_report.get("psnr_density_db"),
-            "m2m_version": __version__}
+    return {
+        "subject": subject.label,
+        "brain_volume_ml": round(float(mask.sum()) * voxel_ml, 1),
+        "mean_fa": float(fa[mask].mean()) if mask.any() else float("nan"),
+        "median_md": float(np.median(md[mask])) if mask.any() else float("nan"),
+        "median_fa_sd_wm": float(np.median(fa_sd[wm])) if fa_sd is not None and wm.any() else float("nan"),
+        "n_streamlines": tracking.get("Count"),
+        "nerf_psnr_density_db": nerf_report.get("psnr_density_db"),
+        "m2m_version": __version__,
+    }

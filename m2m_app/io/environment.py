@@ -6,6 +6,7 @@ environment variables), plus ``M2M_CONTAINER``, which m2m's own image sets (Dock
 Variables a user may set on the host to configure an engine (``APPTAINER_BINDPATH``, ...)
 are not looked at, so a run outside a container is never taken for one.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,10 @@ IMAGE_VARIABLE = "M2M_CONTAINER"
 
 #: Variables the Apptainer and Singularity runtimes set in every container they start
 #: (``--cleanenv`` keeps them). Apptainer is looked at first: it may set both families.
-RUNTIME_VARIABLES = (("Apptainer", ("APPTAINER_CONTAINER", "APPTAINER_NAME")),
-                     ("Singularity", ("SINGULARITY_CONTAINER", "SINGULARITY_NAME")))
+RUNTIME_VARIABLES = (
+    ("Apptainer", ("APPTAINER_CONTAINER", "APPTAINER_NAME")),
+    ("Singularity", ("SINGULARITY_CONTAINER", "SINGULARITY_NAME")),
+)
 
 
 def container_type(environ: Mapping[str, str] | None = None, root: Path = Path("/")) -> str | None:

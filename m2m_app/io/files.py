@@ -3,6 +3,7 @@
 Every output of m2m is written to a hidden temporary file beside its target and renamed onto
 it, so a crash, a SIGTERM or a full disk never leaves a half-written file under its final name.
 """
+
 from __future__ import annotations
 
 import csv
@@ -58,8 +59,7 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def save_tsv(rows: list[dict], path: str | os.PathLike, columns: list[str] | None = None,
-             missing: str = "n/a") -> Path:
+def save_tsv(rows: list[dict], path: str | os.PathLike, columns: list[str] | None = None, missing: str = "n/a") -> Path:
     """Write dict rows as a tab-separated table atomically.
 
     ``columns`` defaults to the union of the rows' keys in first-seen order; absent values

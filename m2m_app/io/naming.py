@@ -3,14 +3,29 @@
 Tensor maps follow BEP016 (``model-tensor_param-<p>_dwimap``), tractograms BEP046
 (``tract-<t>_track-<method>_tractogram``), everything in the T1w space.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 #: Order of entities in a file name (BIDS entity table order, derivative entities last).
-ENTITY_ORDER = ("sub", "ses", "acq", "run", "from", "to", "mode", "space", "tract", "track",
-                "model", "param", "label", "desc")
+ENTITY_ORDER = (
+    "sub",
+    "ses",
+    "acq",
+    "run",
+    "from",
+    "to",
+    "mode",
+    "space",
+    "tract",
+    "track",
+    "model",
+    "param",
+    "label",
+    "desc",
+)
 
 #: The tensor maps m2m writes: ``param`` value → (sidecar description, units).
 TENSOR_PARAMS: dict[str, tuple[str, str]] = {
@@ -20,8 +35,10 @@ TENSOR_PARAMS: dict[str, tuple[str, str]] = {
     "rd": ("radial diffusivity (mean of the two smaller eigenvalues)", "mm^2/s"),
     "diffusivity": ("diffusion tensor D11 D12 D13 D22 D23 D33 in the RAS+ world frame", "mm^2/s"),
     "v1": ("principal eigenvector (x, y, z) in the RAS+ world frame", "unitless"),
-    "colfa": ("colour FA: |V1| * FA as red (left-right), green (anterior-posterior), blue (inferior-superior)",
-              "arbitrary"),
+    "colfa": (
+        "colour FA: |V1| * FA as red (left-right), green (anterior-posterior), blue (inferior-superior)",
+        "arbitrary",
+    ),
 }
 
 #: Track-density maps derived from a tractogram: ``param`` value → description.
@@ -33,18 +50,26 @@ TDI_PARAMS: dict[str, str] = {
 #: Per-voxel uncertainty maps the app writes beside the maps: key → (BIDS entities, sidecar
 #: description, units). The entities name the map they qualify (BIDS-Derivatives ``desc``).
 UNCERTAINTY_MAPS: dict[str, tuple[dict[str, str], str, str]] = {
-    "fa_sd": ({"model": "tensor", "param": "fa", "desc": "sd"},
-              "standard deviation of FA across the six phase-1 passes (axial, coronal and sagittal slices "
-              "of the T1w and of its left-right mirror image): the population standard deviation (divided "
-              "by 6) of the FA of each pass's tensor, times UncertaintyScale", "arbitrary"),
-    "v1_dispersion": ({"model": "tensor", "param": "v1", "desc": "dispersion"},
-                      "angular dispersion of the principal eigenvector across the six phase-1 passes: the "
-                      "root-mean-square of the sign-free angle arccos|V1_pass . V1| between each pass's V1 and "
-                      "the written (fused) V1, in degrees from 0 to 90, times UncertaintyScale", "deg"),
-    "tdi_sd": ({"tract": "wholebrain", "param": "tdi", "desc": "sd"},
-               "standard deviation of the relative track density across the six phase-2 passes: the "
-               "population standard deviation (divided by 6) of each pass's density, times UncertaintyScale",
-               "arbitrary"),
+    "fa_sd": (
+        {"model": "tensor", "param": "fa", "desc": "sd"},
+        "standard deviation of FA across the six phase-1 passes (axial, coronal and sagittal slices "
+        "of the T1w and of its left-right mirror image): the population standard deviation (divided "
+        "by 6) of the FA of each pass's tensor, times UncertaintyScale",
+        "arbitrary",
+    ),
+    "v1_dispersion": (
+        {"model": "tensor", "param": "v1", "desc": "dispersion"},
+        "angular dispersion of the principal eigenvector across the six phase-1 passes: the "
+        "root-mean-square of the sign-free angle arccos|V1_pass . V1| between each pass's V1 and "
+        "the written (fused) V1, in degrees from 0 to 90, times UncertaintyScale",
+        "deg",
+    ),
+    "tdi_sd": (
+        {"tract": "wholebrain", "param": "tdi", "desc": "sd"},
+        "standard deviation of the relative track density across the six phase-2 passes: the "
+        "population standard deviation (divided by 6) of each pass's density, times UncertaintyScale",
+        "arbitrary",
+    ),
 }
 
 
@@ -73,8 +98,9 @@ class Subject:
         return path / datatype
 
 
-def derivative_path(root: Path, subject: Subject, datatype: str, suffix: str,
-                    extension: str = ".nii.gz", **entities: str) -> Path:
+def derivative_path(
+    root: Path, subject: Subject, datatype: str, suffix: str, extension: str = ".nii.gz", **entities: str
+) -> Path:
     """Build ``root/sub-X[/ses-Y]/<datatype>/sub-X[_ses-Y]_<entities>_<suffix><extension>``."""
     unknown = set(entities) - set(ENTITY_ORDER)
     if unknown:
@@ -107,23 +133,30 @@ def sidecar_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def derivative_paths(root: Path, subject: Subject, track_method: str,
-                     tractogram_format: str = "trx") -> dict[str, Path]:
+def derivative_paths(
+    root: Path, subject: Subject, track_method: str, tractogram_format: str = "trx"
+) -> dict[str, Path]:
     """The maps, masks, transform and tractogram of one unit, keyed like the prep manifest columns
     (and the app's uncertainty maps, keyed like :data:`UNCERTAINTY_MAPS`).
 
     ``m2m-train prepare`` (``track_method`` ``tensordet``) and the app (``nerf``) share these names.
     """
-    paths = {param: derivative_path(root, subject, "dwi", "dwimap", space="T1w",
-                                    model="tensor", param=param) for param in TENSOR_PARAMS}
-    paths |= {param: derivative_path(root, subject, "dwi", "dwimap", space="T1w",
-                                     tract="wholebrain", param=param) for param in TDI_PARAMS}
-    paths |= {key: derivative_path(root, subject, "dwi", "dwimap", space="T1w", **entities)
-              for key, (entities, _, _) in UNCERTAINTY_MAPS.items()}
+    paths = {
+        param: derivative_path(root, subject, "dwi", "dwimap", space="T1w", model="tensor", param=param)
+        for param in TENSOR_PARAMS
+    }
+    paths |= {
+        param: derivative_path(root, subject, "dwi", "dwimap", space="T1w", tract="wholebrain", param=param)
+        for param in TDI_PARAMS
+    }
+    paths |= {
+        key: derivative_path(root, subject, "dwi", "dwimap", space="T1w", **entities)
+        for key, (entities, _, _) in UNCERTAINTY_MAPS.items()
+    }
     paths["mask"] = derivative_path(root, subject, "anat", "mask", space="T1w", desc="brain")
     paths["wm"] = derivative_path(root, subject, "anat", "mask", space="T1w", label="WM")
-    paths["tractogram"] = derivative_path(root, subject, "dwi", "tractogram", f".{tractogram_format}",
-                                          space="T1w", tract="wholebrain", track=track_method)
-    paths["xfm"] = derivative_path(root, subject, "dwi", "xfm", ".txt", **{
-        "from": "T1w", "to": "dwi", "mode": "image"})
+    paths["tractogram"] = derivative_path(
+        root, subject, "dwi", "tractogram", f".{tractogram_format}", space="T1w", tract="wholebrain", track=track_method
+    )
+    paths["xfm"] = derivative_path(root, subject, "dwi", "xfm", ".txt", **{"from": "T1w", "to": "dwi", "mode": "image"})
     return paths

@@ -3,6 +3,7 @@
 Every loader reads the voxel data eagerly, so a truncated or corrupt file fails here
 with a message naming the file, not later deep inside a workflow node.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,10 @@ def load_t1w(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
     if data.ndim != 3:
         raise BadDataError(f"{path}: a T1w must be a 3D image, this one has shape {data.shape}")
     if min(data.shape) < MIN_AXIS_VOXELS:
-        raise BadDataError(f"{path}: a T1w must have at least {MIN_AXIS_VOXELS} voxels on each "
-                           f"axis, this one has shape {data.shape} (a 2D slice?)")
+        raise BadDataError(
+            f"{path}: a T1w must have at least {MIN_AXIS_VOXELS} voxels on each "
+            f"axis, this one has shape {data.shape} (a 2D slice?)"
+        )
     _check_finite_nonempty(path, data)
     return img, data
 
@@ -83,8 +86,9 @@ def load_dwi(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray, np.n
     path = Path(path)
     img, data = load_image(path)
     if data.ndim != 4 or data.shape[3] < 7:
-        raise BadDataError(f"{path}: a DWI must be 4D with at least 7 volumes "
-                           f"(1 b0 + 6 directions), this one has shape {data.shape}")
+        raise BadDataError(
+            f"{path}: a DWI must be 4D with at least 7 volumes (1 b0 + 6 directions), this one has shape {data.shape}"
+        )
     stem = str(path)[: -len(".nii.gz")] if str(path).endswith(".nii.gz") else str(path.with_suffix(""))
     bval_path, bvec_path = Path(stem + ".bval"), Path(stem + ".bvec")
     for side in (bval_path, bvec_path):
@@ -99,16 +103,22 @@ def load_dwi(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray, np.n
         bvecs = bvecs.T
     n = data.shape[3]
     if bvals.shape != (n,) or bvecs.shape != (3, n):
-        raise BadDataError(f"{path}: {n} volumes but .bval has {bvals.size} values and .bvec "
-                           f"has shape {bvecs.shape}; they must match")
+        raise BadDataError(
+            f"{path}: {n} volumes but .bval has {bvals.size} values and .bvec has shape {bvecs.shape}; they must match"
+        )
     if not np.any(bvals <= 50):
         raise BadDataError(f"{path}: no b=0 volume (b <= 50 s/mm²); the tensor fit needs one")
     _check_finite_nonempty(path, data)
     return img, data, bvals, bvecs.T
 
 
-def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-               header: nib.Nifti1Header | None = None, dtype: Any = np.float32) -> Path:
+def save_nifti(
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    header: nib.Nifti1Header | None = None,
+    dtype: Any = np.float32,
+) -> Path:
     """Write ``data`` with ``affine`` to ``path`` atomically (qform/sform set, float32 by default)."""
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header)
     img.set_data_dtype(dtype)

@@ -4,6 +4,7 @@ under the work folder, reading and updating it, and the order the stages run in.
 :class:`~m2m_app.workflows.timing.StageTimer` (the Nipype callback) records the times; the
 writing nodes and the report (later, in other processes) read them from here.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,18 @@ from pathlib import Path
 from m2m_app.io.files import save_json
 
 #: The stages (workflow node names) of one participant/session, in the order they run.
-STAGE_ORDER = ("check_t1w", "phase1", "tensor_maps", "phase2", "nerf_fit", "nerf_render", "nerf_track",
-               "write_maps", "write_nerf", "write_report")
+STAGE_ORDER = (
+    "check_t1w",
+    "phase1",
+    "tensor_maps",
+    "phase2",
+    "nerf_fit",
+    "nerf_render",
+    "nerf_track",
+    "write_maps",
+    "write_nerf",
+    "write_report",
+)
 
 
 def timings_path(work_dir: str | Path, unit_workflow: str) -> Path:

@@ -1,4 +1,5 @@
 """Writing and reading tractograms (.trx, .tck, .trk) in RASMM with a NIfTI reference."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,8 +16,7 @@ from m2m_app.io.files import atomic_write
 TRACTOGRAM_FORMATS = ("trx", "tck", "trk")
 
 
-def save_tractogram(streamlines: Sequence[np.ndarray], reference: nib.Nifti1Image,
-                    path: str | Path) -> Path:
+def save_tractogram(streamlines: Sequence[np.ndarray], reference: nib.Nifti1Image, path: str | Path) -> Path:
     """Write streamlines given in world mm (RASMM) to ``path``; the format follows the extension.
 
     ``.trx`` goes through trx-python, ``.tck``/``.trk`` through dipy/nibabel; all three
@@ -27,8 +27,7 @@ def save_tractogram(streamlines: Sequence[np.ndarray], reference: nib.Nifti1Imag
     fmt = path.suffix.lstrip(".")
     if fmt not in TRACTOGRAM_FORMATS:
         raise ValueError(f"{path}: unknown tractogram format, use one of {TRACTOGRAM_FORMATS}")
-    sft = StatefulTractogram([np.asarray(s, dtype=np.float32) for s in streamlines], reference,
-                             Space.RASMM)
+    sft = StatefulTractogram([np.asarray(s, dtype=np.float32) for s in streamlines], reference, Space.RASMM)
 
     def write(tmp: str) -> None:
         if fmt == "trx":
@@ -49,4 +48,3 @@ def load_streamlines(path: str | Path, reference: str | Path | nib.Nifti1Image) 
 
     ref = reference if isinstance(reference, nib.Nifti1Image) else str(reference)
     return list(load_tractogram(str(path), ref, bbox_valid_check=False).streamlines)
-

@@ -6,6 +6,7 @@ head), centred on the T1w's centre of intensity mass. Any source grid (oblique, 
 PSR, anisotropic) maps onto it by one affine resampling, and every prediction maps
 back onto the source's own shape and affine.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,8 +81,9 @@ def _antialias_sigma(step: np.ndarray) -> np.ndarray:
     return np.clip((step - 1.0) / 2.0, 0.0, None)
 
 
-def resample_scalar(volume: np.ndarray, in_affine: np.ndarray, out_affine: np.ndarray,
-                    out_shape: tuple[int, int, int], order: int = 1) -> np.ndarray:
+def resample_scalar(
+    volume: np.ndarray, in_affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, int, int], order: int = 1
+) -> np.ndarray:
     """Resample one 3D volume from ``in_affine`` onto (``out_affine``, ``out_shape``), zero outside.
 
     ``order`` 1 is trilinear (with a Gaussian anti-aliasing pre-filter when the output
@@ -93,17 +95,28 @@ def resample_scalar(volume: np.ndarray, in_affine: np.ndarray, out_affine: np.nd
         sigma = _antialias_sigma(np.abs(mapping[:3, :3]).sum(axis=1))
         if np.any(sigma > 0.1):
             volume = ndimage.gaussian_filter(volume, sigma, mode="nearest")
-    return ndimage.affine_transform(volume, mapping[:3, :3], mapping[:3, 3], output_shape=out_shape,
-                                    order=order, mode="constant", cval=0.0, prefilter=False)
+    return ndimage.affine_transform(
+        volume,
+        mapping[:3, :3],
+        mapping[:3, 3],
+        output_shape=out_shape,
+        order=order,
+        mode="constant",
+        cval=0.0,
+        prefilter=False,
+    )
 
 
-def _resample_any(volume: np.ndarray, in_affine: np.ndarray, out_affine: np.ndarray,
-                  out_shape: tuple[int, int, int], order: int) -> np.ndarray:
+def _resample_any(
+    volume: np.ndarray, in_affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, int, int], order: int
+) -> np.ndarray:
     """:func:`resample_scalar` on ``(X, Y, Z)`` or channel by channel on ``(X, Y, Z, C)``."""
     if volume.ndim == 3:
         return resample_scalar(volume, in_affine, out_affine, out_shape, order)
-    return np.stack([resample_scalar(volume[..., c], in_affine, out_affine, out_shape, order)
-                     for c in range(volume.shape[-1])], axis=-1)
+    return np.stack(
+        [resample_scalar(volume[..., c], in_affine, out_affine, out_shape, order) for c in range(volume.shape[-1])],
+        axis=-1,
+    )
 
 
 @dataclass(frozen=True)
@@ -129,15 +142,22 @@ class ConformedGrid:
 
     def to_dict(self) -> dict[str, list]:
         """The grid as plain lists (exact: float64 values as Python floats), e.g. to pass between workflow nodes."""
-        return {"shape": list(self.shape), "affine": self.affine.tolist(), "source_shape": list(self.source_shape),
-                "source_affine": self.source_affine.tolist()}
+        return {
+            "shape": list(self.shape),
+            "affine": self.affine.tolist(),
+            "source_shape": list(self.source_shape),
+            "source_affine": self.source_affine.tolist(),
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, list]) -> ConformedGrid:
         """The grid :meth:`to_dict` described."""
-        return cls(shape=tuple(values["shape"]), affine=np.array(values["affine"], dtype=float),
-                   source_shape=tuple(values["source_shape"]),
-                   source_affine=np.array(values["source_affine"], dtype=float))
+        return cls(
+            shape=tuple(values["shape"]),
+            affine=np.array(values["affine"], dtype=float),
+            source_shape=tuple(values["source_shape"]),
+            source_affine=np.array(values["source_affine"], dtype=float),
+        )
 
 
 def model_grid(source_shape: tuple[int, ...], source_affine: np.ndarray, centre: np.ndarray) -> ConformedGrid:
@@ -145,8 +165,9 @@ def model_grid(source_shape: tuple[int, ...], source_affine: np.ndarray, centre:
     affine = np.diag([MODEL_VOXEL_MM] * 3 + [1.0])
     affine[:3, 3] = centre - MODEL_VOXEL_MM * (np.array(MODEL_SHAPE) - 1) / 2.0
     x, y, z = source_shape[:3]
-    return ConformedGrid(shape=MODEL_SHAPE, affine=affine, source_shape=(x, y, z),
-                         source_affine=np.asarray(source_affine, dtype=float))
+    return ConformedGrid(
+        shape=MODEL_SHAPE, affine=affine, source_shape=(x, y, z), source_affine=np.asarray(source_affine, dtype=float)
+    )
 
 
 def conform_t1w(img: nib.Nifti1Image, data: np.ndarray) -> tuple[np.ndarray, ConformedGrid]:

@@ -4,6 +4,7 @@ The one home of the project's image metrics: Pearson correlation, PSNR, SSIM (3D
 inside a mask), Dice overlap and the sign-free angle between orientations. The evaluation
 protocol that combines them is described in ``docs/training.md`` ("Evaluation protocol").
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,7 @@ def psnr(prediction: np.ndarray, truth: np.ndarray, data_range: float = 1.0) -> 
     Pass the voxels to compare (e.g. ``pred[mask]``, ``truth[mask]``); shapes must match.
     """
     mse = float(np.mean((np.asarray(prediction, float) - np.asarray(truth, float)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(data_range ** 2 / mse))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(data_range**2 / mse))
 
 
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
@@ -38,8 +39,14 @@ def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
 
 
-def masked_ssim(prediction: np.ndarray, truth: np.ndarray, mask: np.ndarray, within: np.ndarray | None = None,
-                data_range: float = 1.0, win_size: int = SSIM_WINDOW) -> float:
+def masked_ssim(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    mask: np.ndarray,
+    within: np.ndarray | None = None,
+    data_range: float = 1.0,
+    win_size: int = SSIM_WINDOW,
+) -> float:
     """Mean structural similarity of two volumes ``(X, Y, Z)`` over the voxels of ``within``.
 
     Both volumes are set to 0 outside ``mask`` (so nothing outside it enters any window),

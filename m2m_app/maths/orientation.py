@@ -1,4 +1,5 @@
 """Reading arrays in RAS order, for figures (pure NumPy/nibabel; no resampling)."""
+
 from __future__ import annotations
 
 import nibabel as nib

@@ -10,6 +10,7 @@ Compositing along a ray sampled at ``t_i`` with spacing ``delta_i`` (mm):
 ``alpha_i = 1 - exp(-sigma_i delta_i)``, ``T_i = prod_{j<i} (1 - alpha_j)``,
 ``C = sum_i T_i alpha_i c_i + (1 - sum_i T_i alpha_i) background``.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -30,9 +31,16 @@ def camera_basis(azimuth_deg: float, elevation_deg: float) -> tuple[np.ndarray, 
     return forward, right, np.cross(right, forward)
 
 
-def camera_rays(bounds: np.ndarray, azimuth_deg: float, elevation_deg: float, size: tuple[int, int], *,
-                perspective: bool = False, fov_deg: float = 30.0, half_extent_mm: float | None = None
-                ) -> tuple[np.ndarray, np.ndarray, float, float]:
+def camera_rays(
+    bounds: np.ndarray,
+    azimuth_deg: float,
+    elevation_deg: float,
+    size: tuple[int, int],
+    *,
+    perspective: bool = False,
+    fov_deg: float = 30.0,
+    half_extent_mm: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Rays covering the sphere that bounds ``bounds`` (``(2, 3)`` min/max corners, mm).
 
     Returns origins and unit directions, each ``(H * W, 3)`` in row-major pixel order, and the
@@ -45,10 +53,10 @@ def camera_rays(bounds: np.ndarray, azimuth_deg: float, elevation_deg: float, si
     radius = 0.5 * float(np.linalg.norm(bounds[1] - bounds[0]))
     forward, right, up = camera_basis(azimuth_deg, elevation_deg)
     height, width = size
-    v = 1.0 - (2.0 * np.arange(height) + 1.0) / height          # +1 at the top row
+    v = 1.0 - (2.0 * np.arange(height) + 1.0) / height  # +1 at the top row
     u = (2.0 * np.arange(width) + 1.0) / width - 1.0
     uu, vv = np.meshgrid(u, v)
-    screen = uu.reshape(-1, 1) * right + vv.reshape(-1, 1) * up   # (H*W, 3), in [-1, 1] units
+    screen = uu.reshape(-1, 1) * right + vv.reshape(-1, 1) * up  # (H*W, 3), in [-1, 1] units
     if perspective:
         distance = radius / np.sin(np.radians(fov_deg) / 2)
         directions = forward + np.tan(np.radians(fov_deg) / 2) * screen
@@ -59,9 +67,12 @@ def camera_rays(bounds: np.ndarray, azimuth_deg: float, elevation_deg: float, si
     return origins, np.broadcast_to(forward, origins.shape), 0.0, 2.0 * radius
 
 
-def composite(sigma: np.ndarray, colour: np.ndarray, delta: float | np.ndarray,
-              background: np.ndarray | tuple[float, float, float] = (0.0, 0.0, 0.0)
-              ) -> tuple[np.ndarray, np.ndarray]:
+def composite(
+    sigma: np.ndarray,
+    colour: np.ndarray,
+    delta: float | np.ndarray,
+    background: np.ndarray | tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> tuple[np.ndarray, np.ndarray]:
     """NeRF compositing of ``(R, S)`` extinctions (1/mm) and ``(R, S, 3)`` colours along ``R`` rays.
 
     ``delta`` is the sample spacing in mm (scalar or ``(R, S)``). Returns the colour ``(R, 3)``
@@ -91,11 +102,21 @@ def box_span(origins: np.ndarray, directions: np.ndarray, bounds: np.ndarray) ->
     return np.maximum(t_enter, 0.0), t_exit
 
 
-def render_view(query_fn: QueryFn, bounds: np.ndarray, azimuth_deg: float, elevation_deg: float,
-                size: int | tuple[int, int], *, n_samples: int = 128, perspective: bool = False,
-                fov_deg: float = 30.0, background: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                rays_per_chunk: int = 4096, half_extent_mm: float | None = None,
-                clip_to_box: bool = False) -> np.ndarray:
+def render_view(
+    query_fn: QueryFn,
+    bounds: np.ndarray,
+    azimuth_deg: float,
+    elevation_deg: float,
+    size: int | tuple[int, int],
+    *,
+    n_samples: int = 128,
+    perspective: bool = False,
+    fov_deg: float = 30.0,
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    rays_per_chunk: int = 4096,
+    half_extent_mm: float | None = None,
+    clip_to_box: bool = False,
+) -> np.ndarray:
     """Render an ``(H, W, 3)`` float image in [0, 1] of the field ``query_fn`` inside ``bounds``.
 
     ``size`` is ``H = W`` or ``(H, W)``; rays are marched with ``n_samples`` midpoint samples
@@ -106,9 +127,15 @@ def render_view(query_fn: QueryFn, bounds: np.ndarray, azimuth_deg: float, eleva
     outside the box, and the same samples are spent where it is not.
     """
     height, width = (size, size) if isinstance(size, int) else size
-    origins, directions, t_near, t_far = camera_rays(bounds, azimuth_deg, elevation_deg, (height, width),
-                                                     perspective=perspective, fov_deg=fov_deg,
-                                                     half_extent_mm=half_extent_mm)
+    origins, directions, t_near, t_far = camera_rays(
+        bounds,
+        azimuth_deg,
+        elevation_deg,
+        (height, width),
+        perspective=perspective,
+        fov_deg=fov_deg,
+        half_extent_mm=half_extent_mm,
+    )
     if clip_to_box:
         t_start, t_stop = box_span(origins, directions, np.asarray(bounds, dtype=float))
     else:
@@ -117,12 +144,15 @@ def render_view(query_fn: QueryFn, bounds: np.ndarray, azimuth_deg: float, eleva
     hits = np.flatnonzero(t_stop > t_start)
     fractions = (np.arange(n_samples) + 0.5) / n_samples
     for start in range(0, len(hits), rays_per_chunk):
-        rays = hits[start:start + rays_per_chunk]
+        rays = hits[start : start + rays_per_chunk]
         span = (t_stop[rays] - t_start[rays])[:, None]
-        t = t_start[rays][:, None] + fractions[None, :] * span                       # (R, S) mm
+        t = t_start[rays][:, None] + fractions[None, :] * span  # (R, S) mm
         points = origins[rays, None, :] + t[..., None] * directions[rays, None, :]
         sigma, colour = query_fn(points.reshape(-1, 3))
-        image[rays], _ = composite(np.asarray(sigma, float).reshape(len(rays), n_samples),
-                                   np.asarray(colour, float).reshape(len(rays), n_samples, 3),
-                                   span / n_samples, background)
+        image[rays], _ = composite(
+            np.asarray(sigma, float).reshape(len(rays), n_samples),
+            np.asarray(colour, float).reshape(len(rays), n_samples, 3),
+            span / n_samples,
+            background,
+        )
     return np.clip(image, 0.0, 1.0).reshape(height, width, 3)

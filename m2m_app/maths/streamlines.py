@@ -1,4 +1,5 @@
 """Track-density maps from streamlines (pure NumPy; no file I/O)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,8 +16,7 @@ def clip_to_grid(streamline: np.ndarray, shape: tuple[int, int, int], affine: np
     return streamline[inside]
 
 
-def track_density(streamlines: Sequence[np.ndarray], shape: tuple[int, int, int],
-                  affine: np.ndarray) -> np.ndarray:
+def track_density(streamlines: Sequence[np.ndarray], shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     """Track-density image: streamlines visiting each voxel, ``(X, Y, Z)`` float32.
 
     ``streamlines`` are ``(K_i, 3)`` arrays in world mm; ``affine`` is the voxel-to-world
@@ -29,8 +29,9 @@ def track_density(streamlines: Sequence[np.ndarray], shape: tuple[int, int, int]
     return density_map(clipped, affine, shape).astype(np.float32)
 
 
-def directional_density(streamlines: Sequence[np.ndarray], shape: tuple[int, int, int],
-                        affine: np.ndarray) -> np.ndarray:
+def directional_density(
+    streamlines: Sequence[np.ndarray], shape: tuple[int, int, int], affine: np.ndarray
+) -> np.ndarray:
     """Directionally encoded track density ``(X, Y, Z, 3)``: mean |segment direction| per voxel.
 
     Each segment contributes its absolute unit direction (world x, y, z → R, G, B) to
@@ -57,8 +58,13 @@ def directional_density(streamlines: Sequence[np.ndarray], shape: tuple[int, int
     return total.astype(np.float32)
 
 
-def fraction_near(streamlines: Sequence[np.ndarray], reference: Sequence[np.ndarray],
-                  distance_mm: float = 2.0, max_points: int = 2_000_000, seed: int = 0) -> float:
+def fraction_near(
+    streamlines: Sequence[np.ndarray],
+    reference: Sequence[np.ndarray],
+    distance_mm: float = 2.0,
+    max_points: int = 2_000_000,
+    seed: int = 0,
+) -> float:
     """Fraction of ``streamlines`` whose mean distance to the nearest ``reference`` point is below ``distance_mm``.
 
     Both sets are ``(K_i, 3)`` arrays in world mm. Reference points are subsampled to at

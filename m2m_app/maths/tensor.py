@@ -8,6 +8,7 @@ Conventions used throughout m2m:
 * Arrays carry the components on the **last** axis, shape ``(..., 6)``; full
   matrices have shape ``(..., 3, 3)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -89,9 +90,12 @@ def scalar_maps(evals: np.ndarray) -> dict[str, np.ndarray]:
     Thin wrapper over dipy's definitions so m2m and dipy agree to the last digit.
     """
     evals = np.clip(np.asarray(evals, dtype=float), 0.0, None)
-    return {"fa": np.nan_to_num(dti.fractional_anisotropy(evals)),
-            "md": dti.mean_diffusivity(evals), "ad": dti.axial_diffusivity(evals),
-            "rd": dti.radial_diffusivity(evals)}
+    return {
+        "fa": np.nan_to_num(dti.fractional_anisotropy(evals)),
+        "md": dti.mean_diffusivity(evals),
+        "ad": dti.axial_diffusivity(evals),
+        "rd": dti.radial_diffusivity(evals),
+    }
 
 
 def tensor_derivatives(components: np.ndarray) -> dict[str, np.ndarray]:

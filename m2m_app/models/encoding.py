@@ -5,6 +5,7 @@ Shared by the phase specs (decoding and uncertainty, :mod:`m2m_app.models.phases
 (FA of a log-tensor, :mod:`m2m_app.models.losses`) and the training samples (encoding the
 teacher's tensors, :mod:`m2m_app.training.samples`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,10 @@ DIFFUSIVITY_SCALE = 1e-3
 #: Predicted eigenvalues are clamped to this range, mm²/s (positive-definite and finite in float32).
 EIGENVALUE_RANGE = (1e-6, 1e-2)
 #: The same range for the eigenvalues of ``logm(D / DIFFUSIVITY_SCALE)``.
-LOG_EIGENVALUE_RANGE: tuple[float, float] = (float(np.log(EIGENVALUE_RANGE[0] / DIFFUSIVITY_SCALE)),
-                                             float(np.log(EIGENVALUE_RANGE[1] / DIFFUSIVITY_SCALE)))
+LOG_EIGENVALUE_RANGE: tuple[float, float] = (
+    float(np.log(EIGENVALUE_RANGE[0] / DIFFUSIVITY_SCALE)),
+    float(np.log(EIGENVALUE_RANGE[1] / DIFFUSIVITY_SCALE)),
+)
 
 
 def tensor_to_log(components: np.ndarray) -> np.ndarray:

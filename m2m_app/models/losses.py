@@ -5,6 +5,7 @@ Phase 1 supervises the size, anisotropy and orientation of the log-tensor apart,
 FA distribution of the batch, and the brain mask; phase 2 the relative track density and the
 DEC-TDI. :class:`~m2m_app.models.phases.PhaseSpec` holds each phase's loss.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ def _masked_l1(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Ten
 def _torch_matrix(components: torch.Tensor) -> torch.Tensor:
     """``(M, 6)`` → symmetric ``(M, 3, 3)``."""
     d11, d12, d13, d22, d23, d33 = components.unbind(-1)
-    return torch.stack([torch.stack([d11, d12, d13], -1), torch.stack([d12, d22, d23], -1),
-                        torch.stack([d13, d23, d33], -1)], -2)
+    return torch.stack(
+        [torch.stack([d11, d12, d13], -1), torch.stack([d12, d22, d23], -1), torch.stack([d13, d23, d33], -1)], -2
+    )
 
 
 def fa_from_log(log_components: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,7 @@ def tensor_norm(components: torch.Tensor, eps: float) -> torch.Tensor:
     """Frobenius norm ``(M,)`` of symmetric matrices given as ``(M, 6)`` components, smoothed by ``eps``
     (``sqrt(|A|² + eps²)``, differentiable at 0)."""
     weights = components.new_tensor(TENSOR_COMPONENT_WEIGHTS)
-    return torch.sqrt((weights * components.pow(2)).sum(-1) + eps ** 2)
+    return torch.sqrt((weights * components.pow(2)).sum(-1) + eps**2)
 
 
 def log_tensor_parts(log_components: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,21 +93,34 @@ def phase1_loss(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -
     inside = weight[:, 0] > 0
     if not inside.any():
         zero = raw.sum() * 0.0
-        return {"size_l1": zero, "anisotropy_l1": zero, "orientation": zero, "fa_l1": zero,
-                "fa_distribution": zero, "mask_bce": mask, "total": 0.5 * mask}
+        return {
+            "size_l1": zero,
+            "anisotropy_l1": zero,
+            "orientation": zero,
+            "fa_l1": zero,
+            "fa_distribution": zero,
+            "mask_bce": mask,
+            "total": 0.5 * mask,
+        }
     voxels_pred = raw[:, :6].permute(0, 2, 3, 1)[inside]
     voxels_true = target[:, :6].permute(0, 2, 3, 1)[inside]
     size_pred, aniso_pred, unit_pred = log_tensor_parts(voxels_pred)
     size_true, aniso_true, unit_true = log_tensor_parts(voxels_true)
     direction_error = tensor_norm(unit_pred - unit_true, 1e-6)
     fa_pred, fa_true = fa_from_log(voxels_pred), fa_from_log(voxels_true)
-    terms = {"size_l1": (size_pred - size_true).abs().mean(),
-             "anisotropy_l1": (aniso_pred - aniso_true).abs().mean(),
-             "orientation": (aniso_true * direction_error).mean() / aniso_true.mean().clamp(min=1e-6),
-             "fa_l1": (fa_pred - fa_true).abs().mean()}
+    terms = {
+        "size_l1": (size_pred - size_true).abs().mean(),
+        "anisotropy_l1": (aniso_pred - aniso_true).abs().mean(),
+        "orientation": (aniso_true * direction_error).mean() / aniso_true.mean().clamp(min=1e-6),
+        "fa_l1": (fa_pred - fa_true).abs().mean(),
+    }
     distribution = wasserstein_1d(fa_pred, fa_true)
-    return {**terms, "fa_distribution": distribution, "mask_bce": mask,
-            "total": sum(terms.values()) + FA_DISTRIBUTION_WEIGHT * distribution + 0.5 * mask}
+    return {
+        **terms,
+        "fa_distribution": distribution,
+        "mask_bce": mask,
+        "total": sum(terms.values()) + FA_DISTRIBUTION_WEIGHT * distribution + 0.5 * mask,
+    }
 
 
 def phase2_loss(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ Each pixel is jittered within its voxel and its target read trilinearly from the
 the field is also fitted between voxel centres, where tracking and rendering query it
 (fitted on voxel centres only, it was off by up to 40 % half-way between them).
 """
+
 from __future__ import annotations
 
 import json
@@ -81,20 +82,24 @@ class FieldNet(torch.nn.Module):
         self.config = config
         self.grid = torch.nn.Parameter(0.01 * torch.randn(1, config.channels, *config.grid_shape))
         self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(config.in_features, config.hidden), torch.nn.ReLU(),
-            torch.nn.Linear(config.hidden, config.hidden), torch.nn.ReLU(),
-            torch.nn.Linear(config.hidden, 4))
-        self.register_buffer("bands", math.pi * 2.0 ** torch.arange(config.frequencies, dtype=torch.float32),
-                             persistent=False)
+            torch.nn.Linear(config.in_features, config.hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(config.hidden, config.hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(config.hidden, 4),
+        )
+        self.register_buffer(
+            "bands", math.pi * 2.0 ** torch.arange(config.frequencies, dtype=torch.float32), persistent=False
+        )
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         n = coords.shape[0]
         # grid_sample wants (x, y, z) = (last, middle, first) axis of the (X, Y, Z) grid.
-        features = F.grid_sample(self.grid, coords.flip(-1).view(1, n, 1, 1, 3), mode="bilinear",
-                                 padding_mode="border", align_corners=True)
+        features = F.grid_sample(
+            self.grid, coords.flip(-1).view(1, n, 1, 1, 3), mode="bilinear", padding_mode="border", align_corners=True
+        )
         angles = (coords[:, :, None] * self.bands).flatten(1)
-        x = torch.cat([features.view(self.config.channels, n).T, coords, torch.sin(angles),
-                       torch.cos(angles)], dim=1)
+        x = torch.cat([features.view(self.config.channels, n).T, coords, torch.sin(angles), torch.cos(angles)], dim=1)
         return self.mlp(x)
 
 
@@ -158,7 +163,7 @@ class FittedField:
         device = self.net.grid.device
         densities, colours = [], []
         for start in range(0, coords.shape[0], chunk):
-            part = coords[start:start + chunk].to(device)
+            part = coords[start : start + chunk].to(device)
             density, colour = decode(self.net(part))
             inside = (part.abs() <= 1.0).all(dim=1)
             densities.append((density * inside).cpu().numpy())
@@ -190,9 +195,14 @@ class FittedField:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the weights and JSON metadata (geometry, normalisation, fit report) to a safetensors file."""
-        metadata = {"version": FORMAT_VERSION, "config": asdict(self.net.config),
-                    "affine": np.asarray(self.affine).tolist(), "shape": list(self.shape),
-                    "density_scale": self.density_scale, "info": self.info}
+        metadata = {
+            "version": FORMAT_VERSION,
+            "config": asdict(self.net.config),
+            "affine": np.asarray(self.affine).tolist(),
+            "shape": list(self.shape),
+            "density_scale": self.density_scale,
+            "info": self.info,
+        }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         header = {METADATA_KEY: json.dumps(metadata)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -208,19 +218,27 @@ class FittedField:
             raise BadDataError(f"{path}: not an m2m field (no '{METADATA_KEY}' metadata)")
         metadata = json.loads(header[METADATA_KEY])
         if metadata.get("version") != FORMAT_VERSION:
-            raise BadDataError(f"{path}: field format version {metadata.get('version')}, "
-                               f"this m2m reads version {FORMAT_VERSION}")
+            raise BadDataError(
+                f"{path}: field format version {metadata.get('version')}, this m2m reads version {FORMAT_VERSION}"
+            )
         config = metadata["config"]
         net = FieldNet(FieldConfig(**{**config, "grid_shape": tuple(config["grid_shape"])}))
         net.load_state_dict(load_file(str(path)))
-        return cls(net.to(device), np.asarray(metadata["affine"], dtype=float), tuple(metadata["shape"]),
-                   float(metadata["density_scale"]), metadata["info"])
+        return cls(
+            net.to(device),
+            np.asarray(metadata["affine"], dtype=float),
+            tuple(metadata["shape"]),
+            float(metadata["density_scale"]),
+            metadata["info"],
+        )
 
 
 def _check_inputs(density: np.ndarray, direction: np.ndarray, mask: np.ndarray) -> None:
     if density.ndim != 3 or direction.shape != density.shape + (3,) or mask.shape != density.shape:
-        raise BadDataError(f"field inputs disagree: density {density.shape}, direction {direction.shape}, "
-                           f"mask {mask.shape}; expected (X, Y, Z), (X, Y, Z, 3), (X, Y, Z)")
+        raise BadDataError(
+            f"field inputs disagree: density {density.shape}, direction {direction.shape}, "
+            f"mask {mask.shape}; expected (X, Y, Z), (X, Y, Z, 3), (X, Y, Z)"
+        )
     if not np.any(mask) or not np.any(density[mask] > 0):
         raise BadDataError("the track density is empty inside the mask; nothing to fit")
 
@@ -290,9 +308,17 @@ class FieldFitSettings:
     psnr_slices: int = 8
 
 
-def fit_field(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affine: np.ndarray,
-              settings: FieldFitSettings = FieldFitSettings(), *, seed: int = 0, device: str = "cpu",
-              num_threads: int = 1) -> FittedField:
+def fit_field(
+    density: np.ndarray,
+    direction: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    settings: FieldFitSettings = FieldFitSettings(),
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    num_threads: int = 1,
+) -> FittedField:
     """Fit a field to track-density slices.
 
     Parameters
@@ -329,26 +355,42 @@ def fit_field(density: np.ndarray, direction: np.ndarray, mask: np.ndarray, affi
     try:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        config = FieldConfig(tuple(math.ceil(n / settings.grid_factor) for n in shape), settings.channels,
-                             settings.frequencies, settings.hidden)
+        config = FieldConfig(
+            tuple(math.ceil(n / settings.grid_factor) for n in shape),
+            settings.channels,
+            settings.frequencies,
+            settings.hidden,
+        )
         net = FieldNet(config).to(device)
-        targets = torch.as_tensor(np.concatenate([(density / unit)[..., None], direction], axis=-1),
-                                  device=device).permute(3, 0, 1, 2)[None]
+        targets = torch.as_tensor(
+            np.concatenate([(density / unit)[..., None], direction], axis=-1), device=device
+        ).permute(3, 0, 1, 2)[None]
         steps, final_loss = _optimise(net, targets, _SliceSampler(shape, mask & (density > 0), rng), settings)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         torch.set_num_threads(threads_before)
     fitted = FittedField(net, np.asarray(affine, dtype=float), tuple(shape), unit)
-    fitted.info = {**_slice_psnr(fitted, density / unit, direction, mask, settings.psnr_slices),
-                   "steps": steps, "final_loss": final_loss, "seed": seed, "settings": asdict(settings),
-                   "seconds": time.perf_counter() - started}
-    LOGGER.info("field fitted in %d steps, %.1f s: PSNR density %.1f dB, direction %.1f dB", steps,
-                fitted.info["seconds"], fitted.info["psnr_density_db"], fitted.info["psnr_direction_db"])
+    fitted.info = {
+        **_slice_psnr(fitted, density / unit, direction, mask, settings.psnr_slices),
+        "steps": steps,
+        "final_loss": final_loss,
+        "seed": seed,
+        "settings": asdict(settings),
+        "seconds": time.perf_counter() - started,
+    }
+    LOGGER.info(
+        "field fitted in %d steps, %.1f s: PSNR density %.1f dB, direction %.1f dB",
+        steps,
+        fitted.info["seconds"],
+        fitted.info["psnr_density_db"],
+        fitted.info["psnr_direction_db"],
+    )
     return fitted
 
 
-def _slice_psnr(fitted: FittedField, density: np.ndarray, direction: np.ndarray, mask: np.ndarray,
-                per_axis: int) -> dict[str, float]:
+def _slice_psnr(
+    fitted: FittedField, density: np.ndarray, direction: np.ndarray, mask: np.ndarray, per_axis: int
+) -> dict[str, float]:
     """PSNR (dB) of the field on ``per_axis`` evenly spaced slices of each axis, inside the mask."""
     chosen = np.zeros(mask.shape, dtype=bool)
     for axis, n in enumerate(mask.shape):
@@ -357,22 +399,30 @@ def _slice_psnr(fitted: FittedField, density: np.ndarray, direction: np.ndarray,
         chosen[tuple(index)] = True
     ijk = np.argwhere(chosen & mask)
     fit_density, fit_colour = fitted._evaluate(
-        torch.as_tensor(voxel_to_normalised(ijk, mask.shape), dtype=torch.float32))
+        torch.as_tensor(voxel_to_normalised(ijk, mask.shape), dtype=torch.float32)
+    )
     voxels = tuple(ijk.T)
-    return {"psnr_density_db": psnr(fit_density, density[voxels]),
-            "psnr_direction_db": psnr(fit_colour, direction[voxels])}
+    return {
+        "psnr_density_db": psnr(fit_density, density[voxels]),
+        "psnr_direction_db": psnr(fit_colour, direction[voxels]),
+    }
 
 
-def _optimise(net: FieldNet, targets: torch.Tensor, sampler: _SliceSampler,
-              settings: FieldFitSettings) -> tuple[int, float]:
+def _optimise(
+    net: FieldNet, targets: torch.Tensor, sampler: _SliceSampler, settings: FieldFitSettings
+) -> tuple[int, float]:
     """Adam on random slice-pixel batches until ``settings.max_steps`` or a loss plateau.
 
     Returns the number of steps taken and the mean loss of the last window.
 
     ``targets`` is the ``(1, 4, X, Y, Z)`` volume of normalised density and direction.
     """
-    optimiser = torch.optim.Adam([{"params": [net.grid], "lr": settings.learning_rate},
-                                  {"params": net.mlp.parameters(), "lr": settings.learning_rate / 2}])
+    optimiser = torch.optim.Adam(
+        [
+            {"params": [net.grid], "lr": settings.learning_rate},
+            {"params": net.mlp.parameters(), "lr": settings.learning_rate / 2},
+        ]
+    )
     check_every = settings.check_every
     net.train()
     history: list[float] = []
@@ -380,8 +430,11 @@ def _optimise(net: FieldNet, targets: torch.Tensor, sampler: _SliceSampler,
     step = 0
     for step in range(1, settings.max_steps + 1):
         coords = torch.as_tensor(sampler(settings.batch_size), dtype=torch.float32, device=targets.device)
-        target = F.grid_sample(targets, coords.flip(-1).view(1, -1, 1, 1, 3), mode="bilinear",
-                               align_corners=True).view(4, -1).T
+        target = (
+            F.grid_sample(targets, coords.flip(-1).view(1, -1, 1, 1, 3), mode="bilinear", align_corners=True)
+            .view(4, -1)
+            .T
+        )
         density, colour = decode(net(coords))
         loss = F.mse_loss(density, target[:, 0]) + F.mse_loss(colour, target[:, 1:])
         optimiser.zero_grad(set_to_none=True)

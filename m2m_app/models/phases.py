@@ -17,6 +17,7 @@ and building training samples from a prep dir :mod:`m2m_app.training.samples`.
 Volumes on the model grid are channel-first ``(C, X, Y, Z)``; network tensors are
 ``(N, C, H, W)`` slices.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -106,8 +107,14 @@ class PhaseSpec:
 
     def metadata(self) -> dict:
         """JSON-serialisable description stored beside the weights."""
-        return {"name": self.name, "inputs": list(self.inputs), "outputs": list(self.outputs),
-                "context": self.context, "in_channels": self.in_channels, "out_channels": self.out_channels}
+        return {
+            "name": self.name,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "context": self.context,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+        }
 
 
 def neighbours(index: int, size: int, context: int) -> np.ndarray:
@@ -165,8 +172,10 @@ def _fuse_phase1(views: list[np.ndarray]) -> np.ndarray:
 
 def _decode_phase1(raw: np.ndarray) -> dict[str, np.ndarray]:
     """``tensor`` (X, Y, Z, 6) positive-definite mm²/s everywhere, ``mask`` probability (X, Y, Z)."""
-    return {"tensor": log_to_tensor(np.moveaxis(raw[:6], 0, -1)),
-            "mask": 1.0 / (1.0 + np.exp(-raw[6].astype(np.float64)))}
+    return {
+        "tensor": log_to_tensor(np.moveaxis(raw[:6], 0, -1)),
+        "mask": 1.0 / (1.0 + np.exp(-raw[6].astype(np.float64))),
+    }
 
 
 def spread_sd(values: np.ndarray) -> np.ndarray:
@@ -215,13 +224,21 @@ def _spread_phase1(views: list[np.ndarray], fused: np.ndarray) -> dict[str, np.n
 
 
 PHASE1 = PhaseSpec(
-    name="phase1", inputs=("t1w",),
-    outputs=("logD11", "logD12", "logD13", "logD22", "logD23", "logD33", "brainmask"), context=2,
+    name="phase1",
+    inputs=("t1w",),
+    outputs=("logD11", "logD12", "logD13", "logD22", "logD23", "logD33", "brainmask"),
+    context=2,
     x_flip_signs=(1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0),
-    sigmoid_outputs=(False,) * 6 + (True,), masked_outputs=(True,) * 6 + (False,),
-    intensity_augment=True, tensor_outputs=(0, 1, 2, 3, 4, 5), max_rotation_deg=12.0,
-    fuse=_fuse_phase1, decode=_decode_phase1, loss=phase1_loss,
-    spread=_spread_phase1)
+    sigmoid_outputs=(False,) * 6 + (True,),
+    masked_outputs=(True,) * 6 + (False,),
+    intensity_augment=True,
+    tensor_outputs=(0, 1, 2, 3, 4, 5),
+    max_rotation_deg=12.0,
+    fuse=_fuse_phase1,
+    decode=_decode_phase1,
+    loss=phase1_loss,
+    spread=_spread_phase1,
+)
 
 
 # ----------------------------------------------------------------------------- phase 2
@@ -233,8 +250,9 @@ def phase2_inputs(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: Confo
     ``fa`` (X, Y, Z) in [0, 1], ``md`` (X, Y, Z) mm²/s, ``colfa`` (X, Y, Z, 3); channels are
     FA, MD / :data:`MD_SCALE` (clipped to [0, 2]), colour FA, each resampled linearly.
     """
-    scaled = np.concatenate([np.clip(fa, 0, 1)[..., None], np.clip(md / MD_SCALE, 0, 2)[..., None],
-                             np.clip(colfa, 0, 1)], axis=-1)
+    scaled = np.concatenate(
+        [np.clip(fa, 0, 1)[..., None], np.clip(md / MD_SCALE, 0, 2)[..., None], np.clip(colfa, 0, 1)], axis=-1
+    )
     return np.moveaxis(grid.to_model(scaled), -1, 0).astype(np.float32)
 
 
@@ -253,8 +271,10 @@ def _relative_density(log_density: np.ndarray) -> np.ndarray:
 
 def _decode_phase2(raw: np.ndarray) -> dict[str, np.ndarray]:
     """``tdi`` (X, Y, Z) relative density (1 = the subject's 99th percentile), ``dectdi`` (X, Y, Z, 3)."""
-    return {"tdi": _relative_density(raw[0]),
-            "dectdi": (1.0 / (1.0 + np.exp(-np.moveaxis(raw[1:4], 0, -1).astype(np.float64)))).astype(np.float32)}
+    return {
+        "tdi": _relative_density(raw[0]),
+        "dectdi": (1.0 / (1.0 + np.exp(-np.moveaxis(raw[1:4], 0, -1).astype(np.float64)))).astype(np.float32),
+    }
 
 
 def _spread_phase2(views: list[np.ndarray], fused: np.ndarray) -> dict[str, np.ndarray]:
@@ -263,12 +283,21 @@ def _spread_phase2(views: list[np.ndarray], fused: np.ndarray) -> dict[str, np.n
 
 
 PHASE2 = PhaseSpec(
-    name="phase2", inputs=("fa", "md", "colfa_r", "colfa_g", "colfa_b"),
-    outputs=("log1p_tdi", "dec_x", "dec_y", "dec_z"), context=2, x_flip_signs=(1.0,) * 4,
-    sigmoid_outputs=(False, True, True, True), masked_outputs=(True,) * 4,
-    intensity_augment=False, tensor_outputs=(), max_rotation_deg=0.0,
-    fuse=mean_of_views, decode=_decode_phase2, loss=phase2_loss,
-    spread=_spread_phase2)
+    name="phase2",
+    inputs=("fa", "md", "colfa_r", "colfa_g", "colfa_b"),
+    outputs=("log1p_tdi", "dec_x", "dec_y", "dec_z"),
+    context=2,
+    x_flip_signs=(1.0,) * 4,
+    sigmoid_outputs=(False, True, True, True),
+    masked_outputs=(True,) * 4,
+    intensity_augment=False,
+    tensor_outputs=(),
+    max_rotation_deg=0.0,
+    fuse=mean_of_views,
+    decode=_decode_phase2,
+    loss=phase2_loss,
+    spread=_spread_phase2,
+)
 
 #: All phases by name.
 PHASES: dict[str, PhaseSpec] = {spec.name: spec for spec in (PHASE1, PHASE2)}

@@ -5,6 +5,7 @@ multiples of anything (the translator pads internally). Normalisation is GroupNo
 activations LeakyReLU(0.2): both behave identically in training and inference and for
 any batch size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,15 +26,18 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), _norm(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            _norm(out_channels),
             nn.LeakyReLU(LEAK, inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), _norm(out_channels),
-            nn.LeakyReLU(LEAK, inplace=True))
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            _norm(out_channels),
+            nn.LeakyReLU(LEAK, inplace=True),
+        )
 
 
 def level_channels(base: int, depth: int, max_factor: int = 8) -> list[int]:
     """Channels at each of the ``depth + 1`` resolution levels: ``base · 2^level`` capped at ``base · max_factor``."""
-    return [base * min(2 ** level, max_factor) for level in range(depth + 1)]
+    return [base * min(2**level, max_factor) for level in range(depth + 1)]
 
 
 class Encoder(nn.Module):
@@ -47,7 +51,8 @@ class Encoder(nn.Module):
         super().__init__()
         channels = level_channels(base, depth)
         self.blocks = nn.ModuleList(
-            ConvBlock(c_in, c_out) for c_in, c_out in zip([in_channels] + channels[:-1], channels))
+            ConvBlock(c_in, c_out) for c_in, c_out in zip([in_channels] + channels[:-1], channels)
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
@@ -67,7 +72,8 @@ class Generator(nn.Module):
         super().__init__()
         channels = level_channels(base, depth)
         self.blocks = nn.ModuleList(
-            ConvBlock(channels[level + 1] + channels[level], channels[level]) for level in reversed(range(depth)))
+            ConvBlock(channels[level + 1] + channels[level], channels[level]) for level in reversed(range(depth))
+        )
         self.head = nn.Conv2d(channels[0], out_channels, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -118,8 +124,12 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, in_channels: int, base: int = 32) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            _down(in_channels, base, norm=False), _down(base, base * 2), _down(base * 2, base * 4),
-            _down(base * 4, base * 8, stride=1), nn.Conv2d(base * 8, 1, 4, padding=1))
+            _down(in_channels, base, norm=False),
+            _down(base, base * 2),
+            _down(base * 2, base * 4),
+            _down(base * 4, base * 8, stride=1),
+            nn.Conv2d(base * 8, 1, 4, padding=1),
+        )
 
     def forward(self, condition: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([condition, output], dim=1))
@@ -133,10 +143,13 @@ class GlobalDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int, base: int = 32, depth: int = 5) -> None:
         super().__init__()
-        channels = [base * min(2 ** level, 8) for level in range(depth)]
-        self.features = nn.Sequential(*(
-            _down(c_in, c_out, norm=level > 0)
-            for level, (c_in, c_out) in enumerate(zip([in_channels] + channels[:-1], channels))))
+        channels = [base * min(2**level, 8) for level in range(depth)]
+        self.features = nn.Sequential(
+            *(
+                _down(c_in, c_out, norm=level > 0)
+                for level, (c_in, c_out) in enumerate(zip([in_channels] + channels[:-1], channels))
+            )
+        )
         self.head = nn.Linear(channels[-1], 1)
 
     def forward(self, condition: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Report figures (matplotlib, headless Agg): mosaics of volumes and streamline projections."""
+
 from __future__ import annotations
 
 import io
@@ -17,9 +18,18 @@ from m2m_app.io.files import atomic_write  # noqa: E402
 from m2m_app.maths.orientation import ras_zooms, to_ras  # noqa: E402
 
 
-def mosaic(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray | None = None,
-           contour: np.ndarray | None = None, cmap: str = "gray", vmax: float | None = None,
-           n_slices: int = 7, title: str = "", fmt: str = "png") -> bytes:
+def mosaic(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    *,
+    underlay: np.ndarray | None = None,
+    contour: np.ndarray | None = None,
+    cmap: str = "gray",
+    vmax: float | None = None,
+    n_slices: int = 7,
+    title: str = "",
+    fmt: str = "png",
+) -> bytes:
     """A row of axial slices as image bytes in ``fmt`` (``png``, or ``svg`` with the slices embedded as PNG).
 
     ``volume`` is ``(X, Y, Z)`` (or ``(X, Y, Z, 3)`` RGB in [0, 1]); ``underlay`` a grey
@@ -46,8 +56,7 @@ def mosaic(volume: np.ndarray, affine: np.ndarray, *, underlay: np.ndarray | Non
         if image.ndim == 3:
             ax.imshow(np.clip(image / max(scale, 1e-9), 0, 1), aspect=aspect)
         else:
-            ax.imshow(image, cmap=cmap, vmin=0, vmax=scale, alpha=0.7 if underlay is not None else 1.0,
-                      aspect=aspect)
+            ax.imshow(image, cmap=cmap, vmin=0, vmax=scale, alpha=0.7 if underlay is not None else 1.0, aspect=aspect)
         if contour is not None:
             ax.contour(np.rot90(contour[:, :, k]), levels=[0.5], colors="red", linewidths=0.6)
     if title:
@@ -71,9 +80,15 @@ def _thinned(streamline: np.ndarray, min_segment_mm: float) -> np.ndarray:
     return kept if (len(streamline) - 1) % stride == 0 else np.vstack([kept, streamline[-1:]])
 
 
-def streamline_figure(streamlines: Sequence[np.ndarray], out_path: str | os.PathLike, *,
-                      max_streamlines: int = 2000, min_segment_mm: float = 3.0, seed: int = 0,
-                      title: str = "") -> Path:
+def streamline_figure(
+    streamlines: Sequence[np.ndarray],
+    out_path: str | os.PathLike,
+    *,
+    max_streamlines: int = 2000,
+    min_segment_mm: float = 3.0,
+    seed: int = 0,
+    title: str = "",
+) -> Path:
     """Draw streamlines as lines in sagittal, axial and coronal projections; returns ``out_path``.
 
     ``streamlines`` are ``(K_i, 3)`` world points in RAS+ mm (RASMM); at most ``max_streamlines``
@@ -103,14 +118,22 @@ def streamline_figure(streamlines: Sequence[np.ndarray], out_path: str | os.Path
     widths = [extent[h] for h, _ in PROJECTIONS.values()]
     inches_per_mm = 11 * 0.98 / (sum(widths) * (1 + 0.05 * 2 / 3))  # figure width less margins and gaps
     tallest = max(extent[v] / extent[h] * width for (h, v), width in zip(PROJECTIONS.values(), widths))
-    fig, axes = plt.subplots(1, 3, figsize=(11, inches_per_mm * tallest / 0.85), facecolor="black",
-                             gridspec_kw={"width_ratios": widths, "wspace": 0.05})
+    fig, axes = plt.subplots(
+        1,
+        3,
+        figsize=(11, inches_per_mm * tallest / 0.85),
+        facecolor="black",
+        gridspec_kw={"width_ratios": widths, "wspace": 0.05},
+    )
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.86)  # fixed layout: drawn once
     for ax, (name, (h, v)) in zip(axes, PROJECTIONS.items()):
         ax.set_facecolor("black")
         ax.set_gid(f"panel-{name}")
-        collection = LineCollection(segments[:, :, [h, v]],  # type: ignore[arg-type]  # (N, 2, 2) array: stub too narrow
-                                    colors=np.c_[colours, np.full(len(colours), 0.6)], linewidths=0.35)
+        collection = LineCollection(
+            segments[:, :, [h, v]],  # type: ignore[arg-type]  # (N, 2, 2) array: stub too narrow
+            colors=np.c_[colours, np.full(len(colours), 0.6)],
+            linewidths=0.35,
+        )
         collection.set_rasterized(True)
         ax.add_collection(collection)
         ax.set_xlim(low[h], high[h])

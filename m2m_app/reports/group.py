@@ -1,4 +1,5 @@
 """Group level: one QC row per unit, as TSV, a strip plot of each QC number and an HTML page."""
+
 from __future__ import annotations
 
 import html
@@ -20,8 +21,11 @@ td.outlier{background:#fcc;font-weight:bold}img{max-width:100%;display:block;mar
 
 def numeric_columns(rows: list[dict], columns: list[str]) -> list[str]:
     """The columns whose values are numbers (ints or floats, not booleans) in at least one row."""
-    return [c for c in columns
-            if any(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool) for row in rows)]
+    return [
+        c
+        for c in columns
+        if any(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool) for row in rows)
+    ]
 
 
 def outliers(values: np.ndarray) -> np.ndarray:
@@ -55,8 +59,7 @@ def strip_plot(rows: list[dict], metrics: list[str], path: Path) -> Path:
         ax.scatter(jitter[~flagged], values[~flagged], s=18, color="#3465a4", alpha=0.8)
         ax.scatter(jitter[flagged], values[flagged], s=30, color="#cc0000")
         for x, y, row in zip(jitter[flagged], values[flagged], np.array(rows, dtype=object)[flagged]):
-            ax.annotate(row["subject"], (x, y), fontsize=7, color="#cc0000", xytext=(4, 0),
-                        textcoords="offset points")
+            ax.annotate(row["subject"], (x, y), fontsize=7, color="#cc0000", xytext=(4, 0), textcoords="offset points")
         ax.set_xlim(-0.6, 0.6)
         ax.set_xticks([])
         ax.set_title(metric, fontsize=8)
@@ -88,15 +91,28 @@ def write_group_outputs(output_dir: Path) -> Path:
         css = ' class="outlier"' if column in flagged and flagged[column][i] else ""
         return f"<td{css}>{html.escape(str(rows[i].get(column, 'n/a')))}</td>"
 
-    cells = "".join(f'<tr id="row-{html.escape(row["subject"])}">' + "".join(cell(i, c) for c in columns)
-                    + f'<td><a href="{html.escape(row["subject"])}.html">report</a></td></tr>'
-                    for i, row in enumerate(rows))
-    figure = (f'<h2>QC numbers across units</h2><p>Red: more than {OUTLIER_Z:g} robust SDs from the median.</p>'
-              f'<img src="{plot.relative_to(output_dir).as_posix()}" alt="QC strip plot">') if plot else ""
-    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>m2m group QC</title>"
-            f"<style>{STYLE}</style></head><body><h1>m2m group QC</h1><p>{len(rows)} units; every number "
-            "comes from maps predicted from the T1w.</p><table id=\"qc-table\"><tr>"
-            + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "<th></th></tr>" + cells
-            + f"</table>{figure}</body></html>")
+    cells = "".join(
+        f'<tr id="row-{html.escape(row["subject"])}">'
+        + "".join(cell(i, c) for c in columns)
+        + f'<td><a href="{html.escape(row["subject"])}.html">report</a></td></tr>'
+        for i, row in enumerate(rows)
+    )
+    figure = (
+        (
+            f"<h2>QC numbers across units</h2><p>Red: more than {OUTLIER_Z:g} robust SDs from the median.</p>"
+            f'<img src="{plot.relative_to(output_dir).as_posix()}" alt="QC strip plot">'
+        )
+        if plot
+        else ""
+    )
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>m2m group QC</title>'
+        f"<style>{STYLE}</style></head><body><h1>m2m group QC</h1><p>{len(rows)} units; every number "
+        'comes from maps predicted from the T1w.</p><table id="qc-table"><tr>'
+        + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        + "<th></th></tr>"
+        + cells
+        + f"</table>{figure}</body></html>"
+    )
     atomic_write(output_dir / "group.html", lambda tmp: Path(tmp).write_text(page))
     return tsv

@@ -1,4 +1,5 @@
 """The references behind the methods boilerplate, as HTML and as a BibTeX file."""
+
 from __future__ import annotations
 
 import html
@@ -15,7 +16,8 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "@article{basser1994,\n  author = {Basser, P. J. and Mattiello, J. and LeBihan, D.},\n"
         "  title = {{MR} diffusion tensor spectroscopy and imaging},\n  journal = {Biophysical Journal},\n"
         "  year = {1994}, volume = {66}, number = {1}, pages = {259--267},\n"
-        "  doi = {10.1016/S0006-3495(94)80775-1}\n}"),
+        "  doi = {10.1016/S0006-3495(94)80775-1}\n}",
+    ),
     "pajevic1999": (
         "Pajevic S, Pierpaoli C. Color schemes to represent the orientation of anisotropic tissues from "
         "diffusion tensor data. Magn Reson Med. 1999;42(3):526-540.",
@@ -23,84 +25,96 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "  title = {Color schemes to represent the orientation of anisotropic tissues from diffusion tensor "
         "data: application to white matter fiber tract mapping in the human brain},\n"
         "  journal = {Magnetic Resonance in Medicine},\n  year = {1999}, volume = {42}, number = {3},"
-        " pages = {526--540}\n}"),
+        " pages = {526--540}\n}",
+    ),
     "arsigny2006": (
         "Arsigny V, Fillard P, Pennec X, Ayache N. Log-Euclidean metrics for fast and simple calculus on "
         "diffusion tensors. Magn Reson Med. 2006;56(2):411-421.",
         "@article{arsigny2006,\n  author = {Arsigny, V. and Fillard, P. and Pennec, X. and Ayache, N.},\n"
         "  title = {Log-{E}uclidean metrics for fast and simple calculus on diffusion tensors},\n"
         "  journal = {Magnetic Resonance in Medicine},\n  year = {2006}, volume = {56}, number = {2},"
-        " pages = {411--421},\n  doi = {10.1002/mrm.20965}\n}"),
+        " pages = {411--421},\n  doi = {10.1002/mrm.20965}\n}",
+    ),
     "ronneberger2015": (
         "Ronneberger O, Fischer P, Brox T. U-Net: convolutional networks for biomedical image segmentation. "
         "MICCAI 2015, LNCS 9351:234-241.",
         "@inproceedings{ronneberger2015,\n  author = {Ronneberger, O. and Fischer, P. and Brox, T.},\n"
         "  title = {{U-Net}: convolutional networks for biomedical image segmentation},\n"
         "  booktitle = {Medical Image Computing and Computer-Assisted Intervention (MICCAI)},\n"
-        "  series = {LNCS}, volume = {9351}, pages = {234--241}, year = {2015}\n}"),
+        "  series = {LNCS}, volume = {9351}, pages = {234--241}, year = {2015}\n}",
+    ),
     "isola2017": (
         "Isola P, Zhu JY, Zhou T, Efros AA. Image-to-image translation with conditional adversarial "
         "networks. CVPR 2017:1125-1134.",
         "@inproceedings{isola2017,\n  author = {Isola, P. and Zhu, J.-Y. and Zhou, T. and Efros, A. A.},\n"
         "  title = {Image-to-image translation with conditional adversarial networks},\n"
         "  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},\n"
-        "  pages = {1125--1134}, year = {2017}\n}"),
+        "  pages = {1125--1134}, year = {2017}\n}",
+    ),
     "mildenhall2020": (
         "Mildenhall B, Srinivasan PP, Tancik M, Barron JT, Ramamoorthi R, Ng R. NeRF: representing scenes "
         "as neural radiance fields for view synthesis. ECCV 2020.",
         "@inproceedings{mildenhall2020,\n  author = {Mildenhall, B. and Srinivasan, P. P. and Tancik, M. and "
         "Barron, J. T. and Ramamoorthi, R. and Ng, R.},\n"
         "  title = {{NeRF}: representing scenes as neural radiance fields for view synthesis},\n"
-        "  booktitle = {European Conference on Computer Vision (ECCV)}, year = {2020}\n}"),
+        "  booktitle = {European Conference on Computer Vision (ECCV)}, year = {2020}\n}",
+    ),
     "basser2000": (
         "Basser PJ, Pajevic S, Pierpaoli C, Duda J, Aldroubi A. In vivo fiber tractography using DT-MRI "
         "data. Magn Reson Med. 2000;44(4):625-632.",
         "@article{basser2000,\n  author = {Basser, P. J. and Pajevic, S. and Pierpaoli, C. and Duda, J. and "
         "Aldroubi, A.},\n  title = {In vivo fiber tractography using {DT-MRI} data},\n"
         "  journal = {Magnetic Resonance in Medicine},\n  year = {2000}, volume = {44}, number = {4},"
-        " pages = {625--632}\n}"),
+        " pages = {625--632}\n}",
+    ),
     "gorgolewski2011": (
         "Gorgolewski K, Burns CD, Madison C, et al. Nipype: a flexible, lightweight and extensible "
         "neuroimaging data processing framework in Python. Front Neuroinform. 2011;5:13.",
         "@article{gorgolewski2011,\n  author = {Gorgolewski, K. and Burns, C. D. and Madison, C. and others},\n"
         "  title = {Nipype: a flexible, lightweight and extensible neuroimaging data processing framework in "
         "{Python}},\n  journal = {Frontiers in Neuroinformatics},\n  year = {2011}, volume = {5}, pages = {13},\n"
-        "  doi = {10.3389/fninf.2011.00013}\n}"),
+        "  doi = {10.3389/fninf.2011.00013}\n}",
+    ),
     "garyfallidis2014": (
         "Garyfallidis E, Brett M, Amirbekian B, et al. Dipy, a library for the analysis of diffusion MRI "
         "data. Front Neuroinform. 2014;8:8.",
         "@article{garyfallidis2014,\n  author = {Garyfallidis, E. and Brett, M. and Amirbekian, B. and others},\n"
         "  title = {Dipy, a library for the analysis of diffusion {MRI} data},\n"
         "  journal = {Frontiers in Neuroinformatics},\n  year = {2014}, volume = {8}, pages = {8},\n"
-        "  doi = {10.3389/fninf.2014.00008}\n}"),
+        "  doi = {10.3389/fninf.2014.00008}\n}",
+    ),
     "gorgolewski2016": (
         "Gorgolewski KJ, Auer T, Calhoun VD, et al. The brain imaging data structure, a format for "
         "organizing and describing outputs of neuroimaging experiments. Sci Data. 2016;3:160044.",
         "@article{gorgolewski2016,\n  author = {Gorgolewski, K. J. and Auer, T. and Calhoun, V. D. and others},\n"
         "  title = {The brain imaging data structure, a format for organizing and describing outputs of "
         "neuroimaging experiments},\n  journal = {Scientific Data},\n  year = {2016}, volume = {3},"
-        " pages = {160044},\n  doi = {10.1038/sdata.2016.44}\n}"),
+        " pages = {160044},\n  doi = {10.1038/sdata.2016.44}\n}",
+    ),
     "fisch2024": (
         "Fisch L, Zumdick S, Barkhau C, et al. deepbet: fast brain extraction of T1-weighted MRI using "
         "convolutional neural networks. Comput Biol Med. 2024;179:108845.",
         "@article{fisch2024,\n  author = {Fisch, L. and Zumdick, S. and Barkhau, C. and others},\n"
         "  title = {deepbet: fast brain extraction of {T1}-weighted {MRI} using convolutional neural networks},\n"
         "  journal = {Computers in Biology and Medicine},\n  year = {2024}, volume = {179}, pages = {108845},\n"
-        "  doi = {10.1016/j.compbiomed.2024.108845}\n}"),
+        "  doi = {10.1016/j.compbiomed.2024.108845}\n}",
+    ),
     "avants2011": (
         "Avants BB, Tustison NJ, Wu J, Cook PA, Gee JC. An open source multivariate framework for n-tissue "
         "segmentation with evaluation on public data. Neuroinformatics. 2011;9(4):381-400.",
         "@article{avants2011,\n  author = {Avants, B. B. and Tustison, N. J. and Wu, J. and Cook, P. A. and "
         "Gee, J. C.},\n  title = {An open source multivariate framework for n-tissue segmentation with "
         "evaluation on public data},\n  journal = {Neuroinformatics},\n  year = {2011}, volume = {9},"
-        " number = {4}, pages = {381--400},\n  doi = {10.1007/s12021-011-9109-y}\n}"),
+        " number = {4}, pages = {381--400},\n  doi = {10.1007/s12021-011-9109-y}\n}",
+    ),
     "tustison2010": (
         "Tustison NJ, Avants BB, Cook PA, et al. N4ITK: improved N3 bias correction. IEEE Trans Med Imaging. "
         "2010;29(6):1310-1320.",
         "@article{tustison2010,\n  author = {Tustison, N. J. and Avants, B. B. and Cook, P. A. and others},\n"
         "  title = {{N4ITK}: improved {N3} bias correction},\n  journal = {IEEE Transactions on Medical Imaging},\n"
         "  year = {2010}, volume = {29}, number = {6}, pages = {1310--1320},\n"
-        "  doi = {10.1109/TMI.2010.2046908}\n}"),
+        "  doi = {10.1109/TMI.2010.2046908}\n}",
+    ),
     "avants2008": (
         "Avants BB, Epstein CL, Grossman M, Gee JC. Symmetric diffeomorphic image registration with "
         "cross-correlation. Med Image Anal. 2008;12(1):26-41.",
@@ -108,7 +122,8 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "  title = {Symmetric diffeomorphic image registration with cross-correlation: evaluating automated "
         "labeling of elderly and neurodegenerative brain},\n  journal = {Medical Image Analysis},\n"
         "  year = {2008}, volume = {12}, number = {1}, pages = {26--41},\n"
-        "  doi = {10.1016/j.media.2007.06.004}\n}"),
+        "  doi = {10.1016/j.media.2007.06.004}\n}",
+    ),
 }
 
 #: The references of each part of the pipeline.
@@ -116,8 +131,15 @@ PHASE1_REFERENCES = ("basser1994", "pajevic1999", "arsigny2006", "ronneberger201
 NERF_REFERENCES = ("mildenhall2020", "basser2000")
 TOOL_REFERENCES = ("gorgolewski2011", "garyfallidis2014", "gorgolewski2016")
 #: The references of the teacher's methods text (``m2m-train prepare``), in the order it cites them.
-TEACHER_REFERENCES = ("fisch2024", "avants2011", "tustison2010", "garyfallidis2014", "avants2008",
-                      "gorgolewski2011", "gorgolewski2016")
+TEACHER_REFERENCES = (
+    "fisch2024",
+    "avants2011",
+    "tustison2010",
+    "garyfallidis2014",
+    "avants2008",
+    "gorgolewski2011",
+    "gorgolewski2016",
+)
 #: The distributions the teacher runs on, cited with their installed versions.
 TEACHER_SOFTWARE = ("m2m-app", "deepbet", "antspyx", "dipy", "nipype", "nibabel", "torch")
 
@@ -129,8 +151,11 @@ def cited(with_nerf: bool) -> list[str]:
 
 def references_html(keys: list[str]) -> str:
     """An ordered list of the references, each item's id ``ref-<key>``."""
-    return "<ol class=\"references\">" + "".join(
-        f'<li id="ref-{key}">{html.escape(REFERENCES[key][0])}</li>' for key in keys) + "</ol>"
+    return (
+        '<ol class="references">'
+        + "".join(f'<li id="ref-{key}">{html.escape(REFERENCES[key][0])}</li>' for key in keys)
+        + "</ol>"
+    )
 
 
 def software_bibtex(distribution: str) -> str:
@@ -142,8 +167,10 @@ def software_bibtex(distribution: str) -> str:
     except PackageNotFoundError:
         installed = "unknown"
     key = "".join(c for c in distribution if c.isalnum())
-    return (f"@software{{{key},\n  title = {{{distribution}}},\n  version = {{{installed}}},\n"
-            f"  url = {{https://pypi.org/project/{distribution}/{installed}/}}\n}}")
+    return (
+        f"@software{{{key},\n  title = {{{distribution}}},\n  version = {{{installed}}},\n"
+        f"  url = {{https://pypi.org/project/{distribution}/{installed}/}}\n}}"
+    )
 
 
 def write_bibtex(path: Path, keys: Sequence[str], software: Sequence[str] = ()) -> Path:

@@ -8,6 +8,7 @@ environment). Everything the page shows lies inside the output folder and is lin
 relatively, so a moved or copied output folder keeps working
 offline.
 """
+
 from __future__ import annotations
 
 import html
@@ -31,14 +32,21 @@ from m2m_app.reports.figures import mosaic, streamline_figure
 from m2m_app.reports.methods import cited, references_html, write_bibtex
 
 #: Navigation bar: section id → title, in page order.
-SECTIONS: dict[str, str] = {"summary": "Summary", "maps": "Maps", "tracts": "Tracts",
-                            "uncertainty": "Uncertainty", "methods": "Methods", "errors": "Errors",
-                            "about": "About"}
+SECTIONS: dict[str, str] = {
+    "summary": "Summary",
+    "maps": "Maps",
+    "tracts": "Tracts",
+    "uncertainty": "Uncertainty",
+    "methods": "Methods",
+    "errors": "Errors",
+    "about": "About",
+}
 #: Uncertainty maps: key in the written maps → (title, colour map).
 UNCERTAINTY_MAPS: dict[str, tuple[str, str]] = {
     "fa_sd": ("FA standard deviation (phase 1)", "magma"),
     "v1_dispersion": ("principal-eigenvector dispersion (phase 1)", "magma"),
-    "tdi_sd": ("track-density standard deviation (phase 2)", "magma")}
+    "tdi_sd": ("track-density standard deviation (phase 2)", "magma"),
+}
 #: Standard NeRF views shown in the report, in order.
 NERF_VIEWS = ("left", "right", "top", "front")
 #: Where the BibTeX file of the methods goes, relative to the output folder (beside logs/CITATION.md).
@@ -85,12 +93,13 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
         "t1w": (mosaic(t1, affine, contour=mask, fmt="svg"), ".svg"),
         "fa": (mosaic(fa, affine, underlay=t1, contour=mask, cmap="inferno", vmax=0.8, fmt="svg"), ".svg"),
         "md": (mosaic(_load(written["md"])[0], affine, cmap="viridis", vmax=2e-3, title="MD (mm²/s)"), ".png"),
-        "colfa": (mosaic(_load(written["colfa"])[0], affine, vmax=0.8,
-                         title="colour FA (red L-R, green A-P, blue I-S)"), ".png"),
+        "colfa": (
+            mosaic(_load(written["colfa"])[0], affine, vmax=0.8, title="colour FA (red L-R, green A-P, blue I-S)"),
+            ".png",
+        ),
     }
     if "tdi" in written:
-        drawn["tdi"] = (mosaic(_load(written["tdi"])[0], affine, cmap="hot", title="predicted track density"),
-                        ".png")
+        drawn["tdi"] = (mosaic(_load(written["tdi"])[0], affine, cmap="hot", title="predicted track density"), ".png")
     for key, (title, cmap) in UNCERTAINTY_MAPS.items():
         if key in written:
             drawn[key] = (mosaic(_load(written[key])[0], affine, cmap=cmap, title=title), ".png")
@@ -101,16 +110,19 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
     if "tractogram" in written:
         out["streamlines"] = streamline_figure(
             load_streamlines(written["tractogram"], t1w),
-            derivative_path(output_dir, subject, "figures", "streamlines", ".svg", desc="m2m"))
+            derivative_path(output_dir, subject, "figures", "streamlines", ".svg", desc="m2m"),
+        )
     return out
 
 
 def _table(rows: dict, header: tuple[str, str] | None = None) -> str:
     """A two-column HTML table of ``rows`` (dict and list values as JSON)."""
     head = f"<tr><th>{html.escape(header[0])}</th><th>{html.escape(header[1])}</th></tr>" if header else ""
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>"
-                   f"{html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}</td></tr>"
-                   for k, v in rows.items())
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>"
+        f"{html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}</td></tr>"
+        for k, v in rows.items()
+    )
     return f"<table>{head}{body}</table>"
 
 
@@ -119,13 +131,20 @@ def _image(path: Path, output_dir: Path, alt: str) -> str:
 
 
 def _maps_section(figures: dict[str, Path], output_dir: Path) -> str:
-    toggle = ('<h3>FA over the T1w, brain-mask contour in red</h3><div class="toggle" id="fa-toggle">'
-              '<input type="checkbox" id="fa-toggle-switch"><label for="fa-toggle-switch">show FA '
-              '(unticked: T1w)</label>'
-              f'<div class="before">{_image(figures["t1w"], output_dir, "t1w")}</div>'
-              f'<div class="after">{_image(figures["fa"], output_dir, "fa")}</div></div>')
-    return (toggle + "<h3>Mean diffusivity</h3>" + _image(figures["md"], output_dir, "md")
-            + "<h3>Colour FA</h3>" + _image(figures["colfa"], output_dir, "colfa"))
+    toggle = (
+        '<h3>FA over the T1w, brain-mask contour in red</h3><div class="toggle" id="fa-toggle">'
+        '<input type="checkbox" id="fa-toggle-switch"><label for="fa-toggle-switch">show FA '
+        "(unticked: T1w)</label>"
+        f'<div class="before">{_image(figures["t1w"], output_dir, "t1w")}</div>'
+        f'<div class="after">{_image(figures["fa"], output_dir, "fa")}</div></div>'
+    )
+    return (
+        toggle
+        + "<h3>Mean diffusivity</h3>"
+        + _image(figures["md"], output_dir, "md")
+        + "<h3>Colour FA</h3>"
+        + _image(figures["colfa"], output_dir, "colfa")
+    )
 
 
 def _tracts_section(figures: dict[str, Path], written: dict[str, Path], output_dir: Path) -> str:
@@ -133,8 +152,10 @@ def _tracts_section(figures: dict[str, Path], written: dict[str, Path], output_d
 
     parts = []
     if "streamlines" in figures:
-        parts.append('<h3>Streamlines</h3><div id="streamline-figure">'
-                     f'{_image(figures["streamlines"], output_dir, "streamlines")}</div>')
+        parts.append(
+            '<h3>Streamlines</h3><div id="streamline-figure">'
+            f"{_image(figures['streamlines'], output_dir, 'streamlines')}</div>"
+        )
     if "tdi" in figures:
         parts.append("<h3>Track density (phase 2)</h3>" + _image(figures["tdi"], output_dir, "tdi"))
     views = [name for name in NERF_VIEWS if f"figure_{name}" in written]
@@ -142,8 +163,10 @@ def _tracts_section(figures: dict[str, Path], written: dict[str, Path], output_d
         cells = []
         for name in views:
             edges = "".join(f'<span class="{edge}">{letter}</span>' for edge, letter in view_orientation(name).items())
-            cells.append(f'<figure class="view">{_image(written[f"figure_{name}"], output_dir, name)}{edges}'
-                         f"<figcaption>{name}</figcaption></figure>")
+            cells.append(
+                f'<figure class="view">{_image(written[f"figure_{name}"], output_dir, name)}{edges}'
+                f"<figcaption>{name}</figcaption></figure>"
+            )
         parts.append('<h3>NeRF tractography field</h3><div class="views">' + "".join(cells) + "</div>")
     if "figure_turntable" in written:
         parts.append("<h3>Turntable</h3>" + _image(written["figure_turntable"], output_dir, "turntable"))
@@ -151,10 +174,15 @@ def _tracts_section(figures: dict[str, Path], written: dict[str, Path], output_d
 
 
 def _uncertainty_section(figures: dict[str, Path], output_dir: Path) -> str:
-    return "".join(f"<h3>{html.escape(title)}</h3>"
-                   + (_image(figures[key], output_dir, key) if key in figures
-                      else f'<p class="note" id="{key}-missing">not computed</p>')
-                   for key, (title, _) in UNCERTAINTY_MAPS.items())
+    return "".join(
+        f"<h3>{html.escape(title)}</h3>"
+        + (
+            _image(figures[key], output_dir, key)
+            if key in figures
+            else f'<p class="note" id="{key}-missing">not computed</p>'
+        )
+        for key, (title, _) in UNCERTAINTY_MAPS.items()
+    )
 
 
 def _errors_section(output_dir: Path, subject: Subject, errors: list[str]) -> str:
@@ -163,8 +191,11 @@ def _errors_section(output_dir: Path, subject: Subject, errors: list[str]) -> st
     parts = [f'<div class="error">{html.escape(e)}</div>' for e in errors]
     if crashes:
         parts.append(_table(crash_reasons(log_dir), ("node", "error")))
-        parts.append("<ul class=\"crash-files\">" + "".join(
-            f'<li><a href="{_relative(c, output_dir)}">{html.escape(c.name)}</a></li>' for c in crashes) + "</ul>")
+        parts.append(
+            '<ul class="crash-files">'
+            + "".join(f'<li><a href="{_relative(c, output_dir)}">{html.escape(c.name)}</a></li>' for c in crashes)
+            + "</ul>"
+        )
     return "".join(parts) or '<p class="note">No errors: no crash file in this unit\'s log folder.</p>'
 
 
@@ -176,21 +207,33 @@ def _about_section(command_line: str, weights_dir: str | None) -> str:
 
     engine, image = container_type(), container_image()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
-    rows = {"command line": command_line or "n/a", "m2m version": __version__,
-            **{f"{phase} weights SHA-256": meta["sha256"] for phase, meta in weights_provenance(weights_dir).items()},
-            "report written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": (f"container ({engine}{', ' + image if image else ''})"
-                            if engine else "not in a container"),
-            "CPU": f"{' '.join(filter(None, (platform.machine(), platform.processor())))}, "
-                   f"{os.cpu_count()} logical cores",
-            "GPU": gpu, "Python": platform.python_version(), "PyTorch": torch.__version__}
+    rows = {
+        "command line": command_line or "n/a",
+        "m2m version": __version__,
+        **{f"{phase} weights SHA-256": meta["sha256"] for phase, meta in weights_provenance(weights_dir).items()},
+        "report written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": (f"container ({engine}{', ' + image if image else ''})" if engine else "not in a container"),
+        "CPU": f"{' '.join(filter(None, (platform.machine(), platform.processor())))}, {os.cpu_count()} logical cores",
+        "GPU": gpu,
+        "Python": platform.python_version(),
+        "PyTorch": torch.__version__,
+    }
     return _table(rows)
 
 
-def write_report(output_dir: Path, subject: Subject, t1w: str, written: dict[str, Path] | None,
-                 summary: dict, boilerplate: str, errors: list[str],
-                 timings: dict[str, float] | None = None, *, command_line: str = "",
-                 weights_dir: str | None = None) -> Path:
+def write_report(
+    output_dir: Path,
+    subject: Subject,
+    t1w: str,
+    written: dict[str, Path] | None,
+    summary: dict,
+    boilerplate: str,
+    errors: list[str],
+    timings: dict[str, float] | None = None,
+    *,
+    command_line: str = "",
+    weights_dir: str | None = None,
+) -> Path:
     """Write ``sub-<label>[_ses-<label>].html``; with ``written=None`` (a failed run) it shows no figures.
 
     ``summary`` rows go into the summary table after the m2m version; ``timings``
@@ -203,43 +246,55 @@ def write_report(output_dir: Path, subject: Subject, t1w: str, written: dict[str
     if timings:
         ordered = sorted(timings, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
         rows = {stage: f"{timings[stage]:.1f}" for stage in ordered}
-        summary_html += "<h3>Run time</h3>" + _table({**rows, "total": f"{sum(timings.values()):.1f}"},
-                                                      ("stage", "wall time (s)"))
+        summary_html += "<h3>Run time</h3>" + _table(
+            {**rows, "total": f"{sum(timings.values()):.1f}"}, ("stage", "wall time (s)")
+        )
     failed = '<p class="note">No outputs: this unit failed (see Errors).</p>'
     figures = report_figures(output_dir, subject, t1w, written) if written else {}
     keys = cited(with_nerf=bool(written and "tractogram" in written))
     bibtex = write_bibtex(output_dir / BIBTEX, keys)
-    methods = (f"<p>{html.escape(boilerplate or 'No processing ran.')}</p><h3>References</h3>"
-               f"{references_html(keys)}<p>BibTeX: <a href=\"{_relative(bibtex, output_dir)}\">"
-               f"{BIBTEX.as_posix()}</a></p>")
-    bodies = {"summary": summary_html,
-              "maps": _maps_section(figures, output_dir) if figures else failed,
-              "tracts": _tracts_section(figures, written or {}, output_dir) if figures else failed,
-              "uncertainty": _uncertainty_section(figures, output_dir) if figures else failed,
-              "methods": methods,
-              "errors": _errors_section(output_dir, subject, errors),
-              "about": _about_section(command_line, weights_dir)}
+    methods = (
+        f"<p>{html.escape(boilerplate or 'No processing ran.')}</p><h3>References</h3>"
+        f'{references_html(keys)}<p>BibTeX: <a href="{_relative(bibtex, output_dir)}">'
+        f"{BIBTEX.as_posix()}</a></p>"
+    )
+    bodies = {
+        "summary": summary_html,
+        "maps": _maps_section(figures, output_dir) if figures else failed,
+        "tracts": _tracts_section(figures, written or {}, output_dir) if figures else failed,
+        "uncertainty": _uncertainty_section(figures, output_dir) if figures else failed,
+        "methods": methods,
+        "errors": _errors_section(output_dir, subject, errors),
+        "about": _about_section(command_line, weights_dir),
+    }
     nav = "<nav>" + "".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS.items()) + "</nav>"
     sections = "".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>{bodies[key]}</section>' for key in SECTIONS)
-    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>m2m {subject.label}</title>"
-            f"<style>{STYLE}</style></head><body>{nav}<h1>m2m report: {html.escape(subject.label)}</h1>"
-            "<p>All diffusion maps and streamlines on this page are <b>predicted from the T1w</b>; "
-            f"no diffusion data was used.</p>{sections}</body></html>")
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>m2m {subject.label}</title>'
+        f"<style>{STYLE}</style></head><body>{nav}<h1>m2m report: {html.escape(subject.label)}</h1>"
+        "<p>All diffusion maps and streamlines on this page are <b>predicted from the T1w</b>; "
+        f"no diffusion data was used.</p>{sections}</body></html>"
+    )
     path = output_dir / f"{subject.label}.html"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(page))
 
 
-def report_summary(written: dict[str, Path], n_streamlines: int | None, field_report: dict,
-                   weights_dir: str | None) -> dict:
+def report_summary(
+    written: dict[str, Path], n_streamlines: int | None, field_report: dict, weights_dir: str | None
+) -> dict:
     """Summary rows about the outputs: weights used, streamline count (from the QC row) and the NeRF fit."""
     from m2m_app.io.derivatives import weights_provenance
 
-    rows = {f"{phase} weights": f"sha256 {meta['sha256'][:16]}…, trained on {', '.join(meta['trained_on'] or [])}"
-            for phase, meta in weights_provenance(weights_dir).items()}
+    rows = {
+        f"{phase} weights": f"sha256 {meta['sha256'][:16]}…, trained on {', '.join(meta['trained_on'] or [])}"
+        for phase, meta in weights_provenance(weights_dir).items()
+    }
     if "tractogram" in written:
         rows["streamlines"] = f"{n_streamlines} ({written['tractogram'].name})"
     if field_report:
-        rows["NeRF fit"] = (f"{field_report.get('steps')} steps, {field_report.get('seconds', 0):.1f} s; PSNR "
-                            f"{field_report.get('psnr_density_db', float('nan')):.1f} dB density, "
-                            f"{field_report.get('psnr_direction_db', float('nan')):.1f} dB direction")
+        rows["NeRF fit"] = (
+            f"{field_report.get('steps')} steps, {field_report.get('seconds', 0):.1f} s; PSNR "
+            f"{field_report.get('psnr_density_db', float('nan')):.1f} dB density, "
+            f"{field_report.get('psnr_direction_db', float('nan')):.1f} dB direction"
+        )
     return rows

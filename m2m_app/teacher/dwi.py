@@ -1,4 +1,5 @@
 """Diffusion-tensor fitting of a DWI series with dipy."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,8 +61,7 @@ def dwi_brain_mask(data: np.ndarray, bvals: np.ndarray) -> np.ndarray:
     return mask.astype(bool)
 
 
-def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs_voxel: np.ndarray,
-               mask: np.ndarray) -> TensorFit:
+def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs_voxel: np.ndarray, mask: np.ndarray) -> TensorFit:
     """Weighted-least-squares tensor fit (dipy) inside ``mask``, in the voxel frame.
 
     ``bvecs_voxel`` are ``(N, 3)`` unit vectors along the voxel axes (see

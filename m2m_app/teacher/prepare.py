@@ -13,6 +13,7 @@ Several DWI runs: runs that share a grid and a phase-encoding direction are one 
 phase-encoding distortions are never averaged into one b0), their tensors are averaged
 on the T1w grid in the log-Euclidean domain, and their tractograms pooled.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,17 +32,34 @@ from m2m_app import __version__
 from m2m_app.errors import BadDataError
 from m2m_app.io.files import save_json
 from m2m_app.io.manifest import PATH_COLUMNS, qc_path
-from m2m_app.io.naming import (TDI_PARAMS, TENSOR_PARAMS, Subject, bids_uri, derivative_path,
-                               derivative_paths, sidecar_path)
+from m2m_app.io.naming import (
+    TDI_PARAMS,
+    TENSOR_PARAMS,
+    Subject,
+    bids_uri,
+    derivative_path,
+    derivative_paths,
+    sidecar_path,
+)
 from m2m_app.io.nifti import load_dwi, load_t1w, save_nifti
 from m2m_app.io.tractogram import save_tractogram
 from m2m_app.maths.streamlines import directional_density, track_density
 from m2m_app.maths.tensor import log_euclidean_mean, masked_tensor_maps
 from m2m_app.teacher import dwi as dwi_math
 from m2m_app.teacher.qc import registration_figure
-from m2m_app.teacher.register import (ANTS_SEEDS, MAX_FROM_HEADER_MM, MAX_VS_ANTS_MM, RigidResult,
-                                      ants_rigid_t1w_to_dwi, mask_points, mean_displacement_mm,
-                                      register_b0_to_t1w, resample_to_t1w, save_itk_transform, tensor_to_t1w)
+from m2m_app.teacher.register import (
+    ANTS_SEEDS,
+    MAX_FROM_HEADER_MM,
+    MAX_VS_ANTS_MM,
+    RigidResult,
+    ants_rigid_t1w_to_dwi,
+    mask_points,
+    mean_displacement_mm,
+    register_b0_to_t1w,
+    resample_to_t1w,
+    save_itk_transform,
+    tensor_to_t1w,
+)
 from m2m_app.teacher.tissue import t1w_brain_mask, tissue_classes, tissue_flags
 from m2m_app.teacher.tracking import track_tensor
 
@@ -85,8 +103,10 @@ def load_dwi_runs(paths: list[Path]) -> tuple[nib.Nifti1Image, np.ndarray, np.nd
     ref = runs[0][0]
     for path, (img, data, *_) in zip(paths[1:], runs[1:]):
         if data.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
-            raise BadDataError(f"{path}: DWI runs to concatenate must share one grid; "
-                               f"{paths[0].name} is {ref.shape[:3]}, this one {data.shape[:3]}")
+            raise BadDataError(
+                f"{path}: DWI runs to concatenate must share one grid; "
+                f"{paths[0].name} is {ref.shape[:3]}, this one {data.shape[:3]}"
+            )
     data = np.concatenate([r[1] for r in runs], axis=-1)
     bvals = np.concatenate([r[2] for r in runs])
     bvecs = np.concatenate([dwi_math.fsl_bvecs_to_voxel(r[3], ref.affine) for r in runs])
@@ -98,9 +118,9 @@ class SeriesResult:
     """One DWI series brought to the T1w grid."""
 
     name: str
-    tensor: np.ndarray          # (X, Y, Z, 6) mm²/s on the T1w grid, world frame
-    fov: np.ndarray             # (X, Y, Z) bool: where this series was measured
-    b0: np.ndarray              # (X, Y, Z) mean b0 on the T1w grid, for the QC figure
+    tensor: np.ndarray  # (X, Y, Z, 6) mm²/s on the T1w grid, world frame
+    fov: np.ndarray  # (X, Y, Z) bool: where this series was measured
+    b0: np.ndarray  # (X, Y, Z) mean b0 on the T1w grid, for the QC figure
     registration: RigidResult
     from_header_mm: float
     vs_ants_mm: float
@@ -110,19 +130,27 @@ class SeriesResult:
     tracking: dict
 
 
-def _series_to_t1w(paths: list[Path], t1w_img: nib.Nifti1Image, t1w: np.ndarray, brain: np.ndarray,
-                   random_seed: int) -> SeriesResult:
+def _series_to_t1w(
+    paths: list[Path], t1w_img: nib.Nifti1Image, t1w: np.ndarray, brain: np.ndarray, random_seed: int
+) -> SeriesResult:
     """Fit, register (checked against ANTs) and track one DWI series; resample it to the T1w grid."""
     name = paths[0].name
     dwi_img, data, bvals, bvecs = load_dwi_runs(paths)
     used, shells = dwi_math.tensor_volumes(bvals)
-    LOGGER.info("%s: tensor fit on %s (%d of %d volumes, shells %s)", name, dwi_img.shape[:3],
-                int(used.sum()), len(bvals), shells)
+    LOGGER.info(
+        "%s: tensor fit on %s (%d of %d volumes, shells %s)",
+        name,
+        dwi_img.shape[:3],
+        int(used.sum()),
+        len(bvals),
+        shells,
+    )
     dwi_mask = dwi_math.dwi_brain_mask(data, bvals)
     measured = np.any(data != 0, axis=-1)
     # fit a little beyond the b0 mask, so that the T1w brain's edge finds a tensor
-    fit = dwi_math.fit_tensor(data[..., used], bvals[used], bvecs[used],
-                              binary_dilation(dwi_mask, iterations=2) & measured)
+    fit = dwi_math.fit_tensor(
+        data[..., used], bvals[used], bvecs[used], binary_dilation(dwi_mask, iterations=2) & measured
+    )
     world = dwi_math.world_tensor_components(fit, dwi_img.affine)
     b0 = dwi_math.mean_b0(data, bvals)
     reg = register_b0_to_t1w(b0, dwi_img.affine, t1w, t1w_img.affine, dwi_mask)
@@ -132,28 +160,53 @@ def _series_to_t1w(paths: list[Path], t1w_img: nib.Nifti1Image, t1w: np.ndarray,
     ants = ants_rigid_t1w_to_dwi(b0, dwi_img.affine, t1w, t1w_img.affine, points)
     from_header = mean_displacement_mm(reg.t1w_to_dwi, np.eye(4), points)
     vs_ants = mean_displacement_mm(reg.t1w_to_dwi, ants.t1w_to_dwi, points)
-    LOGGER.info("%s: registration from the %s, %.1f mm from the header alignment, %.1f mm from ANTs "
-                "(whose %d runs lie within %.1f mm of each other)", name, reg.start, from_header, vs_ants,
-                len(ANTS_SEEDS), ants.spread_mm)
-    streamlines, tracking = track_tensor(fit.evecs[..., :, 0], np.nan_to_num(fit.fa), dwi_img.affine,
-                                         random_seed=random_seed)
+    LOGGER.info(
+        "%s: registration from the %s, %.1f mm from the header alignment, %.1f mm from ANTs "
+        "(whose %d runs lie within %.1f mm of each other)",
+        name,
+        reg.start,
+        from_header,
+        vs_ants,
+        len(ANTS_SEEDS),
+        ants.spread_mm,
+    )
+    streamlines, tracking = track_tensor(
+        fit.evecs[..., :, 0], np.nan_to_num(fit.fa), dwi_img.affine, random_seed=random_seed
+    )
     return SeriesResult(
-        name=name, tensor=tensor_to_t1w(world, dwi_img.affine, reg, shape, affine), fov=fov,
-        b0=resample_to_t1w(b0, dwi_img.affine, reg, shape, affine), registration=reg,
-        from_header_mm=from_header, vs_ants_mm=vs_ants, ants_spread_mm=ants.spread_mm, shells=shells,
-        streamlines=list(transform_streamlines(streamlines, reg.dwi_to_t1w)), tracking=tracking)
+        name=name,
+        tensor=tensor_to_t1w(world, dwi_img.affine, reg, shape, affine),
+        fov=fov,
+        b0=resample_to_t1w(b0, dwi_img.affine, reg, shape, affine),
+        registration=reg,
+        from_header_mm=from_header,
+        vs_ants_mm=vs_ants,
+        ants_spread_mm=ants.spread_mm,
+        shells=shells,
+        streamlines=list(transform_streamlines(streamlines, reg.dwi_to_t1w)),
+        tracking=tracking,
+    )
 
 
-def field_of_view(measured: np.ndarray, dwi_affine: np.ndarray, registration: RigidResult,
-                  t1w_shape: tuple[int, ...], t1w_affine: np.ndarray) -> np.ndarray:
+def field_of_view(
+    measured: np.ndarray,
+    dwi_affine: np.ndarray,
+    registration: RigidResult,
+    t1w_shape: tuple[int, ...],
+    t1w_affine: np.ndarray,
+) -> np.ndarray:
     """Where the DWI was measured, on the T1w grid: its voxels holding any signal ``(X, Y, Z)``
     brought over by the registration (nearest neighbour), boolean ``(X', Y', Z')``.
 
     A slab DWI gives a slab here: T1w voxels above or below it are outside, so training
     and evaluation never treat the unmeasured cerebellum as "no tensor".
     """
-    return resample_to_t1w(measured.astype(np.float32), dwi_affine, registration, t1w_shape, t1w_affine,
-                           interpolation="nearest") > 0
+    return (
+        resample_to_t1w(
+            measured.astype(np.float32), dwi_affine, registration, t1w_shape, t1w_affine, interpolation="nearest"
+        )
+        > 0
+    )
 
 
 def qc_flags(series: list[SeriesResult], volumes: dict[str, float], fov_fraction: float) -> list[str]:
@@ -161,34 +214,43 @@ def qc_flags(series: list[SeriesResult], volumes: dict[str, float], fov_fraction
     flags = tissue_flags(volumes)
     for result in series:
         if result.vs_ants_mm > MAX_VS_ANTS_MM:
-            flags.append(f"{result.name}: registration is {result.vs_ants_mm:.1f} mm from ANTs' "
-                         f"(bound {MAX_VS_ANTS_MM} mm)")
+            flags.append(
+                f"{result.name}: registration is {result.vs_ants_mm:.1f} mm from ANTs' (bound {MAX_VS_ANTS_MM} mm)"
+            )
         if result.from_header_mm > MAX_FROM_HEADER_MM:
-            flags.append(f"{result.name}: registration moved {result.from_header_mm:.1f} mm from the "
-                         f"image headers (bound {MAX_FROM_HEADER_MM} mm)")
+            flags.append(
+                f"{result.name}: registration moved {result.from_header_mm:.1f} mm from the "
+                f"image headers (bound {MAX_FROM_HEADER_MM} mm)"
+            )
     if fov_fraction < MIN_FOV_FRACTION:
         flags.append(f"only {fov_fraction:.0%} of the brain lies in the DWI's field of view")
     return flags
 
 
 def _sidecar(path: Path, description: str, sources: list[str], **extra) -> None:
-    save_json({"Description": description, "Sources": sources,
-               "GeneratedBy": [{"Name": "m2m-train prepare", "Version": __version__}], **extra},
-              sidecar_path(path))
+    save_json(
+        {
+            "Description": description,
+            "Sources": sources,
+            "GeneratedBy": [{"Name": "m2m-train prepare", "Version": __version__}],
+            **extra,
+        },
+        sidecar_path(path),
+    )
 
 
 def teacher_paths(prep_dir: Path, subject: Subject) -> dict[str, Path]:
     """Every file the teacher writes for a unit, keyed like the manifest's path columns."""
-    paths = {key: path for key, path in derivative_paths(prep_dir, subject, "tensordet").items()
-             if key in PATH_COLUMNS}
+    paths = {key: path for key, path in derivative_paths(prep_dir, subject, "tensordet").items() if key in PATH_COLUMNS}
     paths["dseg"] = derivative_path(prep_dir, subject, "anat", "dseg", space="T1w")
     paths["fov"] = derivative_path(prep_dir, subject, "dwi", "mask", space="T1w", desc="dwifov")
     paths["qc_figure"] = derivative_path(prep_dir, subject, "figures", "qc", ".png", desc="registration")
     return paths
 
 
-def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], prep_dir: Path,
-                    random_seed: int = 0, num_threads: int = 1) -> dict:
+def prepare_subject(
+    subject: Subject, t1w_path: Path, dwi_paths: list[Path], prep_dir: Path, random_seed: int = 0, num_threads: int = 1
+) -> dict:
     """Run the teacher on one unit and write its outputs; returns the unit's QC record."""
     start = time.monotonic()
     stages: dict[str, float] = {}
@@ -204,8 +266,7 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     volumes = tissues.volumes_ml(t1w_img.affine)
     lap("t1w_brain_and_tissues")
 
-    series = [_series_to_t1w(group, t1w_img, t1w, tissues.brain, random_seed)
-              for group in group_dwi_runs(dwi_paths)]
+    series = [_series_to_t1w(group, t1w_img, t1w, tissues.brain, random_seed) for group in group_dwi_runs(dwi_paths)]
     lap("dwi_fit_registration_tracking")
     shape, affine = t1w.shape, t1w_img.affine
     fov = np.any([s.fov for s in series], axis=0)
@@ -214,8 +275,7 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     tensor[~measured_brain] = 0
     maps = masked_tensor_maps(tensor, measured_brain)
     streamlines = [line for s in series for line in s.streamlines]
-    tdi = {"tdi": track_density(streamlines, shape, affine),
-           "dectdi": directional_density(streamlines, shape, affine)}
+    tdi = {"tdi": track_density(streamlines, shape, affine), "dectdi": directional_density(streamlines, shape, affine)}
     fov_fraction = float((tissues.brain & fov).sum() / max(tissues.brain.sum(), 1))
     flags = qc_flags(series, volumes, fov_fraction)
     lap("to_t1w_grid_and_maps")
@@ -224,9 +284,15 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     for param, (description, units) in TENSOR_PARAMS.items():
         image = tensor if param == "diffusivity" else maps[param]
         save_nifti(image, affine, paths[param], dtype=np.float32)
-        _sidecar(paths[param], f"{description}, measured: WLS tensor fit (dipy) of the DWI, "
-                 "brought to the T1w grid with log-Euclidean interpolation and tensor rotation; "
-                 "zero outside the brain and the DWI's field of view", sources, Units=units, Model="tensor")
+        _sidecar(
+            paths[param],
+            f"{description}, measured: WLS tensor fit (dipy) of the DWI, "
+            "brought to the T1w grid with log-Euclidean interpolation and tensor rotation; "
+            "zero outside the brain and the DWI's field of view",
+            sources,
+            Units=units,
+            Model="tensor",
+        )
     for param, description in TDI_PARAMS.items():
         save_nifti(tdi[param], affine, paths[param])
         _sidecar(paths[param], f"{description}, from the teacher tractogram", sources)
@@ -236,39 +302,69 @@ def prepare_subject(subject: Subject, t1w_path: Path, dwi_paths: list[Path], pre
     _sidecar(paths["wm"], "white matter of the T1w (ANTs Atropos, 3 classes, inside the brain mask)", sources[:1])
     labels = tissues.csf * 1 + tissues.gm * 2 + tissues.wm * 3
     save_nifti(labels, affine, paths["dseg"], dtype=np.uint8)
-    _sidecar(paths["dseg"], "tissue classes of the T1w: N4 then ANTs Atropos (k-means, MRF) in the brain "
-             "mask", sources[:1], Labels={"0": "background", "1": "CSF", "2": "GM", "3": "WM"})
+    _sidecar(
+        paths["dseg"],
+        "tissue classes of the T1w: N4 then ANTs Atropos (k-means, MRF) in the brain mask",
+        sources[:1],
+        Labels={"0": "background", "1": "CSF", "2": "GM", "3": "WM"},
+    )
     save_nifti(fov, affine, paths["fov"], dtype=np.uint8)
-    _sidecar(paths["fov"], "where the DWI was measured (its field of view, every series, on the T1w grid)",
-             sources[1:], Type="ROI")
+    _sidecar(
+        paths["fov"],
+        "where the DWI was measured (its field of view, every series, on the T1w grid)",
+        sources[1:],
+        Type="ROI",
+    )
     paths["xfm"].parent.mkdir(parents=True, exist_ok=True)
     save_itk_transform(series[0].registration, paths["xfm"])
     save_tractogram(streamlines, t1w_img, paths["tractogram"])
-    _sidecar(paths["tractogram"], "whole-brain deterministic tensor tractography of the DWI (every series "
-             "pooled), streamlines in RASMM of the T1w", sources, **series[0].tracking)
-    registration_figure(t1w, affine, np.mean([s.b0 for s in series], axis=0), maps["fa"], tissues.wm, fov,
-                        paths["qc_figure"])
+    _sidecar(
+        paths["tractogram"],
+        "whole-brain deterministic tensor tractography of the DWI (every series "
+        "pooled), streamlines in RASMM of the T1w",
+        sources,
+        **series[0].tracking,
+    )
+    registration_figure(
+        t1w, affine, np.mean([s.b0 for s in series], axis=0), maps["fa"], tissues.wm, fov, paths["qc_figure"]
+    )
 
-    qc = {"subject": subject.label, "participant": subject.participant,
-          "session": subject.session or "", "t1w": str(Path(t1w_path).resolve()), "status": "ok",
-          **{k: str(p.relative_to(prep_dir)) for k, p in paths.items()},
-          "flagged": bool(flags), "flags": "; ".join(flags),
-          "mean_fa_wm": float(maps["fa"][tissues.wm & measured_brain].mean())
-          if np.any(tissues.wm & measured_brain) else float("nan"),
-          "mean_fa_brain": float(maps["fa"][measured_brain].mean()),
-          "median_md": float(np.median(maps["md"][measured_brain])), "n_streamlines": len(streamlines),
-          "registration_cost": series[0].registration.cost, "registration_start": series[0].registration.start,
-          "registration_candidates": {s.name: s.registration.candidates for s in series},
-          "registration_from_header_mm": round(max(s.from_header_mm for s in series), 2),
-          "registration_vs_ants_mm": round(max(s.vs_ants_mm for s in series), 2),
-          "registration_ants_spread_mm": round(max(s.ants_spread_mm for s in series), 2),
-          "fov_fraction": round(fov_fraction, 3), **volumes,
-          "tensor_shells": ",".join(str(b) for b in sorted({b for s in series for b in s.shells})),
-          "dwi_series": len(series),
-          "runtime_s": round(time.monotonic() - start, 1), "version": __version__}
+    qc = {
+        "subject": subject.label,
+        "participant": subject.participant,
+        "session": subject.session or "",
+        "t1w": str(Path(t1w_path).resolve()),
+        "status": "ok",
+        **{k: str(p.relative_to(prep_dir)) for k, p in paths.items()},
+        "flagged": bool(flags),
+        "flags": "; ".join(flags),
+        "mean_fa_wm": float(maps["fa"][tissues.wm & measured_brain].mean())
+        if np.any(tissues.wm & measured_brain)
+        else float("nan"),
+        "mean_fa_brain": float(maps["fa"][measured_brain].mean()),
+        "median_md": float(np.median(maps["md"][measured_brain])),
+        "n_streamlines": len(streamlines),
+        "registration_cost": series[0].registration.cost,
+        "registration_start": series[0].registration.start,
+        "registration_candidates": {s.name: s.registration.candidates for s in series},
+        "registration_from_header_mm": round(max(s.from_header_mm for s in series), 2),
+        "registration_vs_ants_mm": round(max(s.vs_ants_mm for s in series), 2),
+        "registration_ants_spread_mm": round(max(s.ants_spread_mm for s in series), 2),
+        "fov_fraction": round(fov_fraction, 3),
+        **volumes,
+        "tensor_shells": ",".join(str(b) for b in sorted({b for s in series for b in s.shells})),
+        "dwi_series": len(series),
+        "runtime_s": round(time.monotonic() - start, 1),
+        "version": __version__,
+    }
     lap("writing")
     qc["stage_seconds"] = stages
     save_json(qc, qc_path(prep_dir, subject))
-    LOGGER.info("%s: done in %.0f s (%d streamlines)%s", subject.label, qc["runtime_s"], len(streamlines),
-                f"; FLAGGED: {qc['flags']}" if flags else "")
+    LOGGER.info(
+        "%s: done in %.0f s (%d streamlines)%s",
+        subject.label,
+        qc["runtime_s"],
+        len(streamlines),
+        f"; FLAGGED: {qc['flags']}" if flags else "",
+    )
     return qc

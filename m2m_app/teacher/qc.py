@@ -1,4 +1,5 @@
 """The teacher's QC figure: does the DWI sit on the T1w, and do the masks hold?"""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,9 @@ from m2m_app.io.files import atomic_write
 from m2m_app.maths.orientation import ras_zooms, to_ras
 
 
-def registration_figure(t1w: np.ndarray, affine: np.ndarray, b0: np.ndarray, fa: np.ndarray,
-                        wm: np.ndarray, fov: np.ndarray, path: Path) -> Path:
+def registration_figure(
+    t1w: np.ndarray, affine: np.ndarray, b0: np.ndarray, fa: np.ndarray, wm: np.ndarray, fov: np.ndarray, path: Path
+) -> Path:
     """Write a PNG of three orthogonal T1w slices with the registered DWI drawn over them.
 
     Parameters
@@ -30,13 +32,16 @@ def registration_figure(t1w: np.ndarray, affine: np.ndarray, b0: np.ndarray, fa:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    volumes = {name: to_ras(np.asarray(v, dtype=np.float32), affine)
-               for name, v in {"t1w": t1w, "b0": b0, "fa": fa, "wm": wm, "fov": fov}.items()}
+    volumes = {
+        name: to_ras(np.asarray(v, dtype=np.float32), affine)
+        for name, v in {"t1w": t1w, "b0": b0, "fa": fa, "wm": wm, "fov": fov}.items()
+    }
     zooms = ras_zooms(affine)
     target = volumes["wm"] * volumes["fov"] > 0
     # the centre in the RAS-ordered arrays (the input's own axis order may differ)
-    centre = np.round(np.argwhere(target).mean(axis=0) if target.any()
-                      else np.array(volumes["t1w"].shape) / 2).astype(int)
+    centre = np.round(np.argwhere(target).mean(axis=0) if target.any() else np.array(volumes["t1w"].shape) / 2).astype(
+        int
+    )
     level = 0.5 * float(np.median(volumes["b0"][volumes["fov"] > 0])) if np.any(volumes["fov"] > 0) else 0.0
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), facecolor="black")
     for ax, axis, title in zip(axes, (0, 1, 2), ("sagittal", "coronal", "axial")):
@@ -46,16 +51,27 @@ def registration_figure(t1w: np.ndarray, affine: np.ndarray, b0: np.ndarray, fa:
         other = [a for a in range(3) if a != axis]
         aspect = zooms[other[1]] / zooms[other[0]]
         brain = cut["t1w"][cut["fov"] > 0] if np.any(cut["fov"] > 0) else cut["t1w"]
-        ax.imshow(cut["t1w"], cmap="gray", origin="lower", aspect=aspect,
-                  vmin=0, vmax=np.percentile(brain, 99.5) if brain.size else None)
-        for name, value, colour, style in (("b0", level, "cyan", "solid"), ("fa", 0.3, "red", "solid"),
-                                           ("wm", 0.5, "yellow", "solid"), ("fov", 0.5, "white", "dashed")):
+        ax.imshow(
+            cut["t1w"],
+            cmap="gray",
+            origin="lower",
+            aspect=aspect,
+            vmin=0,
+            vmax=np.percentile(brain, 99.5) if brain.size else None,
+        )
+        for name, value, colour, style in (
+            ("b0", level, "cyan", "solid"),
+            ("fa", 0.3, "red", "solid"),
+            ("wm", 0.5, "yellow", "solid"),
+            ("fov", 0.5, "white", "dashed"),
+        ):
             if np.ptp(cut[name]) > 0 and cut[name].min() < value < cut[name].max():
                 ax.contour(cut[name], [value], colors=colour, linewidths=0.6, linestyles=style)
         ax.set_title(title, color="white")
         ax.axis("off")
-    fig.suptitle("b0 edges (cyan), FA > 0.3 (red), white matter (yellow), DWI field of view (dashed)",
-                 color="white", fontsize=10)
+    fig.suptitle(
+        "b0 edges (cyan), FA > 0.3 (red), white matter (yellow), DWI field of view (dashed)", color="white", fontsize=10
+    )
     fig.tight_layout()
 
     def writer(tmp: str) -> None:

@@ -1,4 +1,5 @@
 """Rigid registration of the mean b0 to the T1w (dipy, mutual information), checked against ANTs."""
+
 from __future__ import annotations
 
 import logging
@@ -8,14 +9,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from dipy.align.imaffine import (AffineMap, AffineRegistration, MutualInformationMetric,
-                                 transform_centers_of_mass)
+from dipy.align.imaffine import AffineMap, AffineRegistration, MutualInformationMetric, transform_centers_of_mass
 from dipy.align.transforms import RigidTransform3D, TranslationTransform3D
 from nibabel.affines import apply_affine
 
 from m2m_app.io.nifti import ants_image
-from m2m_app.maths.tensor import (components_to_matrix, exp_tensors, frame_rotation, log_tensors,
-                                  matrix_to_components, rotate_tensors)
+from m2m_app.maths.tensor import (
+    components_to_matrix,
+    exp_tensors,
+    frame_rotation,
+    log_tensors,
+    matrix_to_components,
+    rotate_tensors,
+)
 
 if TYPE_CHECKING:
     import ants
@@ -68,8 +74,7 @@ def mask_points(mask: np.ndarray, affine: np.ndarray, max_points: int = 20000) -
     return apply_affine(affine, ijk)
 
 
-def _coarsen(volume: np.ndarray, affine: np.ndarray, target_voxel_mm3: float
-             ) -> tuple[np.ndarray, np.ndarray]:
+def _coarsen(volume: np.ndarray, affine: np.ndarray, target_voxel_mm3: float) -> tuple[np.ndarray, np.ndarray]:
     """Block-average a volume whose voxels are much smaller than ``target_voxel_mm3``.
 
     Registering a 1 mm T1w to a 2 mm b0 at the T1w's full resolution costs several
@@ -88,19 +93,32 @@ def _coarsen(volume: np.ndarray, affine: np.ndarray, target_voxel_mm3: float
     return blocks.mean(axis=(1, 3, 5)), scaled
 
 
-def _full_cost(static: np.ndarray, static_affine: np.ndarray, moving: np.ndarray,
-               moving_affine: np.ndarray, transform: np.ndarray) -> float:
+def _full_cost(
+    static: np.ndarray, static_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, transform: np.ndarray
+) -> float:
     """dipy's negative Mattes mutual information of one alignment, on every voxel (no sampling)."""
     metric = MutualInformationMetric(nbins=32, sampling_proportion=None)
-    metric.setup(RigidTransform3D(), static, moving, static_grid2world=static_affine,
-                 moving_grid2world=moving_affine, starting_affine=transform)
+    metric.setup(
+        RigidTransform3D(),
+        static,
+        moving,
+        static_grid2world=static_affine,
+        moving_grid2world=moving_affine,
+        starting_affine=transform,
+    )
     return float(metric.distance(np.zeros(6)))
 
 
-def register_b0_to_t1w(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
-                       t1w_affine: np.ndarray, b0_mask: np.ndarray | None = None, *,
-                       header_prior: bool = True, level_iters: tuple[int, ...] = (200, 50, 10)
-                       ) -> RigidResult:
+def register_b0_to_t1w(
+    b0: np.ndarray,
+    b0_affine: np.ndarray,
+    t1w: np.ndarray,
+    t1w_affine: np.ndarray,
+    b0_mask: np.ndarray | None = None,
+    *,
+    header_prior: bool = True,
+    level_iters: tuple[int, ...] = (200, 50, 10),
+) -> RigidResult:
     """Estimate the rigid transform aligning the b0 ``(X, Y, Z)`` to the T1w ``(X', Y', Z')``.
 
     Each start (the image headers when ``header_prior``, i.e. when T1w and DWI come from
@@ -115,8 +133,9 @@ def register_b0_to_t1w(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
     t1w, t1w_affine = _coarsen(t1w, t1w_affine, float(np.abs(np.linalg.det(b0_affine[:3, :3]))))
     metric = MutualInformationMetric(nbins=32, sampling_proportion=0.3)
     # a shallow pyramid (2× at most): a 20-slice slab shrunk 4× keeps too few slices to align
-    reg = AffineRegistration(metric=metric, level_iters=list(level_iters),
-                             sigmas=[2.0, 1.0, 0.0], factors=[2, 1, 1], verbosity=0)
+    reg = AffineRegistration(
+        metric=metric, level_iters=list(level_iters), sigmas=[2.0, 1.0, 0.0], factors=[2, 1, 1], verbosity=0
+    )
     grids = {"static_grid2world": t1w_affine, "moving_grid2world": b0_affine}
     starts = {"centre_of_mass": transform_centers_of_mass(t1w, t1w_affine, b0, b0_affine).affine}
     if header_prior:
@@ -130,16 +149,18 @@ def register_b0_to_t1w(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
         # two transforms send to the same DWI point agree
         moved = mean_displacement_mm(np.linalg.inv(rigid.affine), np.eye(4), points)
         results[name] = (rigid.affine, _full_cost(t1w, t1w_affine, b0, b0_affine, rigid.affine), moved)
-        LOGGER.debug("registration from the %s: cost %.4f, %.1f mm from the header", name,
-                     results[name][1], moved)
+        LOGGER.debug("registration from the %s: cost %.4f, %.1f mm from the header", name, results[name][1], moved)
     plausible = [n for n, r in results.items() if not header_prior or r[2] <= MAX_FROM_HEADER_MM]
     if plausible:
         best = min(plausible, key=lambda n: results[n][1])
     else:  # every start moved far: keep the least implausible one (the QC flags the unit)
         best = min(results, key=lambda n: results[n][2])
-    return RigidResult(t1w_to_dwi=results[best][0], cost=results[best][1], start=best,
-                       candidates={n: {"cost": round(r[1], 5), "from_header_mm": round(r[2], 2)}
-                                   for n, r in results.items()})
+    return RigidResult(
+        t1w_to_dwi=results[best][0],
+        cost=results[best][1],
+        start=best,
+        candidates={n: {"cost": round(r[1], 5), "from_header_mm": round(r[2], 2)} for n, r in results.items()},
+    )
 
 
 #: Random seeds of the ANTs runs whose medoid is the independent estimate: one run's random
@@ -161,8 +182,7 @@ class AntsCheck:
     spread_mm: float
 
 
-def _ants_rigid_run(fixed: ants.ANTsImage, moving: ants.ANTsImage, header_prior: bool, seed: int
-                    ) -> np.ndarray:
+def _ants_rigid_run(fixed: ants.ANTsImage, moving: ants.ANTsImage, header_prior: bool, seed: int) -> np.ndarray:
     """One antspyx rigid run (Mattes MI, every voxel sampled, 2× pyramid); T1w → DWI in RAS mm."""
     import ants
     import ants.config
@@ -171,11 +191,18 @@ def _ants_rigid_run(fixed: ants.ANTsImage, moving: ants.ANTsImage, header_prior:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             # a shallow pyramid, as for dipy: a slab shrunk 6× (ANTs' default) keeps too few slices
-            result = ants.registration(fixed, moving, type_of_transform="Rigid", aff_metric="mattes",
-                                       aff_random_sampling_rate=1.0, aff_shrink_factors=(2, 1),
-                                       aff_smoothing_sigmas=(1, 0), aff_iterations=(1000, 500),
-                                       initial_transform="Identity" if header_prior else None,
-                                       outprefix=str(Path(tmp) / "rigid_"))
+            result = ants.registration(
+                fixed,
+                moving,
+                type_of_transform="Rigid",
+                aff_metric="mattes",
+                aff_random_sampling_rate=1.0,
+                aff_shrink_factors=(2, 1),
+                aff_smoothing_sigmas=(1, 0),
+                aff_iterations=(1000, 500),
+                initial_transform="Identity" if header_prior else None,
+                outprefix=str(Path(tmp) / "rigid_"),
+            )
             (path,) = result["fwdtransforms"]  # one rigid stage: one .mat file
             transform = ants.read_transform(path)
     finally:
@@ -189,9 +216,15 @@ def _ants_rigid_run(fixed: ants.ANTsImage, moving: ants.ANTsImage, header_prior:
     return flip @ lps @ flip
 
 
-def ants_rigid_t1w_to_dwi(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray,
-                          t1w_affine: np.ndarray, points: np.ndarray, header_prior: bool = True,
-                          seeds: tuple[int, ...] = ANTS_SEEDS) -> AntsCheck:
+def ants_rigid_t1w_to_dwi(
+    b0: np.ndarray,
+    b0_affine: np.ndarray,
+    t1w: np.ndarray,
+    t1w_affine: np.ndarray,
+    points: np.ndarray,
+    header_prior: bool = True,
+    seeds: tuple[int, ...] = ANTS_SEEDS,
+) -> AntsCheck:
     """An independent estimate of the same transform: ANTs rigid Mattes MI (antspyx), as QSIPrep uses.
 
     One ANTs run per seed in ``seeds``, each from the image headers (``header_prior``) or
@@ -205,12 +238,22 @@ def ants_rigid_t1w_to_dwi(b0: np.ndarray, b0_affine: np.ndarray, t1w: np.ndarray
     return AntsCheck(t1w_to_dwi=runs[int(distances.sum(axis=1).argmin())], spread_mm=float(distances.max()))
 
 
-def resample_to_t1w(volume: np.ndarray, dwi_affine: np.ndarray, result: RigidResult,
-                    t1w_shape: tuple[int, ...], t1w_affine: np.ndarray,
-                    interpolation: str = "linear") -> np.ndarray:
+def resample_to_t1w(
+    volume: np.ndarray,
+    dwi_affine: np.ndarray,
+    result: RigidResult,
+    t1w_shape: tuple[int, ...],
+    t1w_affine: np.ndarray,
+    interpolation: str = "linear",
+) -> np.ndarray:
     """Resample a DWI-grid scalar volume onto the T1w grid with the rigid transform."""
-    mapping = AffineMap(result.t1w_to_dwi, domain_grid_shape=t1w_shape[:3], domain_grid2world=t1w_affine,
-                        codomain_grid_shape=volume.shape[:3], codomain_grid2world=dwi_affine)
+    mapping = AffineMap(
+        result.t1w_to_dwi,
+        domain_grid_shape=t1w_shape[:3],
+        domain_grid2world=t1w_affine,
+        codomain_grid_shape=volume.shape[:3],
+        codomain_grid2world=dwi_affine,
+    )
     return mapping.transform(volume, interpolation=interpolation)
 
 
@@ -221,8 +264,13 @@ def save_itk_transform(result: RigidResult, path: Path) -> None:
     Affine(result.t1w_to_dwi).to_filename(str(path), fmt="itk")
 
 
-def tensor_to_t1w(components: np.ndarray, dwi_affine: np.ndarray, result: RigidResult,
-                  t1w_shape: tuple[int, ...], t1w_affine: np.ndarray) -> np.ndarray:
+def tensor_to_t1w(
+    components: np.ndarray,
+    dwi_affine: np.ndarray,
+    result: RigidResult,
+    t1w_shape: tuple[int, ...],
+    t1w_affine: np.ndarray,
+) -> np.ndarray:
     """Bring a world-frame tensor field ``(X, Y, Z, 6)`` from the DWI grid onto the T1w grid.
 
     The tensors are interpolated in the log-Euclidean domain (linear interpolation of
@@ -238,8 +286,13 @@ def tensor_to_t1w(components: np.ndarray, dwi_affine: np.ndarray, result: RigidR
     # normalised interpolation: voxels without a tensor get no say (a zero log would mean D = I mm²/s)
     weight = resample_to_t1w(support.astype(np.float64), dwi_affine, result, t1w_shape, t1w_affine)
     inside = weight > 0.5
-    resampled = np.stack([resample_to_t1w(logs[..., k], dwi_affine, result, t1w_shape, t1w_affine)[inside]
-                          for k in range(6)], axis=-1) / weight[inside][:, None]
+    resampled = (
+        np.stack(
+            [resample_to_t1w(logs[..., k], dwi_affine, result, t1w_shape, t1w_affine)[inside] for k in range(6)],
+            axis=-1,
+        )
+        / weight[inside][:, None]
+    )
     rotation = frame_rotation(result.dwi_to_t1w)
     out = np.zeros(tuple(t1w_shape[:3]) + (6,), dtype=np.float32)
     rotated = rotate_tensors(components_to_matrix(resampled), rotation)

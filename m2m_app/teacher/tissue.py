@@ -6,6 +6,7 @@ of 191 datasets; weights ship in its wheel), the tissue classes from ANTs Atropo
 N4-corrected T1w inside that mask. Neither depends on the DWI, so a DWI mask that
 includes scalp fat, or a DWI slab that covers half the brain, cannot move them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,9 @@ class Tissues:
     def volumes_ml(self, affine: np.ndarray) -> dict[str, float]:
         """Volume of each class in ml, and the white-matter share of the brain."""
         voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000
-        volumes = {f"{name}_ml": round(float(getattr(self, name).sum()) * voxel_ml, 1)
-                   for name in ("brain", "csf", "gm", "wm")}
+        volumes = {
+            f"{name}_ml": round(float(getattr(self, name).sum()) * voxel_ml, 1) for name in ("brain", "csf", "gm", "wm")
+        }
         volumes["wm_fraction"] = round(volumes["wm_ml"] / max(volumes["brain_ml"], 1e-6), 3)
         return volumes
 
@@ -88,8 +90,9 @@ def tissue_classes(img: nib.Nifti1Image, brain: np.ndarray) -> Tissues:
     spacing = np.asarray(t1w.spacing)
     work, work_mask = t1w, mask
     if spacing.min() < SEGMENTATION_VOXEL_MM:
-        work = ants.resample_image(t1w, tuple(np.maximum(spacing, SEGMENTATION_VOXEL_MM)),
-                                   use_voxels=False, interp_type=0)
+        work = ants.resample_image(
+            t1w, tuple(np.maximum(spacing, SEGMENTATION_VOXEL_MM)), use_voxels=False, interp_type=0
+        )
         work_mask = ants.resample_image_to_target(mask, work, interp_type="nearestNeighbor")
     corrected = ants.n4_bias_field_correction(work, mask=work_mask, shrink_factor=4)
     with _private_temp_dir():
@@ -108,8 +111,7 @@ def tissue_flags(volumes: dict[str, float]) -> list[str]:
     flags = []
     low, high = WM_FRACTION_RANGE
     if not low <= volumes["wm_fraction"] <= high:
-        flags.append(f"white matter is {volumes['wm_fraction']:.2f} of the brain "
-                     f"(plausible: {low}-{high})")
+        flags.append(f"white matter is {volumes['wm_fraction']:.2f} of the brain (plausible: {low}-{high})")
     low, high = BRAIN_VOLUME_RANGE_ML
     if not low <= volumes["brain_ml"] <= high:
         flags.append(f"brain volume {volumes['brain_ml']:.0f} ml (plausible: {low:.0f}-{high:.0f} ml)")

@@ -1,4 +1,5 @@
 """Whole-brain deterministic tensor tractography with dipy."""
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ def tensor_peaks(v1_voxel: np.ndarray, fa: np.ndarray) -> PeaksAndMetrics:
     flat = v1_voxel.reshape(-1, 3)
     indices = np.empty(flat.shape[0], dtype=np.int32)
     for start in range(0, flat.shape[0], 65536):  # chunks keep the dot-product table small
-        indices[start:start + 65536] = np.abs(flat[start:start + 65536] @ vertices.T).argmax(axis=1)
+        indices[start : start + 65536] = np.abs(flat[start : start + 65536] @ vertices.T).argmax(axis=1)
     pam = PeaksAndMetrics()
     pam.sphere = default_sphere
     pam.peak_indices = indices.reshape(fa.shape + (1,))
@@ -32,10 +33,20 @@ def tensor_peaks(v1_voxel: np.ndarray, fa: np.ndarray) -> PeaksAndMetrics:
     return pam
 
 
-def track_tensor(v1_voxel: np.ndarray, fa: np.ndarray, affine: np.ndarray, *,
-                 seed_fa: float = 0.3, stop_fa: float = 0.15, seeds_per_voxel: int = 1,
-                 step_mm: float = 0.5, max_angle_deg: float = 45.0, min_length_mm: float = 20.0,
-                 max_length_mm: float = 250.0, random_seed: int = 0) -> tuple[list[np.ndarray], dict]:
+def track_tensor(
+    v1_voxel: np.ndarray,
+    fa: np.ndarray,
+    affine: np.ndarray,
+    *,
+    seed_fa: float = 0.3,
+    stop_fa: float = 0.15,
+    seeds_per_voxel: int = 1,
+    step_mm: float = 0.5,
+    max_angle_deg: float = 45.0,
+    min_length_mm: float = 20.0,
+    max_length_mm: float = 250.0,
+    random_seed: int = 0,
+) -> tuple[list[np.ndarray], dict]:
     """Deterministic (EuDX-style) whole-brain tracking on a tensor field.
 
     Parameters
@@ -50,19 +61,36 @@ def track_tensor(v1_voxel: np.ndarray, fa: np.ndarray, affine: np.ndarray, *,
     Streamlines as ``(K_i, 3)`` arrays in world mm (RASMM) and the tracking parameters
     (for the BEP046 sidecar).
     """
-    seeds = random_seeds_from_mask(fa > seed_fa, affine, seeds_count=seeds_per_voxel,
-                                   seed_count_per_voxel=True, random_seed=random_seed)
+    seeds = random_seeds_from_mask(
+        fa > seed_fa, affine, seeds_count=seeds_per_voxel, seed_count_per_voxel=True, random_seed=random_seed
+    )
     criterion = ThresholdStoppingCriterion(fa.astype(float), stop_fa)
-    tractogram = eudx_tracking(seeds, criterion, affine, pam=tensor_peaks(v1_voxel, fa),
-                               step_size=step_mm, max_angle=max_angle_deg, pmf_threshold=stop_fa,
-                               min_len=min_length_mm, max_len=max_length_mm,
-                               random_seed=random_seed, return_all=True)
+    tractogram = eudx_tracking(
+        seeds,
+        criterion,
+        affine,
+        pam=tensor_peaks(v1_voxel, fa),
+        step_size=step_mm,
+        max_angle=max_angle_deg,
+        pmf_threshold=stop_fa,
+        min_len=min_length_mm,
+        max_len=max_length_mm,
+        random_seed=random_seed,
+        return_all=True,
+    )
     streamlines = [np.asarray(s, dtype=np.float32) for s in tractogram]
     LOGGER.info("tracked %d streamlines from %d seeds", len(streamlines), len(seeds))
-    params = {"SeedingMethod": f"random, {seeds_per_voxel} per voxel where FA > {seed_fa}",
-              "SeedingNumberSeeds": int(len(seeds)), "StepSize": step_mm, "StepSizeUnits": "mm",
-              "AngleCurvature": max_angle_deg, "TerminationCriterion": f"FA < {stop_fa}",
-              "MinimumLength": min_length_mm, "MaximumLength": max_length_mm,
-              "TractographyMethod": "deterministic", "TractographyClass": "local",
-              "Algorithm": "dipy eudx_tracking on the tensor's principal eigenvector"}
+    params = {
+        "SeedingMethod": f"random, {seeds_per_voxel} per voxel where FA > {seed_fa}",
+        "SeedingNumberSeeds": int(len(seeds)),
+        "StepSize": step_mm,
+        "StepSizeUnits": "mm",
+        "AngleCurvature": max_angle_deg,
+        "TerminationCriterion": f"FA < {stop_fa}",
+        "MinimumLength": min_length_mm,
+        "MaximumLength": max_length_mm,
+        "TractographyMethod": "deterministic",
+        "TractographyClass": "local",
+        "Algorithm": "dipy eudx_tracking on the tensor's principal eigenvector",
+    }
     return streamlines, params

@@ -14,6 +14,7 @@ Dipy's ``LocalTracking`` is not used because it reads direction getters on a vox
 (one point at a time, in Cython), whereas this tracker evaluates the continuous field at
 arbitrary points for all streamlines at once (one batched query per RK4 stage).
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,7 @@ def align_axis(orientation: np.ndarray, reference: np.ndarray) -> np.ndarray:
     :func:`candidate_axes` without building them: the sign patterns' third component is +1.
     """
     unit = _unit(np.abs(orientation))
-    products = unit * reference                                   # the dot products, term by term
+    products = unit * reference  # the dot products, term by term
     dots = products[:, :1] * _SIGN_PATTERNS[:, 0] + products[:, 1:2] * _SIGN_PATTERNS[:, 1] + products[:, 2:3]
     best = np.abs(dots).argmax(axis=1)
     sign = np.where(dots[np.arange(len(best)), best] < 0, -1.0, 1.0)
@@ -83,8 +84,16 @@ class _MaskLookup:
         return result
 
 
-def seed_points(query: FieldQuery, mask: np.ndarray, affine: np.ndarray, *, threshold: float,
-                seeds_per_voxel: int | None, n_seeds: int | None, rng: np.random.Generator) -> np.ndarray:
+def seed_points(
+    query: FieldQuery,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    *,
+    threshold: float,
+    seeds_per_voxel: int | None,
+    n_seeds: int | None,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """World seed points ``(S, 3)``, uniformly jittered within mask voxels whose density >= ``threshold``.
 
     ``seeds_per_voxel`` puts that many seeds in every such voxel; ``n_seeds`` draws that many
@@ -107,8 +116,8 @@ def seed_points(query: FieldQuery, mask: np.ndarray, affine: np.ndarray, *, thre
 
 def initial_axes(query: FieldQuery, seeds: np.ndarray, step_mm: float) -> np.ndarray:
     """Unit axis ``(S, 3)`` per seed: the candidate along which the density stays highest both ways."""
-    candidates = candidate_axes(np.asarray(query(seeds)[1], dtype=float))          # (S, 4, 3)
-    offsets = step_mm * np.array([*_PROBE_STEPS, *(-d for d in _PROBE_STEPS)])     # (P,)
+    candidates = candidate_axes(np.asarray(query(seeds)[1], dtype=float))  # (S, 4, 3)
+    offsets = step_mm * np.array([*_PROBE_STEPS, *(-d for d in _PROBE_STEPS)])  # (P,)
     probes = seeds[:, None, None, :] + offsets[None, None, :, None] * candidates[:, :, None, :]
     density = np.asarray(query(probes.reshape(-1, 3))[0], dtype=float).reshape(probes.shape[:3])
     return candidates[np.arange(len(seeds)), density.sum(axis=2).argmax(axis=1)]
@@ -122,9 +131,17 @@ def _rk4_direction(query: FieldQuery, position: np.ndarray, k1: np.ndarray, step
     return _unit(k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 
-def _march(query: FieldQuery, in_mask: _MaskLookup, starts: np.ndarray, axes: np.ndarray, *,
-           step_mm: float, density_threshold: float, max_angle_deg: float,
-           max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _march(
+    query: FieldQuery,
+    in_mask: _MaskLookup,
+    starts: np.ndarray,
+    axes: np.ndarray,
+    *,
+    step_mm: float,
+    density_threshold: float,
+    max_angle_deg: float,
+    max_steps: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Integrate all particles at once; returns particle ids ``(P,)`` and points ``(P, 3)`` in step order.
 
     A particle stops before a step that ends outside the mask, below ``density_threshold``, or
@@ -139,8 +156,7 @@ def _march(query: FieldQuery, in_mask: _MaskLookup, starts: np.ndarray, axes: np
         direction = _rk4_direction(query, position, align_axis(orientation, previous), step_mm)
         moved = position + step_mm * direction
         density, orientation = (np.asarray(a, dtype=float) for a in query(moved))
-        ok = ((np.einsum("nc,nc->n", direction, previous) >= cos_max) & (density >= density_threshold)
-              & in_mask(moved))
+        ok = (np.einsum("nc,nc->n", direction, previous) >= cos_max) & (density >= density_threshold) & in_mask(moved)
         ids, position, previous, orientation = ids[ok], moved[ok], direction[ok], orientation[ok]
         if not len(ids):
             break
@@ -185,8 +201,14 @@ class TrackingSettings:
             raise ValueError("give seeds_per_voxel or n_seeds, not both")
 
 
-def track_field(field_or_query_fn: FittedField | FieldQuery, mask: np.ndarray, affine: np.ndarray,
-                settings: TrackingSettings = TrackingSettings(), *, seed: int = 0) -> list[np.ndarray]:
+def track_field(
+    field_or_query_fn: FittedField | FieldQuery,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    settings: TrackingSettings = TrackingSettings(),
+    *,
+    seed: int = 0,
+) -> list[np.ndarray]:
     """Bidirectional deterministic RK4 streamlines through the field, in world RAS+ mm.
 
     Parameters
@@ -202,15 +224,29 @@ def track_field(field_or_query_fn: FittedField | FieldQuery, mask: np.ndarray, a
     s = settings
     seeds_per_voxel = 1 if s.seeds_per_voxel is None and s.n_seeds is None else s.seeds_per_voxel
     query = _as_query(field_or_query_fn)
-    seeds = seed_points(query, mask, affine, threshold=s.seed_density_threshold, n_seeds=s.n_seeds,
-                        seeds_per_voxel=seeds_per_voxel, rng=np.random.default_rng(seed))
+    seeds = seed_points(
+        query,
+        mask,
+        affine,
+        threshold=s.seed_density_threshold,
+        n_seeds=s.n_seeds,
+        seeds_per_voxel=seeds_per_voxel,
+        rng=np.random.default_rng(seed),
+    )
     if not len(seeds):
         LOGGER.warning("no voxel reaches the seed density %.3g; no streamlines", s.seed_density_threshold)
         return []
     axes = initial_axes(query, seeds, s.step_mm)
-    ids, points = _march(query, _MaskLookup(mask, affine), np.concatenate([seeds, seeds]),
-                         np.concatenate([axes, -axes]), step_mm=s.step_mm, density_threshold=s.density_threshold,
-                         max_angle_deg=s.max_angle_deg, max_steps=math.ceil(s.max_length_mm / s.step_mm))
+    ids, points = _march(
+        query,
+        _MaskLookup(mask, affine),
+        np.concatenate([seeds, seeds]),
+        np.concatenate([axes, -axes]),
+        step_mm=s.step_mm,
+        density_threshold=s.density_threshold,
+        max_angle_deg=s.max_angle_deg,
+        max_steps=math.ceil(s.max_length_mm / s.step_mm),
+    )
     halves = _per_particle(ids, points, 2 * len(seeds))
     streamlines = []
     for i, start in enumerate(seeds):
@@ -221,8 +257,7 @@ def track_field(field_or_query_fn: FittedField | FieldQuery, mask: np.ndarray, a
     return streamlines
 
 
-def bep046_sidecar(settings: TrackingSettings = TrackingSettings(),
-                   n_streamlines: int | None = None) -> dict[str, Any]:
+def bep046_sidecar(settings: TrackingSettings = TrackingSettings(), n_streamlines: int | None = None) -> dict[str, Any]:
     """BEP046 tractography sidecar for :func:`track_field` run with ``settings``.
 
     ``n_streamlines`` (optional) is reported as ``Count``. ``MinimumLength``/``MaximumLength``
@@ -249,11 +284,13 @@ def bep046_sidecar(settings: TrackingSettings = TrackingSettings(),
             f"leaving the mask (nearest voxel), density < {p['density_threshold']} (units of the input's "
             f"robust maximum) or a turn above {p['max_angle_deg']} degrees per step. The field's orientation "
             "is sign-free; among the axes sharing its absolute components the one closest to the previous "
-            "step is followed."),
+            "step is followed."
+        ),
         "UncertaintyUse": (
             "none: the per-voxel uncertainty maps (FA SD, V1 dispersion, track-density SD) are written beside "
             "the maps but do not change seeding, stepping or stopping; whether stopping where V1 dispersion is "
-            "high helps the held-out tractogram has not been measured"),
+            "high helps the held-out tractogram has not been measured"
+        ),
     }
     if n_streamlines is not None:
         sidecar["Count"] = int(n_streamlines)

@@ -11,6 +11,7 @@ through that box.
 Colours are the field's directionally encoded orientation (R=x, G=y, B=z) and the extinction
 is proportional to its density.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,7 +35,11 @@ LOGGER = logging.getLogger(__name__)
 OPTICAL_DEPTH = 8.0
 #: View name → (azimuth, elevation) in degrees, see :mod:`m2m_app.maths.render` for the convention.
 STANDARD_VIEWS: dict[str, tuple[float, float]] = {
-    "left": (180.0, 0.0), "right": (0.0, 0.0), "top": (0.0, 90.0), "front": (90.0, 0.0)}
+    "left": (180.0, 0.0),
+    "right": (0.0, 0.0),
+    "top": (0.0, 90.0),
+    "front": (90.0, 0.0),
+}
 
 
 #: Fraction of the baked density's maximum above which a point counts as inside the brain (framing only).
@@ -63,16 +68,18 @@ def bake_field(field: FittedField, bake_size: int = BAKE_SIZE) -> BakedField:
     sigma = density * (OPTICAL_DEPTH / extent_mm)
     colour = colour / np.maximum(np.linalg.norm(colour, axis=-1, keepdims=True), 1e-6)
     grid = torch.as_tensor(np.concatenate([sigma[..., None], colour], axis=-1), dtype=torch.float32)
-    grid = grid.permute(3, 0, 1, 2)[None]                           # (1, 4, X, Y, Z)
+    grid = grid.permute(3, 0, 1, 2)[None]  # (1, 4, X, Y, Z)
 
     # world mm -> grid_sample's (z, y, x)-ordered [-1, 1] coordinates, one float32 matrix product
-    to_grid = torch.as_tensor((normalising_matrix(field.shape) @ np.linalg.inv(field.affine))[[2, 1, 0]],
-                              dtype=torch.float32)
+    to_grid = torch.as_tensor(
+        (normalising_matrix(field.shape) @ np.linalg.inv(field.affine))[[2, 1, 0]], dtype=torch.float32
+    )
 
     def query(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         coords = torch.addmm(to_grid[:, 3], torch.from_numpy(np.asarray(points, dtype=np.float32)), to_grid[:, :3].T)
-        values = F.grid_sample(grid, coords.view(1, -1, 1, 1, 3), mode="bilinear",
-                               padding_mode="zeros", align_corners=True)[0, :, :, 0, 0].T.numpy()
+        values = F.grid_sample(
+            grid, coords.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros", align_corners=True
+        )[0, :, :, 0, 0].T.numpy()
         return values[:, 0], values[:, 1:]
 
     inside = np.argwhere(density > FRAME_THRESHOLD * density.max()) if density.max() > 0 else np.zeros((0, 3))
@@ -108,8 +115,12 @@ def _axis_letter(vector: np.ndarray) -> str:
 def view_orientation(name: str) -> dict[str, str]:
     """Anatomical direction at each edge of a standard view (keys ``left``, ``right``, ``top``, ``bottom``)."""
     _, right, up = camera_basis(*STANDARD_VIEWS[name])
-    return {"left": _axis_letter(-right), "right": _axis_letter(right), "top": _axis_letter(up),
-            "bottom": _axis_letter(-up)}
+    return {
+        "left": _axis_letter(-right),
+        "right": _axis_letter(right),
+        "top": _axis_letter(up),
+        "bottom": _axis_letter(-up),
+    }
 
 
 def _write_png(image: np.ndarray, path: str) -> None:
@@ -139,8 +150,14 @@ def _with_triad(image: np.ndarray, azimuth_deg: float, elevation_deg: float) -> 
     return np.asarray(canvas)
 
 
-def write_standard_views(field: FittedField | BakedField, out: str | os.PathLike | dict[str, str | os.PathLike], *,
-                         size: int = 512, n_samples: int = 64, bake_size: int = BAKE_SIZE) -> dict[str, Path]:
+def write_standard_views(
+    field: FittedField | BakedField,
+    out: str | os.PathLike | dict[str, str | os.PathLike],
+    *,
+    size: int = 512,
+    n_samples: int = 64,
+    bake_size: int = BAKE_SIZE,
+) -> dict[str, Path]:
     """Write the left, right, top and front views as ``size``-pixel square PNGs framing the brain.
 
     ``field`` is baked with ``bake_size`` unless it is already a :class:`BakedField`.
@@ -149,8 +166,11 @@ def write_standard_views(field: FittedField | BakedField, out: str | os.PathLike
     pixel), set so that the brain's box fills the widest view; :func:`view_orientation`
     gives each view's edge labels. Returns view name → written path.
     """
-    paths = ({name: Path(p) for name, p in out.items()} if isinstance(out, dict)
-             else {name: Path(out) / f"{name}.png" for name in STANDARD_VIEWS})
+    paths = (
+        {name: Path(p) for name, p in out.items()}
+        if isinstance(out, dict)
+        else {name: Path(out) / f"{name}.png" for name in STANDARD_VIEWS}
+    )
     unknown = set(paths) - set(STANDARD_VIEWS)
     if unknown:
         raise ValueError(f"unknown views {sorted(unknown)}; known: {sorted(STANDARD_VIEWS)}")
@@ -158,16 +178,25 @@ def write_standard_views(field: FittedField | BakedField, out: str | os.PathLike
     query, box = baked.query, baked.box
     half_extent = framing_half_extent(box, list(STANDARD_VIEWS.values()))
     for name, path in paths.items():
-        image = render_view(query, box, *STANDARD_VIEWS[name], size, n_samples=n_samples,
-                            half_extent_mm=half_extent, clip_to_box=True)
+        image = render_view(
+            query, box, *STANDARD_VIEWS[name], size, n_samples=n_samples, half_extent_mm=half_extent, clip_to_box=True
+        )
         atomic_write(path, functools.partial(_write_png, image))
         LOGGER.info("wrote the %s view %s", name, path)
     return paths
 
 
-def write_turntable(field: FittedField | BakedField, path: str | os.PathLike, *, n_frames: int = 24,
-                    size: int = 256, elevation_deg: float = 20.0, n_samples: int = 48, bake_size: int = BAKE_SIZE,
-                    frame_ms: int = 100) -> Path:
+def write_turntable(
+    field: FittedField | BakedField,
+    path: str | os.PathLike,
+    *,
+    n_frames: int = 24,
+    size: int = 256,
+    elevation_deg: float = 20.0,
+    n_samples: int = 48,
+    bake_size: int = BAKE_SIZE,
+    frame_ms: int = 100,
+) -> Path:
     """Write an endlessly looping animated GIF of ``n_frames`` views
     turning once around the vertical axis, framed on the brain, each with an R/A/S axis triad.
 
@@ -176,11 +205,27 @@ def write_turntable(field: FittedField | BakedField, path: str | os.PathLike, *,
     query, box = baked.query, baked.box
     azimuths = np.linspace(0.0, 360.0, n_frames, endpoint=False)
     half_extent = framing_half_extent(box, [(azimuth, elevation_deg) for azimuth in azimuths])
-    frames = np.stack([_with_triad(_to_uint8(render_view(query, box, azimuth, elevation_deg, size,
-                                                         n_samples=n_samples, half_extent_mm=half_extent,
-                                                         clip_to_box=True)),
-                                   azimuth, elevation_deg)
-                       for azimuth in azimuths])
+    frames = np.stack(
+        [
+            _with_triad(
+                _to_uint8(
+                    render_view(
+                        query,
+                        box,
+                        azimuth,
+                        elevation_deg,
+                        size,
+                        n_samples=n_samples,
+                        half_extent_mm=half_extent,
+                        clip_to_box=True,
+                    )
+                ),
+                azimuth,
+                elevation_deg,
+            )
+            for azimuth in azimuths
+        ]
+    )
     written = atomic_write(path, lambda tmp: iio.imwrite(tmp, frames, duration=frame_ms, loop=0))
     LOGGER.info("wrote a %d-frame turntable %s", n_frames, written)
     return written

@@ -15,6 +15,7 @@ reached through nilearn's skull-stripped MNI152 T1 (ICBM152 2009a):
    restricted to the template's brain (the subject's T1w keeps its scalp), at ``spacing_mm``;
 3. the FA template goes through both transforms onto the T1w grid (linear), clipped to [0, 1].
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,10 @@ def tractseg_fa_template() -> nib.Nifti1Image:
     try:
         path = resources.files("tractseg") / TRACTSEG_FA_TEMPLATE
     except ModuleNotFoundError as err:
-        raise UsageError("the atlas baseline needs the FA template of the 'tractseg' package: "
-                         'pip install "m2m-app[atlas]" (or: pip install --no-deps tractseg)') from err
+        raise UsageError(
+            "the atlas baseline needs the FA template of the 'tractseg' package: "
+            'pip install "m2m-app[atlas]" (or: pip install --no-deps tractseg)'
+        ) from err
     with resources.as_file(path) as file:
         img = cast(nib.Nifti1Image, nib.load(file))
         return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
@@ -86,16 +89,23 @@ def _load_atlas(spacing_mm: float) -> Atlas:
     fa = tractseg_fa_template()
     t1 = load_mni152_template(resolution=1)
     start = time.monotonic()
-    bridge = ants.registration(fixed=_resample(load_mni152_wm_template(resolution=1), spacing_mm),
-                               moving=_resample(fa, spacing_mm), type_of_transform="Affine",
-                               aff_metric="mattes", random_seed=0)
-    log.info("atlas: FA template (MNI152NLin6Asym) registered to the MNI152 2009 template in %.0f s",
-             time.monotonic() - start)
+    bridge = ants.registration(
+        fixed=_resample(load_mni152_wm_template(resolution=1), spacing_mm),
+        moving=_resample(fa, spacing_mm),
+        type_of_transform="Affine",
+        aff_metric="mattes",
+        random_seed=0,
+    )
+    log.info(
+        "atlas: FA template (MNI152NLin6Asym) registered to the MNI152 2009 template in %.0f s",
+        time.monotonic() - start,
+    )
     return Atlas(t1=t1, fa=fa, fa_transforms=tuple(bridge["fwdtransforms"]))
 
 
-def warp_atlas_fa(t1w_img: nib.Nifti1Image, atlas: Atlas | None = None,
-                  spacing_mm: float = REGISTRATION_SPACING_MM, seed: int = 0) -> np.ndarray:
+def warp_atlas_fa(
+    t1w_img: nib.Nifti1Image, atlas: Atlas | None = None, spacing_mm: float = REGISTRATION_SPACING_MM, seed: int = 0
+) -> np.ndarray:
     """The atlas FA on the grid of ``t1w_img`` (3D T1w), ``(X, Y, Z)`` float32 in [0, 1].
 
     ``atlas`` defaults to :func:`load_atlas` (TractSeg FA through nilearn's MNI152 T1). The
@@ -106,18 +116,24 @@ def warp_atlas_fa(t1w_img: nib.Nifti1Image, atlas: Atlas | None = None,
 
     atlas = atlas or load_atlas(spacing_mm)
     start = time.monotonic()
-    t1w = nib.Nifti1Image(np.asarray(t1w_img.dataobj, dtype=np.float32).reshape(t1w_img.shape[:3]),
-                          t1w_img.affine)
+    t1w = nib.Nifti1Image(np.asarray(t1w_img.dataobj, dtype=np.float32).reshape(t1w_img.shape[:3]), t1w_img.affine)
     fixed = _resample(atlas.t1, spacing_mm)
-    registration = ants.registration(fixed=fixed, moving=_resample(t1w, spacing_mm), type_of_transform="SyN",
-                                     mask=ants.get_mask(fixed, low_thresh=1e-6 * float(fixed.max()), cleanup=0),
-                                     random_seed=seed)
+    registration = ants.registration(
+        fixed=fixed,
+        moving=_resample(t1w, spacing_mm),
+        type_of_transform="SyN",
+        mask=ants.get_mask(fixed, low_thresh=1e-6 * float(fixed.max()), cleanup=0),
+        random_seed=seed,
+    )
     # subject point -> template T1 point (the registration's inverse), then -> FA template point
     inverse = list(registration["invtransforms"])
     invert = [name.endswith(".mat") for name in inverse]
-    warped = ants.apply_transforms(fixed=_ants(t1w), moving=_ants(atlas.fa),
-                                   transformlist=[*atlas.fa_transforms, *inverse],
-                                   whichtoinvert=[False] * len(atlas.fa_transforms) + invert,
-                                   interpolator="linear")
+    warped = ants.apply_transforms(
+        fixed=_ants(t1w),
+        moving=_ants(atlas.fa),
+        transformlist=[*atlas.fa_transforms, *inverse],
+        whichtoinvert=[False] * len(atlas.fa_transforms) + invert,
+        interpolator="linear",
+    )
     log.info("atlas: FA template warped to the T1w in %.0f s", time.monotonic() - start)
     return np.clip(warped.numpy(), 0.0, 1.0).astype(np.float32)

@@ -20,6 +20,7 @@ weights (``uncertainty_scale`` in ``<phase>.json``). Voxels: those of the evalua
 measured DWI field of view), for V1 where the teacher's FA also exceeds
 :data:`~m2m_app.training.evaluate.FA_ANGLE_THRESHOLD`; all on the T1w's own grid.
 """
+
 from __future__ import annotations
 
 import csv
@@ -73,9 +74,17 @@ def reliability_table(uncertainty: np.ndarray, error: np.ndarray, bins: int = RE
     for number, chosen in enumerate(np.array_split(order, bins), start=1):
         if chosen.size:
             u, e = uncertainty[chosen], error[chosen]
-            rows.append({"bin": number, "n_voxels": int(chosen.size), "uncertainty_min": float(u.min()),
-                         "uncertainty_max": float(u.max()), "uncertainty_mean": float(u.mean()),
-                         "error_mean": float(e.mean()), "error_median": float(np.median(e))})
+            rows.append(
+                {
+                    "bin": number,
+                    "n_voxels": int(chosen.size),
+                    "uncertainty_min": float(u.min()),
+                    "uncertainty_max": float(u.max()),
+                    "uncertainty_mean": float(u.mean()),
+                    "error_mean": float(e.mean()),
+                    "error_median": float(np.median(e)),
+                }
+            )
     return rows
 
 
@@ -106,22 +115,29 @@ def pooled_scale(scales: list[float]) -> float:
     return float(np.median(finite)) if finite else 1.0
 
 
-def calibration_rows(subject: str, name: str, uncertainty: np.ndarray, error: np.ndarray,
-                     scale: float) -> tuple[dict, list[dict]]:
+def calibration_rows(
+    subject: str, name: str, uncertainty: np.ndarray, error: np.ndarray, scale: float
+) -> tuple[dict, list[dict]]:
     """Summary row and reliability rows of one subject's uncertainty map ``name``.
 
     ``uncertainty`` is the raw (unscaled) map and ``error`` the signed or absolute error at the
     same voxels (flat arrays); ``scale`` is the calibration scale applied for the coverage.
     """
     absolute = np.abs(error)
-    summary = {"subject": subject, "map": name, "n_voxels": int(error.size),
-               "spearman": spearman(uncertainty, absolute), "uncertainty_mean": float(uncertainty.mean()),
-               "error_mean": float(absolute.mean()), "scale_fit": fit_scale(absolute, uncertainty),
-               "scale_applied": scale,
-               "coverage_1sd_raw": coverage(absolute, uncertainty, 1.0),
-               "coverage_2sd_raw": coverage(absolute, uncertainty, 2.0),
-               "coverage_1sd": coverage(absolute, scale * uncertainty, 1.0),
-               "coverage_2sd": coverage(absolute, scale * uncertainty, 2.0)}
+    summary = {
+        "subject": subject,
+        "map": name,
+        "n_voxels": int(error.size),
+        "spearman": spearman(uncertainty, absolute),
+        "uncertainty_mean": float(uncertainty.mean()),
+        "error_mean": float(absolute.mean()),
+        "scale_fit": fit_scale(absolute, uncertainty),
+        "scale_applied": scale,
+        "coverage_1sd_raw": coverage(absolute, uncertainty, 1.0),
+        "coverage_2sd_raw": coverage(absolute, uncertainty, 2.0),
+        "coverage_1sd": coverage(absolute, scale * uncertainty, 1.0),
+        "coverage_2sd": coverage(absolute, scale * uncertainty, 2.0),
+    }
     return summary, [{"subject": subject, "map": name, **row} for row in reliability_table(uncertainty, absolute)]
 
 
@@ -136,12 +152,15 @@ def _phase1_errors(row: dict, prep: Path, model, device: str) -> dict[str, tuple
     fibres = teacher["fa"] > FA_ANGLE_THRESHOLD
     angles = angular_error_deg(ours["v1"][fibres], teacher["v1"][fibres])
     measured = np.isfinite(angles)
-    return {"fa_sd": (pred["fa_sd"][brain], ours["fa"] - teacher["fa"]),
-            "v1_dispersion": (pred["v1_dispersion"][brain][fibres][measured], angles[measured])}
+    return {
+        "fa_sd": (pred["fa_sd"][brain], ours["fa"] - teacher["fa"]),
+        "v1_dispersion": (pred["v1_dispersion"][brain][fibres][measured], angles[measured]),
+    }
 
 
-def _phase2_errors(row: dict, prep: Path, model, device: str,
-                   predicted_inputs: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _phase2_errors(
+    row: dict, prep: Path, model, device: str, predicted_inputs: Path | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"tdi_sd": (raw uncertainty, relative-density error)}`` of one subject inside the evaluation mask."""
     source = predicted_inputs or prep
     fa, md, colfa = (load_image(source / row[c])[1] for c in ("fa", "md", "colfa"))
@@ -176,11 +195,17 @@ def store_scales(weights_dir: str | os.PathLike, phase: str, scales: dict[str, f
     return save_json(meta, path)
 
 
-def calibrate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str | os.PathLike | None,
-                    test_subjects: list[str], scale_from: list[Path] | None = None,
-                    out_tsv: str | os.PathLike | None = None, device: str = "auto",
-                    predicted_inputs: str | os.PathLike | None = None,
-                    store: bool = False) -> tuple[list[dict], list[dict]]:
+def calibrate_phase(
+    spec_name: str,
+    prep_dir: str | os.PathLike,
+    weights_dir: str | os.PathLike | None,
+    test_subjects: list[str],
+    scale_from: list[Path] | None = None,
+    out_tsv: str | os.PathLike | None = None,
+    device: str = "auto",
+    predicted_inputs: str | os.PathLike | None = None,
+    store: bool = False,
+) -> tuple[list[dict], list[dict]]:
     """Calibration of one phase's uncertainty maps on held-out subjects.
 
     Parameters
@@ -200,8 +225,10 @@ def calibrate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: st
     spec = get_phase(spec_name)
     maps = PHASE_MAPS[spec.name]
     if store and not scale_from:
-        raise UsageError("storing a scale needs the other folds' tables (scale_from): a scale fitted on "
-                         "the subjects it is scored on would hide its error")
+        raise UsageError(
+            "storing a scale needs the other folds' tables (scale_from): a scale fitted on "
+            "the subjects it is scored on would hide its error"
+        )
     if scale_from:
         scales = scales_from_tables(scale_from, maps)
     else:
@@ -215,13 +242,21 @@ def calibrate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: st
         else:
             pairs = _phase2_errors(row, prep, model, device, Path(predicted_inputs) if predicted_inputs else None)
         for name, (uncertainty, error) in pairs.items():
-            one, table = calibration_rows(row["subject"], name, uncertainty.astype(float), error.astype(float),
-                                          scales[name])
+            one, table = calibration_rows(
+                row["subject"], name, uncertainty.astype(float), error.astype(float), scales[name]
+            )
             summary.append(one)
             reliability.extend(table)
-            log.info("%s %s: Spearman %.3f, ±1 coverage %.3f, ±2 coverage %.3f (scale %.3g), fitted scale %.3g",
-                     row["subject"], name, one["spearman"], one["coverage_1sd"], one["coverage_2sd"],
-                     one["scale_applied"], one["scale_fit"])
+            log.info(
+                "%s %s: Spearman %.3f, ±1 coverage %.3f, ±2 coverage %.3f (scale %.3g), fitted scale %.3g",
+                row["subject"],
+                name,
+                one["spearman"],
+                one["coverage_1sd"],
+                one["coverage_2sd"],
+                one["scale_applied"],
+                one["scale_fit"],
+            )
     if out_tsv is not None:
         out_tsv = Path(out_tsv)
         save_tsv(summary, out_tsv, missing="")

@@ -18,6 +18,7 @@ alone for older prep dirs), and in the white matter inside that mask.
   DEC-TDI angular error where the teacher's density is high. Baseline: TDI = f(FA) (mean
   relative density per FA bin, fitted on the training subjects) with colour FA as direction.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,8 +81,9 @@ def fa_metrics(pred_fa: np.ndarray, true_fa: np.ndarray, brain: np.ndarray, wm: 
     return out
 
 
-def phase1_metrics(pred_tensor: np.ndarray, true_tensor: np.ndarray, brain: np.ndarray,
-                   wm: np.ndarray) -> dict[str, float]:
+def phase1_metrics(
+    pred_tensor: np.ndarray, true_tensor: np.ndarray, brain: np.ndarray, wm: np.ndarray
+) -> dict[str, float]:
     """Phase-1 metrics of predicted vs teacher tensors ``(X, Y, Z, 6)`` (mm²/s) within ``brain``/``wm`` (bool).
 
     :func:`fa_metrics`, then MD MAE (mm²/s) and r, and the mean V1 angular error (degrees)
@@ -101,8 +103,9 @@ def phase1_metrics(pred_tensor: np.ndarray, true_tensor: np.ndarray, brain: np.n
     return out
 
 
-def phase2_metrics(pred_tdi: np.ndarray, pred_dec: np.ndarray, true_tdi: np.ndarray, true_dec: np.ndarray,
-                   brain: np.ndarray) -> dict[str, float]:
+def phase2_metrics(
+    pred_tdi: np.ndarray, pred_dec: np.ndarray, true_tdi: np.ndarray, true_dec: np.ndarray, brain: np.ndarray
+) -> dict[str, float]:
     """Phase-2 metrics; ``*_tdi`` are relative densities ``(X, Y, Z)``, ``*_dec`` ``(X, Y, Z, 3)``.
 
     Dice compares voxels above :data:`DICE_DENSITY`; the DEC angular error (degrees) is
@@ -111,9 +114,11 @@ def phase2_metrics(pred_tdi: np.ndarray, pred_dec: np.ndarray, true_tdi: np.ndar
     pred_on, true_on = (pred_tdi > DICE_DENSITY) & brain, (true_tdi > DICE_DENSITY) & brain
     dense = (true_tdi > HIGH_DENSITY) & brain
     angles = angular_error_deg(pred_dec[dense], true_dec[dense])
-    return {"tdi_r_brain": pearson(pred_tdi[brain], true_tdi[brain]),
-            "tdi_dice": dice(pred_on, true_on),
-            "dec_angle_deg": float(np.nanmean(angles)) if np.isfinite(angles).any() else float("nan")}
+    return {
+        "tdi_r_brain": pearson(pred_tdi[brain], true_tdi[brain]),
+        "tdi_dice": dice(pred_on, true_on),
+        "dec_angle_deg": float(np.nanmean(angles)) if np.isfinite(angles).any() else float("nan"),
+    }
 
 
 @dataclass
@@ -158,8 +163,9 @@ def evaluation_masks(prep: Path, row: dict) -> tuple[np.ndarray, np.ndarray, np.
     return mask, _mask(prep, row, "wm") & mask, fov
 
 
-def _evaluate_phase1(rows: list, train_rows: list, model, device: str, skull_strip: bool,
-                     baselines: tuple[str, ...]) -> list[dict]:
+def _evaluate_phase1(
+    rows: list, train_rows: list, model, device: str, skull_strip: bool, baselines: tuple[str, ...]
+) -> list[dict]:
     intensity = BinnedRegression(0.0, 1.0)
     if "intensity" in baselines:
         for row, prep in train_rows:
@@ -174,9 +180,14 @@ def _evaluate_phase1(rows: list, train_rows: list, model, device: str, skull_str
             data = np.where(brain_extraction_mask(brain, STRIPPED_MARGIN_MM, img.header.get_zooms()[:3]), data, 0)
         true_tensor = load_image(prep / row["diffusivity"])[1]
         pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False)
-        results.append({"subject": row["subject"], "method": "m2m",
-                        **phase1_metrics(pred["tensor"], true_tensor, mask, wm),
-                        "mask_dice": dice(pred["mask"] & fov, mask)})
+        results.append(
+            {
+                "subject": row["subject"],
+                "method": "m2m",
+                **phase1_metrics(pred["tensor"], true_tensor, mask, wm),
+                "mask_dice": dice(pred["mask"] & fov, mask),
+            }
+        )
         true_fa = load_image(prep / row["fa"])[1]
         for name in baselines:
             if name == "intensity":
@@ -185,8 +196,7 @@ def _evaluate_phase1(rows: list, train_rows: list, model, device: str, skull_str
                 from m2m_app.training.atlas import warp_atlas_fa
 
                 fa = warp_atlas_fa(nib.Nifti1Image(data.astype(np.float32), img.affine))
-            results.append({"subject": row["subject"], "method": BASELINES[name],
-                            **fa_metrics(fa, true_fa, mask, wm)})
+            results.append({"subject": row["subject"], "method": BASELINES[name], **fa_metrics(fa, true_fa, mask, wm)})
     return results
 
 
@@ -205,18 +215,35 @@ def _evaluate_phase2(rows: list, train_rows: list, model, device: str, predicted
         true_tdi = relative_tdi(load_image(prep / row["tdi"])[1], mask)
         true_dec = load_image(prep / row["dectdi"])[1]
         pred = predict_phase2(fa, md, colfa, grid, mask=mask, model=model, device=device)
-        results.append({"subject": row["subject"], "method": "m2m",
-                        **phase2_metrics(pred["tdi"], pred["dectdi"], true_tdi, true_dec, mask)})
-        results.append({"subject": row["subject"], "method": "baseline_tdi_from_fa",
-                        **phase2_metrics(np.where(mask, baseline.predict(fa), 0.0), colfa, true_tdi, true_dec, mask)})
+        results.append(
+            {
+                "subject": row["subject"],
+                "method": "m2m",
+                **phase2_metrics(pred["tdi"], pred["dectdi"], true_tdi, true_dec, mask),
+            }
+        )
+        results.append(
+            {
+                "subject": row["subject"],
+                "method": "baseline_tdi_from_fa",
+                **phase2_metrics(np.where(mask, baseline.predict(fa), 0.0), colfa, true_tdi, true_dec, mask),
+            }
+        )
     return results
 
 
-def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str | os.PathLike | None,
-                   test_subjects: list[str], train_subjects: list[str] | None = None,
-                   out_tsv: str | os.PathLike | None = None, device: str = "auto",
-                   predicted_inputs: str | os.PathLike | None = None, skull_strip: bool = False,
-                   baselines: tuple[str, ...] = ("intensity",)) -> list[dict]:
+def evaluate_phase(
+    spec_name: str,
+    prep_dir: str | os.PathLike,
+    weights_dir: str | os.PathLike | None,
+    test_subjects: list[str],
+    train_subjects: list[str] | None = None,
+    out_tsv: str | os.PathLike | None = None,
+    device: str = "auto",
+    predicted_inputs: str | os.PathLike | None = None,
+    skull_strip: bool = False,
+    baselines: tuple[str, ...] = ("intensity",),
+) -> list[dict]:
     """Per-subject metrics of the trained translator and of its baselines on held-out subjects.
 
     Parameters
@@ -250,8 +277,9 @@ def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str
         load_atlas()  # fails now, with its message, if the template is missing
     rows = select_rows([Path(prep_dir)], test_subjects)
     tested = {row["participant"] for row, _ in rows}
-    train_rows = [(row, prep) for row, prep in select_rows([Path(prep_dir)], train_subjects)
-                  if row["participant"] not in tested]
+    train_rows = [
+        (row, prep) for row, prep in select_rows([Path(prep_dir)], train_subjects) if row["participant"] not in tested
+    ]
     model, _ = load_translator(spec.name, weights_dir)
     if spec.name == "phase1":
         results = _evaluate_phase1(rows, train_rows, model, device, skull_strip, tuple(dict.fromkeys(baselines)))
@@ -260,16 +288,26 @@ def evaluate_phase(spec_name: str, prep_dir: str | os.PathLike, weights_dir: str
         results = _evaluate_phase2(rows, train_rows, model, device, predicted)
     for method in sorted({r["method"] for r in results}):
         chosen = [r for r in results if r["method"] == method]
-        log.info("%s %s: %s", spec.name, method, ", ".join(
-            f"{k} {np.nanmean([r[k] for r in chosen]):.4g}" for k in chosen[0] if k not in ("subject", "method")))
+        log.info(
+            "%s %s: %s",
+            spec.name,
+            method,
+            ", ".join(
+                f"{k} {np.nanmean([r[k] for r in chosen]):.4g}" for k in chosen[0] if k not in ("subject", "method")
+            ),
+        )
     if out_tsv is not None:
         save_tsv(results, Path(out_tsv), missing="")
     return results
 
 
-def write_phase1_predictions(prep_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                             weights_dir: str | os.PathLike | None, subjects: list[str] | None,
-                             device: str = "auto") -> list[Path]:
+def write_phase1_predictions(
+    prep_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    weights_dir: str | os.PathLike | None,
+    subjects: list[str] | None,
+    device: str = "auto",
+) -> list[Path]:
     """Predict FA, MD and colour FA from each subject's T1w into ``out_dir`` (prep-dir layout).
 
     The files take the manifest's relative paths, so ``out_dir`` can be passed as
@@ -286,8 +324,13 @@ def write_phase1_predictions(prep_dir: str | os.PathLike, out_dir: str | os.Path
     return written
 
 
-def tractogram_metrics(predicted: list[np.ndarray], teacher: list[np.ndarray], shape: tuple[int, int, int],
-                       affine: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+def tractogram_metrics(
+    predicted: list[np.ndarray],
+    teacher: list[np.ndarray],
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    brain: np.ndarray,
+) -> dict[str, float]:
     """Agreement of a predicted tractogram with the teacher's, both in world mm on one grid.
 
     TDI Pearson r in the brain, Dice of the voxels visited by any streamline, and the
@@ -295,8 +338,11 @@ def tractogram_metrics(predicted: list[np.ndarray], teacher: list[np.ndarray], s
     teacher's points and vice versa.
     """
     pred_tdi, true_tdi = track_density(predicted, shape, affine), track_density(teacher, shape, affine)
-    return {"tdi_r_brain": pearson(pred_tdi[brain], true_tdi[brain]),
-            "visited_dice": dice((pred_tdi > 0) & brain, (true_tdi > 0) & brain),
-            "predicted_near_teacher": fraction_near(predicted, teacher),
-            "teacher_near_predicted": fraction_near(teacher, predicted),
-            "n_predicted": len(predicted), "n_teacher": len(teacher)}
+    return {
+        "tdi_r_brain": pearson(pred_tdi[brain], true_tdi[brain]),
+        "visited_dice": dice((pred_tdi > 0) & brain, (true_tdi > 0) & brain),
+        "predicted_near_teacher": fraction_near(predicted, teacher),
+        "teacher_near_predicted": fraction_near(teacher, predicted),
+        "n_predicted": len(predicted),
+        "n_teacher": len(teacher),
+    }

@@ -7,6 +7,7 @@ participant are tested, all sessions of every other participant are trained on.
 ``TEST<TAB>TRAIN,TRAIN,...<TAB>N_TRAIN_UNITS`` (participants as ``sub-XX``), for
 ``scripts/train_shipped_weights.sh``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,10 +39,15 @@ def leave_one_person_out(rows: list[dict[str, str]]) -> list[Fold]:
     if len(units) < 2:
         raise UsageError(f"leave-one-person-out needs two participants or more, got {sorted(units) or 'none'}")
     people = sorted(units)
-    return [Fold(test=person, train=tuple(p for p in people if p != person),
-                 test_units=tuple(sorted(units[person])),
-                 train_units=tuple(sorted(u for p in people if p != person for u in units[p])))
-            for person in people]
+    return [
+        Fold(
+            test=person,
+            train=tuple(p for p in people if p != person),
+            test_units=tuple(sorted(units[person])),
+            train_units=tuple(sorted(u for p in people if p != person for u in units[p])),
+        )
+        for person in people
+    ]
 
 
 def main(argv: list[str]) -> None:

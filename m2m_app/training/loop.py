@@ -10,6 +10,7 @@ Files in ``model_out``: ``<phase>_losses.csv`` (one row per epoch: mean of each 
 over rank 0's batches), ``checkpoints/<phase>_last.pt``, ``cache/`` (conformed subjects),
 and at the end ``<phase>.safetensors`` (generator weights) with ``<phase>.json`` (metadata, recipe, SHA-256).
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,16 +85,23 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _cached_dataset(spec: PhaseSpec, sources: list[Source], cache_dir: Path, seed: int, rank: int,
-                    world: int, elastic_px: float, skull_strip_prob: float) -> SliceDataset:
+def _cached_dataset(
+    spec: PhaseSpec,
+    sources: list[Source],
+    cache_dir: Path,
+    seed: int,
+    rank: int,
+    world: int,
+    elastic_px: float,
+    skull_strip_prob: float,
+) -> SliceDataset:
     """Conform every source into ``cache_dir`` (rank 0 only; the other ranks wait, then read it)."""
     if rank == 0:
         files = [cache_sample(spec, s, cache_dir) for s in tqdm(sources, desc=f"{spec.name}: conform")]
     _barrier(world)
     if rank != 0:
         files = [cache_sample(spec, s, cache_dir) for s in sources]
-    return SliceDataset(spec, files, augment=True, seed=seed, elastic_px=elastic_px,
-                        skull_strip_prob=skull_strip_prob)
+    return SliceDataset(spec, files, augment=True, seed=seed, elastic_px=elastic_px, skull_strip_prob=skull_strip_prob)
 
 
 class _Networks(nn.Module):
@@ -143,8 +151,15 @@ def _lsgan(logits: torch.Tensor, real: bool) -> torch.Tensor:
 class _Step:
     """One optimisation step on a batch: discriminators first, then the generator."""
 
-    def __init__(self, spec: PhaseSpec, generator: nn.Module, discriminators: list[nn.Module],
-                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, adversarial_weight: float) -> None:
+    def __init__(
+        self,
+        spec: PhaseSpec,
+        generator: nn.Module,
+        discriminators: list[nn.Module],
+        opt_g: torch.optim.Optimizer,
+        opt_d: torch.optim.Optimizer,
+        adversarial_weight: float,
+    ) -> None:
         self.spec, self.generator, self.discriminators = spec, generator, discriminators
         self.opt_g, self.opt_d, self.adversarial_weight = opt_g, opt_d, adversarial_weight
 
@@ -173,11 +188,13 @@ class _Step:
 
 def _write_losses(path: Path, rows: list[dict]) -> None:
     """Rewrite the per-epoch loss table (atomic)."""
+
     def writer(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
             table = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=",")
             table.writeheader()
             table.writerows(rows)
+
     atomic_write(path, writer)
 
 
@@ -198,17 +215,34 @@ def export_generator(generator: Translator, spec: PhaseSpec, model_out: Path, re
     weights = Path(model_out) / f"{spec.name}.safetensors"
     state = {k: v.detach().float().cpu().contiguous() for k, v in generator.state_dict().items()}
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"phase": spec.name}))
-    save_json({"phase": spec.metadata(), "architecture": generator.config, "recipe": recipe,
-               "parameters": parameter_count(generator), "m2m_version": __version__,
-               "sha256": file_sha256(weights)}, weights.with_suffix(".json"))
+    save_json(
+        {
+            "phase": spec.metadata(),
+            "architecture": generator.config,
+            "recipe": recipe,
+            "parameters": parameter_count(generator),
+            "m2m_version": __version__,
+            "sha256": file_sha256(weights),
+        },
+        weights.with_suffix(".json"),
+    )
     return weights
 
 
-def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os.PathLike,
-                recipe: TrainingRecipe | None = None, *, device: str = "auto", subjects: list[str] | None = None,
-                extra_prep_dirs: list[str | os.PathLike] | None = None,
-                predicted_inputs: str | os.PathLike | None = None, workers: int | None = None,
-                include_flagged: bool = False, **changes: Any) -> Path:
+def train_phase(
+    spec_name: str,
+    prep_dir: str | os.PathLike,
+    model_out: str | os.PathLike,
+    recipe: TrainingRecipe | None = None,
+    *,
+    device: str = "auto",
+    subjects: list[str] | None = None,
+    extra_prep_dirs: list[str | os.PathLike] | None = None,
+    predicted_inputs: str | os.PathLike | None = None,
+    workers: int | None = None,
+    include_flagged: bool = False,
+    **changes: Any,
+) -> Path:
     """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
 
     Parameters
@@ -251,23 +285,38 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     prep_dirs = [Path(prep_dir)] + [Path(p) for p in extra_prep_dirs or []]
     rows = select_rows(prep_dirs, subjects, include_flagged)
     sources = training_sources(rows, Path(predicted_inputs) if predicted_inputs else None)
-    dataset = _cached_dataset(spec, sources, model_out / "cache", recipe.seed, rank, world, recipe.elastic_px,
-                              recipe.skull_strip_prob)
+    dataset = _cached_dataset(
+        spec, sources, model_out / "cache", recipe.seed, rank, world, recipe.elastic_px, recipe.skull_strip_prob
+    )
     recipe = dataclasses.replace(recipe, skull_strip_prob=dataset.skull_strip_prob)  # as it runs (phase 2: 0)
-    sampler: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                          seed=recipe.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed
+    )
     workers = (4 if torch_device.type == "cuda" else 0) if workers is None else workers
-    loader = DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, num_workers=workers,
-                        worker_init_fn=worker_threads, pin_memory=torch_device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=recipe.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        worker_init_fn=worker_threads,
+        pin_memory=torch_device.type == "cuda",
+    )
 
     networks = _Networks(spec, recipe.base, recipe.depth, recipe.disc_base, recipe.ema_decay).to(torch_device)
     opt_g = torch.optim.Adam(networks.generator.parameters(), lr=recipe.lr, betas=BETAS)
-    opt_d = torch.optim.Adam(list(networks.global_d.parameters()) + list(networks.patch_d.parameters()),
-                             lr=recipe.lr, betas=BETAS)
-    record = {**dataclasses.asdict(recipe), "batch_size": recipe.batch_size * world, "phase": spec.name,
-              "world_size": world, "training_datasets": training_datasets(prep_dirs),
-              "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
-              "subjects": sorted({row["subject"] for row, _ in rows}), "slices_per_epoch": len(dataset)}
+    opt_d = torch.optim.Adam(
+        list(networks.global_d.parameters()) + list(networks.patch_d.parameters()), lr=recipe.lr, betas=BETAS
+    )
+    record = {
+        **dataclasses.asdict(recipe),
+        "batch_size": recipe.batch_size * world,
+        "phase": spec.name,
+        "world_size": world,
+        "training_datasets": training_datasets(prep_dirs),
+        "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
+        "subjects": sorted({row["subject"] for row, _ in rows}),
+        "slices_per_epoch": len(dataset),
+    }
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
     architecture: dict[str, float] = {**networks.generator.config, "disc_base": recipe.disc_base}
     if recipe.ema_decay:  # a checkpoint with or without the moving average resumes only as such
@@ -279,8 +328,14 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
             return module
         return DistributedDataParallel(module, device_ids=[local_rank] if torch_device.type == "cuda" else None)
 
-    step = _Step(spec, wrap(networks.generator), [wrap(networks.global_d), wrap(networks.patch_d)],
-                 opt_g, opt_d, recipe.adversarial_weight)
+    step = _Step(
+        spec,
+        wrap(networks.generator),
+        [wrap(networks.global_d), wrap(networks.patch_d)],
+        opt_g,
+        opt_d,
+        recipe.adversarial_weight,
+    )
     losses_csv = model_out / f"{spec.name}_losses.csv"
     history = _read_losses(losses_csv, start) if rank == 0 else []
     for epoch in range(start + 1, recipe.epochs + 1):
@@ -295,13 +350,22 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
             sums = {k: sums.get(k, 0.0) + v for k, v in values.items()}
             batches += 1
         if rank == 0:
-            row = {"epoch": epoch, **{k: v / max(batches, 1) for k, v in sums.items()},
-                   "seconds": round(time.monotonic() - began, 1), "batches": batches}
+            row = {
+                "epoch": epoch,
+                **{k: v / max(batches, 1) for k, v in sums.items()},
+                "seconds": round(time.monotonic() - began, 1),
+                "batches": batches,
+            }
             history.append(row)
             _write_losses(losses_csv, history)
             _save_checkpoint(checkpoint, epoch, networks, opt_g, opt_d, architecture)
-            log.info("%s epoch %d/%d: %s", spec.name, epoch, recipe.epochs,
-                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            log.info(
+                "%s epoch %d/%d: %s",
+                spec.name,
+                epoch,
+                recipe.epochs,
+                ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+            )
         _barrier(world)
     weights = model_out / f"{spec.name}.safetensors"
     if rank == 0:
@@ -314,24 +378,42 @@ def train_phase(spec_name: str, prep_dir: str | os.PathLike, model_out: str | os
     return weights
 
 
-def _save_checkpoint(path: Path, epoch: int, networks: nn.Module, opt_g: torch.optim.Optimizer,
-                     opt_d: torch.optim.Optimizer, architecture: dict) -> None:
+def _save_checkpoint(
+    path: Path,
+    epoch: int,
+    networks: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    architecture: dict,
+) -> None:
     """Atomically write the state after ``epoch`` completed epochs."""
-    state = {"epoch": epoch, "networks": networks.state_dict(), "opt_g": opt_g.state_dict(),
-             "opt_d": opt_d.state_dict(),
-             "architecture": architecture}
+    state = {
+        "epoch": epoch,
+        "networks": networks.state_dict(),
+        "opt_g": opt_g.state_dict(),
+        "opt_d": opt_d.state_dict(),
+        "architecture": architecture,
+    }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def _resume(path: Path, networks: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-            architecture: dict, device: torch.device) -> int:
+def _resume(
+    path: Path,
+    networks: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    architecture: dict,
+    device: torch.device,
+) -> int:
     """Load the last checkpoint if there is one; returns the number of epochs already done."""
     if not path.exists():
         return 0
     state = torch.load(path, map_location=device, weights_only=True)
     if state["architecture"] != architecture:
-        raise UsageError(f"{path}: checkpoint of a different architecture {state['architecture']} "
-                         f"(now {architecture}); use another output folder or delete it")
+        raise UsageError(
+            f"{path}: checkpoint of a different architecture {state['architecture']} "
+            f"(now {architecture}); use another output folder or delete it"
+        )
     networks.load_state_dict(state["networks"])
     opt_g.load_state_dict(state["opt_g"])
     opt_d.load_state_dict(state["opt_d"])

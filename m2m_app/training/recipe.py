@@ -9,6 +9,7 @@ defaults become; a test checks that these values are the ones recorded in the sh
 
 This module imports nothing heavy (the CLI reads it to build ``--help``).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -7,6 +7,7 @@ file I/O of training data, so it lives in ``training``, not beside the phase spe
 :data:`BUILDERS`, and :class:`~m2m_app.models.phases.PhaseSpec` says only what a phase reads and
 predicts (channels), not where its training files come from.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -83,7 +84,9 @@ def build_phase2(row: dict[str, str], prep_dir: Path, inputs_dir: Path | None) -
 
 #: The sample builder of each phase, by :attr:`PhaseSpec.name`: ``(row, prep_dir, inputs_dir) -> Sample``.
 BUILDERS: dict[str, Callable[[dict[str, str], Path, Path | None], Sample]] = {
-    "phase1": build_phase1, "phase2": build_phase2}
+    "phase1": build_phase1,
+    "phase2": build_phase2,
+}
 
 
 def build_sample(spec: PhaseSpec, row: dict[str, str], prep_dir: Path, inputs_dir: Path | None = None) -> Sample:

@@ -13,6 +13,7 @@ when the manifest says ``sub-01/dwi/sub-01_model-tensor_param-fa_dwimap.nii.gz``
 Every subject that has all three predicted maps is then used twice: once with the
 teacher's maps as input and once with the predicted ones; targets are always the teacher's.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -113,7 +114,7 @@ def _thick_slices(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _bias_field(shape: tuple[int, int], rng: np.random.Generator, strength: float = 0.25) -> np.ndarray:
     """A smooth multiplicative field ``(H, W)`` around 1 (a 4×4 random grid, cubic-upsampled, exponentiated)."""
     coarse = rng.normal(0.0, strength, (4, 4))
-    return np.exp(ndimage.zoom(coarse, (shape[0] / 4, shape[1] / 4), order=3, mode="nearest"))[:shape[0], :shape[1]]
+    return np.exp(ndimage.zoom(coarse, (shape[0] / 4, shape[1] / 4), order=3, mode="nearest"))[: shape[0], : shape[1]]
 
 
 def random_monotonic_curve(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -171,19 +172,20 @@ def augment_intensity(slab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(slab, 0.0, 1.5)
 
 
-def _warp(planes: np.ndarray, order: int, matrix: np.ndarray, offset: np.ndarray,
-          coordinates: np.ndarray | None = None) -> np.ndarray:
+def _warp(
+    planes: np.ndarray, order: int, matrix: np.ndarray, offset: np.ndarray, coordinates: np.ndarray | None = None
+) -> np.ndarray:
     """Resample every ``(H, W)`` plane of ``planes (..., H, W)`` (zero outside).
 
     Output pixel ``p`` reads input ``matrix p + offset``, or ``coordinates[:, p]`` (``(2, H, W)``) if given.
     """
     flat = planes.reshape((-1,) + planes.shape[-2:])
     if coordinates is None:
-        warped = [ndimage.affine_transform(plane, matrix, offset, order=order, mode="constant", cval=0.0)
-                  for plane in flat]
+        warped = [
+            ndimage.affine_transform(plane, matrix, offset, order=order, mode="constant", cval=0.0) for plane in flat
+        ]
     else:
-        warped = [ndimage.map_coordinates(plane, coordinates, order=order, mode="constant", cval=0.0)
-                  for plane in flat]
+        warped = [ndimage.map_coordinates(plane, coordinates, order=order, mode="constant", cval=0.0) for plane in flat]
     return np.stack(warped).reshape(planes.shape)
 
 
@@ -193,9 +195,10 @@ def elastic_displacement(shape: tuple[int, int], amplitude: float, rng: np.rando
     White noise smoothed by a Gaussian of :data:`ELASTIC_SMOOTHING` pixels: with amplitudes of a
     few pixels its gradients stay far below 1, so the deformation never folds.
     """
-    field = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), ELASTIC_SMOOTHING, mode="reflect")
-                      for _ in range(2)])
-    peak = np.sqrt((field ** 2).sum(axis=0)).max()
+    field = np.stack(
+        [ndimage.gaussian_filter(rng.standard_normal(shape), ELASTIC_SMOOTHING, mode="reflect") for _ in range(2)]
+    )
+    peak = np.sqrt((field**2).sum(axis=0)).max()
     return field * (amplitude / peak) if peak > 0 else field
 
 
@@ -234,8 +237,15 @@ def in_plane_rotations(angle: float | np.ndarray, axis: int) -> np.ndarray:
     return rotation
 
 
-def augment_geometry(slab: np.ndarray, target: np.ndarray, weight: np.ndarray, axis: int, spec: PhaseSpec,
-                     rng: np.random.Generator, elastic_px: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def augment_geometry(
+    slab: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray,
+    axis: int,
+    spec: PhaseSpec,
+    rng: np.random.Generator,
+    elastic_px: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A random in-plane scale, shift, (up to ``spec.max_rotation_deg``) rotation and, with
     ``elastic_px`` > 0, sometimes a smooth elastic deformation of one training slice.
 
@@ -280,8 +290,15 @@ class SliceDataset(Dataset):
     nothing more, so the other augmentations stay as they were.
     """
 
-    def __init__(self, spec: PhaseSpec, cache_files: list[Path], augment: bool = True, seed: int = 0,
-                 elastic_px: float = 0.0, skull_strip_prob: float = 0.0) -> None:
+    def __init__(
+        self,
+        spec: PhaseSpec,
+        cache_files: list[Path],
+        augment: bool = True,
+        seed: int = 0,
+        elastic_px: float = 0.0,
+        skull_strip_prob: float = 0.0,
+    ) -> None:
         self.spec, self.files, self.augment, self.seed = spec, list(cache_files), augment, seed
         self.elastic_px = elastic_px
         self.skull_strip_prob = skull_strip_prob if augment and spec.intensity_augment else 0.0

@@ -7,6 +7,7 @@ Each unit's workflow is composed as sMRIPrep composes its own: T1w validation â†
 :func:`~m2m_app.workflows.outputs.init_ds_wf` (derivatives and report). The T1w is
 conformed to the model grid once, in phase 1; the later phases receive the grid.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ def node_prefix(subject: Subject) -> str:
     return "".join(c if c.isalnum() else "_" for c in subject.label) + "_wf"
 
 
-def init_single_subject_wf(subject: Subject, t1w: Path, config: RunConfig,
-                           timings_file: Path | None = None) -> LiterateWorkflow:
+def init_single_subject_wf(
+    subject: Subject, t1w: Path, config: RunConfig, timings_file: Path | None = None
+) -> LiterateWorkflow:
     """The m2m pipeline of one participant/session; crash files go to ``sub-X/log/``.
 
     ``timings_file`` is where :class:`~m2m_app.workflows.timing.StageTimer` keeps this
@@ -39,28 +41,53 @@ def init_single_subject_wf(subject: Subject, t1w: Path, config: RunConfig,
     check = pe.Node(CheckT1w(t1w=str(t1w)), name="check_t1w")
     phase1_wf = init_phase1_wf(config)
     ds_wf = init_ds_wf(subject, config, timings_file)
-    workflow.connect([
-        (check, phase1_wf, [("t1w", "inputnode.t1w")]),
-        (check, ds_wf, [("t1w", "inputnode.t1w"), ("summary", "inputnode.t1w_summary")]),
-        (phase1_wf, ds_wf, [("outputnode.tensor", "inputnode.diffusivity"),
-                            *((f"outputnode.{key}", f"inputnode.{key}")
-                              for key in ("mask", "fa_sd", "v1_dispersion", *TENSOR_MAPS))]),
-    ])
+    workflow.connect(
+        [
+            (check, phase1_wf, [("t1w", "inputnode.t1w")]),
+            (check, ds_wf, [("t1w", "inputnode.t1w"), ("summary", "inputnode.t1w_summary")]),
+            (
+                phase1_wf,
+                ds_wf,
+                [
+                    ("outputnode.tensor", "inputnode.diffusivity"),
+                    *(
+                        (f"outputnode.{key}", f"inputnode.{key}")
+                        for key in ("mask", "fa_sd", "v1_dispersion", *TENSOR_MAPS)
+                    ),
+                ],
+            ),
+        ]
+    )
     if not config.skip_phase2:
         phase2_wf = init_phase2_wf(config)
-        workflow.connect([
-            (phase1_wf, phase2_wf, [(f"outputnode.{key}", f"inputnode.{key}")
-                                    for key in ("grid", "mask", "fa", "md", "colfa")]),
-            (phase2_wf, ds_wf, [(f"outputnode.{key}", f"inputnode.{key}") for key in PHASE2_INPUTS]),
-        ])
+        workflow.connect(
+            [
+                (
+                    phase1_wf,
+                    phase2_wf,
+                    [(f"outputnode.{key}", f"inputnode.{key}") for key in ("grid", "mask", "fa", "md", "colfa")],
+                ),
+                (phase2_wf, ds_wf, [(f"outputnode.{key}", f"inputnode.{key}") for key in PHASE2_INPUTS]),
+            ]
+        )
         if config.runs_nerf:
             nerf_wf = init_nerf_wf(config)
-            workflow.connect([
-                (check, nerf_wf, [("t1w", "inputnode.t1w")]),
-                (phase1_wf, nerf_wf, [("outputnode.grid", "inputnode.grid"), ("outputnode.mask", "inputnode.mask")]),
-                (phase2_wf, nerf_wf, [("outputnode.tdi", "inputnode.tdi"), ("outputnode.dectdi", "inputnode.dectdi")]),
-                (nerf_wf, ds_wf, [(f"outputnode.{key}", f"inputnode.{key}") for key in NERF_OUTPUTS]),
-            ])
+            workflow.connect(
+                [
+                    (check, nerf_wf, [("t1w", "inputnode.t1w")]),
+                    (
+                        phase1_wf,
+                        nerf_wf,
+                        [("outputnode.grid", "inputnode.grid"), ("outputnode.mask", "inputnode.mask")],
+                    ),
+                    (
+                        phase2_wf,
+                        nerf_wf,
+                        [("outputnode.tdi", "inputnode.tdi"), ("outputnode.dectdi", "inputnode.dectdi")],
+                    ),
+                    (nerf_wf, ds_wf, [(f"outputnode.{key}", f"inputnode.{key}") for key in NERF_OUTPUTS]),
+                ]
+            )
     ds_wf.inputs.inputnode.boilerplate = workflow.visit_desc().strip()
     log_dir = subject.folder(config.output_dir, "log")
     for name in workflow.list_node_names():
@@ -72,6 +99,7 @@ def init_m2m_wf(units: dict[Subject, Path], config: RunConfig) -> LiterateWorkfl
     """All participants' workflows side by side (independent: one crash does not stop the others)."""
     workflow = LiterateWorkflow(name="m2m_wf", base_dir=str(config.work_dir))
     for subject, t1w in units.items():
-        workflow.add_nodes([init_single_subject_wf(subject, t1w, config,
-                                                   timings_path(config.work_dir, node_prefix(subject)))])
+        workflow.add_nodes(
+            [init_single_subject_wf(subject, t1w, config, timings_path(config.work_dir, node_prefix(subject)))]
+        )
     return workflow

@@ -5,6 +5,7 @@ resolved: work folder, CPUs, threads), read by the workflows, and saved beside e
 unit's crash files as ``sub-X[/ses-Y]/log/<run_id>/m2m.json`` (as fMRIPrep saves its
 ``config.toml``), so that a unit's outputs can be traced to the exact settings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,10 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """The settings as JSON-ready values (paths as strings, tuples as lists)."""
-        return {key: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}
+        return {
+            key: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
 
     def log_path(self, subject: Subject) -> Path:
         """Where this run's settings are saved for ``subject``: ``sub-X[/ses-Y]/log/<run_id>/m2m.json``."""

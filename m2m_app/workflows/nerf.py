@@ -1,4 +1,5 @@
 """Phase 3 as a sub-workflow: the NeRF field fitted to phase 2's maps, rendered and traced."""
+
 from __future__ import annotations
 
 from nipype.interfaces import utility as niu
@@ -8,9 +9,11 @@ from niworkflows.engine.workflows import LiterateWorkflow
 from m2m_app.interfaces.nerf import FitField, RenderField, TrackField
 from m2m_app.workflows.config import RunConfig
 
-NERF_DESC = ("A neural field (learned feature grid and small MLP with positional encoding) was fitted to "
-             "the predicted tractography slices along the three axes; it was volume-rendered (NeRF "
-             "compositing) and traced with deterministic RK4 streamlines (m2m).\n\n")
+NERF_DESC = (
+    "A neural field (learned feature grid and small MLP with positional encoding) was fitted to "
+    "the predicted tractography slices along the three axes; it was volume-rendered (NeRF "
+    "compositing) and traced with deterministic RK4 streamlines (m2m).\n\n"
+)
 
 #: What :func:`init_nerf_wf` puts out.
 NERF_OUTPUTS = ("field", "report", "views", "turntable", "tractogram", "sidecar")
@@ -36,15 +39,18 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
     seed = {"random_seed": config.random_seed, "num_threads": config.omp_nthreads}
     fit = pe.Node(FitField(device=config.device, **seed), name="nerf_fit", n_procs=config.omp_nthreads)
     render = pe.Node(RenderField(num_threads=config.omp_nthreads), name="nerf_render", n_procs=config.omp_nthreads)
-    track = pe.Node(TrackField(tractogram_format=config.tractogram_format, **seed), name="nerf_track",
-                    n_procs=config.omp_nthreads)
-    workflow.connect([
-        (inputnode, fit, [(key, key) for key in ("grid", "mask", "tdi", "dectdi")]),
-        (inputnode, track, [("t1w", "t1w")]),
-        (fit, render, [("field", "field")]),
-        (fit, track, [("field", "field"), ("mask", "mask")]),
-        (fit, outputnode, [("field", "field"), ("report", "report")]),
-        (render, outputnode, [("views", "views"), ("turntable", "turntable")]),
-        (track, outputnode, [("tractogram", "tractogram"), ("sidecar", "sidecar")]),
-    ])
+    track = pe.Node(
+        TrackField(tractogram_format=config.tractogram_format, **seed), name="nerf_track", n_procs=config.omp_nthreads
+    )
+    workflow.connect(
+        [
+            (inputnode, fit, [(key, key) for key in ("grid", "mask", "tdi", "dectdi")]),
+            (inputnode, track, [("t1w", "t1w")]),
+            (fit, render, [("field", "field")]),
+            (fit, track, [("field", "field"), ("mask", "mask")]),
+            (fit, outputnode, [("field", "field"), ("report", "report")]),
+            (render, outputnode, [("views", "views"), ("turntable", "turntable")]),
+            (track, outputnode, [("tractogram", "tractogram"), ("sidecar", "sidecar")]),
+        ]
+    )
     return workflow

@@ -4,6 +4,7 @@ Three writing nodes, so that a failure in phase 3 does not keep the tensor maps 
 reaching the output folder; the report (and, last, the QC JSON that marks the unit
 finished) comes after both.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,12 +24,12 @@ PHASE1_INPUTS = ("diffusivity", "mask", "fa_sd", "v1_dispersion", *TENSOR_MAPS)
 PHASE2_INPUTS = ("tdi", "dectdi", "tdi_sd")
 NERF_INPUTS = NERF_OUTPUTS
 
-DS_DESC = ("The maps were written on the T1w's own grid as BIDS-Derivatives (BEP016 names for the diffusion "
-           "maps{}).\n\n")
+DS_DESC = "The maps were written on the T1w's own grid as BIDS-Derivatives (BEP016 names for the diffusion maps{}).\n\n"
 
 
-def init_ds_wf(subject: Subject, config: RunConfig, timings_file: Path | None = None,
-               name: str = "ds_wf") -> LiterateWorkflow:
+def init_ds_wf(
+    subject: Subject, config: RunConfig, timings_file: Path | None = None, name: str = "ds_wf"
+) -> LiterateWorkflow:
     """Write the unit's derivatives, its report and its QC JSON (see :mod:`m2m_app.io.derivatives`).
 
     ``timings_file`` is the stage-time JSON that
@@ -46,31 +47,54 @@ def init_ds_wf(subject: Subject, config: RunConfig, timings_file: Path | None = 
     """
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = DS_DESC.format(", BEP046 names for the tractogram" if config.runs_nerf else "")
-    fields = ["t1w", "t1w_summary", "boilerplate", *PHASE1_INPUTS, *(() if config.skip_phase2 else PHASE2_INPUTS),
-              *(NERF_INPUTS if config.runs_nerf else ())]
+    fields = [
+        "t1w",
+        "t1w_summary",
+        "boilerplate",
+        *PHASE1_INPUTS,
+        *(() if config.skip_phase2 else PHASE2_INPUTS),
+        *(NERF_INPUTS if config.runs_nerf else ()),
+    ]
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["maps", "nerf", "qc", "report"]), name="outputnode")
-    where = {"output_dir": str(config.output_dir), "participant": subject.participant,
-             "session": subject.session or "", "weights_dir": config.weights_dir,
-             "timings": str(timings_file or "")}
+    where = {
+        "output_dir": str(config.output_dir),
+        "participant": subject.participant,
+        "session": subject.session or "",
+        "weights_dir": config.weights_dir,
+        "timings": str(timings_file or ""),
+    }
     write_maps = pe.Node(WriteMaps(**where), name="write_maps", mem_gb=2)
     report = pe.Node(WriteReport(command_line=config.command_line, **where), name="write_report", mem_gb=2)
     maps = PHASE1_INPUTS + (() if config.skip_phase2 else PHASE2_INPUTS)
-    workflow.connect([
-        (inputnode, write_maps, [("t1w", "t1w"), *((key, key) for key in maps)]),
-        (inputnode, report, [("t1w", "t1w"), ("t1w_summary", "t1w_summary"), ("boilerplate", "boilerplate")]),
-        (write_maps, report, [("written", "maps")]),
-        (write_maps, outputnode, [("written", "maps")]),
-        (report, outputnode, [("qc", "qc"), ("report", "report")]),
-    ])
+    workflow.connect(
+        [
+            (inputnode, write_maps, [("t1w", "t1w"), *((key, key) for key in maps)]),
+            (inputnode, report, [("t1w", "t1w"), ("t1w_summary", "t1w_summary"), ("boilerplate", "boilerplate")]),
+            (write_maps, report, [("written", "maps")]),
+            (write_maps, outputnode, [("written", "maps")]),
+            (report, outputnode, [("qc", "qc"), ("report", "report")]),
+        ]
+    )
     if config.runs_nerf:
         write_nerf = pe.Node(WriteNerf(**where), name="write_nerf", mem_gb=1)
-        workflow.connect([
-            (inputnode, write_nerf, [("t1w", "t1w"), ("field", "field"), ("views", "views"),
-                                     ("turntable", "turntable"), ("tractogram", "tractogram"),
-                                     ("sidecar", "tracking")]),
-            (inputnode, report, [("report", "field_report")]),
-            (write_nerf, report, [("written", "nerf")]),
-            (write_nerf, outputnode, [("written", "nerf")]),
-        ])
+        workflow.connect(
+            [
+                (
+                    inputnode,
+                    write_nerf,
+                    [
+                        ("t1w", "t1w"),
+                        ("field", "field"),
+                        ("views", "views"),
+                        ("turntable", "turntable"),
+                        ("tractogram", "tractogram"),
+                        ("sidecar", "tracking"),
+                    ],
+                ),
+                (inputnode, report, [("report", "field_report")]),
+                (write_nerf, report, [("written", "nerf")]),
+                (write_nerf, outputnode, [("written", "nerf")]),
+            ]
+        )
     return workflow

@@ -1,4 +1,5 @@
 """The teacher workflow of ``m2m-train prepare``: one independent node per participant/session."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,13 @@ def node_name(subject: Subject) -> str:
     return "prepare_" + "".join(c if c.isalnum() else "_" for c in subject.label)
 
 
-def init_prepare_wf(units: dict[Subject, tuple[Path, list[Path]]], prep_dir: Path,
-                    work_dir: Path, random_seed: int = 0, num_threads: int = 1) -> LiterateWorkflow:
+def init_prepare_wf(
+    units: dict[Subject, tuple[Path, list[Path]]],
+    prep_dir: Path,
+    work_dir: Path,
+    random_seed: int = 0,
+    num_threads: int = 1,
+) -> LiterateWorkflow:
     """Build the teacher workflow: ``units`` maps each unit to its T1w and DWI runs."""
     workflow = LiterateWorkflow(name="m2m_prepare_wf", base_dir=str(work_dir))
     workflow.__desc__ = (
@@ -30,11 +36,23 @@ def init_prepare_wf(units: dict[Subject, tuple[Path, list[Path]]], prep_dir: Pat
         "checked against an independent ANTs rigid registration (Avants et al., 2008). Tensors were brought "
         "to the T1w grid with log-Euclidean interpolation and tensor rotation (series averaged "
         "in the log domain), limited to the brain mask and the DWI's field of view, and tracked "
-        "deterministically (dipy EuDX, seeds in FA > 0.3).")
+        "deterministically (dipy EuDX, seeds in FA > 0.3)."
+    )
     for subject, (t1w, dwi) in units.items():
-        node = pe.Node(PrepareSubject(participant=subject.participant, session=subject.session or "",
-                                      t1w=str(t1w), dwi=[str(p) for p in dwi], prep_dir=str(prep_dir),
-                                      random_seed=random_seed, num_threads=num_threads),
-                       name=node_name(subject), mem_gb=6.0, n_procs=num_threads, overwrite=True)
+        node = pe.Node(
+            PrepareSubject(
+                participant=subject.participant,
+                session=subject.session or "",
+                t1w=str(t1w),
+                dwi=[str(p) for p in dwi],
+                prep_dir=str(prep_dir),
+                random_seed=random_seed,
+                num_threads=num_threads,
+            ),
+            name=node_name(subject),
+            mem_gb=6.0,
+            n_procs=num_threads,
+            overwrite=True,
+        )
         workflow.add_nodes([node])
     return workflow

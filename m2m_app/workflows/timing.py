@@ -7,6 +7,7 @@ It logs each stage's time and keeps, per participant/session workflow, a JSON fi
 in other processes; see :mod:`m2m_app.io.timings`). Times come from the nodes' results, so a
 stage restored from the work folder reports the time it took when it ran.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 from m2m_app.io.timings import record_timing, timings_path
 
 LOGGER = logging.getLogger("m2m")
+
 
 class StageTimer:
     """Nipype status callback ``(node, status)`` recording each stage's wall time in seconds."""

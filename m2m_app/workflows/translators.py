@@ -1,4 +1,5 @@
 """Phases 1 and 2 as sub-workflows: the translators and the tensor maps between them."""
+
 from __future__ import annotations
 
 from nipype.interfaces import utility as niu
@@ -11,16 +12,20 @@ from m2m_app.workflows.config import RunConfig
 #: The tensor maps of :class:`TensorMaps`, in the order they are written.
 TENSOR_MAPS = ("fa", "md", "ad", "rd", "v1", "colfa")
 
-PHASE1_DESC = ("Diffusion tensors were predicted from the T1w image by m2m's phase-1 translator: the T1w "
-               "was reoriented to RAS, resampled to a 2 mm grid and intensity-normalised; a 2.5D U-Net "
-               "generator (trained adversarially with global and PatchGAN discriminators) predicted the "
-               "log-Euclidean tensor and a brain mask on axial, coronal and sagittal slices of the T1w and "
-               "of its left-right mirror image; the six predictions were fused (log-Euclidean mean orientation "
-               "with the views' mean eigenvalues, which keeps their anisotropy) and brought back to the T1w "
-               "grid. FA, MD, AD, RD, the principal eigenvector and colour FA were computed from the predicted "
-               "tensor.\n\n")
-PHASE2_DESC = ("A second translator of the same design predicted a track-density image and a directionally "
-               "encoded track density from the predicted FA, MD and colour FA.\n\n")
+PHASE1_DESC = (
+    "Diffusion tensors were predicted from the T1w image by m2m's phase-1 translator: the T1w "
+    "was reoriented to RAS, resampled to a 2 mm grid and intensity-normalised; a 2.5D U-Net "
+    "generator (trained adversarially with global and PatchGAN discriminators) predicted the "
+    "log-Euclidean tensor and a brain mask on axial, coronal and sagittal slices of the T1w and "
+    "of its left-right mirror image; the six predictions were fused (log-Euclidean mean orientation "
+    "with the views' mean eigenvalues, which keeps their anisotropy) and brought back to the T1w "
+    "grid. FA, MD, AD, RD, the principal eigenvector and colour FA were computed from the predicted "
+    "tensor.\n\n"
+)
+PHASE2_DESC = (
+    "A second translator of the same design predicted a track-density image and a directionally "
+    "encoded track density from the predicted FA, MD and colour FA.\n\n"
+)
 
 
 def _torch_args(config: RunConfig) -> dict:
@@ -43,16 +48,20 @@ def init_phase1_wf(config: RunConfig, name: str = "phase1_wf") -> LiterateWorkfl
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = PHASE1_DESC
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(
-        fields=["tensor", "mask", "fa_sd", "v1_dispersion", "grid", *TENSOR_MAPS]), name="outputnode")
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=["tensor", "mask", "fa_sd", "v1_dispersion", "grid", *TENSOR_MAPS]),
+        name="outputnode",
+    )
     phase1 = pe.Node(PredictTensor(**_torch_args(config)), name="phase1", n_procs=config.omp_nthreads, mem_gb=3)
     maps = pe.Node(TensorMaps(), name="tensor_maps", mem_gb=3)
-    workflow.connect([
-        (inputnode, phase1, [("t1w", "t1w")]),
-        (phase1, maps, [("tensor", "tensor"), ("mask", "mask")]),
-        (phase1, outputnode, [(key, key) for key in ("tensor", "mask", "fa_sd", "v1_dispersion", "grid")]),
-        (maps, outputnode, [(key, key) for key in TENSOR_MAPS]),
-    ])
+    workflow.connect(
+        [
+            (inputnode, phase1, [("t1w", "t1w")]),
+            (phase1, maps, [("tensor", "tensor"), ("mask", "mask")]),
+            (phase1, outputnode, [(key, key) for key in ("tensor", "mask", "fa_sd", "v1_dispersion", "grid")]),
+            (maps, outputnode, [(key, key) for key in TENSOR_MAPS]),
+        ]
+    )
     return workflow
 
 
@@ -73,8 +82,10 @@ def init_phase2_wf(config: RunConfig, name: str = "phase2_wf") -> LiterateWorkfl
     inputnode = pe.Node(niu.IdentityInterface(fields=["grid", "mask", "fa", "md", "colfa"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["tdi", "dectdi", "tdi_sd"]), name="outputnode")
     phase2 = pe.Node(PredictTracts(**_torch_args(config)), name="phase2", n_procs=config.omp_nthreads, mem_gb=3)
-    workflow.connect([
-        (inputnode, phase2, [(key, key) for key in ("grid", "mask", "fa", "md", "colfa")]),
-        (phase2, outputnode, [(key, key) for key in ("tdi", "dectdi", "tdi_sd")]),
-    ])
+    workflow.connect(
+        [
+            (inputnode, phase2, [(key, key) for key in ("grid", "mask", "fa", "md", "colfa")]),
+            (phase2, outputnode, [(key, key) for key in ("tdi", "dectdi", "tdi_sd")]),
+        ]
+    )
     return workflow
