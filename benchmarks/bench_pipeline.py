@@ -35,7 +35,7 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
     layout = bids_io.load_layout(bids)
     subject = bids_io.collect_subjects(layout, [participant])[0]
     with tempfile.TemporaryDirectory() as tmp:
-        config = RunConfig(
+        run_config = RunConfig(
             bids_dir=Path(bids),
             output_dir=Path(tmp) / "out",
             work_dir=Path(tmp) / "work",
@@ -43,7 +43,7 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
             device=device,
             omp_nthreads=threads,
         )
-        workflow = init_m2m_wf({subject: bids_io.find_t1w(layout, subject)}, config)
+        workflow = init_m2m_wf({subject: bids_io.find_t1w(layout, subject)}, run_config)
         start, previous = time.monotonic(), os.getcwd()
         os.chdir(tmp)  # Nipype's resource monitor writes its .proc-* files into the current folder
         try:
