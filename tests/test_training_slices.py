@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from conftest import make_prep_dir
 from m2m_app.maths import grid as conform
+from m2m_app.maths.metrics import angular_error_deg
 from m2m_app.maths.tensor import tensor_derivatives
 from m2m_app.models.encoding import tensor_to_log
 from m2m_app.models.phases import PHASE1
@@ -62,11 +63,6 @@ def _bar_axis_and_v1(warped: np.ndarray, rotated: np.ndarray) -> tuple[np.ndarra
     return bar_axis, v1
 
 
-def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    """Angle in degrees between two axes (sign-free)."""
-    return float(np.degrees(np.arccos(min(1.0, abs(a @ b) / np.linalg.norm(a) / np.linalg.norm(b)))))
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_geometric_augmentation_rotates_tensors_with_the_image(seed):
     """The bar randomly rotated/scaled in the axial plane: its direction and V1 of the warped tensors agree."""
@@ -77,7 +73,7 @@ def test_geometric_augmentation_rotates_tensors_with_the_image(seed):
     )
     bar_axis, v1 = _bar_axis_and_v1(warped, rotated)
     assert abs(v1[2]) < 1e-6 and weight[0, 32, 32] == 1
-    assert _angle_deg(v1[:2], bar_axis) < 4.0
+    assert angular_error_deg(v1[:2], bar_axis) < 4.0
 
 
 def _turn_displacement(shape: tuple[int, int], degrees: float, scale: float = 1.0) -> np.ndarray:
@@ -121,8 +117,8 @@ def test_elastic_augmentation_turns_tensors_with_the_tissue(monkeypatch):
             slab, target, np.ones((1, 64, 64)), 2, spec, np.random.default_rng(0), elastic_px=elastic_px
         )
         bar_axis, v1 = _bar_axis_and_v1(warped, rotated)
-        assert _angle_deg(bar_axis, x_axis) == pytest.approx(turn, abs=3.0)
-        assert _angle_deg(v1[:2], bar_axis) < 4.0 and abs(v1[2]) < 1e-6
+        assert angular_error_deg(bar_axis, x_axis) == pytest.approx(turn, abs=3.0)
+        assert angular_error_deg(v1[:2], bar_axis) < 4.0 and abs(v1[2]) < 1e-6
 
 
 def test_brain_extraction_mask_grows_in_millimetres_and_fills_holes():
