@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from m2m_app.data.weights import PACKAGED_WEIGHTS, UNCERTAINTY_SCALE_KEY, uncertainty_scales
+from m2m_app.data.weights import UNCERTAINTY_SCALE_KEY, uncertainty_scales, weight_files
 from m2m_app.errors import BadDataError, UsageError
 from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
 from m2m_app.io.files import save_json, save_tsv
@@ -185,9 +185,10 @@ def scales_from_tables(tables: list[Path], maps: tuple[str, ...]) -> dict[str, f
     return {name: pooled_scale(values) for name, values in fitted.items()}
 
 
-def store_scales(weights_dir: str | os.PathLike, phase: str, scales: dict[str, float]) -> Path:
-    """Write ``scales`` into ``<weights_dir>/<phase>.json`` under :data:`UNCERTAINTY_SCALE_KEY`."""
-    path = Path(weights_dir) / f"{get_phase(phase).name}.json"
+def store_scales(weights_dir: str | os.PathLike | None, phase: str, scales: dict[str, float]) -> Path:
+    """Write ``scales`` into the phase's weights JSON (:func:`~m2m_app.data.weights.weight_files`;
+    the packaged weights when ``weights_dir`` is None) under :data:`UNCERTAINTY_SCALE_KEY`."""
+    path = weight_files(get_phase(phase).name, weights_dir)[1]
     if not path.exists():
         raise UsageError(f"{path}: not found; store scales beside trained weights")
     meta = json.loads(path.read_text())
@@ -262,6 +263,6 @@ def calibrate_phase(
         save_tsv(summary, out_tsv, missing="")
         save_tsv(reliability, out_tsv.with_name(out_tsv.name.removesuffix(".tsv") + "_reliability.tsv"), missing="")
     if store:
-        path = store_scales(weights_dir if weights_dir is not None else PACKAGED_WEIGHTS, spec.name, scales)
+        path = store_scales(weights_dir, spec.name, scales)
         log.info("stored %s in %s", scales, path)
     return summary, reliability
