@@ -20,6 +20,7 @@ Volumes on the model grid are channel-first ``(C, X, Y, Z)``; network tensors ar
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -146,10 +147,7 @@ def phase1_inputs(t1w_img, t1w_data: np.ndarray) -> tuple[np.ndarray, ConformedG
 
 def mean_of_views(views: list[np.ndarray]) -> np.ndarray:
     """Voxel-wise mean of the views' raw outputs ``(K, X, Y, Z)``."""
-    total = np.zeros_like(views[0], dtype=np.float64)
-    for view in views:
-        total += view
-    return (total / len(views)).astype(np.float32)
+    return (functools.reduce(np.add, views) / len(views)).astype(np.float32)
 
 
 def _fuse_phase1(views: list[np.ndarray]) -> np.ndarray:
