@@ -1,26 +1,70 @@
-"""Per-stage wall time and peak memory of the m2m pipeline on one T1w, next to the classical route.
+"""Per-stage wall time and peak memory of the m2m pipeline, next to the MRtrix3 route it replaces.
 
-Runs the app's own Nipype workflow (Linear plugin, Nipype's resource monitor on) on one
-subject for each thread count (and on CUDA when available), then, on the same subject,
-the classical route m2m replaces: DWI → dipy tensor fit → registration → dipy whole-brain
-tracking (the teacher, ``m2m-train prepare``). Prints one table. Usage:
+For each case (a BIDS dataset, a participant, optionally a session), runs the app's own
+Nipype workflow (Linear plugin, Nipype's resource monitor on) on the T1w, and, on the same
+unit's DWI in the same run, the classical route m2m spares its users (MRtrix3: ``dwi2mask``,
+``dwi2tensor``, ``tensor2metric``, ``tckgen -algorithm Tensor_Det -select 45000``,
+``tckmap``; installed with apt where missing and possible, else skipped with a message), both
+with the same number of threads. Prints a summary table (wall time of both routes, their
+ratio, peak memory) and one table per route and case with seconds and peak GB per stage.
+Defaults: ds-real sub-01 (1 mm T1w) and ds-extra sub-03 ses-1 (0.5 mm T1w). Usage:
 
-    python benchmarks/bench_pipeline.py [--threads 2 --threads 16] [--participant 01] [--no-classical]
+    python benchmarks/bench_pipeline.py [--case ds-real:01 --case ds-extra:03:1] [--threads 2]
+        [--no-classical] [--teacher] [--weights-dir DIR]
+
+``--teacher`` also times m2m's own teacher (dipy tensor fit, registration, dipy tracking).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
+import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_BIDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ds-real"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_CASES = ("ds-real:01", "ds-extra:03:1")
+#: Streamlines the MRtrix3 route selects (as many as the teacher's tractogram holds).
+MRTRIX_STREAMLINES = 45000
+log = logging.getLogger("bench_pipeline")
+
+Stages = dict[str, tuple[float, float]]  # {stage: (seconds, peak GB)}
 
 
-def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir: str | None) -> dict:
-    """Run the workflow once; returns {stage: (seconds, peak GB)}."""
+@dataclass(frozen=True)
+class Case:
+    """One unit to benchmark: ``DATASET:PARTICIPANT[:SESSION]``, DATASET a folder or a name under ../shared/data."""
+
+    bids: Path
+    participant: str
+    session: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> Case:
+        dataset, participant, *session = text.split(":")
+        bids = Path(dataset) if Path(dataset).is_dir() else DATA / dataset
+        return cls(bids, participant, session[0] if session else None)
+
+    @property
+    def label(self) -> str:
+        return f"{self.bids.name} sub-{self.participant}" + (f" ses-{self.session}" if self.session else "")
+
+    def unit(self):
+        """The BIDS layout and the :class:`~m2m_app.io.naming.Subject` of this case."""
+        from m2m_app.io import bids as bids_io
+
+        layout = bids_io.load_layout(self.bids)
+        sessions = [self.session] if self.session else None
+        return layout, bids_io.collect_subjects(layout, [self.participant], sessions)[0]
+
+
+def run_app(case: Case, threads: int, device: str, weights_dir: str | None) -> Stages:
+    """Run the workflow once on the case's T1w; returns {stage: (seconds, peak GB)} and the total."""
     import torch
     from nipype import config
     from nipype.utils.filemanip import loadpkl
@@ -32,11 +76,10 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
 
     config.enable_resource_monitor()
     torch.set_num_threads(threads)
-    layout = bids_io.load_layout(bids)
-    subject = bids_io.collect_subjects(layout, [participant])[0]
+    layout, subject = case.unit()
     with tempfile.TemporaryDirectory() as tmp:
         run_config = RunConfig(
-            bids_dir=Path(bids),
+            bids_dir=case.bids,
             output_dir=Path(tmp) / "out",
             work_dir=Path(tmp) / "work",
             weights_dir=weights_dir,
@@ -60,13 +103,66 @@ def run_app(bids: Path, participant: str, threads: int, device: str, weights_dir
     return ordered
 
 
-def run_classical(bids: Path, participant: str) -> dict:
-    """The teacher on the same subject: {stage: (seconds, nan)} from its QC record."""
+def mrtrix_available() -> bool:
+    """Whether MRtrix3's commands are on PATH; tries ``apt-get install mrtrix3`` as root when they are not."""
+    if shutil.which("tckgen"):
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log.info("MRtrix3 not found: installing the Debian package mrtrix3")
+        for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "mrtrix3"]):
+            if subprocess.run(command, capture_output=True).returncode != 0:
+                break
+    return shutil.which("tckgen") is not None
+
+
+def _timed(command: list[str]) -> tuple[float, float]:
+    """Run one command; its wall seconds and peak resident memory (GB, from the kernel's rusage)."""
+    start = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.monotonic() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        error = process.stderr.read().decode()[-2000:] if process.stderr else ""
+        raise RuntimeError(f"{' '.join(command)} failed: {error}")
+    return seconds, usage.ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+
+
+def run_mrtrix(case: Case, threads: int) -> Stages:
+    """The MRtrix3 tensor route on the case's first DWI run: {stage: (seconds, peak GB)} and the total."""
+    from m2m_app.io import bids as bids_io
+
+    layout, subject = case.unit()
+    dwi = bids_io.find_dwi(layout, subject)[0]
+    bval, bvec = layout.get_bval(str(dwi)), layout.get_bvec(str(dwi))
+    n = ["-nthreads", str(threads), "-quiet", "-force"]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        steps = {
+            "mrconvert (grad table)": ["mrconvert", str(dwi), "-fslgrad", bvec, bval, str(t / "dwi.mif"), *n],
+            "dwi2mask": ["dwi2mask", str(t / "dwi.mif"), str(t / "mask.mif"), *n],
+            "dwi2tensor": ["dwi2tensor", str(t / "dwi.mif"), str(t / "dt.mif"), "-mask", str(t / "mask.mif"), *n],
+            "tensor2metric": [
+                "tensor2metric", str(t / "dt.mif"), "-fa", str(t / "fa.mif"), "-adc", str(t / "md.mif"),
+                "-vector", str(t / "v1.mif"), "-mask", str(t / "mask.mif"), *n,
+            ],
+            "tckgen Tensor_Det": [
+                "tckgen", "-algorithm", "Tensor_Det", str(t / "dwi.mif"), str(t / "tracks.tck"),
+                "-seed_image", str(t / "mask.mif"), "-mask", str(t / "mask.mif"),
+                "-select", str(MRTRIX_STREAMLINES), *n,
+            ],
+            "tckmap": ["tckmap", str(t / "tracks.tck"), str(t / "tdi.mif"), "-template", str(t / "fa.mif"), *n],
+        }  # fmt: skip
+        stages = {name: _timed(command) for name, command in steps.items()}
+    stages["total"] = (sum(s for s, _ in stages.values()), max(p for _, p in stages.values()))
+    return stages
+
+
+def run_teacher(case: Case) -> Stages:
+    """m2m's teacher on the same unit: {stage: (seconds, nan)} from its QC record."""
     from m2m_app.io import bids as bids_io
     from m2m_app.teacher.prepare import prepare_subject
 
-    layout = bids_io.load_layout(bids)
-    subject = bids_io.collect_subjects(layout, [participant])[0]
+    layout, subject = case.unit()
     with tempfile.TemporaryDirectory() as prep:
         qc = prepare_subject(subject, bids_io.find_t1w(layout, subject), bids_io.find_dwi(layout, subject), Path(prep))
     stages = {name: (seconds, float("nan")) for name, seconds in qc["stage_seconds"].items()}
@@ -74,25 +170,62 @@ def run_classical(bids: Path, participant: str) -> dict:
     return stages
 
 
+def t1w_description(case: Case) -> str:
+    """``X×Y×Z at a×b×c mm`` of the case's T1w."""
+    import nibabel as nib
+
+    from m2m_app.io import bids as bids_io
+
+    layout, subject = case.unit()
+    image = nib.load(bids_io.find_t1w(layout, subject))
+    zooms = "×".join(f"{z:g}" for z in image.header.get_zooms()[:3])
+    return "×".join(str(s) for s in image.shape[:3]) + f" at {zooms} mm"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bids", type=Path, default=DEFAULT_BIDS)
-    parser.add_argument("--participant", default="01")
-    parser.add_argument("--threads", type=int, action="append", help="repeatable; default 2 and all cores")
+    parser.add_argument(
+        "--case", action="append", help=f"DATASET:PARTICIPANT[:SESSION], repeatable (default {DEFAULT_CASES})"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="threads of both routes (default 2)")
     parser.add_argument("--weights-dir", default=None)
-    parser.add_argument("--no-classical", action="store_true")
+    parser.add_argument("--no-classical", action="store_true", help="time m2m only")
+    parser.add_argument("--teacher", action="store_true", help="also time m2m's teacher (dipy) on the same unit")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
 
-    runs = [(f"m2m cpu {n} threads", n, "cpu") for n in (args.threads or sorted({2, os.cpu_count() or 2}))]
-    if torch.cuda.is_available():
-        runs.append(("m2m cuda", 4, "cuda"))
-    columns = {label: run_app(args.bids, args.participant, n, device, args.weights_dir) for label, n, device in runs}
-    if not args.no_classical:
-        os.environ["OMP_NUM_THREADS"] = "2"
-        columns["classical (teacher) 2 threads"] = run_classical(args.bids, args.participant)
-    print(f"# sub-{args.participant}: seconds (peak GB where measured)")
-    for label, stages in columns.items():
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    cases = [Case.parse(text) for text in args.case or DEFAULT_CASES]
+    mrtrix = not args.no_classical and mrtrix_available()
+    if not args.no_classical and not mrtrix:
+        log.warning("MRtrix3 is not installed and could not be installed: the classical route is skipped")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tables: dict[str, Stages] = {}
+    summary = []
+    for case in cases:
+        log.info("%s: m2m (%s, %d threads)", case.label, device, args.threads)
+        app = tables[f"{case.label}: m2m {device} {args.threads} threads"] = run_app(
+            case, args.threads, device, args.weights_dir
+        )
+        classical = None
+        if mrtrix:
+            log.info("%s: MRtrix3 (%d threads)", case.label, args.threads)
+            classical = tables[f"{case.label}: MRtrix3 {args.threads} threads"] = run_mrtrix(case, args.threads)
+        if args.teacher:
+            tables[f"{case.label}: teacher (dipy)"] = run_teacher(case)
+        summary.append((case, app["total"], classical["total"] if classical else None))
+    print(f"# m2m vs the MRtrix3 route, {args.threads} threads, {device}\n")
+    print("| case | T1w | m2m s | m2m peak GB | MRtrix3 s | MRtrix3 peak GB | ratio m2m / MRtrix3 |")
+    print("|---|---|---|---|---|---|---|")
+    for case, (app_s, app_gb), classical in summary:
+        right = f"{classical[0]:.1f} | {classical[1]:.2f} | {app_s / classical[0]:.2f}" if classical else "— | — | —"
+        print(f"| {case.label} | {t1w_description(case)} | {app_s:.1f} | {app_gb:.2f} | {right} |")
+    if len(summary) > 1:
+        first = summary[0][1][0]
+        relative = ", ".join(f"{c.label} {s / first:.2f}×" for c, (s, _), _ in summary)
+        print(f"\nm2m wall time relative to the first case: {relative}")
+    for label, stages in tables.items():
         print(f"\n## {label}\n| stage | seconds | peak GB |\n|---|---|---|")
         for name, (seconds, peak) in stages.items():
             print(f"| {name} | {seconds:.1f} | {peak:.2f} |")
