@@ -52,6 +52,21 @@ TABLES = {
         "n_teacher",
     ),
 }
+CALIBRATION = (
+    "spearman",
+    "coverage_1sd_raw",
+    "coverage_2sd_raw",
+    "scale_applied",
+    "coverage_1sd",
+    "coverage_2sd",
+    "scale_fit",
+)
+#: Calibration of the uncertainty maps (one row per map, not per method): the scale applied
+#: to a fold is the median of the other two folds' fitted scales (``part calibrate``).
+CALIBRATION_TABLES = {
+    "phase1_calibration.tsv": CALIBRATION,
+    "phase2_calibration.tsv": CALIBRATION,
+}
 
 
 def mean(rows: list[dict], column: str) -> float | None:
@@ -60,11 +75,12 @@ def mean(rows: list[dict], column: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def fold_means(path: Path, columns: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
-    """``{method: {column: mean over the fold's sessions}}`` of one TSV (method ``m2m`` when absent)."""
+def fold_means(path: Path, columns: tuple[str, ...], key: str = "method") -> dict[str, dict[str, float | None]]:
+    """``{method: {column: mean over the fold's sessions}}`` of one TSV (method ``m2m`` when absent);
+    grouped by another column (e.g. ``map``) with ``key``."""
     rows = list(csv.DictReader(path.open(), delimiter="\t"))
-    methods = dict.fromkeys(row.get("method", "m2m") for row in rows)
-    return {m: {c: mean([r for r in rows if r.get("method", "m2m") == m], c) for c in columns} for m in methods}
+    groups = dict.fromkeys(row.get(key, "m2m") for row in rows)
+    return {g: {c: mean([r for r in rows if r.get(key, "m2m") == g], c) for c in columns} for g in groups}
 
 
 def cell(value: float | None) -> str:
@@ -76,11 +92,11 @@ def cell(value: float | None) -> str:
     return f"{value:.2e}" if 0 < abs(value) < 0.01 else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
-def table(runs: Path, name: str, columns: tuple[str, ...]) -> list[str]:
-    """The Markdown lines of one table: per fold and method, then the mean of the folds per method."""
-    lines = ["| fold | method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+def table(runs: Path, name: str, columns: tuple[str, ...], key: str = "method") -> list[str]:
+    """The Markdown lines of one table: per fold and method (or ``key``), then the mean of the folds per method."""
+    lines = [f"| fold | {key} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     per_fold = {
-        fold: fold_means(runs / folder / name, columns)
+        fold: fold_means(runs / folder / name, columns, key)
         for fold, folder in FOLDS.items()
         if (runs / folder / name).exists()
     }
@@ -99,10 +115,33 @@ def table(runs: Path, name: str, columns: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def reliability(runs: Path, name: str) -> list[str]:
+    """Markdown lines of a reliability table (``<stem>_reliability.tsv`` of ``calibrate``): per fold and
+    map, the mean error in each uncertainty decile (lowest uncertainty first; sessions averaged)."""
+    lines = ["| fold | map | " + " | ".join(f"d{b}" for b in range(1, 11)) + " |", "|---" * 12 + "|"]
+    for fold, folder in FOLDS.items():
+        path = runs / folder / name
+        if not path.exists():
+            continue
+        rows = list(csv.DictReader(path.open(), delimiter="\t"))
+        for group in dict.fromkeys(row["map"] for row in rows):
+            cells = [
+                mean([r for r in rows if r["map"] == group and r["bin"] == str(b)], "error_mean") for b in range(1, 11)
+            ]
+            lines.append(f"| {fold} | {group} | " + " | ".join(cell(v) for v in cells) + " |")
+    return lines
+
+
 def main(runs: Path) -> None:
     for name, columns in TABLES.items():
         print(f"\n{name}\n")
         print("\n".join(table(runs, name, columns)))
+    for name, columns in CALIBRATION_TABLES.items():
+        print(f"\n{name}\n")
+        print("\n".join(table(runs, name, columns, key="map")))
+        reliability_name = name.removesuffix(".tsv") + "_reliability.tsv"
+        print(f"\n{reliability_name} (mean error by uncertainty decile)\n")
+        print("\n".join(reliability(runs, reliability_name)))
 
 
 if __name__ == "__main__":

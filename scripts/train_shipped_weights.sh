@@ -9,10 +9,12 @@
 # PART is "prepare", "a", "b" or "c" (the three leave-one-person-out folds, from
 # `python -m m2m_app.training.folds`: test sub-01, sub-02, sub-03, each trained on the two
 # other people, all sessions of a person on the same side), "ship" (the same recipe on every
-# unit: the shipped weights, whose expected accuracy is that of the folds), "chain" (after the
-# folds: the app itself on one session of each held-out person with its fold's weights, and its
-# tractogram against the teacher's), "tables" (the model card's tables) or "all" (every part, in
-# that order; default).
+# unit: the weights to ship, whose expected accuracy is that of the folds), "calibrate" (after
+# the folds and ship: each fold's uncertainty coverage with the scale fitted on the two other
+# folds, the pooled scale of all three stored with the ship weights, which are then copied into
+# m2m_app/data/models/), "chain" (after the folds: the app itself on one session of each
+# held-out person with its fold's weights, and its tractogram against the teacher's), "tables"
+# (the model card's tables) or "all" (every part, in that order; default).
 # Each fold is scored under the evaluation protocol of docs/training.md against both baselines
 # (T1w intensity and the warped population atlas; the atlas needs `pip install "m2m-app[atlas]"`
 # or `pip install --no-deps tractseg`).
@@ -78,6 +80,9 @@ fold() {
   # the same metrics on the training people: what the network does where the T1w is no surprise
   m2m-train evaluate "$PREP" "$out" --phase 1 --device "$DEVICE" "${subjects[@]/--subject/--test-subject}" \
     --out "$out/phase1_training_subject.tsv"
+  # the uncertainty maps against the actual error, unscaled (their fitted scale_fit calibrates the other folds)
+  m2m-train calibrate "$PREP" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" \
+    --out "$out/phase1_calibration_raw.tsv"
   # phase 2 learns from the teacher's maps and from phase 1's predictions of its training subjects
   m2m-train predict "$PREP" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
   m2m-train phase2 "$PREP" "$out" "${subjects[@]}" --epochs "$epochs2" \
@@ -86,6 +91,8 @@ fold() {
     --predicted-inputs "$out/pred-phase1" --out "$out/phase2_heldout_predicted_inputs.tsv"
   m2m-train evaluate "$PREP" "$out" --phase 2 --test-subject "$test" --device "$DEVICE" \
     --out "$out/phase2_heldout_teacher_inputs.tsv"
+  m2m-train calibrate "$PREP" "$out" --phase 2 --test-subject "$test" --device "$DEVICE" \
+    --predicted-inputs "$out/pred-phase1" --out "$out/phase2_calibration_raw.tsv"
 }
 
 if [[ $PART == a || $PART == all ]]; then fold sub-01; fi
@@ -100,7 +107,26 @@ if [[ $PART == ship || $PART == all ]]; then
   m2m-train predict "$PREP" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
   m2m-train phase2 "$PREP" "$out" --epochs "$(epochs "$SHIP_STEPS" "$PHASE2_BATCHES_PER_UNIT" "$units")" \
     --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"
-  cp "$out"/phase{1,2}.{safetensors,json} m2m_app/data/models/
+fi
+
+FOLD_TESTS=(sub-01 sub-02 sub-03)
+if [[ $PART == calibrate || $PART == all ]]; then
+  for phase in 1 2; do
+    pooled=()
+    for test in "${FOLD_TESTS[@]}"; do
+      out="$WORK/loso-test-$test"
+      args=(--phase "$phase" --test-subject "$test" --device "$DEVICE" --out "$out/phase${phase}_calibration.tsv")
+      [[ $phase == 1 ]] || args+=(--predicted-inputs "$out/pred-phase1")
+      for other in "${FOLD_TESTS[@]}"; do
+        [[ $other == "$test" ]] || args+=(--scale-from "$WORK/loso-test-$other/phase${phase}_calibration_raw.tsv")
+      done
+      m2m-train calibrate "$PREP" "$out" "${args[@]}"
+      pooled+=(--scale-from "$out/phase${phase}_calibration_raw.tsv")
+    done
+    # weights trained on everyone have no held-out person: they get the scale pooled over the three folds
+    m2m-train calibrate "$PREP" "$WORK/ship" --phase "$phase" --store-scale "${pooled[@]}"
+  done
+  cp "$WORK/ship"/phase{1,2}.{safetensors,json} m2m_app/data/models/
 fi
 
 # chain BIDS_DIR TEST_LABEL SESSION UNIT: the app on a held-out person with the weights that never saw them.

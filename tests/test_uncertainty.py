@@ -237,3 +237,13 @@ def test_calibrate_command_on_a_tiny_model(tmp_path):
     stored = json.loads((models / "phase1.json").read_text())["uncertainty_scale"]
     assert stored == pytest.approx({row["map"]: float(row["scale_fit"]) for row in rows}, rel=1e-3)
     assert uncertainty_scales("phase1", models) == stored
+
+    # weights trained on everyone have no held-out subject: the pooled scale is only stored
+    result = CliRunner().invoke(cli, ["calibrate", str(prep), str(models)])
+    assert result.exit_code != 0 and "--test-subject" in result.output
+    (models / "phase1.json").write_text(
+        json.dumps({**json.loads((models / "phase1.json").read_text()), "uncertainty_scale": {}})
+    )
+    result = CliRunner().invoke(cli, ["calibrate", str(prep), str(models), "--scale-from", str(first), "--store-scale"])
+    assert result.exit_code == 0, result.output
+    assert uncertainty_scales("phase1", models) == stored

@@ -190,9 +190,13 @@ def prepare(
     sys.exit(exit_code_for(codes, ok))
 
 
-def held_out_scoring(func):
+def held_out_scoring(test_subject_required: bool = True):
     """PREP_DIR, WEIGHTS_DIR, --phase, --test-subject, --predicted-inputs, --device: what
-    ``evaluate`` and ``calibrate`` share."""
+    ``evaluate`` and ``calibrate`` share (``calibrate --store-scale`` may score no subject)."""
+    return lambda func: _held_out_options(func, test_subject_required)
+
+
+def _held_out_options(func, test_subject_required: bool):
     options = [
         click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path)),
         click.argument("weights_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path)),
@@ -201,7 +205,7 @@ def held_out_scoring(func):
             "--test-subject",
             "test_subjects",
             multiple=True,
-            required=True,
+            required=test_subject_required,
             help="Held-out subject(s) of WEIGHTS_DIR to score (default weights: the packaged ones). Repeatable.",
         ),
         click.option(
@@ -395,7 +399,7 @@ def predict(
 
 
 @cli.command()
-@held_out_scoring
+@held_out_scoring()
 @click.option(
     "--train-subject", "train_subjects", multiple=True, help="Subjects the baseline is fitted on (default: all others)."
 )
@@ -469,7 +473,7 @@ def evaluate(
 
 
 @cli.command()
-@held_out_scoring
+@held_out_scoring(test_subject_required=False)
 @click.option(
     "--scale-from",
     "scale_from",
@@ -509,10 +513,18 @@ def calibrate(
     Prints one row per subject and map (fa_sd, v1_dispersion; tdi_sd for phase 2): the
     Spearman correlation of uncertainty and error, the coverage of +-1 and +-2 (scaled)
     uncertainties, raw and with the applied scale, and the scale fitted on this subject.
+    Without --test-subject, --store-scale --scale-from only stores the folds' pooled scale
+    (for weights trained on every subject, which have no held-out one).
     """
-    from m2m_app.training.calibration import calibrate_phase
+    from m2m_app.training.calibration import PHASE_MAPS, calibrate_phase, scales_from_tables, store_scales
 
     setup_logging(verbose, quiet)
+    if not test_subjects:
+        if not (store_scale and scale_from):
+            raise click.UsageError("give --test-subject, or --store-scale with --scale-from")
+        scales = scales_from_tables(list(scale_from), PHASE_MAPS[f"phase{phase}"])
+        click.echo(f"stored {scales} in {store_scales(weights_dir, f'phase{phase}', scales)}")
+        return
     summary, _ = calibrate_phase(
         f"phase{phase}",
         prep_dir,
