@@ -9,13 +9,21 @@ back onto the source's own shape and affine.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from m2m_app.maths.tensor import components_to_matrix, exp_tensors, log_tensors, matrix_to_components
+from m2m_app.maths.tensor import (
+    components_to_matrix,
+    compose_tensors,
+    eigen_decomposition,
+    log_tensors,
+    matrix_to_components,
+)
+from dipy.reconst.dti import color_fa
 
 #: Isotropic voxel size of the model grid, mm.
 MODEL_VOXEL_MM = 2.0
@@ -140,6 +148,20 @@ class ConformedGrid:
         """Resample a model-grid volume ``(x, y, z[, C])`` back onto the original T1w grid."""
         return _resample_any(volume, self.affine, self.source_affine, self.source_shape, order)
 
+    def output_grid(self, resolution_mm: float | None = None) -> tuple[tuple[int, int, int], np.ndarray]:
+        """The grid outputs are written on: ``(shape, affine)``.
+
+        ``None``: the T1w's own grid, exactly. Otherwise an isotropic grid of ``resolution_mm``
+        mm covering the T1w's field of view, in the T1w's orientation and centred on the same
+        point (:func:`nibabel.affines.rescale_affine`).
+        """
+        if resolution_mm is None:
+            return self.source_shape, self.source_affine
+        zooms = np.sqrt((self.source_affine[:3, :3] ** 2).sum(axis=0))
+        x, y, z = (int(n) for n in np.ceil(np.array(self.source_shape) * zooms / resolution_mm - 1e-6))
+        affine = nib.affines.rescale_affine(self.source_affine, self.source_shape, [resolution_mm] * 3, (x, y, z))
+        return (x, y, z), affine
+
     def to_dict(self) -> dict[str, list]:
         """The grid as plain lists (exact: float64 values as Python floats), e.g. to pass between workflow nodes."""
         return {
@@ -184,23 +206,145 @@ def conform_t1w(img: nib.Nifti1Image, data: np.ndarray) -> tuple[np.ndarray, Con
     return normalise_intensity(grid.to_model(data)), grid
 
 
+class GridResampler:
+    """Normalised linear resampling of maps defined on ``support`` from one grid onto another.
+
+    The output voxels kept are those whose interpolated ``support`` weight (a Gaussian
+    anti-aliasing pre-filter first when the output voxels are larger) is at least
+    :data:`TENSOR_SUPPORT`; a map is sampled there only (trilinear, by
+    :func:`scipy.ndimage.map_coordinates`) and divided by that weight, so voxels outside
+    ``support`` (zero) do not darken its edges. Zero elsewhere.
+
+    Parameters
+    ----------
+    in_affine : voxel-to-world affine of the input grid; ``support`` its ``(x, y, z)`` bool mask.
+    out_shape, out_affine : the output grid.
+    """
+
+    def __init__(
+        self, in_affine: np.ndarray, support: np.ndarray, out_shape: tuple[int, int, int], out_affine: np.ndarray
+    ) -> None:
+        mapping = np.linalg.inv(in_affine) @ out_affine
+        self.support = np.asarray(support, dtype=bool)
+        self.out_shape = tuple(out_shape)
+        self._sigma = _antialias_sigma(np.abs(mapping[:3, :3]).sum(axis=1))
+        weight = resample_scalar(self.support.astype(np.float32), in_affine, out_affine, self.out_shape)
+        #: The output voxels that receive values, ``out_shape`` bool.
+        self.kept = weight >= TENSOR_SUPPORT
+        voxels = np.nonzero(self.kept)
+        self._points = mapping[:3, :3] @ np.stack(voxels) + mapping[:3, 3:]
+        self._weight = weight[voxels]
+
+    def values(self, volume: np.ndarray) -> np.ndarray:
+        """``volume`` ``(x, y, z[, C])`` at the kept output voxels: ``(N[, C])`` float32, in :attr:`kept` order."""
+        volume = np.where(self.support.reshape(self.support.shape + (1,) * (volume.ndim - 3)), volume, 0.0)
+        channels = volume.reshape(self.support.shape + (-1,)).astype(np.float32)
+        out = np.empty((self._weight.size, channels.shape[-1]), dtype=np.float32)
+        for c in range(channels.shape[-1]):
+            channel = channels[..., c]
+            if np.any(self._sigma > 0.1):
+                channel = ndimage.gaussian_filter(channel, self._sigma, mode="nearest")
+            out[:, c] = ndimage.map_coordinates(
+                channel, self._points, order=1, mode="constant", cval=0.0, prefilter=False
+            )
+        out /= self._weight[:, None]
+        return out if volume.ndim == 4 else out[:, 0]
+
+    def fill(self, values: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Kept-voxel ``values`` ``(N[, C])`` as an output volume ``out_shape[ + (C,)]``, zero elsewhere."""
+        out = np.zeros(self.out_shape + values.shape[1:], dtype=dtype)
+        out[self.kept] = values
+        return out
+
+    def resample(self, volume: np.ndarray) -> np.ndarray:
+        """:meth:`values` of ``volume`` filled into an output volume."""
+        return self.fill(self.values(volume))
+
+    def tensor_eigen(self, components: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Log-Euclidean resampling of a tensor field ``(x, y, z, 6)`` (mm²/s) onto the kept voxels.
+
+        The six log-tensor components are resampled like any map; one eigendecomposition of
+        the mean log-tensors gives the eigenvalues ``(N, 3)`` of the tensors (largest first,
+        mm²/s) and their eigenvectors ``(N, 3, 3)`` (columns).
+        """
+        logs = np.zeros(components.shape, dtype=np.float32)
+        logs[self.support] = matrix_to_components(
+            log_tensors(components_to_matrix(components[self.support].astype(float)))
+        )
+        evals, evecs = eigen_decomposition(components_to_matrix(self.values(logs).astype(float)))
+        return np.exp(evals), evecs
+
+
 def resample_tensor(components: np.ndarray, grid: ConformedGrid, to_model: bool = True) -> np.ndarray:
     """Resample a tensor field ``(X, Y, Z, 6)`` (mm², world frame) between the source and model grids.
 
     Interpolation happens in the log-Euclidean domain, so tensors stay positive-definite
     and determinants do not swell. Voxels without tensors (all six components zero, e.g.
     outside the brain) are excluded by normalised interpolation; output voxels whose
-    neighbourhood was less than :data:`TENSOR_SUPPORT` covered are zero. No rotation is
-    applied: both grids share the RAS+ world frame the tensors are expressed in.
+    neighbourhood was less than :data:`TENSOR_SUPPORT` covered are zero (see
+    :class:`GridResampler`). No rotation is applied: both grids share the RAS+ world frame
+    the tensors are expressed in.
     """
-    support = np.any(components != 0, axis=-1)
-    logs = np.zeros(components.shape, dtype=np.float32)
-    logs[support] = matrix_to_components(log_tensors(components_to_matrix(components[support].astype(float))))
-    resample = grid.to_model if to_model else grid.to_source
-    weight = resample(support.astype(np.float32))
-    logs = resample(logs)
-    keep = weight >= TENSOR_SUPPORT
-    out = np.zeros(weight.shape + (6,), dtype=np.float32)
-    mean_logs = logs[keep] / weight[keep, None]
-    out[keep] = matrix_to_components(exp_tensors(components_to_matrix(mean_logs.astype(float))))
-    return out
+    ends = [(grid.source_affine, grid.source_shape), (grid.affine, grid.shape)]
+    (in_affine, _), (out_affine, out_shape) = ends if to_model else ends[::-1]
+    resampler = GridResampler(in_affine, np.any(components != 0, axis=-1), out_shape, out_affine)
+    evals, evecs = resampler.tensor_eigen(components)
+    return resampler.fill(matrix_to_components(compose_tensors(evals, evecs)))
+
+
+#: How :func:`resample_outputs` brings each map onto the output grid (see its docstring).
+OUTPUT_RULES: dict[str, str] = {
+    "mask": "threshold",
+    "tensor": "tensor",
+    "diffusivity": "tensor",
+    "v1": "v1",
+    "colfa": "colfa",
+    "fa": "unit",
+    "dectdi": "unit",
+}
+
+
+def resample_outputs(maps: Mapping[str, np.ndarray], resampler: GridResampler) -> Iterator[tuple[str, np.ndarray]]:
+    """Bring model-grid maps onto the output grid, one pass per map; yields ``(key, volume)`` one at a time.
+
+    ``maps`` holds model-grid volumes by output key; ``resampler`` goes from the model grid to
+    the output grid (its support: the brain mask, or the whole grid). Every map is zero
+    outside :attr:`GridResampler.kept`. Per key (:data:`OUTPUT_RULES`):
+
+    * ``mask``: linear, then ``>= 0.5`` (bool).
+    * ``tensor`` / ``diffusivity``: log-Euclidean (:meth:`GridResampler.tensor_eigen`), as
+      :func:`resample_tensor` does; ``(X, Y, Z, 6)`` mm²/s.
+    * ``v1``: the principal eigenvector of that resampled tensor (the same eigendecomposition),
+      so there is no sign to average; needs the tensor in ``maps``.
+    * ``colfa``: dipy's colour FA of the resampled FA and V1 (``FA · |V1|``); needs ``fa``.
+    * ``fa``, ``dectdi``: linear, clipped to [0, 1].
+    * any other (MD, AD, RD, the uncertainty maps, TDI): linear, clipped at 0.
+
+    "Linear" is :class:`GridResampler`'s normalised trilinear interpolation. Maps come out
+    in ``maps``' order except that the tensor, V1 and FA come before colour FA.
+    """
+    tensor_key = next((key for key in maps if OUTPUT_RULES.get(key) == "tensor"), None)
+    order = sorted(maps, key=lambda key: OUTPUT_RULES.get(key) == "colfa")
+    evecs: np.ndarray | None = None
+    fa: np.ndarray | None = None
+    for key in order:
+        rule = OUTPUT_RULES.get(key, "positive")
+        if rule == "threshold":
+            yield key, resampler.fill(resampler.values(maps[key].astype(np.float32)) >= 0.5, dtype=bool)
+        elif rule == "tensor":
+            evals, evecs = resampler.tensor_eigen(maps[key])
+            yield key, resampler.fill(matrix_to_components(compose_tensors(evals, evecs)))
+        elif rule == "v1":
+            if evecs is None:
+                if tensor_key is None:
+                    raise KeyError("v1 is taken from the resampled tensor, and maps holds none")
+                evecs = resampler.tensor_eigen(maps[tensor_key])[1]
+            yield key, resampler.fill(evecs[..., :, 0])
+        elif rule == "colfa":
+            if fa is None or evecs is None:
+                raise KeyError("colour FA is taken from the resampled FA and V1; maps needs fa and the tensor")
+            yield key, resampler.fill(color_fa(fa, evecs))
+        else:
+            values = np.clip(resampler.values(maps[key]), 0.0, 1.0 if rule == "unit" else None)
+            fa = values if key == "fa" else fa
+            yield key, resampler.fill(values)

@@ -47,10 +47,15 @@ def rotate_tensors(matrix: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     return np.einsum("...ij,...jk,...lk->...il", rotation, matrix, rotation)
 
 
+def compose_tensors(evals: np.ndarray, evecs: np.ndarray) -> np.ndarray:
+    """Symmetric ``(..., 3, 3)`` matrices of eigenvalues ``evals (..., 3)`` and eigenvector columns ``evecs``."""
+    return np.einsum("...ij,...j,...kj->...ik", evecs, evals, evecs)
+
+
 def _eigh_map(matrix: np.ndarray, function) -> np.ndarray:
     """Apply a scalar function to the eigenvalues of symmetric matrices."""
     evals, evecs = np.linalg.eigh(matrix)
-    return np.einsum("...ij,...j,...kj->...ik", evecs, function(evals), evecs)
+    return compose_tensors(function(evals), evecs)
 
 
 def log_tensors(matrix: np.ndarray, floor: float = 1e-6) -> np.ndarray:
