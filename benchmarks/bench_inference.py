@@ -6,7 +6,8 @@ Uses ``../shared/data/ds-real/sub-01/anat/sub-01_T1w.nii.gz`` (beside the reposi
 nilearn's 1 mm MNI152 template. Phases whose weights are missing run with randomly
 initialised networks of the default architecture (same cost; marked ``random`` below).
 The ``uncertainty`` rows are what the per-voxel uncertainty maps add (spread of the six
-passes, back to the T1w grid); the other rows are the prediction without them.
+passes); the other rows are the prediction without them. Everything runs on the model grid;
+the last row brings every map onto the T1w grid, as the app does when writing.
 """
 
 from __future__ import annotations
@@ -23,13 +24,7 @@ import numpy as np
 import torch
 
 from m2m_app.errors import MissingInputError
-from m2m_app.inference.predict import (
-    load_translator,
-    phase1_to_source,
-    phase2_to_source,
-    predict_views,
-    spread_to_source,
-)
+from m2m_app.inference.predict import load_translator, predict_views, spread_maps, to_output
 from m2m_app.io.nifti import load_t1w
 from m2m_app.maths.tensor import masked_tensor_maps
 from m2m_app.models.phases import get_phase, phase1_inputs, phase2_inputs
@@ -97,24 +92,28 @@ def run(t1w_path: Path | None, weights_dir: Path | None, batch_size: int) -> lis
         views = predict_views(model1, spec1, inputs, "cpu", batch_size)
     with stage(table, "phase1: view fusion"):
         raw = spec1.fuse(views)
-    with stage(table, "phase1: decode + back to T1w grid"):
-        predicted = phase1_to_source(raw, grid)
+    with stage(table, "phase1: decode"):
+        decoded = spec1.decode(raw)
+        mask = decoded["mask"] >= 0.5
+        tensor = np.where(mask[..., None], decoded["tensor"], 0.0).astype(np.float32)
     table.append(("phase1: total", time.perf_counter() - began, peak_rss_mib()))
-    with stage(table, "phase1 uncertainty: FA SD + V1 dispersion, back to T1w grid"):
-        spread_to_source(views, raw, spec1, grid, predicted["mask"])
+    with stage(table, "phase1 uncertainty: FA SD + V1 dispersion"):
+        spreads = spread_maps(views, raw, spec1, mask)
     began = time.perf_counter()
-    with stage(table, "phase2: tensor maps on T1w grid"):
-        full = masked_tensor_maps(predicted["tensor"], predicted["mask"])
-    with stage(table, "phase2: inputs to model grid"):
-        inputs2 = phase2_inputs(full["fa"], full["md"], full["colfa"], grid)
+    with stage(table, "phase2: tensor maps on model grid"):
+        full = masked_tensor_maps(tensor, mask)
+    with stage(table, "phase2: inputs"):
+        inputs2 = phase2_inputs(full["fa"], full["md"], full["colfa"], None)
     with stage(table, f"phase2: network, 3 views × 2 mirrors ({kind2})"):
         views2 = predict_views(model2, spec2, inputs2, "cpu", batch_size)
         raw2 = spec2.fuse(views2)
-    with stage(table, "phase2: decode + back to T1w grid"):
-        phase2_to_source(raw2, grid, predicted["mask"])
+    with stage(table, "phase2: decode"):
+        tracts = spec2.decode(raw2)
     table.append(("phase2: total", time.perf_counter() - began, peak_rss_mib()))
-    with stage(table, "phase2 uncertainty: TDI SD, back to T1w grid"):
-        spread_to_source(views2, raw2, spec2, grid, predicted["mask"])
+    with stage(table, "phase2 uncertainty: TDI SD"):
+        spreads |= spread_maps(views2, raw2, spec2, mask)
+    with stage(table, "outputs: every map onto the T1w grid"):
+        to_output({"diffusivity": tensor, "mask": mask, **full, **tracts, **spreads}, grid, mask)
     return table
 
 

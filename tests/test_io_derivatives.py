@@ -21,6 +21,7 @@ from m2m_app.io.derivatives import (
     write_readme,
 )
 from m2m_app.io.naming import TENSOR_PARAMS, Subject, derivative_paths, sidecar_path
+from m2m_app.maths.grid import ConformedGrid
 
 UNIT = Subject("01", "a")
 
@@ -99,10 +100,12 @@ def test_maps_get_their_bids_names_and_sidecars(tmp_path, weights_dir):
         for i, key in enumerate(("fa", "md", "mask", "fa_sd", "v1_dispersion", "tdi"))
     }
     t1w = "/data/bids/sub-01/ses-a/anat/sub-01_ses-a_T1w.nii.gz"
-    written = write_maps(tmp_path / "out", UNIT, t1w, work, str(weights_dir), {"phase1": 12.5})
+    same = {"shape": shape, "affine": np.diag([2.0, 2.0, 2.0, 1.0])}  # maps already on the output grid
+    grid = ConformedGrid(**same, source_shape=shape, source_affine=same["affine"])
+    written = write_maps(tmp_path / "out", UNIT, t1w, work, str(weights_dir), {"phase1": 12.5}, grid=grid)
     expected = derivative_paths(tmp_path / "out", UNIT, "nerf")
     assert written == {key: expected[key] for key in work}
-    assert np.asarray(nib.load(written["md"]).dataobj).max() == 2.0  # the work file's data, copied
+    assert np.asarray(nib.load(written["md"]).dataobj).max() == 2.0  # the work file's data, on the same grid
     sidecars = {key: json.loads(sidecar_path(path).read_text()) for key, path in written.items()}
     for sidecar in sidecars.values():
         assert sidecar["Description"].endswith(PREDICTED)

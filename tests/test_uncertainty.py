@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from conftest import TINY, make_prep_dir
 from m2m_app.data.weights import uncertainty_scales
-from m2m_app.inference.predict import predict_phase1, predict_phase2, spread_to_source
+from m2m_app.inference.predict import predict_phase1, predict_phase2, spread_maps
 from m2m_app.io.derivatives import QC_WM_FA, subject_qc, write_maps
 from m2m_app.io.naming import Subject, sidecar_path
 from m2m_app.maths import grid as conform
@@ -120,13 +120,12 @@ def test_phase2_uncertainty_is_high_where_the_views_disagree():
 
 
 def test_calibration_scales_multiply_their_own_map_only():
-    grid = conform.ConformedGrid(shape=(4, 5, 6), affine=np.eye(4), source_shape=(4, 5, 6), source_affine=np.eye(4))
     views = list(np.random.default_rng(1).normal(size=(6, 7, 4, 5, 6)).astype(np.float32))
     fused = PHASE1.fuse(views)
     mask = np.zeros((4, 5, 6), bool)
     mask[1:3, 1:4, 1:5] = True
-    raw = spread_to_source(views, fused, PHASE1, grid, mask)
-    scaled = spread_to_source(views, fused, PHASE1, grid, mask, {"fa_sd": 2.0})
+    raw = spread_maps(views, fused, PHASE1, mask)
+    scaled = spread_maps(views, fused, PHASE1, mask, {"fa_sd": 2.0})
     assert raw["fa_sd"][mask].min() > 0 and not raw["fa_sd"][~mask].any()
     np.testing.assert_allclose(scaled["fa_sd"], 2.0 * raw["fa_sd"], rtol=1e-6)
     np.testing.assert_array_equal(scaled["v1_dispersion"], raw["v1_dispersion"])
@@ -167,7 +166,8 @@ def test_uncertainty_maps_are_written_with_sidecars_and_reach_the_qc_row(tmp_pat
     t1w = tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     t1w.parent.mkdir(parents=True)
     nib.save(nib.Nifti1Image(mask.astype(np.float32), affine), t1w)
-    written = write_maps(tmp_path / "out", Subject("01"), str(t1w), sources, weights_dir=None)
+    grid = conform.ConformedGrid(shape=mask.shape, affine=affine, source_shape=mask.shape, source_affine=affine)
+    written = write_maps(tmp_path / "out", Subject("01"), str(t1w), sources, weights_dir=None, grid=grid)
     assert written["fa_sd"].name == "sub-01_space-T1w_model-tensor_param-fa_desc-sd_dwimap.nii.gz"
     assert written["v1_dispersion"].name == "sub-01_space-T1w_model-tensor_param-v1_desc-dispersion_dwimap.nii.gz"
     sidecar = json.loads(sidecar_path(written["v1_dispersion"]).read_text())

@@ -113,6 +113,14 @@ command resumes from the work folder.
 @click.option("--stop-on-first-crash", is_flag=True, help="Stop everything at the first failure.")
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the NeRF fit and tracking.")
 @click.option("--tractogram-format", type=click.Choice(["trx", "tck", "trk"]), default="trx", show_default=True)
+@click.option(
+    "--output-resolution",
+    type=click.FloatRange(min=0.1, max=10.0),
+    default=None,
+    metavar="MM",
+    help="Write the maps on an isotropic MM mm grid covering the T1w's field of view (e.g. 2; cheaper to "
+    "write when coarser). Default: the T1w's own grid.",
+)
 @click.option("--skip-phase2", is_flag=True, help="Tensor maps only (no track density, no NeRF, no streamlines).")
 @click.option("--skip-nerf", is_flag=True, help="Stop after the track-density maps (no NeRF, no streamlines).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")

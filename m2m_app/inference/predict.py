@@ -2,7 +2,8 @@
 
 The 2D network runs over every axial, coronal and sagittal slice of the model grid, and of
 its left-right mirror image, and the six raw predictions are fused by the phase (multi-view
-fusion: no stair-steps between slices), then decoded and resampled onto the T1w's own grid.
+fusion: no stair-steps between slices) and decoded on the model grid, where the later stages
+work; :func:`to_output` brings the maps onto the output grid (by default the T1w's own) once.
 The six passes' disagreement gives per-voxel uncertainty maps (:attr:`PhaseSpec.spread`),
 multiplied by the scale that ``m2m-train calibrate`` stored with the weights (1 without one).
 """
@@ -22,7 +23,8 @@ from safetensors.torch import load_file
 from m2m_app.data.weights import weight_files
 from m2m_app.errors import BadDataError, MissingInputError, UsageError
 from m2m_app.io.files import file_sha256
-from m2m_app.maths.grid import ConformedGrid, resample_tensor
+from m2m_app.maths.grid import ConformedGrid, GridResampler, resample_outputs
+from m2m_app.maths.tensor import masked_tensor_maps
 from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_inputs, phase2_inputs, slab_along
 from m2m_app.models.translator import Translator
 
@@ -132,25 +134,85 @@ def predict_volume(
     return spec.fuse(predict_views(model, spec, inputs, device, batch_size, mirror))
 
 
-def spread_to_source(
+def spread_maps(
     views: list[np.ndarray],
     fused: np.ndarray,
     spec: PhaseSpec,
-    grid: ConformedGrid,
     mask: np.ndarray | None = None,
     scales: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The phase's uncertainty maps (:attr:`PhaseSpec.spread`) on the T1w grid, ``(X, Y, Z)`` float32 each.
+    """The phase's uncertainty maps (:attr:`PhaseSpec.spread`) on the model grid, ``(x, y, z)`` float32 each.
 
-    Each map is resampled linearly, multiplied by ``scales[key]`` (1.0 for a key without a
-    scale) and zeroed outside ``mask`` ``(X, Y, Z)`` when one is given.
+    Each map is clipped at 0, multiplied by ``scales[key]`` (1.0 for a key without a scale)
+    and zeroed outside ``mask`` ``(x, y, z)`` when one is given.
     """
     scales = scales or {}
     out = {}
     for key, volume in spec.spread(views, fused).items():
-        out[key] = (np.clip(grid.to_source(volume), 0.0, None) * scales.get(key, 1.0)).astype(np.float32)
+        out[key] = (np.clip(volume, 0.0, None) * scales.get(key, 1.0)).astype(np.float32)
         if mask is not None:
             out[key][~mask] = 0.0
+    return out
+
+
+def to_output(
+    maps: Mapping[str, np.ndarray],
+    grid: ConformedGrid,
+    support: np.ndarray | None = None,
+    resolution_mm: float | None = None,
+) -> dict[str, np.ndarray]:
+    """Model-grid ``maps`` on the output grid (:meth:`ConformedGrid.output_grid`), as m2m writes them.
+
+    ``support`` ``(x, y, z)`` bool is where the maps are defined (the brain mask; None: the
+    whole model grid); each key is resampled by its rule in :func:`resample_outputs`.
+    """
+    shape, affine = grid.output_grid(resolution_mm)
+    resampler = GridResampler(grid.affine, np.ones(grid.shape, bool) if support is None else support, shape, affine)
+    return dict(resample_outputs(maps, resampler))
+
+
+def predict_phase1_model(
+    t1w_img,
+    t1w_data: np.ndarray,
+    model: Translator | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    mask_tensor: bool = True,
+    uncertainty: bool = False,
+    scales: Mapping[str, float] | None = None,
+) -> dict:
+    """Diffusion tensors and brain mask predicted from a T1w, on its model grid (where m2m's later stages work).
+
+    Parameters
+    ----------
+    t1w_img, t1w_data : the T1w image and its data ``(X, Y, Z)`` (see :func:`m2m_app.io.nifti.load_t1w`).
+    model : a loaded phase-1 translator; loaded from ``weights_dir`` (default packaged) if None.
+    mask_tensor : zero the tensor outside the predicted brain mask (False keeps the tensor
+        head's prediction over the whole model grid, e.g. to score it inside another mask).
+    uncertainty : also return ``fa_sd`` (SD of the six passes' FA, FA units) and
+        ``v1_dispersion`` (RMS angle of the passes' V1 about the fused V1, degrees), ``(x, y, z)``
+        float32, zero outside the mask when ``mask_tensor``.
+    scales : multiply each uncertainty map by its calibration scale (see
+        :func:`uncertainty_scales`); None: as computed.
+
+    Returns ``tensor`` ``(x, y, z, 6)`` float32 (D11 D12 D13 D22 D23 D33, mm²/s, RAS+ world
+    frame, positive-definite inside the mask), ``mask`` ``(x, y, z)`` bool (mask probability
+    ≥ 0.5) and ``grid`` (the :class:`ConformedGrid`: its ``affine`` places the volumes, its
+    source grid is the T1w's).
+    """
+    if model is None:
+        model, _ = load_translator("phase1", weights_dir)
+    spec = get_phase("phase1")
+    inputs, grid = phase1_inputs(t1w_img, t1w_data)
+    views = predict_views(model, spec, inputs, device, batch_size)
+    fused = spec.fuse(views)
+    decoded = spec.decode(fused)
+    mask = decoded["mask"] >= 0.5
+    tensor = np.where(mask[..., None], decoded["tensor"], 0.0) if mask_tensor else decoded["tensor"]
+    out = {"tensor": tensor.astype(np.float32), "mask": mask, "grid": grid}
+    if uncertainty:
+        out |= spread_maps(views, fused, spec, mask if mask_tensor else None, scales)
     return out
 
 
@@ -165,58 +227,31 @@ def predict_phase1(
     uncertainty: bool = False,
     scales: Mapping[str, float] | None = None,
 ) -> dict:
-    """Diffusion tensors and brain mask predicted from a T1w, on the T1w's own grid.
+    """Phase 1's maps as m2m writes them, on the T1w's own grid (e.g. to score them).
 
-    Parameters
-    ----------
-    t1w_img, t1w_data : the T1w image and its data ``(X, Y, Z)`` (see :func:`m2m_app.io.nifti.load_t1w`).
-    model : a loaded phase-1 translator; loaded from ``weights_dir`` (default packaged) if None.
-    mask_tensor : zero the tensor outside the predicted brain mask (False keeps the tensor
-        head's prediction wherever the model grid covers the T1w, e.g. to score it inside
-        another mask).
-    uncertainty : also return ``fa_sd`` (SD of the six passes' FA, FA units) and
-        ``v1_dispersion`` (RMS angle of the passes' V1 about the fused V1, degrees), ``(X, Y, Z)``
-        float32, zero outside the mask when ``mask_tensor``.
-    scales : multiply each uncertainty map by its calibration scale (see
-        :func:`uncertainty_scales`); None: as computed.
+    :func:`predict_phase1_model` (same parameters), the tensor maps computed on the model
+    grid (:func:`~m2m_app.maths.tensor.masked_tensor_maps`, inside the mask, or everywhere
+    without ``mask_tensor``), then everything brought to the T1w grid by :func:`to_output`:
+    the route of the pipeline's outputs.
 
-    Returns ``tensor`` ``(X, Y, Z, 6)`` float32 (D11 D12 D13 D22 D23 D33, mm²/s, RAS+ world
-    frame, positive-definite inside the mask, zero outside), ``mask`` ``(X, Y, Z)`` bool,
-    and ``grid`` (the :class:`ConformedGrid`, to pass on to :func:`predict_phase2`).
+    Returns ``tensor`` ``(X, Y, Z, 6)`` mm²/s, ``mask`` ``(X, Y, Z)`` bool, ``fa``, ``md``,
+    ``ad``, ``rd`` ``(X, Y, Z)``, ``v1``, ``colfa`` ``(X, Y, Z, 3)``, with ``uncertainty``
+    ``fa_sd`` and ``v1_dispersion``, all zero outside the kept voxels, and ``grid``.
     """
-    if model is None:
-        model, _ = load_translator("phase1", weights_dir)
-    spec = get_phase("phase1")
-    inputs, grid = phase1_inputs(t1w_img, t1w_data)
-    views = predict_views(model, spec, inputs, device, batch_size)
-    fused = spec.fuse(views)
-    maps = phase1_to_source(fused, grid, mask_tensor)
-    if uncertainty:
-        maps |= spread_to_source(views, fused, spec, grid, maps["mask"] if mask_tensor else None, scales)
-    return {**maps, "grid": grid}
-
-
-def phase1_to_source(raw: np.ndarray, grid: ConformedGrid, mask_tensor: bool = True) -> dict[str, np.ndarray]:
-    """Decode the fused phase-1 output ``(7, x, y, z)`` and bring it to the T1w grid.
-
-    Returns ``tensor`` ``(X, Y, Z, 6)`` (mm²/s) and ``mask`` ``(X, Y, Z)`` bool, as in
-    :func:`predict_phase1`.
-    """
-    maps = get_phase("phase1").decode(raw)
-    inside = maps["mask"] >= 0.5
-    kept = np.where(inside[..., None], maps["tensor"], 0.0) if mask_tensor else maps["tensor"]
-    tensor = resample_tensor(kept, grid, to_model=False)
-    mask = (grid.to_source(maps["mask"].astype(np.float32)) >= 0.5) & np.any(tensor != 0, axis=-1)
-    if mask_tensor:
-        tensor[~mask] = 0.0
-    return {"tensor": tensor, "mask": mask}
+    pred = predict_phase1_model(
+        t1w_img, t1w_data, model, weights_dir, device, batch_size, mask_tensor, uncertainty, scales
+    )
+    grid = pred.pop("grid")
+    support = pred["mask"] if mask_tensor else np.ones(grid.shape, bool)
+    maps = pred | masked_tensor_maps(pred["tensor"], support)
+    return to_output(maps, grid, support) | {"grid": grid}
 
 
 def predict_phase2(
     fa: np.ndarray,
     md: np.ndarray,
     colfa: np.ndarray,
-    grid: ConformedGrid,
+    grid: ConformedGrid | None,
     mask: np.ndarray | None = None,
     model: Translator | None = None,
     weights_dir: str | os.PathLike | None = None,
@@ -225,39 +260,33 @@ def predict_phase2(
     uncertainty: bool = False,
     scales: Mapping[str, float] | None = None,
 ) -> dict:
-    """Track density and directional track density from tensor maps, on the T1w's own grid.
+    """Track density and directional track density from tensor maps.
 
     Parameters
     ----------
-    fa, md, colfa : ``(X, Y, Z)``, ``(X, Y, Z)`` mm²/s and ``(X, Y, Z, 3)`` on the T1w grid.
-    grid : the T1w's :class:`ConformedGrid` (``predict_phase1(...)["grid"]``).
-    mask : optional brain mask ``(X, Y, Z)``; every map is zero outside it.
-    uncertainty : also return ``tdi_sd`` ``(X, Y, Z)``, the SD of the six passes' relative
-        density (the TDI's unit), times ``scales["tdi_sd"]`` when given.
+    fa, md, colfa : ``(X, Y, Z)``, ``(X, Y, Z)`` mm²/s and ``(X, Y, Z, 3)``.
+    grid : the T1w's :class:`ConformedGrid` when the maps are on the T1w grid (they are resampled
+        onto the model grid, and the outputs back by :func:`to_output`); None when they are on
+        the model grid already (the pipeline's route: outputs stay there).
+    mask : optional brain mask on the maps' grid; every map is zero outside it.
+    uncertainty : also return ``tdi_sd``, the SD of the six passes' relative density (the
+        TDI's unit), times ``scales["tdi_sd"]`` when given.
 
-    Returns ``tdi`` ``(X, Y, Z)`` relative density (1 = the subject's 99th percentile
-    inside the brain; multiply by a streamline budget for counts) and ``dectdi``
-    ``(X, Y, Z, 3)`` mean |direction| (x, y, z world axes) in [0, 1].
+    Returns ``tdi`` relative density (1 = the subject's 99th percentile inside the brain;
+    multiply by a streamline budget for counts) and ``dectdi`` ``(..., 3)`` mean |direction|
+    (x, y, z world axes) in [0, 1], on the maps' grid.
     """
     if model is None:
         model, _ = load_translator("phase2", weights_dir)
     spec = get_phase("phase2")
     views = predict_views(model, spec, phase2_inputs(fa, md, colfa, grid), device, batch_size)
     fused = spec.fuse(views)
-    out = phase2_to_source(fused, grid, mask)
+    out = spec.decode(fused)
     if uncertainty:
-        out |= spread_to_source(views, fused, spec, grid, mask, scales)
-    return out
-
-
-def phase2_to_source(raw: np.ndarray, grid: ConformedGrid, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Decode the fused phase-2 output ``(4, x, y, z)`` onto the T1w grid.
-
-    Returns ``tdi`` and ``dectdi`` as :func:`predict_phase2` does.
-    """
-    maps = get_phase("phase2").decode(raw)
-    tdi = np.clip(grid.to_source(maps["tdi"]), 0.0, None)
-    dectdi = np.clip(grid.to_source(maps["dectdi"]), 0.0, 1.0)
+        out |= spread_maps(views, fused, spec, None, scales)
+    if grid is not None:
+        out = to_output(out, grid)
     if mask is not None:
-        tdi[~mask], dectdi[~mask] = 0.0, 0.0
-    return {"tdi": tdi, "dectdi": dectdi}
+        for volume in out.values():
+            volume[~mask] = 0.0
+    return out

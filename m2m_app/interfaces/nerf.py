@@ -10,10 +10,9 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface
 
 
 class _FitFieldInputSpec(BaseInterfaceInputSpec):
-    grid = traits.Dict(mandatory=True, desc="the T1w's model grid (ConformedGrid.to_dict), from PredictTensor")
-    tdi = File(exists=True, mandatory=True)
-    dectdi = File(exists=True, mandatory=True)
-    mask = File(exists=True, mandatory=True)
+    tdi = File(exists=True, mandatory=True, desc="phase 2's relative track density on the model grid")
+    dectdi = File(exists=True, mandatory=True, desc="phase 2's directional track density on the model grid")
+    mask = File(exists=True, mandatory=True, desc="phase 1's brain mask on the model grid")
     random_seed = traits.Int(0, usedefault=True)
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
@@ -21,12 +20,12 @@ class _FitFieldInputSpec(BaseInterfaceInputSpec):
 
 class _FitFieldOutputSpec(TraitedSpec):
     field = File(exists=True, desc="the fitted field (safetensors with JSON metadata)")
-    mask = File(exists=True, desc="the brain mask on the field's grid")
+    mask = File(exists=True, desc="the brain mask on the field's grid (the input mask)")
     report = traits.Dict(desc="fit report: PSNR (dB), steps, seconds")
 
 
 class FitField(SimpleInterface):
-    """Fit the continuous 3D field to the phase-2 slices, on the 2 mm model grid."""
+    """Fit the continuous 3D field to the phase-2 slices, on the 2 mm model grid (phase 2's maps as they are)."""
 
     input_spec = _FitFieldInputSpec
     output_spec = _FitFieldOutputSpec
@@ -35,20 +34,22 @@ class FitField(SimpleInterface):
         import torch
 
         from m2m_app.inference.predict import resolve_device
-        from m2m_app.io.nifti import load_image, save_nifti
-        from m2m_app.maths.grid import ConformedGrid
+        from m2m_app.io.nifti import load_image
         from m2m_app.models.nerf import fit_field
 
         torch.set_num_threads(self.inputs.num_threads)
-        grid = ConformedGrid.from_dict(self.inputs.grid)
-        tdi = np.clip(grid.to_model(load_image(self.inputs.tdi)[1]), 0, None)
-        dectdi = np.clip(grid.to_model(load_image(self.inputs.dectdi)[1]), 0, 1)
-        mask = grid.to_model(load_image(self.inputs.mask)[1], order=0) > 0
+        tdi_img, tdi = load_image(self.inputs.tdi)
+        mask = load_image(self.inputs.mask)[1] > 0
         field = fit_field(
-            tdi, dectdi, mask, grid.affine, seed=self.inputs.random_seed, device=str(resolve_device(self.inputs.device))
+            np.clip(tdi, 0, None),
+            np.clip(load_image(self.inputs.dectdi)[1], 0, 1),
+            mask,
+            tdi_img.affine,
+            seed=self.inputs.random_seed,
+            device=str(resolve_device(self.inputs.device)),
         )
         self._results["field"] = str(field.save(os.path.abspath("field.safetensors")))
-        self._results["mask"] = str(save_nifti(mask, grid.affine, os.path.abspath("field_mask.nii.gz"), dtype=np.uint8))
+        self._results["mask"] = self.inputs.mask
         self._results["report"] = dict(field.info)
         return runtime
 

@@ -45,6 +45,13 @@ class _SubjectInputSpec(BaseInterfaceInputSpec):
     timings = Str("", usedefault=True, desc="stage wall-time JSON kept by StageTimer ('' for none)")
 
 
+class _OutputGridInputSpec(_SubjectInputSpec):
+    grid = traits.Dict(mandatory=True, desc="the T1w's model grid (ConformedGrid.to_dict), from PredictTensor")
+    output_resolution = traits.Either(
+        None, traits.Float, default=None, usedefault=True, desc="voxel size (mm) of the outputs (None: the T1w's grid)"
+    )
+
+
 def _subject(inputs):
     from m2m_app.io.naming import Subject
 
@@ -61,8 +68,8 @@ class _WrittenOutputSpec(TraitedSpec):
     written = traits.Dict(Str, Str, desc="written derivative paths by key")
 
 
-class _WriteMapsInputSpec(_SubjectInputSpec):
-    diffusivity = File(exists=True, mandatory=True, desc="the predicted tensor")
+class _WriteMapsInputSpec(_OutputGridInputSpec):
+    diffusivity = File(exists=True, mandatory=True, desc="the predicted tensor (all maps on the model grid)")
     fa = File(exists=True, mandatory=True)
     md = File(exists=True, mandatory=True)
     ad = File(exists=True, mandatory=True)
@@ -78,13 +85,18 @@ class _WriteMapsInputSpec(_SubjectInputSpec):
 
 
 class WriteMaps(SimpleInterface):
-    """Write the tensor maps, mask, track-density maps and their uncertainty maps with BIDS names and sidecars."""
+    """Write the tensor maps, mask, track-density maps and their uncertainty maps with BIDS names and sidecars.
+
+    The model-grid maps are resampled onto the output grid here, once each (see
+    :func:`~m2m_app.maths.grid.resample_outputs` for how each map is resampled).
+    """
 
     input_spec = _WriteMapsInputSpec
     output_spec = _WrittenOutputSpec
 
     def _run_interface(self, runtime):
         from m2m_app.io.derivatives import write_maps
+        from m2m_app.maths.grid import ConformedGrid
 
         maps = {key: getattr(self.inputs, key) for key in MAP_KEYS if isdefined(getattr(self.inputs, key))}
         written = write_maps(
@@ -94,6 +106,8 @@ class WriteMaps(SimpleInterface):
             maps,
             self.inputs.weights_dir,
             _timings(self.inputs),
+            grid=ConformedGrid.from_dict(self.inputs.grid),
+            resolution_mm=self.inputs.output_resolution,
         )
         self._results["written"] = {k: str(v) for k, v in written.items()}
         return runtime
@@ -132,7 +146,7 @@ class WriteNerf(SimpleInterface):
         return runtime
 
 
-class _WriteReportInputSpec(_SubjectInputSpec):
+class _WriteReportInputSpec(_OutputGridInputSpec):
     maps = traits.Dict(Str, Str, mandatory=True, desc="from WriteMaps")
     nerf = traits.Dict(Str, Str, desc="from WriteNerf (absent when phase 3 is skipped)")
     field_report = traits.Dict(desc="NeRF fit report")
@@ -147,7 +161,11 @@ class _WriteReportOutputSpec(TraitedSpec):
 
 
 class WriteReport(SimpleInterface):
-    """Write ``sub-<label>.html`` and, last, the subject's QC JSON."""
+    """Write ``sub-<label>.html`` and, last, the subject's QC JSON.
+
+    With ``output_resolution`` the figures' T1w underlay is the T1w resampled (linearly) onto
+    the output grid, so that it lies under the written maps voxel for voxel.
+    """
 
     input_spec = _WriteReportInputSpec
     output_spec = _WriteReportOutputSpec
@@ -155,6 +173,8 @@ class WriteReport(SimpleInterface):
     def _run_interface(self, runtime):
         from m2m_app.io.derivatives import qc_path, subject_qc
         from m2m_app.io.files import save_json
+        from m2m_app.io.nifti import load_t1w, save_nifti
+        from m2m_app.maths.grid import ConformedGrid, resample_scalar
         from m2m_app.reports.subject import report_summary, write_report
 
         inputs, subject = self.inputs, _subject(self.inputs)
@@ -166,11 +186,17 @@ class WriteReport(SimpleInterface):
             **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {}),
             **report_summary(written, qc["n_streamlines"], field_report, inputs.weights_dir),
         }
+        underlay = inputs.t1w
+        if inputs.output_resolution is not None:
+            shape, affine = ConformedGrid.from_dict(inputs.grid).output_grid(inputs.output_resolution)
+            img, data = load_t1w(inputs.t1w)
+            resampled = resample_scalar(data, img.affine, affine, shape)
+            underlay = str(save_nifti(resampled, affine, Path("t1w_output_grid.nii.gz").absolute()))
         self._results["report"] = str(
             write_report(
                 Path(inputs.output_dir),
                 subject,
-                inputs.t1w,
+                underlay,
                 written,
                 summary,
                 inputs.boilerplate,

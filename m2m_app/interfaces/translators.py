@@ -57,15 +57,19 @@ class _PredictTensorInputSpec(_TorchInputSpec):
 
 
 class _PredictTensorOutputSpec(TraitedSpec):
-    tensor = File(exists=True, desc="(X, Y, Z, 6) tensor, mm²/s, world frame, on the T1w grid")
-    mask = File(exists=True, desc="predicted brain mask on the T1w grid")
-    fa_sd = File(exists=True, desc="FA standard deviation across the six passes, on the T1w grid")
-    v1_dispersion = File(exists=True, desc="V1 angular dispersion across the six passes (degrees), on the T1w grid")
-    grid = traits.Dict(desc="the T1w's model grid (ConformedGrid.to_dict), for the later phases")
+    tensor = File(exists=True, desc="(x, y, z, 6) tensor, mm²/s, world frame, on the model grid")
+    mask = File(exists=True, desc="predicted brain mask on the model grid")
+    fa_sd = File(exists=True, desc="FA standard deviation across the six passes, on the model grid")
+    v1_dispersion = File(exists=True, desc="V1 angular dispersion across the six passes (degrees), on the model grid")
+    grid = traits.Dict(desc="the T1w's model grid (ConformedGrid.to_dict), for the later phases and the outputs")
 
 
 class PredictTensor(SimpleInterface):
-    """Phase 1: the diffusion tensor predicted from the T1w (multi-view 2.5D translator), and its uncertainty."""
+    """Phase 1: the diffusion tensor predicted from the T1w (multi-view 2.5D translator), and its uncertainty.
+
+    Everything stays on the model grid (the T1w is loaded and conformed once, here); the
+    outputs are resampled onto the output grid only when they are written (:class:`WriteMaps`).
+    """
 
     input_spec = _PredictTensorInputSpec
     output_spec = _PredictTensorOutputSpec
@@ -74,12 +78,12 @@ class PredictTensor(SimpleInterface):
         import torch
 
         from m2m_app.data.weights import uncertainty_scales
-        from m2m_app.inference.predict import predict_phase1
+        from m2m_app.inference.predict import predict_phase1_model
         from m2m_app.io.nifti import load_t1w
 
         torch.set_num_threads(self.inputs.num_threads)
         img, data = load_t1w(self.inputs.t1w)
-        out = predict_phase1(
+        out = predict_phase1_model(
             img,
             data,
             weights_dir=self.inputs.weights_dir,
@@ -87,10 +91,11 @@ class PredictTensor(SimpleInterface):
             uncertainty=True,
             scales=uncertainty_scales("phase1", self.inputs.weights_dir),
         )
-        self._results["tensor"] = _save(out["tensor"], img.affine, "tensor.nii.gz")
-        self._results["mask"] = _save(out["mask"], img.affine, "mask.nii.gz", np.uint8)
+        affine = out["grid"].affine
+        self._results["tensor"] = _save(out["tensor"], affine, "tensor.nii.gz")
+        self._results["mask"] = _save(out["mask"], affine, "mask.nii.gz", np.uint8)
         for key in ("fa_sd", "v1_dispersion"):
-            self._results[key] = _save(out[key], img.affine, f"{key}.nii.gz")
+            self._results[key] = _save(out[key], affine, f"{key}.nii.gz")
         self._results["grid"] = out["grid"].to_dict()
         return runtime
 
@@ -110,7 +115,8 @@ class _TensorMapsOutputSpec(TraitedSpec):
 
 
 class TensorMaps(SimpleInterface):
-    """FA, MD, AD, RD, V1 and colour FA of a tensor field (see :mod:`m2m_app.maths.tensor`)."""
+    """FA, MD, AD, RD, V1 and colour FA of a tensor field inside its mask, on the field's grid
+    (the model grid in the pipeline; see :mod:`m2m_app.maths.tensor`)."""
 
     input_spec = _TensorMapsInputSpec
     output_spec = _TensorMapsOutputSpec
@@ -127,17 +133,16 @@ class TensorMaps(SimpleInterface):
 
 
 class _PredictTractsInputSpec(_TorchInputSpec):
-    grid = traits.Dict(mandatory=True, desc="the T1w's model grid, from PredictTensor")
-    fa = File(exists=True, mandatory=True)
-    md = File(exists=True, mandatory=True)
-    colfa = File(exists=True, mandatory=True)
-    mask = File(exists=True, mandatory=True)
+    fa = File(exists=True, mandatory=True, desc="FA on the model grid (TensorMaps)")
+    md = File(exists=True, mandatory=True, desc="MD on the model grid")
+    colfa = File(exists=True, mandatory=True, desc="colour FA on the model grid")
+    mask = File(exists=True, mandatory=True, desc="brain mask on the model grid")
 
 
 class _PredictTractsOutputSpec(TraitedSpec):
-    tdi = File(exists=True, desc="relative track density on the T1w grid")
-    dectdi = File(exists=True, desc="directional track density (X, Y, Z, 3) on the T1w grid")
-    tdi_sd = File(exists=True, desc="track-density standard deviation across the six passes, on the T1w grid")
+    tdi = File(exists=True, desc="relative track density on the model grid")
+    dectdi = File(exists=True, desc="directional track density (x, y, z, 3) on the model grid")
+    tdi_sd = File(exists=True, desc="track-density standard deviation across the six passes, on the model grid")
 
 
 class PredictTracts(SimpleInterface):
@@ -152,16 +157,15 @@ class PredictTracts(SimpleInterface):
         from m2m_app.data.weights import uncertainty_scales
         from m2m_app.inference.predict import predict_phase2
         from m2m_app.io.nifti import load_image
-        from m2m_app.maths.grid import ConformedGrid
 
         torch.set_num_threads(self.inputs.num_threads)
-        grid = ConformedGrid.from_dict(self.inputs.grid)
+        affine = load_image(self.inputs.fa)[0].affine
         maps = {key: load_image(getattr(self.inputs, key))[1] for key in ("fa", "md", "colfa", "mask")}
         out = predict_phase2(
             maps["fa"],
             maps["md"],
             maps["colfa"],
-            grid,
+            None,
             mask=maps["mask"] > 0,
             weights_dir=self.inputs.weights_dir,
             device=self.inputs.device,
@@ -169,5 +173,5 @@ class PredictTracts(SimpleInterface):
             scales=uncertainty_scales("phase2", self.inputs.weights_dir),
         )
         for key in ("tdi", "dectdi", "tdi_sd"):
-            self._results[key] = _save(out[key], grid.source_affine, f"{key}.nii.gz")
+            self._results[key] = _save(out[key], affine, f"{key}.nii.gz")
         return runtime

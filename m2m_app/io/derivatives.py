@@ -25,6 +25,8 @@ from m2m_app.io.naming import (
     derivative_paths,
     sidecar_path,
 )
+from m2m_app.io.nifti import load_image, save_nifti
+from m2m_app.maths.grid import ConformedGrid, GridResampler, resample_outputs
 
 LOGGER = logging.getLogger(__name__)
 
@@ -188,18 +190,27 @@ def write_maps(
     maps: dict[str, str],
     weights_dir: str | None,
     timings: dict[str, float] | None = None,
+    *,
+    grid: ConformedGrid,
+    resolution_mm: float | None = None,
 ) -> dict[str, Path]:
-    """Copy the phase-1/2 maps under their BIDS-Derivatives names, each with a JSON sidecar.
+    """Write the phase-1/2 maps onto the output grid under their BIDS-Derivatives names, each with a JSON sidecar.
 
-    ``maps`` holds work-dir NIfTI files keyed like :func:`derivative_paths` (``fa``, ``md``,
-    ``ad``, ``rd``, ``diffusivity``, ``v1``, ``colfa``, ``mask``, the uncertainty maps
-    ``fa_sd`` and ``v1_dispersion`` and, with phase 2, ``tdi``, ``dectdi``, ``tdi_sd``).
-    ``timings`` ({stage: seconds}) goes into every sidecar. Returns the written paths by key.
+    ``maps`` holds work-dir NIfTI files on the model grid of ``grid``, keyed like
+    :func:`derivative_paths` (``fa``, ``md``, ``ad``, ``rd``, ``diffusivity``, ``v1``,
+    ``colfa``, ``mask``, the uncertainty maps ``fa_sd`` and ``v1_dispersion`` and, with
+    phase 2, ``tdi``, ``dectdi``, ``tdi_sd``); ``mask`` is where they are defined. Each map is
+    resampled once onto :meth:`ConformedGrid.output_grid` of ``resolution_mm`` (None: the
+    T1w's own grid) by its rule in :func:`~m2m_app.maths.grid.resample_outputs` and written
+    at once. ``timings`` ({stage: seconds}) goes into every sidecar. Returns the written paths by key.
     """
     paths = derivative_paths(Path(output_dir), subject, "nerf")
     common = _common_sidecar(t1w, weights_dir, timings or {})
+    volumes = {key: load_image(source)[1] for key, source in maps.items()}
+    shape, affine = grid.output_grid(resolution_mm)
+    resampler = GridResampler(grid.affine, volumes["mask"] > 0, shape, affine)
     written = {}
-    for key, source in maps.items():
+    for key, volume in resample_outputs(volumes, resampler):
         if key in TENSOR_PARAMS:
             description, units = TENSOR_PARAMS[key]
             extra = {"Model": "tensor", "Units": units}
@@ -210,9 +221,9 @@ def write_maps(
             extra = {}
         else:
             description, extra = "brain mask", {"Type": "Brain"}
-        written[key] = _copy(source, paths[key])
+        written[key] = save_nifti(volume, affine, paths[key], dtype=np.uint8 if volume.dtype == bool else np.float32)
         save_json({"Description": f"{description}; {PREDICTED}", **extra, **common}, sidecar_path(paths[key]))
-    return written
+    return {key: written[key] for key in maps}
 
 
 def write_nerf(

@@ -226,7 +226,7 @@ class GridResampler:
     ) -> None:
         mapping = np.linalg.inv(in_affine) @ out_affine
         self.support = np.asarray(support, dtype=bool)
-        self.out_shape = tuple(out_shape)
+        self.out_shape = out_shape
         self._sigma = _antialias_sigma(np.abs(mapping[:3, :3]).sum(axis=1))
         weight = resample_scalar(self.support.astype(np.float32), in_affine, out_affine, self.out_shape)
         #: The output voxels that receive values, ``out_shape`` bool.
@@ -238,9 +238,10 @@ class GridResampler:
     def values(self, volume: np.ndarray) -> np.ndarray:
         """``volume`` ``(x, y, z[, C])`` at the kept output voxels: ``(N[, C])`` float32, in :attr:`kept` order."""
         volume = np.where(self.support.reshape(self.support.shape + (1,) * (volume.ndim - 3)), volume, 0.0)
-        channels = volume.reshape(self.support.shape + (-1,)).astype(np.float32)
-        out = np.empty((self._weight.size, channels.shape[-1]), dtype=np.float32)
-        for c in range(channels.shape[-1]):
+        channels: np.ndarray = volume.reshape(self.support.shape + (-1,)).astype(np.float32)
+        count = int(channels.shape[3])
+        out = np.empty((self._weight.size, count), dtype=np.float32)
+        for c in range(count):
             channel = channels[..., c]
             if np.any(self._sigma > 0.1):
                 channel = ndimage.gaussian_filter(channel, self._sigma, mode="nearest")

@@ -242,16 +242,17 @@ PHASE1 = PhaseSpec(
 # ----------------------------------------------------------------------------- phase 2
 
 
-def phase2_inputs(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: ConformedGrid) -> np.ndarray:
-    """The phase-2 network input ``(5, X, Y, Z)`` on the model grid from source-grid maps.
+def phase2_inputs(fa: np.ndarray, md: np.ndarray, colfa: np.ndarray, grid: ConformedGrid | None) -> np.ndarray:
+    """The phase-2 network input ``(5, X, Y, Z)`` on the model grid.
 
     ``fa`` (X, Y, Z) in [0, 1], ``md`` (X, Y, Z) mm²/s, ``colfa`` (X, Y, Z, 3); channels are
-    FA, MD / :data:`MD_SCALE` (clipped to [0, 2]), colour FA, each resampled linearly.
+    FA, MD / :data:`MD_SCALE` (clipped to [0, 2]), colour FA, each resampled linearly from the
+    source grid of ``grid``, or taken as they are with ``grid=None`` (maps on the model grid).
     """
     scaled = np.concatenate(
         [np.clip(fa, 0, 1)[..., None], np.clip(md / MD_SCALE, 0, 2)[..., None], np.clip(colfa, 0, 1)], axis=-1
     )
-    return np.moveaxis(grid.to_model(scaled), -1, 0).astype(np.float32)
+    return np.moveaxis(scaled if grid is None else grid.to_model(scaled), -1, 0).astype(np.float32)
 
 
 def relative_tdi(tdi: np.ndarray, mask: np.ndarray) -> np.ndarray:

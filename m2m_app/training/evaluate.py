@@ -82,14 +82,16 @@ def fa_metrics(pred_fa: np.ndarray, true_fa: np.ndarray, brain: np.ndarray, wm: 
 
 
 def phase1_metrics(
-    pred_tensor: np.ndarray, true_tensor: np.ndarray, brain: np.ndarray, wm: np.ndarray
+    pred_maps: dict[str, np.ndarray], true_tensor: np.ndarray, brain: np.ndarray, wm: np.ndarray
 ) -> dict[str, float]:
-    """Phase-1 metrics of predicted vs teacher tensors ``(X, Y, Z, 6)`` (mm²/s) within ``brain``/``wm`` (bool).
+    """Phase-1 metrics of predicted maps vs the teacher's tensors ``(X, Y, Z, 6)`` (mm²/s) within ``brain``/``wm``.
 
+    ``pred_maps`` holds the predicted ``fa``, ``md`` ``(X, Y, Z)`` and ``v1`` ``(X, Y, Z, 3)`` as
+    m2m writes them (:func:`~m2m_app.inference.predict.predict_phase1`); ``brain``, ``wm`` bool.
     :func:`fa_metrics`, then MD MAE (mm²/s) and r, and the mean V1 angular error (degrees)
     where the teacher's FA > :data:`FA_ANGLE_THRESHOLD`, each in the brain and in WM.
     """
-    pred, true = tensor_derivatives(pred_tensor[brain]), tensor_derivatives(true_tensor[brain])
+    pred, true = {key: pred_maps[key][brain] for key in ("fa", "md", "v1")}, tensor_derivatives(true_tensor[brain])
     pred_fa, true_fa = np.zeros(brain.shape), np.zeros(brain.shape)
     pred_fa[brain], true_fa[brain] = pred["fa"], true["fa"]
     in_wm = (wm & brain)[brain]
@@ -184,7 +186,7 @@ def _evaluate_phase1(
             {
                 "subject": row["subject"],
                 "method": "m2m",
-                **phase1_metrics(pred["tensor"], true_tensor, mask, wm),
+                **phase1_metrics(pred, true_tensor, mask, wm),
                 "mask_dice": dice(pred["mask"] & fov, mask),
             }
         )
@@ -310,14 +312,15 @@ def write_phase1_predictions(
 ) -> list[Path]:
     """Predict FA, MD and colour FA from each subject's T1w into ``out_dir`` (prep-dir layout).
 
-    The files take the manifest's relative paths, so ``out_dir`` can be passed as
+    The maps are the ones m2m writes (:func:`~m2m_app.inference.predict.predict_phase1`). The
+    files take the manifest's relative paths, so ``out_dir`` can be passed as
     ``predicted_inputs`` to phase-2 training and evaluation.
     """
     model, _ = load_translator("phase1", weights_dir)
     written = []
     for row, _prep in select_rows([Path(prep_dir)], subjects):
         img, data = load_t1w(row["t1w"])
-        maps = tensor_derivatives(predict_phase1(img, data, model=model, device=device)["tensor"])
+        maps = predict_phase1(img, data, model=model, device=device)
         for key in ("fa", "md", "colfa"):
             written.append(save_nifti(maps[key], img.affine, Path(out_dir) / row[key]))
         log.info("%s: phase-1 predictions written", row["subject"])

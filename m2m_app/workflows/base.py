@@ -5,7 +5,8 @@ Each unit's workflow is composed as sMRIPrep composes its own: T1w validation �
 → :func:`~m2m_app.workflows.translators.init_phase2_wf` (track density) →
 :func:`~m2m_app.workflows.nerf.init_nerf_wf` (NeRF fit, rendering, streamlines) →
 :func:`~m2m_app.workflows.outputs.init_ds_wf` (derivatives and report). The T1w is
-conformed to the model grid once, in phase 1; the later phases receive the grid.
+conformed to the model grid once, in phase 1; the later phases work on that grid, and the
+maps are resampled onto the output grid (``--output-resolution``) only when written.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def init_single_subject_wf(
                     ("outputnode.tensor", "inputnode.diffusivity"),
                     *(
                         (f"outputnode.{key}", f"inputnode.{key}")
-                        for key in ("mask", "fa_sd", "v1_dispersion", *TENSOR_MAPS)
+                        for key in ("grid", "mask", "fa_sd", "v1_dispersion", *TENSOR_MAPS)
                     ),
                 ],
             ),
@@ -65,7 +66,7 @@ def init_single_subject_wf(
                 (
                     phase1_wf,
                     phase2_wf,
-                    [(f"outputnode.{key}", f"inputnode.{key}") for key in ("grid", "mask", "fa", "md", "colfa")],
+                    [(f"outputnode.{key}", f"inputnode.{key}") for key in ("mask", "fa", "md", "colfa")],
                 ),
                 (phase2_wf, ds_wf, [(f"outputnode.{key}", f"inputnode.{key}") for key in PHASE2_INPUTS]),
             ]
@@ -75,11 +76,7 @@ def init_single_subject_wf(
             workflow.connect(
                 [
                     (check, nerf_wf, [("t1w", "inputnode.t1w")]),
-                    (
-                        phase1_wf,
-                        nerf_wf,
-                        [("outputnode.grid", "inputnode.grid"), ("outputnode.mask", "inputnode.mask")],
-                    ),
+                    (phase1_wf, nerf_wf, [("outputnode.mask", "inputnode.mask")]),
                     (
                         phase2_wf,
                         nerf_wf,

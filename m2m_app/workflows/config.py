@@ -28,7 +28,8 @@ class RunConfig:
     """What the command line decides for every participant/session of one run.
 
     Paths are absolute; ``nprocs`` and ``omp_nthreads`` are resolved counts (CPUs of the
-    whole run, threads per task), ``mem_mb`` megabytes or None (no limit).
+    whole run, threads per task), ``mem_mb`` megabytes or None (no limit);
+    ``output_resolution`` is the outputs' isotropic voxel size in mm, or None for the T1w's own grid.
     """
 
     bids_dir: Path
@@ -49,6 +50,7 @@ class RunConfig:
     tractogram_format: str = "trx"
     skip_phase2: bool = False
     skip_nerf: bool = False
+    output_resolution: float | None = None
     command_line: str = ""
     run_id: str = field(default_factory=new_run_id)
 

@@ -24,8 +24,8 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
 
     Inputs
     ------
-    grid : the model grid from phase 1; mask : phase 1's brain mask (T1w grid); tdi, dectdi :
-    phase 2's maps; t1w : the reference image of the tractogram.
+    mask : phase 1's brain mask; tdi, dectdi : phase 2's maps (all on the model grid, as the
+    field is); t1w : the reference image of the tractogram.
 
     Outputs
     -------
@@ -34,7 +34,7 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
     """
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = NERF_DESC
-    inputnode = pe.Node(niu.IdentityInterface(fields=["grid", "mask", "tdi", "dectdi", "t1w"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["mask", "tdi", "dectdi", "t1w"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=list(NERF_OUTPUTS)), name="outputnode")
     seed = {"random_seed": config.random_seed, "num_threads": config.omp_nthreads}
     fit = pe.Node(FitField(device=config.device, **seed), name="nerf_fit", n_procs=config.omp_nthreads)
@@ -44,7 +44,7 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
     )
     workflow.connect(
         [
-            (inputnode, fit, [(key, key) for key in ("grid", "mask", "tdi", "dectdi")]),
+            (inputnode, fit, [(key, key) for key in ("mask", "tdi", "dectdi")]),
             (inputnode, track, [("t1w", "t1w")]),
             (fit, render, [("field", "field")]),
             (fit, track, [("field", "field"), ("mask", "mask")]),

@@ -24,7 +24,17 @@ PHASE1_INPUTS = ("diffusivity", "mask", "fa_sd", "v1_dispersion", *TENSOR_MAPS)
 PHASE2_INPUTS = ("tdi", "dectdi", "tdi_sd")
 NERF_INPUTS = NERF_OUTPUTS
 
-DS_DESC = "The maps were written on the T1w's own grid as BIDS-Derivatives (BEP016 names for the diffusion maps{}).\n\n"
+DS_DESC = "The maps were written on {} as BIDS-Derivatives (BEP016 names for the diffusion maps{}).\n\n"
+
+
+def output_grid_desc(resolution_mm: float | None) -> str:
+    """The methods text's name of the output grid (``--output-resolution``)."""
+    if resolution_mm is None:
+        return "the T1w's own grid (tensor resampled log-Euclidean, the other maps linearly)"
+    return (
+        f"an isotropic {resolution_mm:g} mm grid covering the T1w's field of view (tensor resampled "
+        "log-Euclidean, the other maps linearly)"
+    )
 
 
 def init_ds_wf(
@@ -37,20 +47,25 @@ def init_ds_wf(
 
     Inputs
     ------
-    t1w, t1w_summary : the input T1w and its summary; :data:`PHASE1_INPUTS` (``diffusivity``
-    is the tensor); :data:`PHASE2_INPUTS` unless phase 2 is skipped; :data:`NERF_INPUTS`
-    when phase 3 runs; boilerplate : the methods text shown in the report.
+    t1w, t1w_summary : the input T1w and its summary; grid : the T1w's model grid;
+    :data:`PHASE1_INPUTS` (``diffusivity`` is the tensor) and :data:`PHASE2_INPUTS` unless
+    phase 2 is skipped, all on the model grid (resampled onto the output grid as they are
+    written); :data:`NERF_INPUTS` when phase 3 runs; boilerplate : the methods text shown in
+    the report.
 
     Outputs
     -------
     maps, nerf : the written paths by key; qc : the QC JSON; report : ``sub-<label>.html``.
     """
     workflow = LiterateWorkflow(name=name)
-    workflow.__desc__ = DS_DESC.format(", BEP046 names for the tractogram" if config.runs_nerf else "")
+    workflow.__desc__ = DS_DESC.format(
+        output_grid_desc(config.output_resolution), ", BEP046 names for the tractogram" if config.runs_nerf else ""
+    )
     fields = [
         "t1w",
         "t1w_summary",
         "boilerplate",
+        "grid",
         *PHASE1_INPUTS,
         *(() if config.skip_phase2 else PHASE2_INPUTS),
         *(NERF_INPUTS if config.runs_nerf else ()),
@@ -64,13 +79,20 @@ def init_ds_wf(
         "weights_dir": config.weights_dir,
         "timings": str(timings_file or ""),
     }
-    write_maps = pe.Node(WriteMaps(**where), name="write_maps", mem_gb=2)
-    report = pe.Node(WriteReport(command_line=config.command_line, **where), name="write_report", mem_gb=2)
+    resolution = {"output_resolution": config.output_resolution}
+    write_maps = pe.Node(WriteMaps(**where, **resolution), name="write_maps", mem_gb=2)
+    report = pe.Node(
+        WriteReport(command_line=config.command_line, **where, **resolution), name="write_report", mem_gb=2
+    )
     maps = PHASE1_INPUTS + (() if config.skip_phase2 else PHASE2_INPUTS)
     workflow.connect(
         [
-            (inputnode, write_maps, [("t1w", "t1w"), *((key, key) for key in maps)]),
-            (inputnode, report, [("t1w", "t1w"), ("t1w_summary", "t1w_summary"), ("boilerplate", "boilerplate")]),
+            (inputnode, write_maps, [("t1w", "t1w"), ("grid", "grid"), *((key, key) for key in maps)]),
+            (
+                inputnode,
+                report,
+                [("t1w", "t1w"), ("t1w_summary", "t1w_summary"), ("boilerplate", "boilerplate"), ("grid", "grid")],
+            ),
             (write_maps, report, [("written", "maps")]),
             (write_maps, outputnode, [("written", "maps")]),
             (report, outputnode, [("qc", "qc"), ("report", "report")]),

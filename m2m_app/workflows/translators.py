@@ -18,9 +18,8 @@ PHASE1_DESC = (
     "generator (trained adversarially with global and PatchGAN discriminators) predicted the "
     "log-Euclidean tensor and a brain mask on axial, coronal and sagittal slices of the T1w and "
     "of its left-right mirror image; the six predictions were fused (log-Euclidean mean orientation "
-    "with the views' mean eigenvalues, which keeps their anisotropy) and brought back to the T1w "
-    "grid. FA, MD, AD, RD, the principal eigenvector and colour FA were computed from the predicted "
-    "tensor.\n\n"
+    "with the views' mean eigenvalues, which keeps their anisotropy). FA, MD, AD, RD, the principal "
+    "eigenvector and colour FA were computed from the predicted tensor on the 2 mm grid.\n\n"
 )
 PHASE2_DESC = (
     "A second translator of the same design predicted a track-density image and a directionally "
@@ -41,9 +40,10 @@ def init_phase1_wf(config: RunConfig, name: str = "phase1_wf") -> LiterateWorkfl
 
     Outputs
     -------
-    tensor : ``(X, Y, Z, 6)`` tensor (mm²/s) on the T1w grid; mask : predicted brain mask;
-    fa_sd, v1_dispersion : uncertainty maps; fa, md, ad, rd, v1, colfa : tensor maps;
-    grid : the T1w's model grid (``ConformedGrid.to_dict``), conformed once here for the later phases.
+    tensor : ``(x, y, z, 6)`` tensor (mm²/s); mask : predicted brain mask; fa_sd, v1_dispersion :
+    uncertainty maps; fa, md, ad, rd, v1, colfa : tensor maps; all on the model grid;
+    grid : the T1w's model grid (``ConformedGrid.to_dict``), conformed once here for the later
+    phases and the outputs.
     """
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = PHASE1_DESC
@@ -70,21 +70,21 @@ def init_phase2_wf(config: RunConfig, name: str = "phase2_wf") -> LiterateWorkfl
 
     Inputs
     ------
-    grid : the model grid from :func:`init_phase1_wf`; mask, fa, md, colfa : phase 1's maps.
+    mask, fa, md, colfa : phase 1's maps, on the model grid (taken as they are).
 
     Outputs
     -------
-    tdi : relative track density; dectdi : ``(X, Y, Z, 3)`` directional density; tdi_sd : its
-    standard deviation across the passes; all on the T1w grid.
+    tdi : relative track density; dectdi : ``(x, y, z, 3)`` directional density; tdi_sd : its
+    standard deviation across the passes; all on the model grid.
     """
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = PHASE2_DESC
-    inputnode = pe.Node(niu.IdentityInterface(fields=["grid", "mask", "fa", "md", "colfa"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["mask", "fa", "md", "colfa"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["tdi", "dectdi", "tdi_sd"]), name="outputnode")
     phase2 = pe.Node(PredictTracts(**_torch_args(config)), name="phase2", n_procs=config.omp_nthreads, mem_gb=3)
     workflow.connect(
         [
-            (inputnode, phase2, [(key, key) for key in ("grid", "mask", "fa", "md", "colfa")]),
+            (inputnode, phase2, [(key, key) for key in ("mask", "fa", "md", "colfa")]),
             (phase2, outputnode, [(key, key) for key in ("tdi", "dectdi", "tdi_sd")]),
         ]
     )
