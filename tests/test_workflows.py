@@ -53,11 +53,14 @@ def test_init_m2m_wf(tmp_path, options, stages):
             assert unit.get_node(name).config["execution"]["crashdump_dir"] == log_dir
     edges = _edges(workflow.get_node("sub_01_wf"))
     assert ("phase1", "tensor_maps") in {(u.split(".")[-1], v.split(".")[-1]) for u, v in edges}
-    # the model grid is conformed once, in phase 1, and handed on: no later stage reads the T1w for it
+    # the model grid is conformed once, in phase 1, and handed on: no later stage reads the T1w for it;
+    # the later stages take model-grid maps as they are, and the writers resample them onto the output grid
     grid_users = {v.split(".")[-1] for (u, v), pairs in edges.items() if ("grid", "grid") in pairs}
-    assert grid_users >= ({"phase2"} if "phase2_wf.phase2" in stages else set()) | (
-        {"nerf_fit"} if "nerf_wf.nerf_fit" in stages else set()
-    )
+    assert grid_users >= {"write_maps", "write_report"}
+    if "phase2_wf.phase2" in stages:
+        assert {i for _, i in edges[("phase2_wf.inputnode", "phase2_wf.phase2")]} == {"mask", "fa", "md", "colfa"}
+    if "nerf_wf.nerf_fit" in stages:
+        assert {i for _, i in edges[("nerf_wf.inputnode", "nerf_wf.nerf_fit")]} == {"mask", "tdi", "dectdi"}
     t1w_users = {v.split(".")[-1] for (u, v), pairs in edges.items() if ("t1w", "t1w") in pairs}
     assert not t1w_users & {"phase2", "nerf_fit"}
     unit = workflow.get_node("sub_01_wf")

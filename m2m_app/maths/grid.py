@@ -152,15 +152,18 @@ class ConformedGrid:
         """The grid outputs are written on: ``(shape, affine)``.
 
         ``None``: the T1w's own grid, exactly. Otherwise an isotropic grid of ``resolution_mm``
-        mm covering the T1w's field of view, in the T1w's orientation and centred on the same
-        point (:func:`nibabel.affines.rescale_affine`).
+        mm with the T1w's axes (same orientation), centred on the centre of its field of view
+        and covering all of it (``ceil(extent / resolution_mm)`` voxels per axis).
+        (:func:`nibabel.affines.rescale_affine` would round that centre to a voxel, shifting the
+        grid by up to half a T1w voxel.)
         """
         if resolution_mm is None:
             return self.source_shape, self.source_affine
-        zooms = np.sqrt((self.source_affine[:3, :3] ** 2).sum(axis=0))
+        zooms = nib.affines.voxel_sizes(self.source_affine)
         x, y, z = (int(n) for n in np.ceil(np.array(self.source_shape) * zooms / resolution_mm - 1e-6))
-        affine = nib.affines.rescale_affine(self.source_affine, self.source_shape, [resolution_mm] * 3, (x, y, z))
-        return (x, y, z), affine
+        axes = self.source_affine[:3, :3] / zooms * resolution_mm
+        centre = nib.affines.apply_affine(self.source_affine, (np.array(self.source_shape) - 1) / 2.0)
+        return (x, y, z), nib.affines.from_matvec(axes, centre - axes @ ((np.array([x, y, z]) - 1) / 2.0))
 
     def to_dict(self) -> dict[str, list]:
         """The grid as plain lists (exact: float64 values as Python floats), e.g. to pass between workflow nodes."""
