@@ -147,13 +147,13 @@ def _phase1_errors(row: dict, prep: Path, model, device: str) -> dict[str, tuple
     img, data = load_t1w(row["t1w"])
     brain = evaluation_masks(prep, row)[0]
     pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False, uncertainty=True)
-    ours = tensor_derivatives(pred["tensor"][brain])
+    fa, v1 = pred["fa"][brain], pred["v1"][brain]  # the maps as the app writes them
     teacher = tensor_derivatives(load_image(prep / row["diffusivity"])[1][brain])
     fibres = teacher["fa"] > FA_ANGLE_THRESHOLD
-    angles = angular_error_deg(ours["v1"][fibres], teacher["v1"][fibres])
+    angles = angular_error_deg(v1[fibres], teacher["v1"][fibres])
     measured = np.isfinite(angles)
     return {
-        "fa_sd": (pred["fa_sd"][brain], ours["fa"] - teacher["fa"]),
+        "fa_sd": (pred["fa_sd"][brain], fa - teacher["fa"]),
         "v1_dispersion": (pred["v1_dispersion"][brain][fibres][measured], angles[measured]),
     }
 
