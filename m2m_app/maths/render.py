@@ -9,6 +9,9 @@ and row 0 is the top of the image.
 Compositing along a ray sampled at ``t_i`` with spacing ``delta_i`` (mm):
 ``alpha_i = 1 - exp(-sigma_i delta_i)``, ``T_i = prod_{j<i} (1 - alpha_j)``,
 ``C = sum_i T_i alpha_i c_i + (1 - sum_i T_i alpha_i) background``.
+
+A field given on a voxel grid is marched by :func:`render_grid_view`: its samples lie on planes
+of one grid axis, so each is a 2D lookup in a plane resampled once per view (see there).
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ import numpy as np
 
 #: ``(N, 3)`` world points (mm) → extinction ``sigma`` ``(N,)`` in 1/mm and colour ``(N, 3)`` in [0, 1].
 QueryFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: ``(S, R, 2)`` voxel coordinates in ``S`` planes of one grid axis (the other two axes, in order)
+#: → extinction ``(R, S)`` in 1/mm and colour ``(R, S, 3)`` in [0, 1].
+PlaneLookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: ``(axis, plane_coordinates)``: the grid axis and the ``(S,)`` voxel coordinates of ``S`` planes
+#: along it → the :data:`PlaneLookup` of the field in those planes.
+PlaneSampler = Callable[[int, np.ndarray], PlaneLookup]
 
 
 def camera_basis(azimuth_deg: float, elevation_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -77,11 +86,18 @@ def composite(
 
     ``delta`` is the sample spacing in mm (scalar or ``(R, S)``). Returns the colour ``(R, 3)``
     and the opacity ``sum_i T_i alpha_i`` ``(R,)``. The transmittance is accumulated as
-    ``exp(-cumsum(sigma delta))``, the same product written without underflowing factors.
+    ``exp(-sum_{j<i} sigma_j delta_j)``, the same product written without underflowing factors;
+    the sum runs front to back over the samples, one ``(R,)`` column at a time (faster than
+    ``cumsum`` for tens of samples, whichever the arrays' memory layout).
     """
     optical_depth = np.clip(sigma, 0.0, None) * delta
     alpha = 1.0 - np.exp(-optical_depth)
-    transmittance = np.exp(-(np.cumsum(optical_depth, axis=1) - optical_depth))
+    in_front = np.empty_like(optical_depth)
+    depth = np.zeros(len(optical_depth), dtype=optical_depth.dtype)
+    for sample in range(optical_depth.shape[1]):
+        in_front[:, sample] = depth
+        depth += optical_depth[:, sample]
+    transmittance = np.exp(-in_front)
     weights = transmittance * alpha
     opacity = weights.sum(axis=1)
     rgb = np.einsum("rs,rsc->rc", weights, colour) + (1.0 - opacity)[:, None] * np.asarray(background)
@@ -155,4 +171,66 @@ def render_view(
             span / n_samples,
             background,
         )
+    return np.clip(image, 0.0, 1.0).reshape(height, width, 3)
+
+
+def render_grid_view(
+    planes: PlaneSampler,
+    affine: np.ndarray,
+    bounds: np.ndarray,
+    azimuth_deg: float,
+    elevation_deg: float,
+    size: int | tuple[int, int],
+    *,
+    n_samples: int = 128,
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    rays_per_chunk: int = 4096,
+    half_extent_mm: float | None = None,
+) -> np.ndarray:
+    """Render an ``(H, W, 3)`` orthographic image in [0, 1] of a field on a voxel grid, inside the box ``bounds``.
+
+    ``affine`` is the grid's ``(4, 4)`` voxel-to-world matrix (mm) and ``planes`` gives the field
+    in planes of one grid axis (:data:`PlaneSampler`). The rays (:func:`camera_rays`) are sampled
+    where they cross ``n_samples`` planes of the grid axis most nearly along the view, spread at
+    midpoints over the box's extent along that axis; each sample stands for the ray's path between
+    the mid-planes around it, clipped to the box (:func:`box_span`; the field is taken to be empty
+    outside it). A sample on a grid plane is a bilinear lookup in that plane, and the planes are
+    resampled along the axis once per view, so each sample costs a 2D lookup rather than a 3D one,
+    with the same (trilinear) value. Seen along a grid axis, the samples are those of
+    :func:`render_view` with ``clip_to_box``.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    bounds = np.asarray(bounds, dtype=float)
+    origins, directions, _, _ = camera_rays(
+        bounds, azimuth_deg, elevation_deg, (height, width), half_extent_mm=half_extent_mm
+    )
+    t_start, t_stop = box_span(origins, directions, bounds)
+    to_voxel = np.linalg.inv(affine)
+    voxel_origins = origins @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+    voxel_direction = to_voxel[:3, :3] @ directions[0]  # voxels per mm along each axis
+    axis = int(np.argmax(np.abs(voxel_direction) / np.linalg.norm(to_voxel[:3, :3], axis=1)))
+    in_plane = [a for a in range(3) if a != axis]
+    corners = np.stack(np.meshgrid(*bounds.T, indexing="ij"), -1).reshape(-1, 3) @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+    low, high = corners[:, axis].min(), corners[:, axis].max()
+    coordinates = low + (np.arange(n_samples) + 0.5) / n_samples * (high - low)
+    if voxel_direction[axis] < 0:
+        coordinates = coordinates[::-1]  # front to back along the rays
+    half_step_mm = np.float32((high - low) / n_samples / abs(voxel_direction[axis]) / 2)
+    # A ray meets plane s at t = t_plane[s] - t_zero (mm), at in-plane voxel coordinates crossing + shift[s].
+    slope = voxel_direction[in_plane] / voxel_direction[axis]
+    t_plane = (coordinates / voxel_direction[axis]).astype(np.float32)
+    shift = np.outer(coordinates, slope).astype(np.float32)
+    t_zero = (voxel_origins[:, axis] / voxel_direction[axis]).astype(np.float32)
+    crossing = (voxel_origins[:, in_plane] - voxel_origins[:, [axis]] * slope).astype(np.float32)
+    t_start, t_stop = t_start.astype(np.float32), t_stop.astype(np.float32)
+    lookup = planes(axis, coordinates)
+    image = np.broadcast_to(np.asarray(background, dtype=float), (height * width, 3)).copy()
+    hits = np.flatnonzero(t_stop > t_start)
+    for start in range(0, len(hits), rays_per_chunk):
+        rays = hits[start : start + rays_per_chunk]
+        t = t_plane[:, None] - t_zero[None, rays]  # (S, R)
+        delta = np.minimum(t + half_step_mm, t_stop[None, rays])
+        delta -= np.maximum(t - half_step_mm, t_start[None, rays])
+        sigma, colour = lookup(crossing[None, rays] + shift[:, None])  # (S, R, 2) voxels
+        image[rays], _ = composite(sigma, colour, np.clip(delta, 0.0, None, out=delta).T, background)
     return np.clip(image, 0.0, 1.0).reshape(height, width, 3)

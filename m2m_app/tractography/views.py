@@ -2,8 +2,10 @@
 
 The field is baked once onto a regular grid (at most ``bake_size`` points per axis,
 :func:`bake_field`) and the renderer reads that grid trilinearly: a view then costs grid
-lookups rather than one MLP evaluation per ray sample, which keeps a 24-frame turntable to
-seconds on two CPU cores. Bake once and pass the :class:`BakedField` to both writers when
+lookups rather than one MLP evaluation per ray sample, and as the samples lie on planes of
+the grid (:func:`m2m_app.maths.render.render_grid_view`), each lookup is a 2D one in a plane
+resampled once per view. The four views and a 24-frame turntable take a few seconds on one
+CPU core (``docs/benchmarks.md``). Bake once and pass the :class:`BakedField` to both writers when
 writing the views and the turntable of one field (a bake is about 1 s for a 96³ grid).
 Views are framed on the brain (the box where the density is above a small fraction of its
 maximum), not on the whole T1w grid, so that it fills the picture, and rays are marched only
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from m2m_app.io.files import atomic_write
-from m2m_app.maths.render import QueryFn, camera_basis, render_view
+from m2m_app.maths.render import PlaneLookup, camera_basis, render_grid_view
 from m2m_app.models.nerf import FittedField, normalising_matrix
 
 LOGGER = logging.getLogger(__name__)
@@ -52,12 +54,63 @@ BAKE_SIZE = 96
 
 @dataclass(frozen=True)
 class BakedField:
-    """A field baked for rendering: ``query`` reads extinction (1/mm) and unit colour trilinearly
-    from the baked grid at ``(N, 3)`` world points (mm); ``box`` is the ``(2, 3)`` world box (mm)
-    of the baked density above :data:`FRAME_THRESHOLD` of its maximum (the field's bounds if empty)."""
+    """A field baked for rendering on a regular grid.
 
-    query: QueryFn
+    ``values`` is ``(X, Y, Z, 4)`` float32: extinction (1/mm) and unit colour at the grid points,
+    ``affine`` the grid's ``(4, 4)`` voxel-to-world matrix (mm), ``box`` the ``(2, 3)`` world box
+    (mm) of the baked density above :data:`FRAME_THRESHOLD` of its maximum (the field's bounds
+    if empty). Between grid points the field is trilinear, and 0 beyond the grid."""
+
+    values: np.ndarray
+    affine: np.ndarray
     box: np.ndarray
+
+    @functools.cached_property
+    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The grid as planes of each axis, contiguous: ``(A, 4, Q, P)`` for the axis ``A`` and the
+        other two ``P < Q`` (grid_sample's ``x`` and ``y``)."""
+        x, y, z = (
+            torch.from_numpy(np.moveaxis(self.values, axis, 0)).permute(0, 3, 2, 1).contiguous() for axis in range(3)
+        )
+        return x, y, z
+
+    def query(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Extinction ``(N,)`` (1/mm) and colour ``(N, 3)`` at ``(N, 3)`` world points (mm): a :data:`QueryFn`."""
+        to_grid = normalising_matrix(self.values.shape[:3]) @ np.linalg.inv(self.affine)
+        coords = np.asarray(points, dtype=float) @ to_grid[:3, :3].T + to_grid[:3, 3]
+        volume = torch.from_numpy(self.values).permute(3, 0, 1, 2)[None]  # (1, 4, X, Y, Z)
+        sampled = F.grid_sample(  # grid_sample's points are (z, y, x)-ordered
+            volume,
+            torch.as_tensor(coords[:, ::-1].copy(), dtype=torch.float32).view(1, -1, 1, 1, 3),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=True,
+        )
+        values = sampled[0, :, :, 0, 0].T.numpy()
+        return values[:, 0], values[:, 1:]
+
+    def planes(self, axis: int, coordinates: np.ndarray) -> PlaneLookup:
+        """The field in the planes at voxel ``coordinates`` ``(S,)`` along grid ``axis``: a :data:`PlaneSampler`.
+
+        The planes are interpolated linearly along ``axis`` (0 beyond the grid) once; the lookup
+        then reads each plane bilinearly, which together is the trilinear field."""
+        volume = self._stacks[axis]
+        coordinates = np.asarray(coordinates, dtype=float)
+        below = np.floor(coordinates).astype(np.int64)
+        sheets = torch.zeros((len(coordinates), *volume.shape[1:]))  # (S, 4, Q, P)
+        for index, weight in ((below, 1.0 - (coordinates - below)), (below + 1, coordinates - below)):
+            inside = (index >= 0) & (index < len(volume))  # planes beyond the grid add nothing
+            factor = torch.as_tensor(weight * inside, dtype=torch.float32)[:, None, None, None]
+            sheets += volume[torch.from_numpy(np.clip(index, 0, len(volume) - 1))] * factor
+        scale = np.array([2.0 / max(volume.shape[3] - 1, 1), 2.0 / max(volume.shape[2] - 1, 1)], np.float32)
+
+        def lookup(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            grid = torch.from_numpy(np.asarray(points, dtype=np.float32) * scale - np.float32(1.0))  # in [-1, 1]
+            sampled = F.grid_sample(sheets, grid[:, :, None, :], padding_mode="zeros", align_corners=True)
+            values = sampled[..., 0].numpy()  # (S, 4, R)
+            return values[:, 0].T, values[:, 1:].transpose(2, 0, 1)
+
+        return lookup
 
 
 def bake_field(field: FittedField, bake_size: int = BAKE_SIZE) -> BakedField:
@@ -67,30 +120,17 @@ def bake_field(field: FittedField, bake_size: int = BAKE_SIZE) -> BakedField:
     extent_mm = float(np.mean(field.bounds[1] - field.bounds[0]))
     sigma = density * (OPTICAL_DEPTH / extent_mm)
     colour = colour / np.maximum(np.linalg.norm(colour, axis=-1, keepdims=True), 1e-6)
-    grid = torch.as_tensor(np.concatenate([sigma[..., None], colour], axis=-1), dtype=torch.float32)
-    grid = grid.permute(3, 0, 1, 2)[None]  # (1, 4, X, Y, Z)
-
-    # world mm -> grid_sample's (z, y, x)-ordered [-1, 1] coordinates, one float32 matrix product
-    to_grid = torch.as_tensor(
-        (normalising_matrix(field.shape) @ np.linalg.inv(field.affine))[[2, 1, 0]], dtype=torch.float32
-    )
-
-    def query(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        coords = torch.addmm(to_grid[:, 3], torch.from_numpy(np.asarray(points, dtype=np.float32)), to_grid[:, :3].T)
-        values = F.grid_sample(
-            grid, coords.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros", align_corners=True
-        )[0, :, :, 0, 0].T.numpy()
-        return values[:, 0], values[:, 1:]
-
-    inside = np.argwhere(density > FRAME_THRESHOLD * density.max()) if density.max() > 0 else np.zeros((0, 3))
-    if not len(inside):
-        return BakedField(query, field.bounds)
+    values = np.concatenate([sigma[..., None], colour], axis=-1).astype(np.float32)
     # baked index b of m points spans the input's voxel centres: voxel = b (n - 1) / (m - 1)
     step = (np.asarray(field.shape) - 1) / np.maximum(np.asarray(shape) - 1, 1)
+    affine = field.affine @ np.diag([*step, 1.0])
+    inside = np.argwhere(density > FRAME_THRESHOLD * density.max()) if density.max() > 0 else np.zeros((0, 3))
+    if not len(inside):
+        return BakedField(values, affine, field.bounds)
     corners = np.stack(np.meshgrid(*[(-0.5, 0.5)] * 3, indexing="ij"), -1).reshape(-1, 3)
     ijk = (np.concatenate([inside.min(0) + corners, inside.max(0) + corners])) * step
     world = ijk @ field.affine[:3, :3].T + field.affine[:3, 3]
-    return BakedField(query, np.stack([world.min(0), world.max(0)]))
+    return BakedField(values, affine, np.stack([world.min(0), world.max(0)]))
 
 
 def _baked(field: FittedField | BakedField, bake_size: int) -> BakedField:
@@ -175,11 +215,16 @@ def write_standard_views(
     if unknown:
         raise ValueError(f"unknown views {sorted(unknown)}; known: {sorted(STANDARD_VIEWS)}")
     baked = _baked(field, bake_size)
-    query, box = baked.query, baked.box
-    half_extent = framing_half_extent(box, list(STANDARD_VIEWS.values()))
+    half_extent = framing_half_extent(baked.box, list(STANDARD_VIEWS.values()))
     for name, path in paths.items():
-        image = render_view(
-            query, box, *STANDARD_VIEWS[name], size, n_samples=n_samples, half_extent_mm=half_extent, clip_to_box=True
+        image = render_grid_view(
+            baked.planes,
+            baked.affine,
+            baked.box,
+            *STANDARD_VIEWS[name],
+            size,
+            n_samples=n_samples,
+            half_extent_mm=half_extent,
         )
         atomic_write(path, functools.partial(_write_png, image))
         LOGGER.info("wrote the %s view %s", name, path)
@@ -202,22 +247,21 @@ def write_turntable(
 
     ``field`` is baked with ``bake_size`` unless it is already a :class:`BakedField`."""
     baked = _baked(field, bake_size)
-    query, box = baked.query, baked.box
     azimuths = np.linspace(0.0, 360.0, n_frames, endpoint=False)
-    half_extent = framing_half_extent(box, [(azimuth, elevation_deg) for azimuth in azimuths])
+    half_extent = framing_half_extent(baked.box, [(azimuth, elevation_deg) for azimuth in azimuths])
     frames = np.stack(
         [
             _with_triad(
                 _to_uint8(
-                    render_view(
-                        query,
-                        box,
+                    render_grid_view(
+                        baked.planes,
+                        baked.affine,
+                        baked.box,
                         azimuth,
                         elevation_deg,
                         size,
                         n_samples=n_samples,
                         half_extent_mm=half_extent,
-                        clip_to_box=True,
                     )
                 ),
                 azimuth,
