@@ -66,12 +66,10 @@ class BakedField:
     box: np.ndarray
 
     @functools.cached_property
-    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stacks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The grid as planes of each axis, contiguous: ``(A, 4, Q, P)`` for the axis ``A`` and the
         other two ``P < Q`` (grid_sample's ``x`` and ``y``)."""
-        x, y, z = (
-            torch.from_numpy(np.moveaxis(self.values, axis, 0)).permute(0, 3, 2, 1).contiguous() for axis in range(3)
-        )
+        x, y, z = (np.ascontiguousarray(np.moveaxis(self.values, axis, 0).transpose(0, 3, 2, 1)) for axis in range(3))
         return x, y, z
 
     def query(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,16 +95,18 @@ class BakedField:
         volume = self._stacks[axis]
         coordinates = np.asarray(coordinates, dtype=float)
         below = np.floor(coordinates).astype(np.int64)
-        sheets = torch.zeros((len(coordinates), *volume.shape[1:]))  # (S, 4, Q, P)
+        sheets = np.zeros((len(coordinates), *volume.shape[1:]), np.float32)  # (S, 4, Q, P)
         for index, weight in ((below, 1.0 - (coordinates - below)), (below + 1, coordinates - below)):
             inside = (index >= 0) & (index < len(volume))  # planes beyond the grid add nothing
-            factor = torch.as_tensor(weight * inside, dtype=torch.float32)[:, None, None, None]
-            sheets += volume[torch.from_numpy(np.clip(index, 0, len(volume) - 1))] * factor
+            sheets += (
+                volume[np.clip(index, 0, len(volume) - 1)] * (weight * inside).astype(np.float32)[:, None, None, None]
+            )
+        planes = torch.from_numpy(sheets)
         scale = np.array([2.0 / max(volume.shape[3] - 1, 1), 2.0 / max(volume.shape[2] - 1, 1)], np.float32)
 
         def lookup(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             grid = torch.from_numpy(np.asarray(points, dtype=np.float32) * scale - np.float32(1.0))  # in [-1, 1]
-            sampled = F.grid_sample(sheets, grid[:, :, None, :], padding_mode="zeros", align_corners=True)
+            sampled = F.grid_sample(planes, grid[:, :, None, :], padding_mode="zeros", align_corners=True)
             values = sampled[..., 0].numpy()  # (S, 4, R)
             return values[:, 0].T, values[:, 1:].transpose(2, 0, 1)
 
