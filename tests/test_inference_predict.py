@@ -12,7 +12,13 @@ from scipy import ndimage
 from conftest import TINY
 from conftest import synthetic_head as _head
 from m2m_app.errors import BadDataError
-from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2, predict_volume
+from m2m_app.inference.predict import (
+    load_translator,
+    predict_phase1,
+    predict_phase2,
+    predict_views,
+    predict_volume,
+)
 from m2m_app.maths import grid as conform
 from m2m_app.maths.tensor import components_to_matrix, tensor_derivatives
 from m2m_app.models.phases import PHASE1, PHASE2
@@ -69,6 +75,18 @@ def test_predict_volume_fuses_three_views():
     volume = np.random.default_rng(0).random((1, 6, 7, 8)).astype(np.float32)
     out = predict_volume(Identity(), PHASE1, volume, device="cpu", batch_size=4, mirror=False)
     assert out.shape == (7, 6, 7, 8) and np.allclose(out[3], volume[0], atol=1e-6)
+
+
+def test_passes_along_chosen_axes_are_those_of_the_full_run():
+    """``axes`` picks passes (what benchmarks/bench_passes.py times one by one): the same arrays as
+    in the six-pass run, in the order axis by axis, then their mirrored twins."""
+    model = Translator(PHASE1.in_channels, PHASE1.out_channels, **TINY)
+    volume = np.random.default_rng(4).random((1, 8, 6, 5)).astype(np.float32)
+    every = predict_views(model, PHASE1, volume, device="cpu")
+    chosen = predict_views(model, PHASE1, volume, device="cpu", axes=(2,))
+    assert len(every) == 6 and len(chosen) == 2
+    np.testing.assert_allclose(chosen[0], every[2], atol=1e-6)
+    np.testing.assert_allclose(chosen[1], every[5], atol=1e-6)
 
 
 @pytest.mark.parametrize("spec", [PHASE1, PHASE2], ids=lambda spec: spec.name)

@@ -92,15 +92,17 @@ def predict_views(
     device: str = "auto",
     batch_size: int = 16,
     mirror: bool = True,
+    axes: tuple[int, ...] = (0, 1, 2),
 ) -> list[np.ndarray]:
-    """Run the 2D net over the axial, coronal and sagittal slices of ``inputs (C, X, Y, Z)``.
+    """Run the 2D net over the slices of ``inputs (C, X, Y, Z)`` along each of ``axes`` (default
+    all three: sagittal, coronal and axial slices of the RAS model grid).
 
     With ``mirror`` the volume is also run mirrored left-right (world x, the model grid's
     first axis) and those outputs are mirrored back, with the sign of each channel fixed by
     :attr:`PhaseSpec.x_flip_signs` (test-time augmentation: the network learnt both
     hemispheres' mirror images, and averaging them lowers its variance at twice the cost).
     Returns the passes' raw outputs, each ``(K, X, Y, Z)`` float32 (logits and log-domain
-    values, before :attr:`PhaseSpec.decode`): 3 views, then their 3 mirrored twins.
+    values, before :attr:`PhaseSpec.decode`): one view per axis, then their mirrored twins.
     """
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
@@ -109,7 +111,7 @@ def predict_views(
     with torch.inference_mode():
         for mirrored in (False, True) if mirror else (False,):
             volume = np.ascontiguousarray(inputs[:, ::-1]) if mirrored else inputs
-            for axis in range(3):
+            for axis in axes:
                 raw = np.zeros((spec.out_channels,) + inputs.shape[1:], dtype=np.float32)
                 size = inputs.shape[1 + axis]
                 for first in range(0, size, batch_size):
@@ -206,6 +208,19 @@ def predict_phase1_model(
     spec = get_phase("phase1")
     inputs, grid = phase1_inputs(t1w_img, t1w_data)
     views = predict_views(model, spec, inputs, device, batch_size)
+    return phase1_from_views(views, grid, mask_tensor, uncertainty, scales)
+
+
+def phase1_from_views(
+    views: list[np.ndarray],
+    grid: ConformedGrid,
+    mask_tensor: bool = True,
+    uncertainty: bool = False,
+    scales: Mapping[str, float] | None = None,
+) -> dict:
+    """Phase 1's passes (raw outputs of :func:`predict_views`, any number of them, each
+    ``(7, x, y, z)``) fused and decoded: what :func:`predict_phase1_model` returns (same keys)."""
+    spec = get_phase("phase1")
     fused = spec.fuse(views)
     decoded = spec.decode(fused)
     mask = decoded["mask"] >= 0.5
@@ -241,6 +256,14 @@ def predict_phase1(
     pred = predict_phase1_model(
         t1w_img, t1w_data, model, weights_dir, device, batch_size, mask_tensor, uncertainty, scales
     )
+    return phase1_to_output(pred, mask_tensor)
+
+
+def phase1_to_output(pred: dict, mask_tensor: bool = True) -> dict:
+    """:func:`predict_phase1_model`'s output with the tensor maps (computed on the model grid,
+    inside the mask or everywhere without ``mask_tensor``), all on the T1w grid (:func:`to_output`),
+    plus ``grid``."""
+    pred = dict(pred)
     grid = pred.pop("grid")
     support = pred["mask"] if mask_tensor else np.ones(grid.shape, bool)
     maps = pred | masked_tensor_maps(pred["tensor"], support)
