@@ -23,7 +23,6 @@ from m2m_app.maths.tensor import (
     log_tensors,
     matrix_to_components,
 )
-from dipy.reconst.dti import color_fa
 
 #: Isotropic voxel size of the model grid, mm.
 MODEL_VOXEL_MM = 2.0
@@ -264,19 +263,27 @@ class GridResampler:
         """:meth:`values` of ``volume`` filled into an output volume."""
         return self.fill(self.values(volume))
 
-    def tensor_eigen(self, components: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def tensor_values(self, components: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
         """Log-Euclidean resampling of a tensor field ``(x, y, z, 6)`` (mm²/s) onto the kept voxels.
 
-        The six log-tensor components are resampled like any map; one eigendecomposition of
-        the mean log-tensors gives the eigenvalues ``(N, 3)`` of the tensors (largest first,
-        mm²/s) and their eigenvectors ``(N, 3, 3)`` (columns).
+        The six log-tensor components are resampled like any map; an eigendecomposition of
+        the mean log-tensors, ``chunk`` voxels at a time (peak memory independent of the output
+        grid's size), gives the tensors ``(N, 6)`` (mm²/s) and their principal eigenvectors
+        ``(N, 3)``, float32 both.
         """
         logs = np.zeros(components.shape, dtype=np.float32)
         logs[self.support] = matrix_to_components(
             log_tensors(components_to_matrix(components[self.support].astype(float)))
         )
-        evals, evecs = eigen_decomposition(components_to_matrix(self.values(logs).astype(float)))
-        return np.exp(evals), evecs
+        mean_logs = self.values(logs)
+        tensors = np.empty(mean_logs.shape, dtype=np.float32)
+        v1 = np.empty(mean_logs.shape[:1] + (3,), dtype=np.float32)
+        for first in range(0, len(mean_logs), chunk):
+            part = slice(first, first + chunk)
+            evals, evecs = eigen_decomposition(components_to_matrix(mean_logs[part].astype(float)))
+            tensors[part] = matrix_to_components(compose_tensors(np.exp(evals), evecs))
+            v1[part] = evecs[..., :, 0]
+        return tensors, v1
 
 
 def resample_tensor(components: np.ndarray, grid: ConformedGrid, to_model: bool = True) -> np.ndarray:
@@ -292,8 +299,7 @@ def resample_tensor(components: np.ndarray, grid: ConformedGrid, to_model: bool 
     ends = [(grid.source_affine, grid.source_shape), (grid.affine, grid.shape)]
     (in_affine, _), (out_affine, out_shape) = ends if to_model else ends[::-1]
     resampler = GridResampler(in_affine, np.any(components != 0, axis=-1), out_shape, out_affine)
-    evals, evecs = resampler.tensor_eigen(components)
-    return resampler.fill(matrix_to_components(compose_tensors(evals, evecs)))
+    return resampler.fill(resampler.tensor_values(components)[0])
 
 
 #: How :func:`resample_outputs` brings each map onto the output grid (see its docstring).
@@ -316,11 +322,11 @@ def resample_outputs(maps: Mapping[str, np.ndarray], resampler: GridResampler) -
     outside :attr:`GridResampler.kept`. Per key (:data:`OUTPUT_RULES`):
 
     * ``mask``: linear, then ``>= 0.5`` (bool).
-    * ``tensor`` / ``diffusivity``: log-Euclidean (:meth:`GridResampler.tensor_eigen`), as
+    * ``tensor`` / ``diffusivity``: log-Euclidean (:meth:`GridResampler.tensor_values`), as
       :func:`resample_tensor` does; ``(X, Y, Z, 6)`` mm²/s.
     * ``v1``: the principal eigenvector of that resampled tensor (the same eigendecomposition),
       so there is no sign to average; needs the tensor in ``maps``.
-    * ``colfa``: dipy's colour FA of the resampled FA and V1 (``FA · |V1|``); needs ``fa``.
+    * ``colfa``: colour FA (dipy's ``FA · |V1|``) of the resampled FA and V1; needs ``fa``.
     * ``fa``, ``dectdi``: linear, clipped to [0, 1].
     * any other (MD, AD, RD, the uncertainty maps, TDI): linear, clipped at 0.
 
@@ -329,25 +335,27 @@ def resample_outputs(maps: Mapping[str, np.ndarray], resampler: GridResampler) -
     """
     tensor_key = next((key for key in maps if OUTPUT_RULES.get(key) == "tensor"), None)
     order = sorted(maps, key=lambda key: OUTPUT_RULES.get(key) == "colfa")
-    evecs: np.ndarray | None = None
+    v1: np.ndarray | None = None
     fa: np.ndarray | None = None
     for key in order:
         rule = OUTPUT_RULES.get(key, "positive")
         if rule == "threshold":
             yield key, resampler.fill(resampler.values(maps[key].astype(np.float32)) >= 0.5, dtype=bool)
         elif rule == "tensor":
-            evals, evecs = resampler.tensor_eigen(maps[key])
-            yield key, resampler.fill(matrix_to_components(compose_tensors(evals, evecs)))
+            tensors, v1 = resampler.tensor_values(maps[key])
+            yield key, resampler.fill(tensors)
+            del tensors
         elif rule == "v1":
-            if evecs is None:
+            if v1 is None:
                 if tensor_key is None:
                     raise KeyError("v1 is taken from the resampled tensor, and maps holds none")
-                evecs = resampler.tensor_eigen(maps[tensor_key])[1]
-            yield key, resampler.fill(evecs[..., :, 0])
+                v1 = resampler.tensor_values(maps[tensor_key])[1]
+            yield key, resampler.fill(v1)
         elif rule == "colfa":
-            if fa is None or evecs is None:
+            if fa is None or v1 is None:
                 raise KeyError("colour FA is taken from the resampled FA and V1; maps needs fa and the tensor")
-            yield key, resampler.fill(color_fa(fa, evecs))
+            # dipy's color_fa formula, |V1| · FA; dipy's function takes all three eigenvectors (3× the memory)
+            yield key, resampler.fill(np.abs(v1) * np.clip(fa, 0.0, 1.0)[:, None])
         else:
             values = np.clip(resampler.values(maps[key]), 0.0, 1.0 if rule == "unit" else None)
             fa = values if key == "fa" else fa
