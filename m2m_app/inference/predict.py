@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from m2m_app.data.weights import weight_files
 from m2m_app.errors import BadDataError, MissingInputError, UsageError
 from m2m_app.io.files import file_sha256
-from m2m_app.maths.grid import ConformedGrid, GridResampler, resample_outputs
+from m2m_app.maths.grid import ConformedGrid, resample_outputs
 from m2m_app.maths.tensor import masked_tensor_maps
 from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_inputs, phase2_inputs, slab_along
 from m2m_app.models.translator import Translator
@@ -168,8 +168,7 @@ def to_output(
     ``support`` ``(x, y, z)`` bool is where the maps are defined (the brain mask; None: the
     whole model grid); each key is resampled by its rule in :func:`resample_outputs`.
     """
-    shape, affine = grid.output_grid(resolution_mm)
-    resampler = GridResampler(grid.affine, np.ones(grid.shape, bool) if support is None else support, shape, affine)
+    resampler = grid.output_resampler(np.ones(grid.shape, bool) if support is None else support, resolution_mm)
     return dict(resample_outputs(maps, resampler))
 
 

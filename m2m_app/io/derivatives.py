@@ -26,7 +26,7 @@ from m2m_app.io.naming import (
     sidecar_path,
 )
 from m2m_app.io.nifti import load_image, save_nifti
-from m2m_app.maths.grid import ConformedGrid, GridResampler, resample_outputs
+from m2m_app.maths.grid import ConformedGrid, resample_outputs
 
 LOGGER = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ def write_maps(
     paths = derivative_paths(Path(output_dir), subject, "nerf")
     common = _common_sidecar(t1w, weights_dir, timings or {})
     volumes = {key: load_image(source)[1] for key, source in maps.items()}
-    shape, affine = grid.output_grid(resolution_mm)
-    resampler = GridResampler(grid.affine, volumes["mask"] > 0, shape, affine)
+    resampler = grid.output_resampler(volumes["mask"] > 0, resolution_mm)
     written = {}
     for key, volume in resample_outputs(volumes, resampler):
         if key in TENSOR_PARAMS:
@@ -221,7 +220,9 @@ def write_maps(
             extra = {}
         else:
             description, extra = "brain mask", {"Type": "Brain"}
-        written[key] = save_nifti(volume, affine, paths[key], dtype=np.uint8 if volume.dtype == bool else np.float32)
+        written[key] = save_nifti(
+            volume, resampler.out_affine, paths[key], dtype=np.uint8 if volume.dtype == bool else np.float32
+        )
         save_json({"Description": f"{description}; {PREDICTED}", **extra, **common}, sidecar_path(paths[key]))
     return {key: written[key] for key in maps}
 

@@ -164,6 +164,12 @@ class ConformedGrid:
         centre = nib.affines.apply_affine(self.source_affine, (np.array(self.source_shape) - 1) / 2.0)
         return (x, y, z), nib.affines.from_matvec(axes, centre - axes @ ((np.array([x, y, z]) - 1) / 2.0))
 
+    def output_resampler(self, support: np.ndarray, resolution_mm: float | None = None) -> GridResampler:
+        """A :class:`GridResampler` from this model grid (maps defined on ``support``, ``(x, y, z)``
+        bool) onto :meth:`output_grid` of ``resolution_mm``."""
+        shape, affine = self.output_grid(resolution_mm)
+        return GridResampler(self.affine, support, shape, affine)
+
     def to_dict(self) -> dict[str, list]:
         """The grid as plain lists (exact: float64 values as Python floats), e.g. to pass between workflow nodes."""
         return {
@@ -228,7 +234,7 @@ class GridResampler:
     ) -> None:
         mapping = np.linalg.inv(in_affine) @ out_affine
         self.support = np.asarray(support, dtype=bool)
-        self.out_shape = out_shape
+        self.out_shape, self.out_affine = out_shape, out_affine
         self._sigma = _antialias_sigma(np.abs(mapping[:3, :3]).sum(axis=1))
         weight = resample_scalar(self.support.astype(np.float32), in_affine, out_affine, self.out_shape)
         #: The output voxels that receive values, ``out_shape`` bool.
@@ -259,17 +265,13 @@ class GridResampler:
         out[self.kept] = values
         return out
 
-    def resample(self, volume: np.ndarray) -> np.ndarray:
-        """:meth:`values` of ``volume`` filled into an output volume."""
-        return self.fill(self.values(volume))
-
     def tensor_values(self, components: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
         """Log-Euclidean resampling of a tensor field ``(x, y, z, 6)`` (mm²/s) onto the kept voxels.
 
         The six log-tensor components are resampled like any map; an eigendecomposition of
-        the mean log-tensors, ``chunk`` voxels at a time (peak memory independent of the output
-        grid's size), gives the tensors ``(N, 6)`` (mm²/s) and their principal eigenvectors
-        ``(N, 3)``, float32 both.
+        the mean log-tensors, ``chunk`` voxels at a time (its float64 matrices stay that small
+        however large the output grid), gives the tensors ``(N, 6)`` (mm²/s) and their principal
+        eigenvectors ``(N, 3)``, float32 both.
         """
         logs = np.zeros(components.shape, dtype=np.float32)
         logs[self.support] = matrix_to_components(
