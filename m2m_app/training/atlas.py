@@ -11,8 +11,9 @@ reached through nilearn's skull-stripped MNI152 T1 (ICBM152 2009a):
    world coordinates, but the brains differ by a few millimetres, so the FA template is
    first registered to nilearn's white-matter probability template (same space as its T1;
    affine, Mattes mutual information: high FA is white matter), once per process;
-2. nilearn's T1 is registered to the subject's T1w with ANTs SyN (antspyx), the metric
-   restricted to the template's brain (the subject's T1w keeps its scalp), at ``spacing_mm``;
+2. nilearn's T1 is registered to the subject's brain-extracted T1w with ANTs SyN (antspyx),
+   the metric restricted to the template's brain, at ``spacing_mm`` (a T1w that keeps its
+   scalp lets the registration slide along the head: extract the brain first);
 3. the FA template goes through both transforms onto the T1w grid (linear), clipped to [0, 1].
 """
 
@@ -106,7 +107,8 @@ def _load_atlas(spacing_mm: float) -> Atlas:
 def warp_atlas_fa(
     t1w_img: nib.Nifti1Image, atlas: Atlas | None = None, spacing_mm: float = REGISTRATION_SPACING_MM, seed: int = 0
 ) -> np.ndarray:
-    """The atlas FA on the grid of ``t1w_img`` (3D T1w), ``(X, Y, Z)`` float32 in [0, 1].
+    """The atlas FA on the grid of ``t1w_img`` (3D T1w, brain-extracted: zero outside the brain),
+    ``(X, Y, Z)`` float32 in [0, 1].
 
     ``atlas`` defaults to :func:`load_atlas` (TractSeg FA through nilearn's MNI152 T1). The
     template T1 (fixed) is registered to the subject (moving) with SyN at ``spacing_mm``,

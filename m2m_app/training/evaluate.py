@@ -11,9 +11,10 @@ alone for older prep dirs), and in the white matter inside that mask.
   mask head is scored apart (Dice inside the FOV). Baselines (``baselines``):
   ``intensity``, FA from T1w intensity alone (mean FA per normalised-intensity bin, fitted on
   the training subjects); ``atlas``, a population FA template warped to the T1w
-  (:mod:`m2m_app.training.atlas`). With ``skull_strip`` every method scores a skull-stripped
-  T1w instead (zeroed outside the teacher's brain mask grown by
-  :data:`~m2m_app.maths.grid.STRIPPED_MARGIN_MM`), as brain-extracted inputs are common.
+  (:mod:`m2m_app.training.atlas`), always registered to the brain-extracted T1w. Brain
+  extraction zeroes the T1w outside the teacher's brain mask grown by
+  :data:`~m2m_app.maths.grid.STRIPPED_MARGIN_MM`. With ``skull_strip`` every method scores a
+  brain-extracted T1w instead, as brain-extracted inputs are common.
 * phase 2: Pearson r and Dice (relative density above a threshold) of the track density,
   DEC-TDI angular error where the teacher's density is high. Baseline: TDI = f(FA) (mean
   relative density per FA bin, fitted on the training subjects) with colour FA as direction.
@@ -177,9 +178,9 @@ def _evaluate_phase1(
     for row, prep in rows:
         img, data = load_t1w(row["t1w"])
         mask, wm, fov = evaluation_masks(prep, row)
+        extracted = brain_extraction_mask(_mask(prep, row, "mask"), STRIPPED_MARGIN_MM, img.header.get_zooms()[:3])
         if skull_strip:
-            brain = _mask(prep, row, "mask")
-            data = np.where(brain_extraction_mask(brain, STRIPPED_MARGIN_MM, img.header.get_zooms()[:3]), data, 0)
+            data = np.where(extracted, data, 0)
         true_tensor = load_image(prep / row["diffusivity"])[1]
         pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False)
         results.append(
@@ -197,7 +198,10 @@ def _evaluate_phase1(
             else:
                 from m2m_app.training.atlas import warp_atlas_fa
 
-                fa = warp_atlas_fa(nib.Nifti1Image(data.astype(np.float32), img.affine))
+                # registered brain to brain: the template T1 is skull-stripped, and with the
+                # scalp kept the registration slid along the head (inferior-superior)
+                stripped = np.where(extracted, data, 0).astype(np.float32)
+                fa = warp_atlas_fa(nib.Nifti1Image(stripped, img.affine))
             results.append({"subject": row["subject"], "method": BASELINES[name], **fa_metrics(fa, true_fa, mask, wm)})
     return results
 
