@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,6 +31,10 @@ from m2m_app.io.nifti import load_image, save_nifti
 from m2m_app.maths.grid import ConformedGrid, resample_outputs
 
 LOGGER = logging.getLogger(__name__)
+
+#: Maps compressed and written at the same time as the next one is resampled (zlib releases
+#: the GIL): on 2 cores this halves the time of writing a 0.5 mm T1w's maps.
+WRITER_THREADS = 2
 
 #: What every sidecar says about where the values come from.
 PREDICTED = (
@@ -208,23 +214,36 @@ def write_maps(
     common = _common_sidecar(t1w, weights_dir, timings or {})
     volumes = {key: load_image(source)[1] for key, source in maps.items()}
     resampler = grid.output_resampler(volumes["mask"] > 0, resolution_mm)
-    written = {}
-    for key, volume in resample_outputs(volumes, resampler):
-        if key in TENSOR_PARAMS:
-            description, units = TENSOR_PARAMS[key]
-            extra = {"Model": "tensor", "Units": units}
-        elif key in UNCERTAINTY_MAPS:
-            description, extra = _uncertainty_sidecar(key, weights_dir)
-        elif key in TDI_PARAMS:
-            description = TDI_PARAMS[key] + " (relative: 1 = the subject's 99th percentile in the brain)"
-            extra = {}
-        else:
-            description, extra = "brain mask", {"Type": "Brain"}
-        written[key] = save_nifti(
-            volume, resampler.out_affine, paths[key], dtype=np.uint8 if volume.dtype == bool else np.float32
-        )
-        save_json({"Description": f"{description}; {PREDICTED}", **extra, **common}, sidecar_path(paths[key]))
-    return {key: written[key] for key in maps}
+
+    def write(key: str, volume: np.ndarray, sidecar: dict) -> Path:
+        dtype = np.uint8 if volume.dtype == bool else np.float32
+        path = save_nifti(volume, resampler.out_affine, paths[key], dtype=dtype)
+        save_json(sidecar, sidecar_path(path))
+        return path
+
+    written: dict[str, Future[Path]] = {}
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
+        for key, volume in resample_outputs(volumes, resampler):
+            pending = [f for f in written.values() if not f.done()]
+            if len(pending) >= WRITER_THREADS:  # at most WRITER_THREADS maps in memory besides this one
+                futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            description, extra = _map_description(key, weights_dir)
+            sidecar = {"Description": f"{description}; {PREDICTED}", **extra, **common}
+            written[key] = pool.submit(write, key, volume, sidecar)
+            del volume
+    return {key: written[key].result() for key in maps}
+
+
+def _map_description(key: str, weights_dir: str | None) -> tuple[str, dict[str, Any]]:
+    """What the map ``key`` holds, and its sidecar fields beyond the common ones."""
+    if key in TENSOR_PARAMS:
+        description, units = TENSOR_PARAMS[key]
+        return description, {"Model": "tensor", "Units": units}
+    if key in UNCERTAINTY_MAPS:
+        return _uncertainty_sidecar(key, weights_dir)
+    if key in TDI_PARAMS:
+        return TDI_PARAMS[key] + " (relative: 1 = the subject's 99th percentile in the brain)", {}
+    return "brain mask", {"Type": "Brain"}
 
 
 def write_nerf(

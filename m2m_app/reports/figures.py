@@ -18,6 +18,21 @@ from m2m_app.io.files import atomic_write  # noqa: E402
 from m2m_app.maths.orientation import ras_zooms, to_ras  # noqa: E402
 
 
+#: Mosaic slices are drawn with at most about this many pixels along a side (each is shown 140 px wide).
+MOSAIC_PIXELS = 256
+#: Display percentiles are taken on at most about this many voxels (an even subsample).
+PERCENTILE_VOXELS = 2_000_000
+
+
+def _percentile(volume: np.ndarray, q: float, positive: bool = False) -> float:
+    """The ``q``-th percentile of ``volume`` (of its positive values with ``positive``; 1.0 when
+    there are none), on an even subsample of at most about :data:`PERCENTILE_VOXELS` voxels."""
+    step = max(1, round((volume.size / PERCENTILE_VOXELS) ** (1 / 3)))
+    sample = np.asarray(volume[::step, ::step, ::step], dtype=np.float32)
+    sample = sample[sample > 0] if positive else sample.ravel()
+    return float(np.percentile(sample, q)) if sample.size else 1.0
+
+
 def mosaic(
     volume: np.ndarray,
     affine: np.ndarray,
@@ -34,31 +49,33 @@ def mosaic(
 
     ``volume`` is ``(X, Y, Z)`` (or ``(X, Y, Z, 3)`` RGB in [0, 1]); ``underlay`` a grey
     ``(X, Y, Z)`` image shown beneath a semi-transparent ``volume``; ``contour`` a mask outlined in red.
-    Slices are drawn at their true aspect ratio (thick or anisotropic voxels included).
+    Slices are drawn at their true aspect ratio (thick or anisotropic voxels included), thinned
+    to at most about :data:`MOSAIC_PIXELS` pixels along a side (what the report shows).
     """
     zooms = ras_zooms(affine)
     aspect = zooms[1] / zooms[0]  # rows run along A, columns along R after rot90
-    volume = to_ras(np.asarray(volume, dtype=float), affine)
-    underlay = None if underlay is None else to_ras(np.asarray(underlay, dtype=float), affine)
-    contour = None if contour is None else to_ras(np.asarray(contour, dtype=float), affine)
-    reference = contour if contour is not None else (np.abs(volume).sum(-1) if volume.ndim == 4 else volume)
-    filled = np.where(reference.reshape(-1, reference.shape[2]).any(axis=0))[0]
+    volume = to_ras(np.asarray(volume), affine)  # views: only the drawn slices are converted
+    underlay = None if underlay is None else to_ras(np.asarray(underlay), affine)
+    contour = None if contour is None else to_ras(np.asarray(contour), affine)
+    reference = contour if contour is not None else volume
+    filled = np.where(np.any(reference, axis=(0, 1) if reference.ndim == 3 else (0, 1, 3)))[0]
     lo, hi = (filled[0], filled[-1]) if filled.size else (0, volume.shape[2] - 1)
     picks = np.linspace(lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo), n_slices).astype(int)
-    scale = vmax if vmax is not None else (np.percentile(volume[volume > 0], 99) if np.any(volume > 0) else 1.0)
-    underlay_max = None if underlay is None else np.percentile(underlay, 99.5)
+    scale = vmax if vmax is not None else _percentile(volume, 99, positive=True)
+    underlay_max = None if underlay is None else _percentile(underlay, 99.5)
+    step = max(1, -(-max(volume.shape[:2]) // MOSAIC_PIXELS))  # a 0.5 mm slice is drawn at 1 mm or so
     fig, axes = plt.subplots(1, n_slices, figsize=(2 * n_slices, 2.3), facecolor="black")
     for ax, k in zip(axes, picks):
         ax.axis("off")
         if underlay is not None:
-            ax.imshow(np.rot90(underlay[:, :, k]), cmap="gray", vmax=underlay_max, aspect=aspect)
-        image = np.rot90(volume[:, :, k])
+            ax.imshow(np.rot90(underlay[::step, ::step, k]), cmap="gray", vmax=underlay_max, aspect=aspect)
+        image = np.rot90(volume[::step, ::step, k].astype(float))
         if image.ndim == 3:
             ax.imshow(np.clip(image / max(scale, 1e-9), 0, 1), aspect=aspect)
         else:
             ax.imshow(image, cmap=cmap, vmin=0, vmax=scale, alpha=0.7 if underlay is not None else 1.0, aspect=aspect)
         if contour is not None:
-            ax.contour(np.rot90(contour[:, :, k]), levels=[0.5], colors="red", linewidths=0.6)
+            ax.contour(np.rot90(contour[::step, ::step, k].astype(float)), levels=[0.5], colors="red", linewidths=0.6)
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     buffer = io.BytesIO()
