@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -115,16 +116,26 @@ def mrtrix_available() -> bool:
     return shutil.which("tckgen") is not None
 
 
+#: Runs argv[2:] and writes its peak resident memory (KiB) to argv[1]. A process forked from this
+#: benchmark (GBs of torch and volumes) starts with the benchmark's peak as its own, and an exec
+#: keeps it, so the commands are started from this small launcher instead.
+_LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, s, u = os.wait4(p.pid, 0); "
+    "open(sys.argv[1], 'w').write(str(u.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(s))"
+)
+
+
 def _timed(command: list[str]) -> tuple[float, float]:
     """Run one command; its wall seconds and peak resident memory (GB, from the kernel's rusage)."""
-    start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.monotonic() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        error = process.stderr.read().decode()[-2000:] if process.stderr else ""
-        raise RuntimeError(f"{' '.join(command)} failed: {error}")
-    return seconds, usage.ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+    with tempfile.NamedTemporaryFile("r", suffix=".maxrss") as peak:
+        start = time.monotonic()
+        process = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, peak.name, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        seconds = time.monotonic() - start
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.decode()[-2000:]}")
+        return seconds, int(peak.read()) / 1024**2  # ru_maxrss is in KiB on Linux
 
 
 def run_mrtrix(case: Case, threads: int) -> Stages:
