@@ -121,6 +121,15 @@ command resumes from the work folder.
     help="Write the maps on an isotropic MM mm grid covering the T1w's field of view (e.g. 2; cheaper to "
     "write when coarser). Default: the T1w's own grid.",
 )
+@click.option(
+    "--stop-dispersion",
+    "stop_dispersion_deg",
+    type=click.FloatRange(min=0.0, max=90.0, min_open=True),
+    default=None,
+    metavar="DEG",
+    help="Stop streamlines before voxels whose predicted V1 dispersion (RMS angle of the inference passes' "
+    "V1 about the fused V1) exceeds DEG degrees, and seed none there (e.g. 30). Default: off.",
+)
 @click.option("--skip-phase2", is_flag=True, help="Tensor maps only (no track density, no NeRF, no streamlines).")
 @click.option("--skip-nerf", is_flag=True, help="Stop after the track-density maps (no NeRF, no streamlines).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")

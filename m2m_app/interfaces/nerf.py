@@ -6,7 +6,7 @@ import json
 import os
 
 import numpy as np
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 
 class _FitFieldInputSpec(BaseInterfaceInputSpec):
@@ -88,6 +88,10 @@ class _TrackFieldInputSpec(BaseInterfaceInputSpec):
     field = File(exists=True, mandatory=True)
     mask = File(exists=True, mandatory=True, desc="brain mask on the field's grid")
     t1w = File(exists=True, mandatory=True, desc="reference image of the tractogram")
+    v1_dispersion = File(exists=True, desc="phase 1's V1 dispersion (degrees) on the field's grid")
+    max_dispersion_deg = traits.Float(
+        requires=["v1_dispersion"], desc="stop where the V1 dispersion exceeds this (degrees); unset: off"
+    )
     tractogram_format = traits.Enum("trx", "tck", "trk", usedefault=True)
     random_seed = traits.Int(0, usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
@@ -99,7 +103,8 @@ class _TrackFieldOutputSpec(TraitedSpec):
 
 
 class TrackField(SimpleInterface):
-    """Deterministic RK4 streamlines through the field, written in RASMM with the T1w as reference."""
+    """Deterministic RK4 streamlines through the field, written in RASMM with the T1w as reference;
+    with ``max_dispersion_deg``, not into voxels whose V1 dispersion exceeds it."""
 
     input_spec = _TrackFieldInputSpec
     output_spec = _TrackFieldOutputSpec
@@ -116,8 +121,12 @@ class TrackField(SimpleInterface):
         torch.set_num_threads(self.inputs.num_threads)
         field = FittedField.load(self.inputs.field)
         mask_img, mask = load_image(self.inputs.mask)
-        settings = TrackingSettings()
-        streamlines = track_field(field, mask > 0, mask_img.affine, settings, seed=self.inputs.random_seed)
+        max_dispersion = self.inputs.max_dispersion_deg if isdefined(self.inputs.max_dispersion_deg) else None
+        settings = TrackingSettings(max_dispersion_deg=max_dispersion)
+        dispersion = None if max_dispersion is None else load_image(self.inputs.v1_dispersion)[1]
+        streamlines = track_field(
+            field, mask > 0, mask_img.affine, settings, dispersion=dispersion, seed=self.inputs.random_seed
+        )
         path = os.path.abspath(f"tractogram.{self.inputs.tractogram_format}")
         self._results["tractogram"] = str(save_tractogram(streamlines, nib.load(self.inputs.t1w), path))
         self._results["sidecar"] = json.loads(

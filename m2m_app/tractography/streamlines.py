@@ -185,6 +185,9 @@ class TrackingSettings:
     seed_density_threshold : least density of a seed voxel (field units).
     max_angle_deg : largest turn between consecutive steps (degrees).
     min_length_mm, max_length_mm : streamlines outside this length range (mm) are discarded.
+    max_dispersion_deg : if set, voxels whose predicted V1 dispersion (degrees) exceeds it leave
+        the tracking mask: particles stop before a step that ends in one and no seed goes there.
+        None (the default): off, the dispersion map is not read.
     """
 
     seeds_per_voxel: int | None = None
@@ -195,10 +198,27 @@ class TrackingSettings:
     max_angle_deg: float = 45.0
     min_length_mm: float = 20.0
     max_length_mm: float = 250.0
+    max_dispersion_deg: float | None = None
 
     def __post_init__(self) -> None:
         if self.seeds_per_voxel is not None and self.n_seeds is not None:
             raise ValueError("give seeds_per_voxel or n_seeds, not both")
+
+
+def tracking_mask(
+    mask: np.ndarray, dispersion: np.ndarray | None = None, max_dispersion_deg: float | None = None
+) -> np.ndarray:
+    """The ``(X, Y, Z)`` bool mask tracked in: ``mask`` less the voxels whose V1 ``dispersion``
+    ``(X, Y, Z)`` (degrees, same grid) exceeds ``max_dispersion_deg``; ``mask`` itself when that is None."""
+    mask = np.asarray(mask, dtype=bool)
+    if max_dispersion_deg is None:
+        return mask
+    if dispersion is None:
+        raise ValueError("max_dispersion_deg is set but no V1 dispersion map was given")
+    dispersion = np.asarray(dispersion, dtype=float)
+    if dispersion.shape != mask.shape:
+        raise ValueError(f"V1 dispersion map of shape {dispersion.shape} is not on the mask's grid {mask.shape}")
+    return mask & ~(dispersion > max_dispersion_deg)
 
 
 def track_field(
@@ -207,6 +227,7 @@ def track_field(
     affine: np.ndarray,
     settings: TrackingSettings = TrackingSettings(),
     *,
+    dispersion: np.ndarray | None = None,
     seed: int = 0,
 ) -> list[np.ndarray]:
     """Bidirectional deterministic RK4 streamlines through the field, in world RAS+ mm.
@@ -217,6 +238,8 @@ def track_field(
         returning density ``(N,)`` and orientation ``(N, 3)`` (its signs are ignored).
     mask : (X, Y, Z) bool tracking mask on the grid of ``affine`` (4, 4, voxel → world mm).
     settings : seeding, step, stopping and length rules (:class:`TrackingSettings`).
+    dispersion : (X, Y, Z) predicted V1 dispersion (degrees) on the mask's grid; read, and
+        required, only when ``settings.max_dispersion_deg`` is set (see :func:`tracking_mask`).
     seed : seed of the random seed placement.
 
     Returns a list of ``(n_i, 3)`` float32 streamlines, each running through its seed point.
@@ -224,6 +247,7 @@ def track_field(
     s = settings
     seeds_per_voxel = 1 if s.seeds_per_voxel is None and s.n_seeds is None else s.seeds_per_voxel
     query = _as_query(field_or_query_fn)
+    mask = tracking_mask(mask, dispersion, s.max_dispersion_deg)
     seeds = seed_points(
         query,
         mask,
@@ -257,6 +281,21 @@ def track_field(
     return streamlines
 
 
+def _uncertainty_use(max_dispersion_deg: float | None) -> str:
+    """The sidecar's ``UncertaintyUse``: which uncertainty map changed the tracking, and how."""
+    if max_dispersion_deg is None:
+        return (
+            "none: the per-voxel uncertainty maps (FA SD, V1 dispersion, track-density SD) are written beside "
+            "the maps but do not change seeding, stepping or stopping; whether stopping where V1 dispersion is "
+            "high helps the held-out tractogram has not been measured"
+        )
+    return (
+        f"stopping: streamlines stop before a step that ends in a voxel whose predicted V1 dispersion (RMS angle "
+        f"of the inference passes' V1 about the fused V1) exceeds {max_dispersion_deg} degrees, and no seed is "
+        "placed in such a voxel; the FA SD and track-density SD maps do not change seeding, stepping or stopping"
+    )
+
+
 def bep046_sidecar(settings: TrackingSettings = TrackingSettings(), n_streamlines: int | None = None) -> dict[str, Any]:
     """BEP046 tractography sidecar for :func:`track_field` run with ``settings``.
 
@@ -265,6 +304,11 @@ def bep046_sidecar(settings: TrackingSettings = TrackingSettings(), n_streamline
     """
     p = asdict(settings)
     per_voxel = p["n_seeds"] is None
+    dispersion_rule = (
+        ""
+        if p["max_dispersion_deg"] is None
+        else f"; the mask less voxels of V1 dispersion > {p['max_dispersion_deg']} degrees"
+    )
     sidecar = {
         "TractographyClass": "local",
         "TractographyMethod": "deterministic",
@@ -281,16 +325,12 @@ def bep046_sidecar(settings: TrackingSettings = TrackingSettings(), n_streamline
             "Deterministic bidirectional RK4 streamlines through a continuous field (feature grid + MLP) "
             "fitted to the predicted track-density and directionally encoded track-density slices. "
             f"Seeds in mask voxels with field density >= {p['seed_density_threshold']}; tracking stops on "
-            f"leaving the mask (nearest voxel), density < {p['density_threshold']} (units of the input's "
-            f"robust maximum) or a turn above {p['max_angle_deg']} degrees per step. The field's orientation "
-            "is sign-free; among the axes sharing its absolute components the one closest to the previous "
-            "step is followed."
+            f"leaving the mask (nearest voxel{dispersion_rule}), density < {p['density_threshold']} (units of "
+            f"the input's robust maximum) or a turn above {p['max_angle_deg']} degrees per step. The field's "
+            "orientation is sign-free; among the axes sharing its absolute components the one closest to the "
+            "previous step is followed."
         ),
-        "UncertaintyUse": (
-            "none: the per-voxel uncertainty maps (FA SD, V1 dispersion, track-density SD) are written beside "
-            "the maps but do not change seeding, stepping or stopping; whether stopping where V1 dispersion is "
-            "high helps the held-out tractogram has not been measured"
-        ),
+        "UncertaintyUse": _uncertainty_use(p["max_dispersion_deg"]),
     }
     if n_streamlines is not None:
         sidecar["Count"] = int(n_streamlines)

@@ -76,7 +76,11 @@ def init_single_subject_wf(
             workflow.connect(
                 [
                     (check, nerf_wf, [("t1w", "inputnode.t1w")]),
-                    (phase1_wf, nerf_wf, [("outputnode.mask", "inputnode.mask")]),
+                    (
+                        phase1_wf,
+                        nerf_wf,
+                        [(f"outputnode.{key}", f"inputnode.{key}") for key in ("mask", "v1_dispersion")],
+                    ),
                     (
                         phase2_wf,
                         nerf_wf,

@@ -29,7 +29,8 @@ class RunConfig:
 
     Paths are absolute; ``nprocs`` and ``omp_nthreads`` are resolved counts (CPUs of the
     whole run, threads per task), ``mem_mb`` megabytes or None (no limit);
-    ``output_resolution`` is the outputs' isotropic voxel size in mm, or None for the T1w's own grid.
+    ``output_resolution`` is the outputs' isotropic voxel size in mm, or None for the T1w's own grid;
+    ``stop_dispersion_deg`` the V1 dispersion (degrees) above which streamlines stop, or None (off).
     """
 
     bids_dir: Path
@@ -51,6 +52,7 @@ class RunConfig:
     skip_phase2: bool = False
     skip_nerf: bool = False
     output_resolution: float | None = None
+    stop_dispersion_deg: float | None = None
     command_line: str = ""
     run_id: str = field(default_factory=new_run_id)
 

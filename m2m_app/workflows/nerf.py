@@ -15,6 +15,12 @@ NERF_DESC = (
     "compositing) and traced with deterministic RK4 streamlines (m2m).\n\n"
 )
 
+#: Added to :data:`NERF_DESC` with ``--stop-dispersion`` (the threshold in degrees).
+NERF_STOP_DESC = (
+    "Streamlines were not seeded in, and stopped before entering, voxels where the V1 dispersion of the "
+    "six inference passes exceeded {:g} degrees.\n\n"
+)
+
 #: What :func:`init_nerf_wf` puts out.
 NERF_OUTPUTS = ("field", "report", "views", "turntable", "tractogram", "sidecar")
 
@@ -24,8 +30,9 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
 
     Inputs
     ------
-    mask : phase 1's brain mask; tdi, dectdi : phase 2's maps (all on the model grid, as the
-    field is); t1w : the reference image of the tractogram.
+    mask : phase 1's brain mask; v1_dispersion : phase 1's V1 dispersion (degrees; read only with
+    ``--stop-dispersion``); tdi, dectdi : phase 2's maps (all on the model grid, as the field is);
+    t1w : the reference image of the tractogram.
 
     Outputs
     -------
@@ -34,7 +41,11 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
     """
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = NERF_DESC
-    inputnode = pe.Node(niu.IdentityInterface(fields=["mask", "tdi", "dectdi", "t1w"]), name="inputnode")
+    if config.stop_dispersion_deg is not None:
+        workflow.__desc__ += NERF_STOP_DESC.format(config.stop_dispersion_deg)
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["mask", "tdi", "dectdi", "t1w", "v1_dispersion"]), name="inputnode"
+    )
     outputnode = pe.Node(niu.IdentityInterface(fields=list(NERF_OUTPUTS)), name="outputnode")
     seed = {"random_seed": config.random_seed, "num_threads": config.omp_nthreads}
     fit = pe.Node(FitField(device=config.device, **seed), name="nerf_fit", n_procs=config.omp_nthreads)
@@ -42,6 +53,9 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
     track = pe.Node(
         TrackField(tractogram_format=config.tractogram_format, **seed), name="nerf_track", n_procs=config.omp_nthreads
     )
+    if config.stop_dispersion_deg is not None:
+        track.inputs.max_dispersion_deg = config.stop_dispersion_deg
+        workflow.connect(inputnode, "v1_dispersion", track, "v1_dispersion")
     workflow.connect(
         [
             (inputnode, fit, [(key, key) for key in ("mask", "tdi", "dectdi")]),
