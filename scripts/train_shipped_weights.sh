@@ -129,13 +129,20 @@ if [[ $PART == calibrate || $PART == all ]]; then
   cp "$WORK/ship"/phase{1,2}.{safetensors,json} m2m_app/data/models/
 fi
 
-# chain BIDS_DIR TEST_LABEL SESSION UNIT: the app on a held-out person with the weights that never saw them.
+# chain BIDS_DIR TEST_LABEL SESSION UNIT: the app on a held-out person with the weights that never saw them,
+# then again with streamlines stopped where the predicted V1 dispersion is high: does that help the tractogram?
+# 30 degrees: in the folds' phase-1 reliability tables the top decile of V1 dispersion (about 33-66 degrees)
+# has V1 errors of about 50 degrees, so the rule cuts roughly that decile. The second run shares the work
+# folder: phase 1, phase 2 and the NeRF fit have the same inputs and are reused; tracking and writing run again.
 chain() {
   local bids=$1 label=$2 session=$3 unit=$4 fold_dir="$WORK/loso-test-sub-$2" out="$WORK/app-loso-test-sub-$2"
-  m2m "$bids" "$out" participant --participant-label "$label" ${session:+--session-label "$session"} \
-    --weights-dir "$fold_dir" -w "$WORK/work-loso-test-sub-$label" --nprocs 2 \
-    --device "$DEVICE" --random-seed 0
+  local options=(participant --participant-label "$label" ${session:+--session-label "$session"}
+    --weights-dir "$fold_dir" -w "$WORK/work-loso-test-sub-$label" --nprocs 2 --device "$DEVICE" --random-seed 0)
+  m2m "$bids" "$out" "${options[@]}"
   m2m-train evaluate-tractogram "$PREP" "$out" --subject "$unit" > "$fold_dir/tractogram_heldout.tsv"
+  m2m "$bids" "$out-stopdispersion" "${options[@]}" --stop-dispersion 30
+  m2m-train evaluate-tractogram "$PREP" "$out-stopdispersion" --subject "$unit" \
+    > "$fold_dir/tractogram_heldout_stopdispersion.tsv"
 }
 
 if [[ $PART == chain || $PART == all ]]; then
