@@ -72,7 +72,8 @@ fold() {
   local epochs1 epochs2
   epochs1=$(epochs "$PHASE1_STEPS" "$PHASE1_BATCHES_PER_UNIT" "$units")
   epochs2=$(epochs "$PHASE2_STEPS" "$PHASE2_BATCHES_PER_UNIT" "$units")
-  local scored=(--phase 1 --baseline intensity --baseline atlas --device "$DEVICE")
+  # grid: the ceiling of the 2 mm model grid (the teacher's FA through it and back), not a baseline
+  local scored=(--phase 1 --baseline intensity --baseline atlas --baseline grid --device "$DEVICE")
   m2m-train phase1 "$PREP" "$out" "${subjects[@]}" --epochs "$epochs1" "${COMMON[@]}" "${PHASE1[@]}"
   m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --out "$out/phase1_heldout.tsv"
   m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --skull-strip \

@@ -50,10 +50,14 @@ def test_training_resumes_and_exports(tmp_path, caplog):
     assert meta["recipe"]["elastic_px"] == 2.0
     assert meta["recipe"]["training_datasets"] == ["prep"] and str(tmp_path) not in json.dumps(meta)
     assert meta["architecture"] == {"in_channels": 5, "out_channels": 7, **TINY}
-    results = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], out_tsv=out / "eval.tsv", device="cpu")
-    assert {r["method"] for r in results} == {"m2m", "baseline_fa_from_t1w"}
+    scored = {"test_subjects": ["sub-02"], "device": "cpu", "baselines": ("intensity", "grid")}
+    results = evaluate_phase("phase1", prep, out, out_tsv=out / "eval.tsv", **scored)
+    assert {r["method"] for r in results} == {"m2m", "baseline_fa_from_t1w", "reference_teacher_via_grid"}
+    reference = next(r for r in results if r["method"] == "reference_teacher_via_grid")
+    # the teacher's own FA through the model grid: far closer to the teacher than a 2-epoch network
+    assert reference["fa_r_brain"] > 0.5 and reference["fa_mae_brain"] < results[0]["fa_mae_brain"]
     assert np.isfinite(results[0]["fa_mae_brain"]) and (out / "eval.tsv").exists()
-    stripped = evaluate_phase("phase1", prep, out, test_subjects=["sub-02"], device="cpu", skull_strip=True)
+    stripped = evaluate_phase("phase1", prep, out, skull_strip=True, **scored)
     assert [r["method"] for r in stripped] == [r["method"] for r in results]
     assert np.isfinite(stripped[0]["fa_mae_brain"]) and stripped[0]["fa_mae_brain"] != results[0]["fa_mae_brain"]
 

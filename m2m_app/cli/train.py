@@ -413,12 +413,13 @@ def predict(
     "--baseline",
     "baselines",
     multiple=True,
-    type=click.Choice(["intensity", "atlas"]),
+    type=click.Choice(["intensity", "atlas", "grid"]),
     default=("intensity",),
     show_default=True,
     help="Phase 1: baseline(s) scored with m2m; repeatable. intensity: FA from T1w intensity "
     "(fitted on the training subjects); atlas: TractSeg's HCP FA template warped to the T1w "
-    'through nilearn\'s MNI152 T1 with ANTs SyN (needs: pip install "m2m-app[atlas]").',
+    'through nilearn\'s MNI152 T1 with ANTs SyN (needs: pip install "m2m-app[atlas]"); grid: not a '
+    "baseline but the ceiling of m2m's model grid, the teacher's own FA resampled onto it and back.",
 )
 @click.option(
     "--out", "out_tsv", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as TSV here."

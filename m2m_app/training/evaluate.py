@@ -11,7 +11,8 @@ alone for older prep dirs), and in the white matter inside that mask.
   mask head is scored apart (Dice inside the FOV). Baselines (``baselines``):
   ``intensity``, FA from T1w intensity alone (mean FA per normalised-intensity bin, fitted on
   the training subjects); ``atlas``, a population FA template warped to the T1w
-  (:mod:`m2m_app.training.atlas`), always registered to the brain-extracted T1w. Brain
+  (:mod:`m2m_app.training.atlas`), always registered to the brain-extracted T1w; and a
+  reference, ``grid``: the teacher's FA through the model grid and back (linear). Brain
   extraction zeroes the T1w outside the teacher's brain mask grown by
   :data:`~m2m_app.maths.grid.STRIPPED_MARGIN_MM`. With ``skull_strip`` every method scores a
   brain-extracted T1w instead, as brain-extracted inputs are common.
@@ -50,7 +51,9 @@ DICE_DENSITY = 0.1
 #: Relative track density above which DEC-TDI directions are compared.
 HIGH_DENSITY = 0.5
 #: Phase-1 baselines (``--baseline``) and the ``method`` their rows carry.
-BASELINES = {"intensity": "baseline_fa_from_t1w", "atlas": "baseline_fa_atlas"}
+#: ``grid`` is a reference, not a baseline: the teacher's own FA resampled onto m2m's model grid
+#: and back, the best any prediction on that grid could score (what the grid alone costs).
+BASELINES = {"intensity": "baseline_fa_from_t1w", "atlas": "baseline_fa_atlas", "grid": "reference_teacher_via_grid"}
 
 
 def _mae_and_r(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
@@ -195,6 +198,8 @@ def _evaluate_phase1(
         for name in baselines:
             if name == "intensity":
                 fa = intensity.predict(normalise_intensity(data))
+            elif name == "grid":
+                fa = np.clip(pred["grid"].to_source(pred["grid"].to_model(true_fa)), 0.0, 1.0)
             else:
                 from m2m_app.training.atlas import warp_atlas_fa
 
@@ -264,7 +269,7 @@ def evaluate_phase(
     predicted_inputs : phase 2 only: take FA/MD/colour FA from this folder of phase-1
         predictions (prep-dir layout) instead of the teacher's.
     skull_strip : phase 1 only: score every method on the skull-stripped T1w.
-    baselines : phase 1: any of :data:`BASELINES` (``intensity``, ``atlas``); phase 2 always
+    baselines : phase 1: any of :data:`BASELINES` (``intensity``, ``atlas``, ``grid``); phase 2 always
         scores its TDI-from-FA baseline and takes only the default.
 
     Returns the rows: ``subject``, ``method`` (``m2m`` or ``baseline_*``) and the metrics.
@@ -276,7 +281,7 @@ def evaluate_phase(
     if unknown:
         raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     if spec.name != "phase1" and tuple(baselines) != ("intensity",):
-        raise UsageError("the intensity and atlas baselines are phase-1 (FA) baselines")
+        raise UsageError("the intensity, atlas and grid baselines are phase-1 (FA) baselines")
     if "atlas" in baselines:
         from m2m_app.training.atlas import load_atlas
 
