@@ -181,9 +181,12 @@ def _evaluate_phase1(
     for row, prep in rows:
         img, data = load_t1w(row["t1w"])
         mask, wm, fov = evaluation_masks(prep, row)
-        extracted = brain_extraction_mask(_mask(prep, row, "mask"), STRIPPED_MARGIN_MM, img.header.get_zooms()[:3])
+        brain_t1w = data  # brain-extracted below where a method needs it
+        if skull_strip or "atlas" in baselines:
+            extracted = brain_extraction_mask(_mask(prep, row, "mask"), STRIPPED_MARGIN_MM, img.header.get_zooms()[:3])
+            brain_t1w = np.where(extracted, data, 0)
         if skull_strip:
-            data = np.where(extracted, data, 0)
+            data = brain_t1w
         true_tensor = load_image(prep / row["diffusivity"])[1]
         pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False)
         results.append(
@@ -205,8 +208,7 @@ def _evaluate_phase1(
 
                 # registered brain to brain: the template T1 is skull-stripped, and with the
                 # scalp kept the registration slid along the head (inferior-superior)
-                stripped = np.where(extracted, data, 0).astype(np.float32)
-                fa = warp_atlas_fa(nib.Nifti1Image(stripped, img.affine))
+                fa = warp_atlas_fa(nib.Nifti1Image(brain_t1w.astype(np.float32), img.affine))
             results.append({"subject": row["subject"], "method": BASELINES[name], **fa_metrics(fa, true_fa, mask, wm)})
     return results
 
