@@ -116,7 +116,10 @@ if [[ $PART == calibrate || $PART == all ]]; then
     pooled=()
     for test in "${FOLD_TESTS[@]}"; do
       out="$WORK/loso-test-$test"
-      args=(--phase "$phase" --test-subject "$test" --device "$DEVICE" --out "$out/phase${phase}_calibration.tsv")
+      # --store-scale: the fold's weights then carry that scale, so the app run with them (chain) writes
+      # calibrated uncertainty maps as it does with the shipped weights (--stop-dispersion acts on those)
+      args=(--phase "$phase" --test-subject "$test" --device "$DEVICE" --store-scale
+        --out "$out/phase${phase}_calibration.tsv")
       [[ $phase == 1 ]] || args+=(--predicted-inputs "$out/pred-phase1")
       for other in "${FOLD_TESTS[@]}"; do
         [[ $other == "$test" ]] || args+=(--scale-from "$WORK/loso-test-$other/phase${phase}_calibration_raw.tsv")

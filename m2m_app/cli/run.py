@@ -127,8 +127,9 @@ command resumes from the work folder.
     type=click.FloatRange(min=0.0, max=90.0, min_open=True),
     default=None,
     metavar="DEG",
-    help="Stop streamlines before voxels whose predicted V1 dispersion (RMS angle of the inference passes' "
-    "V1 about the fused V1) exceeds DEG degrees, and seed none there (e.g. 30). Default: off.",
+    help="Stop streamlines before voxels whose V1 dispersion, as m2m writes it (RMS angle of the inference "
+    "passes' V1 about the fused V1, times the weights' calibration scale), exceeds DEG degrees, and seed none "
+    "there (e.g. 30). Default: off.",
 )
 @click.option("--skip-phase2", is_flag=True, help="Tensor maps only (no track density, no NeRF, no streamlines).")
 @click.option("--skip-nerf", is_flag=True, help="Stop after the track-density maps (no NeRF, no streamlines).")

@@ -290,8 +290,9 @@ def _uncertainty_use(max_dispersion_deg: float | None) -> str:
             "high helps the held-out tractogram has not been measured"
         )
     return (
-        f"stopping: streamlines stop before a step that ends in a voxel whose predicted V1 dispersion (RMS angle "
-        f"of the inference passes' V1 about the fused V1) exceeds {max_dispersion_deg} degrees, and no seed is "
+        f"stopping: streamlines stop before a step that ends in a voxel whose predicted V1 dispersion (the "
+        f"written map: RMS angle of the inference passes' V1 about the fused V1, times the weights' calibration "
+        f"scale) exceeds {max_dispersion_deg} degrees, and no seed is "
         "placed in such a voxel; the FA SD and track-density SD maps do not change seeding, stepping or stopping"
     )
 
