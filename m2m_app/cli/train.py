@@ -27,7 +27,7 @@ from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
 from m2m_app.io.naming import Subject
 from m2m_app.io.crashes import crash_reasons
-from m2m_app.training.recipe import TrainingRecipe
+from m2m_app.training.recipe import FA_DETAIL_SIGMA_MM, FA_DETAIL_WEIGHT, TrainingRecipe
 
 LOGGER = logging.getLogger("m2m.train")
 
@@ -541,6 +541,42 @@ def calibrate(
     click.echo("\t".join(columns))
     for row in summary:
         click.echo("\t".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+
+
+@cli.command("fit-detail")
+@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("weights_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--subject",
+    "subjects",
+    multiple=True,
+    help="Fit on these units (default: the ones the phase-1 weights were trained on). Repeatable.",
+)
+@click.option("--sigma-mm", type=click.FloatRange(min=0.5), default=FA_DETAIL_SIGMA_MM, show_default=True)
+@click.option("--weight", type=click.FloatRange(min=0.0), default=FA_DETAIL_WEIGHT, show_default=True)
+@with_verbosity
+@exits_cleanly
+def fit_detail(
+    prep_dir: Path,
+    weights_dir: Path,
+    subjects: tuple[str, ...],
+    sigma_mm: float,
+    weight: float,
+    verbose: int,
+    quiet: int,
+) -> None:
+    """Fit and store the T1w detail transfer of the phase-1 weights in WEIGHTS_DIR.
+
+    The predicted FA gains, on the T1w's own grid, WEIGHT times the high-pass (Gaussian
+    SIGMA_MM) of FA looked up from the T1w intensity; the lookup (mean teacher FA per
+    intensity bin) is fitted here on the training units' teacher maps in PREP_DIR. The app,
+    evaluate and calibrate then apply it. --weight 0 turns it off. The defaults are the ones
+    chosen on the leave-one-person-out folds (docs/benchmarks.md).
+    """
+    from m2m_app.training.detail import fit_fa_detail
+
+    setup_logging(verbose, quiet)
+    fit_fa_detail(prep_dir, weights_dir, list(subjects) or None, sigma_mm, weight)
 
 
 @cli.command("evaluate-tractogram")

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from m2m_app.data.weights import weight_files
+from m2m_app.data.weights import fa_detail_values, weight_files
 from m2m_app.errors import BadDataError, MissingInputError, UsageError
 from m2m_app.io.files import file_sha256
+from m2m_app.maths.detail import FaDetail, fa_detail_from
 from m2m_app.maths.grid import ConformedGrid, resample_outputs
 from m2m_app.maths.tensor import masked_tensor_maps
 from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_inputs, phase2_inputs, slab_along
@@ -162,14 +163,16 @@ def to_output(
     grid: ConformedGrid,
     support: np.ndarray | None = None,
     resolution_mm: float | None = None,
+    fa_shift: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Model-grid ``maps`` on the output grid (:meth:`ConformedGrid.output_grid`), as m2m writes them.
 
     ``support`` ``(x, y, z)`` bool is where the maps are defined (the brain mask; None: the
-    whole model grid); each key is resampled by its rule in :func:`resample_outputs`.
+    whole model grid); each key is resampled by its rule in :func:`resample_outputs`, with
+    ``fa_shift`` (the T1w detail transfer on the output grid) when given.
     """
     resampler = grid.output_resampler(np.ones(grid.shape, bool) if support is None else support, resolution_mm)
-    return dict(resample_outputs(maps, resampler))
+    return dict(resample_outputs(maps, resampler, fa_shift))
 
 
 def predict_phase1_model(
@@ -240,13 +243,15 @@ def predict_phase1(
     mask_tensor: bool = True,
     uncertainty: bool = False,
     scales: Mapping[str, float] | None = None,
+    fa_detail: FaDetail | None = None,
 ) -> dict:
     """Phase 1's maps as m2m writes them, on the T1w's own grid (e.g. to score them).
 
     :func:`predict_phase1_model` (same parameters), the tensor maps computed on the model
     grid (:func:`~m2m_app.maths.tensor.masked_tensor_maps`, inside the mask, or everywhere
     without ``mask_tensor``), then everything brought to the T1w grid by :func:`to_output`:
-    the route of the pipeline's outputs.
+    the route of the pipeline's outputs. ``fa_detail``: the T1w detail transfer stored with
+    the weights (:func:`load_fa_detail`), as the app applies it; None: none.
 
     Returns ``tensor`` ``(X, Y, Z, 6)`` mm²/s, ``mask`` ``(X, Y, Z)`` bool, ``fa``, ``md``,
     ``ad``, ``rd`` ``(X, Y, Z)``, ``v1``, ``colfa`` ``(X, Y, Z, 3)``, with ``uncertainty``
@@ -255,18 +260,26 @@ def predict_phase1(
     pred = predict_phase1_model(
         t1w_img, t1w_data, model, weights_dir, device, batch_size, mask_tensor, uncertainty, scales
     )
-    return phase1_to_output(pred, mask_tensor)
+    fa_shift = None
+    if fa_detail is not None:
+        fa_shift = fa_detail.fa_shift_on(t1w_data, t1w_img.affine, *pred["grid"].output_grid())
+    return phase1_to_output(pred, mask_tensor, fa_shift)
 
 
-def phase1_to_output(pred: dict, mask_tensor: bool = True) -> dict:
+def phase1_to_output(pred: dict, mask_tensor: bool = True, fa_shift: np.ndarray | None = None) -> dict:
     """:func:`predict_phase1_model`'s output with the tensor maps (computed on the model grid,
-    inside the mask or everywhere without ``mask_tensor``), all on the T1w grid (:func:`to_output`),
-    plus ``grid``."""
+    inside the mask or everywhere without ``mask_tensor``), all on the T1w grid (:func:`to_output`,
+    with ``fa_shift`` there), plus ``grid``."""
     pred = dict(pred)
     grid = pred.pop("grid")
     support = pred["mask"] if mask_tensor else np.ones(grid.shape, bool)
     maps = pred | masked_tensor_maps(pred["tensor"], support)
-    return to_output(maps, grid, support) | {"grid": grid}
+    return to_output(maps, grid, support, fa_shift=fa_shift) | {"grid": grid}
+
+
+def load_fa_detail(weights_dir: str | os.PathLike | None = None) -> FaDetail | None:
+    """The T1w detail transfer stored with the phase-1 weights (None: the weights have none)."""
+    return fa_detail_from(fa_detail_values(weights_dir))
 
 
 def predict_phase2(

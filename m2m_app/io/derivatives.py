@@ -14,7 +14,13 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
-from m2m_app.data.weights import UNCERTAINTY_SCALE_KEY, uncertainty_scales, weight_files, weights_folder
+from m2m_app.data.weights import (
+    UNCERTAINTY_SCALE_KEY,
+    fa_detail_values,
+    uncertainty_scales,
+    weight_files,
+    weights_folder,
+)
 from m2m_app.io.environment import container_description
 from m2m_app.io.files import atomic_write, save_json
 from m2m_app.io.naming import (
@@ -27,7 +33,8 @@ from m2m_app.io.naming import (
     derivative_paths,
     sidecar_path,
 )
-from m2m_app.io.nifti import load_image, save_nifti
+from m2m_app.io.nifti import load_image, load_t1w, save_nifti
+from m2m_app.maths.detail import FaDetail, fa_detail_from
 from m2m_app.maths.grid import ConformedGrid, resample_outputs
 
 LOGGER = logging.getLogger(__name__)
@@ -208,12 +215,23 @@ def write_maps(
     phase 2, ``tdi``, ``dectdi``, ``tdi_sd``); ``mask`` is where they are defined. Each map is
     resampled once onto :meth:`ConformedGrid.output_grid` of ``resolution_mm`` (None: the
     T1w's own grid) by its rule in :func:`~m2m_app.maths.grid.resample_outputs` and written
-    at once. ``timings`` ({stage: seconds}) goes into every sidecar. Returns the written paths by key.
+    at once. When the phase-1 weights store a T1w detail transfer (:mod:`m2m_app.maths.detail`),
+    its FA shift, computed from the T1w on the output grid, sharpens FA, the tensor, AD, RD and
+    colour FA (MD and V1 unchanged), and their sidecars say so. ``timings`` ({stage: seconds})
+    goes into every sidecar. Returns the written paths by key.
     """
     paths = derivative_paths(Path(output_dir), subject, "nerf")
     common = _common_sidecar(t1w, weights_dir, timings or {})
     volumes = {key: load_image(source)[1] for key, source in maps.items()}
     resampler = grid.output_resampler(volumes["mask"] > 0, resolution_mm)
+    detail = fa_detail_from(fa_detail_values(weights_dir)) if "fa" in maps else None
+    fa_shift = None
+    if detail is not None:
+        t1w_img, t1w_data = load_t1w(t1w)
+        fa_shift = detail.fa_shift_on(
+            t1w_data, t1w_img.affine, resampler.out_shape, resampler.out_affine, where=resampler.kept
+        )
+        del t1w_data
 
     def write(key: str, volume: np.ndarray, sidecar: dict) -> Path:
         dtype = np.uint8 if volume.dtype == bool else np.float32
@@ -223,15 +241,33 @@ def write_maps(
 
     written: dict[str, Future[Path]] = {}
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
-        for key, volume in resample_outputs(volumes, resampler):
+        for key, volume in resample_outputs(volumes, resampler, fa_shift):
             pending = [f for f in written.values() if not f.done()]
             if len(pending) >= WRITER_THREADS:  # at most WRITER_THREADS maps in memory besides this one
                 futures.wait(pending, return_when=futures.FIRST_COMPLETED)
             description, extra = _map_description(key, weights_dir)
+            if detail is not None and key in SHARPENED_MAPS:
+                extra = extra | {"T1wDetailTransfer": _detail_sidecar(detail)}
             sidecar = {"Description": f"{description}; {PREDICTED}", **extra, **common}
             written[key] = pool.submit(write, key, volume, sidecar)
             del volume
     return {key: written[key].result() for key in maps}
+
+
+#: The maps the T1w detail transfer changes (MD, V1 and the uncertainty maps stay as predicted).
+SHARPENED_MAPS = frozenset({"fa", "ad", "rd", "colfa", "diffusivity"})
+
+
+def _detail_sidecar(detail: FaDetail) -> dict[str, Any]:
+    """What a sharpened map's sidecar says about the T1w detail transfer."""
+    return {
+        "Description": "FA sharpened below the 2 mm model grid with the T1w: the high-pass (Gaussian sigma "
+        f"{detail.sigma_mm} mm) of FA looked up from the normalised T1w intensity (mean teacher FA per "
+        f"intensity bin, fitted on the training subjects), times {detail.weight}, added to the predicted "
+        "FA; the tensor's eigenvalues are rescaled about their mean to match (MD and V1 unchanged)",
+        "SigmaMm": detail.sigma_mm,
+        "Weight": detail.weight,
+    }
 
 
 def _map_description(key: str, weights_dir: str | None) -> tuple[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ from m2m_app.maths.tensor import (
     eigen_decomposition,
     log_tensors,
     matrix_to_components,
+    rescale_anisotropy,
 )
 
 #: Isotropic voxel size of the model grid, mm.
@@ -265,13 +266,18 @@ class GridResampler:
         out[self.kept] = values
         return out
 
-    def tensor_values(self, components: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    def tensor_values(
+        self, components: np.ndarray, fa_shift: np.ndarray | None = None, chunk: int = 1 << 20
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Log-Euclidean resampling of a tensor field ``(x, y, z, 6)`` (mm²/s) onto the kept voxels.
 
         The six log-tensor components are resampled like any map; an eigendecomposition of
         the mean log-tensors, ``chunk`` voxels at a time (its float64 matrices stay that small
         however large the output grid), gives the tensors ``(N, 6)`` (mm²/s) and their principal
-        eigenvectors ``(N, 3)``, float32 both.
+        eigenvectors ``(N, 3)``, float32 both. With ``fa_shift`` ``(N,)`` (FA units, at the kept
+        voxels), each tensor's FA is changed by it (:func:`~m2m_app.maths.tensor.rescale_anisotropy`:
+        same MD and eigenvectors) and the third value is the anisotropy scale ``(N,)`` applied
+        (None without a shift).
         """
         logs = np.zeros(components.shape, dtype=np.float32)
         logs[self.support] = matrix_to_components(
@@ -280,12 +286,16 @@ class GridResampler:
         mean_logs = self.values(logs)
         tensors = np.empty(mean_logs.shape, dtype=np.float32)
         v1 = np.empty(mean_logs.shape[:1] + (3,), dtype=np.float32)
+        scale = None if fa_shift is None else np.empty(len(mean_logs), dtype=np.float32)
         for first in range(0, len(mean_logs), chunk):
             part = slice(first, first + chunk)
             evals, evecs = eigen_decomposition(components_to_matrix(mean_logs[part].astype(float)))
-            tensors[part] = matrix_to_components(compose_tensors(np.exp(evals), evecs))
+            evals = np.exp(evals)
+            if fa_shift is not None and scale is not None:
+                evals, scale[part] = rescale_anisotropy(evals, fa_shift[part])
+            tensors[part] = matrix_to_components(compose_tensors(evals, evecs))
             v1[part] = evecs[..., :, 0]
-        return tensors, v1
+        return tensors, v1, scale
 
 
 def resample_tensor(components: np.ndarray, grid: ConformedGrid, to_model: bool = True) -> np.ndarray:
@@ -313,10 +323,14 @@ OUTPUT_RULES: dict[str, str] = {
     "colfa": "colfa",
     "fa": "unit",
     "dectdi": "unit",
+    "ad": "eigenvalue",
+    "rd": "eigenvalue",
 }
 
 
-def resample_outputs(maps: Mapping[str, np.ndarray], resampler: GridResampler) -> Iterator[tuple[str, np.ndarray]]:
+def resample_outputs(
+    maps: Mapping[str, np.ndarray], resampler: GridResampler, fa_shift: np.ndarray | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
     """Bring model-grid maps onto the output grid, one pass per map; yields ``(key, volume)`` one at a time.
 
     ``maps`` holds model-grid volumes by output key; ``resampler`` goes from the model grid to
@@ -330,21 +344,30 @@ def resample_outputs(maps: Mapping[str, np.ndarray], resampler: GridResampler) -
       so there is no sign to average; needs the tensor in ``maps``.
     * ``colfa``: colour FA (dipy's ``FA · |V1|``) of the resampled FA and V1; needs ``fa``.
     * ``fa``, ``dectdi``: linear, clipped to [0, 1].
-    * any other (MD, AD, RD, the uncertainty maps, TDI): linear, clipped at 0.
+    * ``ad``, ``rd``: linear; with ``fa_shift``, moved about MD by the tensor's anisotropy scale.
+    * any other (MD, the uncertainty maps, TDI): linear, clipped at 0.
+
+    ``fa_shift`` ``(X, Y, Z)`` on the output grid (FA units; the T1w detail transfer of
+    :mod:`m2m_app.maths.detail`) is added to FA, and the tensors' eigenvalues are rescaled
+    about their mean to match (:func:`~m2m_app.maths.tensor.rescale_anisotropy`), which AD and
+    RD follow; MD and V1 do not change. It needs the tensor and, for AD/RD, ``md`` in ``maps``.
 
     "Linear" is :class:`GridResampler`'s normalised trilinear interpolation. Maps come out
-    in ``maps``' order except that the tensor, V1 and FA come before colour FA.
+    in ``maps``' order except that the tensor comes first and colour FA, AD and RD last.
     """
     tensor_key = next((key for key in maps if OUTPUT_RULES.get(key) == "tensor"), None)
-    order = sorted(maps, key=lambda key: OUTPUT_RULES.get(key) == "colfa")
+    rank = {"tensor": 0, "eigenvalue": 2, "colfa": 2}
+    order = sorted(maps, key=lambda key: rank.get(OUTPUT_RULES.get(key, ""), 1))
+    shift = None if fa_shift is None else fa_shift[resampler.kept].astype(np.float32)
     v1: np.ndarray | None = None
     fa: np.ndarray | None = None
+    scale: np.ndarray | None = None
     for key in order:
         rule = OUTPUT_RULES.get(key, "positive")
         if rule == "threshold":
             yield key, resampler.fill(resampler.values(maps[key].astype(np.float32)) >= 0.5, dtype=bool)
         elif rule == "tensor":
-            tensors, v1 = resampler.tensor_values(maps[key])
+            tensors, v1, scale = resampler.tensor_values(maps[key], shift)
             yield key, resampler.fill(tensors)
             del tensors
         elif rule == "v1":
@@ -359,6 +382,14 @@ def resample_outputs(maps: Mapping[str, np.ndarray], resampler: GridResampler) -
             # dipy's color_fa formula, |V1| · FA; dipy's function takes all three eigenvectors (3× the memory)
             yield key, resampler.fill(np.abs(v1) * np.clip(fa, 0.0, 1.0)[:, None])
         else:
-            values = np.clip(resampler.values(maps[key]), 0.0, 1.0 if rule == "unit" else None)
+            values = resampler.values(maps[key])
+            if shift is not None and key == "fa":
+                values = values + shift
+            elif shift is not None and rule == "eigenvalue":
+                if scale is None or "md" not in maps:
+                    raise KeyError("with an FA shift, AD and RD follow the rescaled tensor; maps needs it and md")
+                md = resampler.values(maps["md"])
+                values = md + scale * (values - md)
+            values = np.clip(values, 0.0, 1.0 if rule == "unit" else None)
             fa = values if key == "fa" else fa
             yield key, resampler.fill(values)

@@ -19,6 +19,12 @@ COMPONENT_INDEX: tuple[tuple[int, int], ...] = ((0, 0), (0, 1), (0, 2), (1, 1), 
 COMPONENT_NAMES: tuple[str, ...] = ("D11", "D12", "D13", "D22", "D23", "D33")
 
 
+#: Largest FA :func:`rescale_anisotropy` gives a tensor (FA 1 would need a zero eigenvalue).
+MAX_FA = 0.99
+#: The smallest eigenvalue a rescaled tensor keeps, as a fraction of its mean (positive-definite).
+MIN_EIGENVALUE_FRACTION = 0.01
+
+
 def components_to_matrix(components: np.ndarray) -> np.ndarray:
     """Expand ``(..., 6)`` components into symmetric ``(..., 3, 3)`` matrices."""
     components = np.asarray(components)
@@ -147,3 +153,27 @@ def log_euclidean_mean(fields: list[np.ndarray]) -> np.ndarray:
     mean_logs = components_to_matrix(total[inside] / count[inside][:, None])
     out[inside] = matrix_to_components(exp_tensors(mean_logs))
     return out
+
+
+def rescale_anisotropy(evals: np.ndarray, fa_shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues ``(N, 3)`` (positive) whose FA is their FA plus ``fa_shift`` ``(N,)``, same mean.
+
+    Each eigenvalue becomes ``mean + s · (λ − mean)``: MD and the eigenvectors do not change,
+    and FA grows with ``s`` (``FA² = 1.5 s² d² / (3 mean² + s² d²)``, ``d²`` the sum of squared
+    deviations, solved for ``s``). The target FA is clipped to [0, :data:`MAX_FA`] and ``s``
+    is capped so that the smallest eigenvalue stays at least :data:`MIN_EIGENVALUE_FRACTION`
+    of the mean; isotropic tensors (no direction to stretch) keep ``s = 1``. Returns the new
+    eigenvalues ``(N, 3)`` and ``s`` ``(N,)`` (to rescale AD and RD maps the same way).
+    """
+    evals = np.asarray(evals, dtype=np.float64)
+    mean = evals.mean(axis=-1)
+    deviation = evals - mean[:, None]
+    d2 = (deviation**2).sum(axis=-1)
+    target = np.clip(np.nan_to_num(dti.fractional_anisotropy(evals)) + fa_shift, 0.0, MAX_FA)
+    anisotropic = d2 > 1e-12 * np.maximum(mean**2, 1e-300)
+    safe_d2 = np.where(anisotropic, d2, 1.0)
+    scale = np.sqrt(3.0 * target**2 * mean**2 / ((1.5 - target**2) * safe_d2))
+    lowest = deviation.min(axis=-1)  # < 0 for an anisotropic tensor
+    cap = (1.0 - MIN_EIGENVALUE_FRACTION) * mean / np.where(lowest < 0, -lowest, np.inf)
+    scale = np.where(anisotropic, np.minimum(scale, cap), 1.0)
+    return mean[:, None] + scale[:, None] * deviation, scale

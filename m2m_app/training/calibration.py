@@ -35,10 +35,11 @@ from scipy import stats
 
 from m2m_app.data.weights import UNCERTAINTY_SCALE_KEY, uncertainty_scales, weight_files
 from m2m_app.errors import BadDataError, UsageError
-from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
+from m2m_app.inference.predict import load_fa_detail, load_translator, predict_phase1, predict_phase2
 from m2m_app.io.files import save_json, save_tsv
 from m2m_app.io.manifest import select_rows
 from m2m_app.io.nifti import load_image, load_t1w
+from m2m_app.maths.detail import FaDetail
 from m2m_app.maths.metrics import angular_error_deg
 from m2m_app.maths.tensor import tensor_derivatives
 from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
@@ -141,12 +142,16 @@ def calibration_rows(
     return summary, [{"subject": subject, "map": name, **row} for row in reliability_table(uncertainty, absolute)]
 
 
-def _phase1_errors(row: dict, prep: Path, model, device: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _phase1_errors(
+    row: dict, prep: Path, model, device: str, fa_detail: FaDetail | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{map: (raw uncertainty, error)}`` of one subject: FA error in the evaluation mask, V1 angle error
     (degrees) in its fibres."""
     img, data = load_t1w(row["t1w"])
     brain = evaluation_masks(prep, row)[0]
-    pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False, uncertainty=True)
+    pred = predict_phase1(
+        img, data, model=model, device=device, mask_tensor=False, uncertainty=True, fa_detail=fa_detail
+    )
     fa, v1 = pred["fa"][brain], pred["v1"][brain]  # the maps as the app writes them
     teacher = tensor_derivatives(load_image(prep / row["diffusivity"])[1][brain])
     fibres = teacher["fa"] > FA_ANGLE_THRESHOLD
@@ -239,7 +244,7 @@ def calibrate_phase(
     summary, reliability = [], []
     for row, prep in select_rows([Path(prep_dir)], test_subjects):
         if spec.name == "phase1":
-            pairs = _phase1_errors(row, prep, model, device)
+            pairs = _phase1_errors(row, prep, model, device, load_fa_detail(weights_dir))
         else:
             pairs = _phase2_errors(row, prep, model, device, Path(predicted_inputs) if predicted_inputs else None)
         for name, (uncertainty, error) in pairs.items():

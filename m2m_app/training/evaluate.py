@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from m2m_app.errors import UsageError
-from m2m_app.inference.predict import load_translator, predict_phase1, predict_phase2
+from m2m_app.inference.predict import load_fa_detail, load_translator, predict_phase1, predict_phase2
 from m2m_app.io.files import save_tsv
 from m2m_app.io.manifest import select_rows
 from m2m_app.io.nifti import load_image, load_t1w, save_nifti
+from m2m_app.maths.detail import BinnedRegression, FaDetail
 from m2m_app.maths.grid import STRIPPED_MARGIN_MM, brain_extraction_mask, normalise_intensity
 from m2m_app.maths.metrics import angular_error_deg, dice, masked_ssim, pearson, psnr
 from m2m_app.maths.streamlines import fraction_near, track_density
@@ -127,35 +127,6 @@ def phase2_metrics(
     }
 
 
-@dataclass
-class BinnedRegression:
-    """``y ≈ mean of y in the bin of x``: ``bins`` equal bins on ``[low, high]`` (values clipped)."""
-
-    low: float
-    high: float
-    bins: int = 64
-
-    def __post_init__(self) -> None:
-        self.sums, self.counts = np.zeros(self.bins), np.zeros(self.bins)
-
-    def _bin(self, x: np.ndarray) -> np.ndarray:
-        scaled = (np.clip(x, self.low, self.high) - self.low) / (self.high - self.low)
-        return np.minimum((scaled * self.bins).astype(int), self.bins - 1)
-
-    def fit(self, x: np.ndarray, y: np.ndarray) -> BinnedRegression:
-        """Accumulate the pairs ``(x, y)`` (flat arrays); call once per training subject."""
-        index = self._bin(x)
-        self.sums += np.bincount(index, weights=y, minlength=self.bins)
-        self.counts += np.bincount(index, minlength=self.bins)
-        return self
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Bin means at ``x`` (empty bins give the overall mean)."""
-        overall = self.sums.sum() / max(self.counts.sum(), 1)
-        means = np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), overall)
-        return means[self._bin(x)]
-
-
 def _mask(prep: Path, row: dict, column: str) -> np.ndarray:
     return load_image(prep / row[column])[1] > 0
 
@@ -170,7 +141,13 @@ def evaluation_masks(prep: Path, row: dict) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _evaluate_phase1(
-    rows: list, train_rows: list, model, device: str, skull_strip: bool, baselines: tuple[str, ...]
+    rows: list,
+    train_rows: list,
+    model,
+    device: str,
+    skull_strip: bool,
+    baselines: tuple[str, ...],
+    fa_detail: FaDetail | None = None,
 ) -> list[dict]:
     intensity = BinnedRegression(0.0, 1.0)
     if "intensity" in baselines:
@@ -188,7 +165,7 @@ def _evaluate_phase1(
         if skull_strip:
             data = brain_t1w
         true_tensor = load_image(prep / row["diffusivity"])[1]
-        pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False)
+        pred = predict_phase1(img, data, model=model, device=device, mask_tensor=False, fa_detail=fa_detail)
         results.append(
             {
                 "subject": row["subject"],
@@ -295,7 +272,9 @@ def evaluate_phase(
     ]
     model, _ = load_translator(spec.name, weights_dir)
     if spec.name == "phase1":
-        results = _evaluate_phase1(rows, train_rows, model, device, skull_strip, tuple(dict.fromkeys(baselines)))
+        results = _evaluate_phase1(
+            rows, train_rows, model, device, skull_strip, tuple(dict.fromkeys(baselines)), load_fa_detail(weights_dir)
+        )
     else:
         predicted = Path(predicted_inputs) if predicted_inputs else None
         results = _evaluate_phase2(rows, train_rows, model, device, predicted)

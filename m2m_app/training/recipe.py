@@ -17,6 +17,12 @@ from dataclasses import dataclass
 
 from m2m_app.errors import UsageError
 
+#: T1w detail transfer (``m2m-train fit-detail``): Gaussian sigma (mm) of the low-pass removed
+#: from the intensity-looked-up FA, and the weight of the high-pass added to the predicted FA;
+#: chosen on the leave-one-person-out folds (``benchmarks/ablate_fa_detail.py``).
+FA_DETAIL_SIGMA_MM = 6.0
+FA_DETAIL_WEIGHT = 0.5
+
 
 @dataclass(frozen=True)
 class TrainingRecipe:
