@@ -75,6 +75,8 @@ fold() {
   # grid: the ceiling of the 2 mm model grid (the teacher's FA through it and back), not a baseline
   local scored=(--phase 1 --baseline intensity --baseline atlas --baseline grid --device "$DEVICE")
   m2m-train phase1 "$PREP" "$out" "${subjects[@]}" --epochs "$epochs1" "${COMMON[@]}" "${PHASE1[@]}"
+  # the T1w detail transfer's intensity lookup, fitted on the same training units (defaults: sigma, weight)
+  m2m-train fit-detail "$PREP" "$out"
   m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --out "$out/phase1_heldout.tsv"
   m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --skull-strip \
     --out "$out/phase1_heldout_skullstripped.tsv"
@@ -105,6 +107,7 @@ if [[ $PART == ship || $PART == all ]]; then
     "$PREP/manifest.tsv" | wc -l)
   m2m-train phase1 "$PREP" "$out" --epochs "$(epochs "$SHIP_STEPS" "$PHASE1_BATCHES_PER_UNIT" "$units")" \
     "${COMMON[@]}" "${PHASE1[@]}"
+  m2m-train fit-detail "$PREP" "$out"
   m2m-train predict "$PREP" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
   m2m-train phase2 "$PREP" "$out" --epochs "$(epochs "$SHIP_STEPS" "$PHASE2_BATCHES_PER_UNIT" "$units")" \
     --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"

@@ -165,3 +165,13 @@ def test_fa_shift_costs_the_same_grid_work_at_any_resolution(zooms):
     assert shift.shape == fine.shape
     profile = shift[20 * factor[0], 20 * factor[1], :: factor[2]]
     assert np.allclose(profile, detail.fa_shift(coarse, (1, 1, 1))[20, 20], atol=0.02)
+
+
+def test_methods_text_says_when_fa_was_sharpened(tmp_path):
+    from m2m_app.workflows.outputs import detail_desc
+
+    (tmp_path / "phase1.json").write_text(json.dumps({"recipe": {}}))
+    assert detail_desc(str(tmp_path)) == ""
+    detail = FaDetail(LOOKUP, sigma_mm=6.0, weight=0.5)
+    (tmp_path / "phase1.json").write_text(json.dumps({"fa_detail": detail.to_dict()}))
+    assert "sigma 6 mm" in detail_desc(str(tmp_path)) and "times 0.5" in detail_desc(str(tmp_path))
