@@ -38,19 +38,22 @@ PHASE1 = (
     "v1_angle_deg_wm",
     "mask_dice",
 )
+TRACTOGRAM = (
+    "tdi_r_brain",
+    "visited_dice",
+    "predicted_near_teacher",
+    "teacher_near_predicted",
+    "n_predicted",
+    "n_teacher",
+)
 TABLES = {
     "phase1_heldout.tsv": PHASE1,
     "phase1_heldout_skullstripped.tsv": PHASE1,
     "phase2_heldout_teacher_inputs.tsv": ("tdi_r_brain", "tdi_dice", "dec_angle_deg"),
     "phase2_heldout_predicted_inputs.tsv": ("tdi_r_brain", "tdi_dice", "dec_angle_deg"),
-    "tractogram_heldout.tsv": (
-        "tdi_r_brain",
-        "visited_dice",
-        "predicted_near_teacher",
-        "teacher_near_predicted",
-        "n_predicted",
-        "n_teacher",
-    ),
+    "tractogram_heldout.tsv": TRACTOGRAM,
+    # the same app run with --stop-dispersion 30 (part chain): does stopping where V1 is uncertain help?
+    "tractogram_heldout_stopdispersion.tsv": TRACTOGRAM,
 }
 CALIBRATION = (
     "spearman",
