@@ -25,7 +25,9 @@
 # two-person folds in WORK/fold-test-sub-XX are never resumed by mistake).
 # Environment: DEVICE (cpu), SEED (0), ELASTIC_PX (3) and SKULL_STRIP_PROB (0.25) change the
 # recipe; PHASE1_STEPS (2700), PHASE2_STEPS (2660), SHIP_STEPS (3380) set how many batches each
-# training sees; the shipped weights use the defaults.
+# training sees; the shipped weights use the defaults. FOLD_PHASES ("1 2") names the translators
+# the fold parts train and score: FOLD_PHASES=1 first gives every fold's phase-1 numbers (and the
+# raw calibrations the ship weights' phase-1 scale needs) sooner; FOLD_PHASES=2 then resumes.
 set -euo pipefail
 DS_REAL=${1:-../shared/data/ds-real}
 WORK=${2:-runs}
@@ -38,6 +40,7 @@ SKULL_STRIP_PROB=${SKULL_STRIP_PROB:-0.25}
 PHASE1_STEPS=${PHASE1_STEPS:-2700}
 PHASE2_STEPS=${PHASE2_STEPS:-2660}
 SHIP_STEPS=${SHIP_STEPS:-3380}
+FOLD_PHASES=" ${FOLD_PHASES:-1 2} "
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PREP="$WORK/prep"
 COMMON=(--width 16 --batch-size 8 --device "$DEVICE" --random-seed "$SEED" --ema-decay 0.999 --elastic-px "$ELASTIC_PX")
@@ -74,18 +77,21 @@ fold() {
   epochs2=$(epochs "$PHASE2_STEPS" "$PHASE2_BATCHES_PER_UNIT" "$units")
   # grid: the ceiling of the 2 mm model grid (the teacher's FA through it and back), not a baseline
   local scored=(--phase 1 --baseline intensity --baseline atlas --baseline grid --device "$DEVICE")
-  m2m-train phase1 "$PREP" "$out" "${subjects[@]}" --epochs "$epochs1" "${COMMON[@]}" "${PHASE1[@]}"
-  # the T1w detail transfer's intensity lookup, fitted on the same training units (defaults: sigma, weight)
-  m2m-train fit-detail "$PREP" "$out"
-  m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --out "$out/phase1_heldout.tsv"
-  m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --skull-strip \
-    --out "$out/phase1_heldout_skullstripped.tsv"
-  # the same metrics on the training people: what the network does where the T1w is no surprise
-  m2m-train evaluate "$PREP" "$out" --phase 1 --device "$DEVICE" "${subjects[@]/--subject/--test-subject}" \
-    --out "$out/phase1_training_subject.tsv"
-  # the uncertainty maps against the actual error, unscaled (their fitted scale_fit calibrates the other folds)
-  m2m-train calibrate "$PREP" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" \
-    --out "$out/phase1_calibration_raw.tsv"
+  if [[ $FOLD_PHASES == *" 1 "* ]]; then
+    m2m-train phase1 "$PREP" "$out" "${subjects[@]}" --epochs "$epochs1" "${COMMON[@]}" "${PHASE1[@]}"
+    # the T1w detail transfer's intensity lookup, fitted on the same training units (defaults: sigma, weight)
+    m2m-train fit-detail "$PREP" "$out"
+    m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --out "$out/phase1_heldout.tsv"
+    m2m-train evaluate "$PREP" "$out" "${scored[@]}" --test-subject "$test" --skull-strip \
+      --out "$out/phase1_heldout_skullstripped.tsv"
+    # the same metrics on the training people: what the network does where the T1w is no surprise
+    m2m-train evaluate "$PREP" "$out" --phase 1 --device "$DEVICE" "${subjects[@]/--subject/--test-subject}" \
+      --out "$out/phase1_training_subject.tsv"
+    # the uncertainty maps against the actual error, unscaled (their fitted scale_fit calibrates the other folds)
+    m2m-train calibrate "$PREP" "$out" --phase 1 --test-subject "$test" --device "$DEVICE" \
+      --out "$out/phase1_calibration_raw.tsv"
+  fi
+  [[ $FOLD_PHASES == *" 2 "* ]] || return 0
   # phase 2 learns from the teacher's maps and from phase 1's predictions of its training subjects
   m2m-train predict "$PREP" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
   m2m-train phase2 "$PREP" "$out" "${subjects[@]}" --epochs "$epochs2" \
