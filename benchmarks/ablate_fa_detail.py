@@ -1,8 +1,9 @@
 """Choose the T1w detail transfer's sigma and weight on the held-out people of the leave-one-person-out folds.
 
-For every fold (``WORK/loso-test-sub-XX``, trained by ``scripts/train_shipped_weights.sh``)
-the intensity lookup is fitted on the fold's own training units (its phase-1 recipe's
-``subjects``, as ``m2m-train fit-detail`` does), phase 1 runs once per held-out unit, and its
+For every fold (``WORK/loso-test-sub-XX``, trained by ``scripts/train_shipped_weights.sh``,
+and any other phase-1 weights given with ``--weights DIR``) the intensity lookup is fitted on
+the fold's own training units (its phase-1 recipe's ``subjects``, as ``m2m-train fit-detail``
+does), phase 1 runs once per unit of ``WORK/prep`` whose person it was not trained on, and its
 FA is written onto the T1w grid the app's way (:func:`~m2m_app.inference.predict.to_output`)
 with each candidate ``(sigma_mm, weight)`` (weight 0: no detail transfer), then scored under
 the evaluation protocol of docs/training.md (teacher's brain mask ∩ measured FOV): FA SSIM,
@@ -11,9 +12,9 @@ r, MAE, bias and WM spread ratio. MD and V1 do not change with the detail transf
 Prints, as Markdown: per fold and candidate the metrics (a fold's sessions averaged); then,
 for each fold, the candidate a leave-one-fold-out choice makes (the best mean FA SSIM over
 the two *other* folds) and what it gives on the held-out fold, next to no detail transfer;
-and the candidate best over all three folds (the one to ship). Usage:
+and the candidate best over all of them (the one to ship). Usage:
 
-    python benchmarks/ablate_fa_detail.py WORK [--threads 2]
+    python benchmarks/ablate_fa_detail.py WORK [--weights DIR ...] [--threads 2]
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def score_fold(fold: Path, prep_dir: Path, candidates: list[tuple[float, float]]
     model, _ = load_translator("phase1", fold)
     trained_on = json.loads((fold / "phase1.json").read_text())["recipe"]["subjects"]
     lookup = tuple(float(v) for v in intensity_lookup(prep_dir, trained_on).means)
+    trained_people = {unit.split("_")[0] for unit in trained_on}
     units: list[dict[tuple[float, float], dict]] = []
-    for row, prep in select_rows([prep_dir], [fold.name.removeprefix("loso-test-")]):
+    for row, prep in select_rows([prep_dir], None):
+        if f"sub-{row['participant']}" in trained_people:
+            continue
         log.info("%s: %s", fold.name, row["subject"])
         img, data = load_t1w(row["t1w"])
         mask, wm, _ = evaluation_masks(prep, row)
@@ -74,15 +78,25 @@ def label(candidate: tuple[float, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", type=Path, help="the WORK folder of scripts/train_shipped_weights.sh")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        action="append",
+        default=[],
+        help="other phase-1 weights, scored on the people of WORK/prep they were not trained on; repeatable",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
 
     torch.set_num_threads(args.threads)
-    folds = sorted(path for path in args.work.glob("loso-test-sub-*") if (path / "phase1.safetensors").exists())
+    folds = [
+        *sorted(path for path in args.work.glob("loso-test-sub-*") if (path / "phase1.safetensors").exists()),
+        *args.weights,
+    ]
     if len(folds) < 2:
-        raise SystemExit(f"need at least two fold weights (loso-test-sub-*/phase1.safetensors) under {args.work}")
+        raise SystemExit(f"need two weights or more: loso-test-sub-*/phase1.safetensors under {args.work}, --weights")
     candidates = [NONE, *itertools.product(SIGMAS_MM, WEIGHTS)]
     scores = {fold.name: score_fold(fold, args.work / "prep", candidates) for fold in folds}
     print("# T1w detail transfer on the held-out people (fold means of their sessions)\n")
