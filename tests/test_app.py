@@ -200,6 +200,7 @@ def _tiny_t1w(path, data):
         ("nan", 65, "NaN"),
         ("inf", 65, "infinite"),
         ("zeros", 65, "all zeros"),
+        ("binary_mask", 65, "no contrast"),
         ("truncated", 65, "truncated"),
         ("unknown_label", 66, "not found"),
         ("output_is_input", 64, "must not be"),
@@ -217,6 +218,7 @@ def test_bad_inputs_give_clear_messages_and_codes(tmp_path, case, code, words):
         "nan": _tiny_t1w(tmp_path / "c.nii", np.where(volume > 99, np.nan, volume)),
         "inf": _tiny_t1w(tmp_path / "e.nii", np.where(volume > 99, -np.inf, volume)),
         "zeros": _tiny_t1w(tmp_path / "d.nii", np.zeros((20, 20, 20))),
+        "binary_mask": _tiny_t1w(tmp_path / "f.nii", (volume > 50).astype(float)),
     }
     good = _tiny_t1w(tmp_path / "good.nii", volume)
     if case == "truncated":

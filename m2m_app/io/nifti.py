@@ -16,6 +16,7 @@ import numpy as np
 
 from m2m_app.errors import BadDataError, MissingInputError
 from m2m_app.io.files import atomic_write
+from m2m_app.maths.grid import intensity_range
 
 #: Smallest number of voxels accepted along each spatial axis of an input image.
 MIN_AXIS_VOXELS = 8
@@ -60,7 +61,8 @@ def _check_finite_nonempty(path: Path, data: np.ndarray) -> None:
 
 
 def load_t1w(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Load a T1-weighted image: 3D (a trailing singleton 4th axis is dropped), finite, non-empty."""
+    """Load a T1-weighted image: 3D (a trailing singleton 4th axis is dropped), finite, non-empty,
+    with some contrast in the head (not a single intensity, as a binary mask would be)."""
     path = Path(path)
     img, data = load_image(path)
     if data.ndim == 4 and data.shape[3] == 1:
@@ -73,6 +75,12 @@ def load_t1w(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
             f"axis, this one has shape {data.shape} (a 2D slice?)"
         )
     _check_finite_nonempty(path, data)
+    low, high = intensity_range(data)
+    if high - low <= 1e-6 * max(abs(high), 1.0):
+        raise BadDataError(
+            f"{path}: the head has no contrast (its intensities inside the foreground are all {high:g}); "
+            "a mask or label image instead of a T1w?"
+        )
     return img, data
 
 
