@@ -183,10 +183,10 @@ def run_config(
 
 def _find_t1w(layout, filters: dict, subject: Subject) -> Path:
     """The unit's T1w, read once here so that bad data fails with its own message and exit code."""
-    from m2m_app.io.nifti import load_t1w
+    from m2m_app.io.nifti import check_t1w_contrast, load_t1w
 
     t1w = bids_io.find_t1w(layout, subject, filters)
-    load_t1w(t1w)
+    check_t1w_contrast(t1w, load_t1w(t1w)[1])
     return t1w
 
 

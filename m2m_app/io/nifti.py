@@ -61,8 +61,7 @@ def _check_finite_nonempty(path: Path, data: np.ndarray) -> None:
 
 
 def load_t1w(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Load a T1-weighted image: 3D (a trailing singleton 4th axis is dropped), finite, non-empty,
-    with some contrast in the head (not a single intensity, as a binary mask would be)."""
+    """Load a T1-weighted image: 3D (a trailing singleton 4th axis is dropped), finite, non-empty."""
     path = Path(path)
     img, data = load_image(path)
     if data.ndim == 4 and data.shape[3] == 1:
@@ -75,13 +74,22 @@ def load_t1w(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray]:
             f"axis, this one has shape {data.shape} (a 2D slice?)"
         )
     _check_finite_nonempty(path, data)
+    return img, data
+
+
+def check_t1w_contrast(path: str | os.PathLike, data: np.ndarray) -> None:
+    """Raise :class:`BadDataError` when the head of T1w ``data`` ``(X, Y, Z)`` has a single intensity
+    (a binary mask passed as T1w), which intensity normalisation would turn into zeros.
+
+    Two percentiles of the whole volume (about a second at 0.5 mm): run once per subject, where
+    the app first reads its input, not in :func:`load_t1w`, which every stage calls.
+    """
     low, high = intensity_range(data)
     if high - low <= 1e-6 * max(abs(high), 1.0):
         raise BadDataError(
             f"{path}: the head has no contrast (its intensities inside the foreground are all {high:g}); "
             "a mask or label image instead of a T1w?"
         )
-    return img, data
 
 
 def load_dwi(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, np.ndarray]:
