@@ -18,25 +18,17 @@ from m2m_app.data.weights import FA_DETAIL_KEY, weight_files
 from m2m_app.errors import UsageError
 from m2m_app.io.files import save_json
 from m2m_app.io.manifest import select_rows
-from m2m_app.io.nifti import load_image, load_t1w
 from m2m_app.maths.detail import BinnedRegression, FaDetail
-from m2m_app.maths.grid import normalise_intensity
-from m2m_app.training.evaluate import evaluation_masks
+from m2m_app.training.evaluate import fa_by_intensity
 from m2m_app.training.recipe import FA_DETAIL_SIGMA_MM, FA_DETAIL_WEIGHT
 
 log = logging.getLogger(__name__)
 
-#: Bins of normalised T1w intensity over [0, 1] (as the intensity baseline of ``evaluate``).
-INTENSITY_BINS = 64
-
 
 def intensity_lookup(prep_dir: str | os.PathLike, subjects: list[str]) -> BinnedRegression:
-    """Mean teacher FA per normalised-T1w-intensity bin over ``subjects``' evaluation masks."""
-    lookup = BinnedRegression(0.0, 1.0, INTENSITY_BINS)
-    for row, prep in select_rows([Path(prep_dir)], subjects):
-        mask = evaluation_masks(prep, row)[0]
-        lookup.fit(normalise_intensity(load_t1w(row["t1w"])[1])[mask], load_image(prep / row["fa"])[1][mask])
-    return lookup
+    """The intensity baseline's lookup (:func:`~m2m_app.training.evaluate.fa_by_intensity`) over
+    ``subjects`` of ``prep_dir``."""
+    return fa_by_intensity(select_rows([Path(prep_dir)], subjects))
 
 
 def fit_fa_detail(

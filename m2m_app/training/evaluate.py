@@ -140,6 +140,16 @@ def evaluation_masks(prep: Path, row: dict) -> tuple[np.ndarray, np.ndarray, np.
     return mask, _mask(prep, row, "wm") & mask, fov
 
 
+def fa_by_intensity(rows: list[tuple[dict, Path]]) -> BinnedRegression:
+    """Mean teacher FA per normalised-T1w-intensity bin (64 bins on [0, 1]) over the evaluation masks
+    of ``rows`` (``(manifest row, prep dir)``): the intensity baseline, and the T1w detail transfer's lookup."""
+    lookup = BinnedRegression(0.0, 1.0)
+    for row, prep in rows:
+        mask = evaluation_masks(prep, row)[0]
+        lookup.fit(normalise_intensity(load_t1w(row["t1w"])[1])[mask], load_image(prep / row["fa"])[1][mask])
+    return lookup
+
+
 def _evaluate_phase1(
     rows: list,
     train_rows: list,
@@ -149,11 +159,7 @@ def _evaluate_phase1(
     baselines: tuple[str, ...],
     fa_detail: FaDetail | None = None,
 ) -> list[dict]:
-    intensity = BinnedRegression(0.0, 1.0)
-    if "intensity" in baselines:
-        for row, prep in train_rows:
-            mask = evaluation_masks(prep, row)[0]
-            intensity.fit(normalise_intensity(load_t1w(row["t1w"])[1])[mask], load_image(prep / row["fa"])[1][mask])
+    intensity = fa_by_intensity(train_rows if "intensity" in baselines else [])
     results = []
     for row, prep in rows:
         img, data = load_t1w(row["t1w"])
