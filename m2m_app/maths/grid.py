@@ -362,6 +362,7 @@ def resample_outputs(
     v1: np.ndarray | None = None
     fa: np.ndarray | None = None
     scale: np.ndarray | None = None
+    md: np.ndarray | None = None
     for key in order:
         rule = OUTPUT_RULES.get(key, "positive")
         if rule == "threshold":
@@ -383,12 +384,13 @@ def resample_outputs(
             yield key, resampler.fill(np.abs(v1) * np.clip(fa, 0.0, 1.0)[:, None])
         else:
             values = resampler.values(maps[key])
+            if key == "md" and shift is not None:
+                md = values  # kept for AD and RD, ordered after it
             if shift is not None and key == "fa":
                 values = values + shift
             elif shift is not None and rule == "eigenvalue":
-                if scale is None or "md" not in maps:
+                if scale is None or md is None:
                     raise KeyError("with an FA shift, AD and RD follow the rescaled tensor; maps needs it and md")
-                md = resampler.values(maps["md"])
                 values = md + scale * (values - md)
             values = np.clip(values, 0.0, 1.0 if rule == "unit" else None)
             fa = values if key == "fa" else fa
