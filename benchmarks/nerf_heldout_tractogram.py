@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m2m_app.io.naming import Subject
+
 log = logging.getLogger("nerf_heldout_tractogram")
 
 #: ``(label, changes to the app's FieldFitSettings)``; the first row is the app's setting.
@@ -37,11 +39,13 @@ VARIANTS: tuple[tuple[str, dict], ...] = (
 )
 
 
-def node_inputs(work: Path, subject: str) -> dict:
+def node_inputs(work: Path, subject: Subject) -> dict:
     """The inputs of ``subject``'s ``nerf_fit`` node in the app's work folder ``work``."""
     from nipype.utils.filemanip import loadpkl
 
-    prefix = "".join(c if c.isalnum() else "_" for c in subject) + "_wf"
+    from m2m_app.workflows.base import node_prefix
+
+    prefix = node_prefix(subject)
     found = sorted(work.glob(f"**/{prefix}/**/nerf_fit/_inputs.pklz"))
     if not found:
         raise SystemExit(f"no {prefix}/**/nerf_fit/_inputs.pklz under {work}: run the app with -w {work} first")
@@ -73,11 +77,11 @@ def main() -> None:
     from m2m_app.training.evaluate import tractogram_metrics
 
     torch.set_num_threads(args.threads)
-    inputs = node_inputs(args.work, args.subject)
+    ((row, prep),) = select_rows([args.prep], [args.subject])
+    inputs = node_inputs(args.work, Subject(row["participant"], row["session"] or None))
     grid_img, tdi = load_image(inputs["tdi"])
     dectdi = np.clip(load_image(inputs["dectdi"])[1], 0, 1)
     mask = load_image(inputs["mask"])[1] > 0
-    ((row, prep),) = select_rows([args.prep], [args.subject])
     reference, _ = load_image(row["t1w"])
     brain = load_image(prep / row["mask"])[1] > 0
     teacher = list(load_tractogram(str(prep / row["tractogram"]), reference, bbox_valid_check=False).streamlines)
