@@ -111,9 +111,14 @@ if [[ $PART == ship || $PART == all ]]; then
   out="$WORK/ship"
   units=$(awk -F'\t' 'NR == 1 {for (i = 1; i <= NF; i++) if ($i == "status") c = i; next} $c == "ok"' \
     "$PREP/manifest.tsv" | wc -l)
-  m2m-train phase1 "$PREP" "$out" --epochs "$(epochs "$SHIP_STEPS" "$PHASE1_BATCHES_PER_UNIT" "$units")" \
-    "${COMMON[@]}" "${PHASE1[@]}"
-  m2m-train fit-detail "$PREP" "$out"
+  # phase 1 exported with its detail transfer (fit-detail adds "fa_detail" to phase1.json): kept, so that
+  # phase 2 can follow in a later run even when the checkpoints are gone (WORK/ship seeded with the
+  # packaged phase1.safetensors and phase1.json)
+  if ! grep -qs '"fa_detail"' "$out/phase1.json"; then
+    m2m-train phase1 "$PREP" "$out" --epochs "$(epochs "$SHIP_STEPS" "$PHASE1_BATCHES_PER_UNIT" "$units")" \
+      "${COMMON[@]}" "${PHASE1[@]}"
+    m2m-train fit-detail "$PREP" "$out"
+  fi
   m2m-train predict "$PREP" "$out/pred-phase1" --weights-dir "$out" --device "$DEVICE"
   m2m-train phase2 "$PREP" "$out" --epochs "$(epochs "$SHIP_STEPS" "$PHASE2_BATCHES_PER_UNIT" "$units")" \
     --predicted-inputs "$out/pred-phase1" "${COMMON[@]}"
