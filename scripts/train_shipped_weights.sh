@@ -22,7 +22,8 @@
 # torch thread per process is fastest on 2 cores). DEVICE=cuda uses a GPU.
 # Re-running resumes: prepare skips finished units and training restarts from its last
 # checkpoint (the folds write to WORK/loso-test-sub-XX, so checkpoints of the earlier
-# two-person folds in WORK/fold-test-sub-XX are never resumed by mistake).
+# two-person folds in WORK/fold-test-sub-XX are never resumed by mistake); part ship keeps an
+# exported phase 1 that carries its detail transfer and goes on with phase 2.
 # Environment: DEVICE (cpu), SEED (0), ELASTIC_PX (3) and SKULL_STRIP_PROB (0.25) change the
 # recipe; PHASE1_STEPS (2700), PHASE2_STEPS (2660), SHIP_STEPS (3380) set how many batches each
 # training sees; the shipped weights use the defaults. FOLD_PHASES ("1 2") names the translators
