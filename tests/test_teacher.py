@@ -22,6 +22,7 @@ from m2m_app.teacher.register import (
     MAX_VS_ANTS_MM,
     RigidResult,
     ants_rigid_t1w_to_dwi,
+    itk_transform_to_ras,
     mask_points,
     mean_displacement_mm,
     register_b0_to_t1w,
@@ -89,6 +90,27 @@ def test_ants_check_recovers_the_same_transform_in_ras(displaced_pair):
     ants = ants_rigid_t1w_to_dwi(b0, b0_affine, head["t1w"], head["affine"], points)
     assert mean_displacement_mm(ants.t1w_to_dwi, true, points) < 0.35 * mean_displacement_mm(np.eye(4), true, points)
     assert 0 <= ants.spread_mm < mean_displacement_mm(np.eye(4), true, points)
+
+
+def test_itk_transform_file_reads_as_the_ras_mapping_ants_applies(tmp_path):
+    """An ANTs rigid ``.mat`` (LPS, with a centre) becomes the RAS matrix moving points as ANTs does."""
+    import ants
+
+    turn = rigid((10.0, -5.0, 20.0), (0.0, 0.0, 0.0))[:3, :3]
+    transform = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        dimension=3,
+        matrix=turn,
+        translation=(3.0, -4.0, 7.5),
+        center=(10.0, 20.0, -5.0),
+    )
+    path = tmp_path / "rigid_0GenericAffine.mat"
+    ants.write_transform(transform, str(path))
+    ras = itk_transform_to_ras(path)
+    flip = np.array([-1.0, -1.0, 1.0])
+    for point_ras in ([0.0, 0.0, 0.0], [30.0, -12.0, 45.0], [-60.0, 80.0, -20.0]):
+        moved_lps = ants.apply_ants_transform_to_point(transform, tuple(flip * point_ras))
+        np.testing.assert_allclose(ras[:3, :3] @ point_ras + ras[:3, 3], flip * np.asarray(moved_lps), atol=1e-4)
 
 
 def test_partial_slab_field_of_view_excludes_the_unmeasured_slices():

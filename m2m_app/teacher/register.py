@@ -204,16 +204,20 @@ def _ants_rigid_run(fixed: ants.ANTsImage, moving: ants.ANTsImage, header_prior:
                 outprefix=str(Path(tmp) / "rigid_"),
             )
             (path,) = result["fwdtransforms"]  # one rigid stage: one .mat file
-            transform = ants.read_transform(path)
+            return itk_transform_to_ras(Path(path))
     finally:
         ants.config._random_seed = previous
-    # an ITK matrix maps fixed → moving points in LPS mm: y = A (x - c) + c + t
-    params, centre = np.asarray(transform.parameters), np.asarray(transform.fixed_parameters)
-    lps = np.eye(4)
-    lps[:3, :3] = params[:9].reshape(3, 3)
-    lps[:3, 3] = params[9:12] + centre - lps[:3, :3] @ centre
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ lps @ flip
+
+
+def itk_transform_to_ras(path: Path) -> np.ndarray:
+    """The 4×4 RAS-mm matrix of an ITK affine transform file (``.mat`` as ANTs writes it, or ``.txt``).
+
+    ITK maps fixed → moving points in LPS mm around a centre; nitransforms converts that to the
+    matrix sending a fixed-space RAS point to its moving-space RAS point.
+    """
+    from nitransforms.io.itk import ITKLinearTransform
+
+    return np.asarray(ITKLinearTransform.from_filename(str(path)).to_ras(), dtype=np.float64)
 
 
 def ants_rigid_t1w_to_dwi(
