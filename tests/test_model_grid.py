@@ -151,6 +151,6 @@ def test_output_resolution_reaches_the_writers(tmp_path, monkeypatch):
     t1w = tmp_path / "sub-01_T1w.nii.gz"
     t1w.touch()
     unit = init_m2m_wf({Subject("01"): t1w}, config).get_node(node_prefix(Subject("01")))
-    for name in ("ds_wf.write_maps", "ds_wf.write_report"):
+    for name in ("ds_wf.write_maps", "ds_wf.write_report", "nerf_wf.nerf_track"):
         assert unit.get_node(name).inputs.output_resolution == 2.0
     assert "isotropic 2 mm grid" in unit.get_node("ds_wf.inputnode").inputs.boilerplate

@@ -16,6 +16,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_prep_dir
 
+from m2m_app.maths.grid import model_grid
+
 from m2m_app.tractography.streamlines import TrackingSettings, bep046_sidecar, track_field, tracking_mask
 
 SHAPE, HIGH_FROM = (40, 9, 9), 25  # grid, first voxel index along i of the high-dispersion region
@@ -81,11 +83,12 @@ def test_track_field_interface_passes_the_threshold_and_the_map(tmp_path, monkey
     # the analytic bundle stands in for the fitted field (track_field takes either)
     monkeypatch.setattr(nerf.FittedField, "load", staticmethod(lambda path: bundle))
     paths = {}
-    for name, data in (("mask", np.ones(SHAPE, np.uint8)), ("dispersion", dispersion_map()), ("t1w", np.zeros(SHAPE))):
+    for name, data in (("mask", np.ones(SHAPE, np.uint8)), ("dispersion", dispersion_map())):
         paths[name] = tmp_path / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(data.astype(np.float32), AFFINE), paths[name])
     (tmp_path / "field.safetensors").touch()
-    common = {"field": str(tmp_path / "field.safetensors"), "mask": str(paths["mask"]), "t1w": str(paths["t1w"])}
+    grid = model_grid(SHAPE, AFFINE, np.zeros(3)).to_dict()  # the "T1w" is the mask's grid
+    common = {"field": str(tmp_path / "field.safetensors"), "mask": str(paths["mask"]), "grid": grid}
     reach = {}
     for threshold in (None, 30.0):
         run_dir = tmp_path / str(threshold)
@@ -102,6 +105,37 @@ def test_track_field_interface_passes_the_threshold_and_the_map(tmp_path, monkey
     assert reach[None] > BOUNDARY_X + 10 and reach[30.0] < BOUNDARY_X
     with pytest.raises(ValueError, match="v1_dispersion"):  # a threshold without the map is refused
         TrackField(**common, max_dispersion_deg=30.0).run()
+
+
+@pytest.mark.parametrize("resolution", [None, 2.0])
+def test_tractogram_reference_is_the_grid_of_the_written_maps(tmp_path, monkeypatch, resolution):
+    """Under ``--output-resolution`` the .trk header describes the output grid, so that the maps
+    written beside it are accepted by dipy as its reference; by default the T1w's own grid."""
+    from dipy.io.streamline import load_tractogram
+
+    from m2m_app.interfaces.nerf import TrackField
+    from m2m_app.models import nerf
+
+    monkeypatch.setattr(nerf.FittedField, "load", staticmethod(lambda path: bundle))
+    monkeypatch.chdir(tmp_path)
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), AFFINE), "mask.nii.gz")
+    (tmp_path / "field.safetensors").touch()
+    grid = model_grid(SHAPE, AFFINE, np.zeros(3))
+    node = TrackField(
+        field="field.safetensors",
+        mask="mask.nii.gz",
+        grid=grid.to_dict(),
+        output_resolution=resolution,
+        tractogram_format="trk",
+    )
+    tractogram = node.run().outputs.tractogram
+    shape, affine = grid.output_grid(resolution)
+    header = nib.streamlines.load(tractogram, lazy_load=True).header
+    assert tuple(header["dimensions"]) == shape
+    np.testing.assert_allclose(header["voxel_sizes"], nib.affines.voxel_sizes(affine))
+    written_map = tmp_path / "fa.nii.gz"  # a map on the output grid, as WriteMaps writes it
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), affine), written_map)
+    assert len(load_tractogram(tractogram, str(written_map)).streamlines) > 0  # dipy's header check passes
 
 
 @pytest.mark.parametrize("threshold", [None, 30.0])

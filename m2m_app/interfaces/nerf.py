@@ -87,7 +87,14 @@ class RenderField(SimpleInterface):
 class _TrackFieldInputSpec(BaseInterfaceInputSpec):
     field = File(exists=True, mandatory=True)
     mask = File(exists=True, mandatory=True, desc="brain mask on the field's grid")
-    t1w = File(exists=True, mandatory=True, desc="reference image of the tractogram")
+    grid = traits.Dict(mandatory=True, desc="the T1w's model grid (ConformedGrid.to_dict), from PredictTensor")
+    output_resolution = traits.Either(
+        None,
+        traits.Float,
+        default=None,
+        usedefault=True,
+        desc="voxel size (mm) of the written maps (None: the T1w's grid); the tractogram's reference grid",
+    )
     v1_dispersion = File(exists=True, desc="phase 1's V1 dispersion (degrees) on the field's grid")
     max_dispersion_deg = traits.Float(
         requires=["v1_dispersion"], desc="stop where the V1 dispersion exceeds this (degrees); unset: off"
@@ -103,18 +110,20 @@ class _TrackFieldOutputSpec(TraitedSpec):
 
 
 class TrackField(SimpleInterface):
-    """Deterministic RK4 streamlines through the field, written in RASMM with the T1w as reference;
-    with ``max_dispersion_deg``, not into voxels whose V1 dispersion exceeds it."""
+    """Deterministic RK4 streamlines through the field, written in RASMM with the output grid as
+    reference (the T1w's own grid, or that of ``--output-resolution``: the grid of the written maps,
+    so that dipy and TrackVis accept those maps as the tractogram's reference); with
+    ``max_dispersion_deg``, not into voxels whose V1 dispersion exceeds it."""
 
     input_spec = _TrackFieldInputSpec
     output_spec = _TrackFieldOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
         import torch
 
-        from m2m_app.io.nifti import load_image
+        from m2m_app.io.nifti import grid_header, load_image
         from m2m_app.io.tractogram import save_tractogram
+        from m2m_app.maths.grid import ConformedGrid
         from m2m_app.models.nerf import FittedField
         from m2m_app.tractography.streamlines import TrackingSettings, bep046_sidecar, track_field
 
@@ -128,7 +137,8 @@ class TrackField(SimpleInterface):
             field, mask > 0, mask_img.affine, settings, dispersion=dispersion, seed=self.inputs.random_seed
         )
         path = os.path.abspath(f"tractogram.{self.inputs.tractogram_format}")
-        self._results["tractogram"] = str(save_tractogram(streamlines, nib.load(self.inputs.t1w), path))
+        reference = grid_header(*ConformedGrid.from_dict(self.inputs.grid).output_grid(self.inputs.output_resolution))
+        self._results["tractogram"] = str(save_tractogram(streamlines, reference, path))
         self._results["sidecar"] = json.loads(
             json.dumps(bep046_sidecar(settings, n_streamlines=len(streamlines)), default=str)
         )

@@ -128,6 +128,16 @@ def load_dwi(path: str | os.PathLike) -> tuple[nib.Nifti1Image, np.ndarray, np.n
     return img, data, bvals, bvecs.T
 
 
+def grid_header(shape: tuple[int, int, int], affine: np.ndarray) -> nib.Nifti1Header:
+    """A NIfTI header describing the grid ``shape`` (voxels) with ``affine`` (voxel → RAS mm),
+    without any voxel data: the reference of a tractogram written on that grid."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(int(n) for n in shape))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    return header
+
+
 def save_nifti(
     data: np.ndarray,
     affine: np.ndarray,

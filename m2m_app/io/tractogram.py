@@ -16,12 +16,15 @@ from m2m_app.io.files import atomic_write
 TRACTOGRAM_FORMATS = ("trx", "tck", "trk")
 
 
-def save_tractogram(streamlines: Sequence[np.ndarray], reference: nib.Nifti1Image, path: str | Path) -> Path:
+def save_tractogram(
+    streamlines: Sequence[np.ndarray], reference: nib.Nifti1Image | nib.Nifti1Header, path: str | Path
+) -> Path:
     """Write streamlines given in world mm (RASMM) to ``path``; the format follows the extension.
 
     ``.trx`` goes through trx-python, ``.tck``/``.trk`` through dipy/nibabel; all three
-    record ``reference``'s grid so that other tools (MRtrix, DSI Studio, TrackVis, dipy)
-    place the streamlines on the T1w. Written atomically.
+    record ``reference``'s grid (an image or a bare header,
+    :func:`~m2m_app.io.nifti.grid_header`) so that other tools (MRtrix, DSI Studio, TrackVis,
+    dipy) place the streamlines on the image they belong to. Written atomically.
     """
     path = Path(path)
     fmt = path.suffix.lstrip(".")

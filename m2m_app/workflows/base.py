@@ -75,11 +75,10 @@ def init_single_subject_wf(
             nerf_wf = init_nerf_wf(config)
             workflow.connect(
                 [
-                    (check, nerf_wf, [("t1w", "inputnode.t1w")]),
                     (
                         phase1_wf,
                         nerf_wf,
-                        [(f"outputnode.{key}", f"inputnode.{key}") for key in ("mask", "v1_dispersion")],
+                        [(f"outputnode.{key}", f"inputnode.{key}") for key in ("mask", "v1_dispersion", "grid")],
                     ),
                     (
                         phase2_wf,

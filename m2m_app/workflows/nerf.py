@@ -32,7 +32,8 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
     ------
     mask : phase 1's brain mask; v1_dispersion : phase 1's V1 dispersion (degrees; read only with
     ``--stop-dispersion``); tdi, dectdi : phase 2's maps (all on the model grid, as the field is);
-    t1w : the reference image of the tractogram.
+    grid : the T1w's model grid (``ConformedGrid.to_dict``): with ``--output-resolution``, it
+    gives the output grid, the tractogram's reference.
 
     Outputs
     -------
@@ -44,14 +45,16 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
     if config.stop_dispersion_deg is not None:
         workflow.__desc__ += NERF_STOP_DESC.format(config.stop_dispersion_deg)
     inputnode = pe.Node(
-        niu.IdentityInterface(fields=["mask", "tdi", "dectdi", "t1w", "v1_dispersion"]), name="inputnode"
+        niu.IdentityInterface(fields=["mask", "tdi", "dectdi", "grid", "v1_dispersion"]), name="inputnode"
     )
     outputnode = pe.Node(niu.IdentityInterface(fields=list(NERF_OUTPUTS)), name="outputnode")
     seed = {"random_seed": config.random_seed, "num_threads": config.omp_nthreads}
     fit = pe.Node(FitField(device=config.device, **seed), name="nerf_fit", n_procs=config.omp_nthreads)
     render = pe.Node(RenderField(num_threads=config.omp_nthreads), name="nerf_render", n_procs=config.omp_nthreads)
     track = pe.Node(
-        TrackField(tractogram_format=config.tractogram_format, **seed), name="nerf_track", n_procs=config.omp_nthreads
+        TrackField(tractogram_format=config.tractogram_format, output_resolution=config.output_resolution, **seed),
+        name="nerf_track",
+        n_procs=config.omp_nthreads,
     )
     if config.stop_dispersion_deg is not None:
         track.inputs.max_dispersion_deg = config.stop_dispersion_deg
@@ -59,7 +62,7 @@ def init_nerf_wf(config: RunConfig, name: str = "nerf_wf") -> LiterateWorkflow:
     workflow.connect(
         [
             (inputnode, fit, [(key, key) for key in ("mask", "tdi", "dectdi")]),
-            (inputnode, track, [("t1w", "t1w")]),
+            (inputnode, track, [("grid", "grid")]),
             (fit, render, [("field", "field")]),
             (fit, track, [("field", "field"), ("mask", "mask")]),
             (fit, outputnode, [("field", "field"), ("report", "report")]),
