@@ -14,6 +14,7 @@ from m2m_app.io.derivatives import (
     PREDICTED,
     QC_WM_FA,
     dataset_description,
+    source_link_name,
     qc_path,
     subject_qc,
     weights_provenance,
@@ -77,6 +78,29 @@ def test_dataset_description_credits_m2m_its_weights_and_the_source(tmp_path, we
     assert weights["Version"] == "9.9.9" and "ab" * 32 in weights["Description"]
     assert "sub-07, sub-08" in weights["Description"]
     assert "Authors" not in json.loads(dataset_description(tmp_path / "o2", tmp_path / "none").read_text())
+
+
+def test_a_prep_dir_filled_from_two_datasets_names_both(tmp_path):
+    """Preparing a second dataset into the same folder keeps the first one's source, link and
+    authors, links the second under its own key, and the recipe of weights trained there lists both."""
+    from m2m_app.training.loop import training_datasets
+
+    prep, first, second = tmp_path / "prep", tmp_path / "ds-real", tmp_path / "ds extra"
+    for folder, author in ((first, "A. Person"), (second, "B. Person")):
+        folder.mkdir()
+        (folder / "dataset_description.json").write_text(json.dumps({"Name": folder.name, "Authors": [author]}))
+    keys = []
+    for source in (first, second, first):  # the third: the first dataset prepared again
+        keys.append(source_link_name(prep, source))
+        dataset_description(prep, source, link=keys[-1])
+    assert keys == ["raw", "ds-extra", "raw"]
+    description = json.loads((prep / "dataset_description.json").read_text())
+    assert description["DatasetLinks"] == {"raw": first.resolve().as_uri(), "ds-extra": second.resolve().as_uri()}
+    assert sorted(s["URL"] for s in description["SourceDatasets"]) == sorted(
+        p.resolve().as_uri() for p in (first, second)
+    )
+    assert description["Authors"] == ["A. Person", "B. Person"]
+    assert training_datasets([prep]) == ["ds extra", "ds-real"]
 
 
 def test_readme_and_bidsignore(tmp_path, weights_dir):

@@ -131,7 +131,7 @@ def prepare(
     Finished units are skipped on a re-run; a failed unit does not stop the others and
     makes the exit code 1.
     """
-    from m2m_app.io.derivatives import dataset_description
+    from m2m_app.io.derivatives import dataset_description, source_link_name
     from m2m_app.io.manifest import qc_path, write_manifest
     from m2m_app.io.nifti import load_t1w
     from m2m_app.reports.methods import TEACHER_REFERENCES, TEACHER_SOFTWARE, write_bibtex
@@ -164,9 +164,10 @@ def prepare(
     failures = {label: str(err) for label, err in errors.items()}
     codes = {err.exit_code for err in errors.values()}
     ok = True
+    link = source_link_name(prep_dir, bids_dir)  # a second dataset in one prep dir gets its own key
     if units:
         LOGGER.info("preparing %d unit(s): %s", len(units), ", ".join(s.label for s in units))
-        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads)
+        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads, link)
         citation = write_citation(prep_dir, workflow)
         write_bibtex(citation.with_suffix(".bib"), TEACHER_REFERENCES, TEACHER_SOFTWARE)
         workflow.config["execution"]["crashdump_dir"] = str(prep_dir / "logs")
@@ -176,7 +177,7 @@ def prepare(
             if not qc_path(prep_dir, subject).exists():
                 failures[subject.label] = reasons.get(node_name(subject), "see the crash file in PREP_DIR/logs")
                 codes.add(EX_FAILURE)
-    dataset_description(prep_dir, bids_dir, name="m2m teacher targets (m2m-train prepare)")
+    dataset_description(prep_dir, bids_dir, name="m2m teacher targets (m2m-train prepare)", link=link)
     manifest = write_manifest(prep_dir, failures)
     echo_failures("m2m-train prepare", failures)
     for row in json.loads((prep_dir / "manifest.json").read_text())["pairs"]:

@@ -25,6 +25,7 @@ class _PrepareSubjectInputSpec(BaseInterfaceInputSpec):
     prep_dir = Directory(mandatory=True, desc="the prep (derivatives) folder to write into")
     random_seed = traits.Int(0, usedefault=True, desc="seed of the tractography")
     num_threads = traits.Int(1, usedefault=True, desc="threads of deepbet (torch) and ANTs (ITK)")
+    source_link = Str("raw", usedefault=True, desc="the prep dir's DatasetLinks key of the BIDS dataset")
 
 
 class _PrepareSubjectOutputSpec(TraitedSpec):
@@ -55,6 +56,7 @@ class PrepareSubject(SimpleInterface):
             prep_dir,
             self.inputs.random_seed,
             self.inputs.num_threads,
+            self.inputs.source_link,
         )
         self._results["tractogram_figure"] = str(
             streamline_figure(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,19 +51,43 @@ PREDICTED = (
 )
 
 
+def source_link_name(output_dir: Path, bids_dir: Path) -> str:
+    """The ``DatasetLinks`` key by which files in ``output_dir`` name files of ``bids_dir`` (BIDS URIs).
+
+    ``raw`` unless ``output_dir`` already links another dataset as ``raw`` (a prep dir filled from
+    several datasets); then the key it already has for ``bids_dir``, else ``bids_dir``'s folder
+    name (letters, digits and ``-``), made unique.
+    """
+    links = _read_description(Path(output_dir)).get("DatasetLinks", {})
+    uri = Path(bids_dir).resolve().as_uri()
+    known = [key for key, value in links.items() if value == uri]
+    if known:
+        return known[0]
+    if "raw" not in links:
+        return "raw"
+    stem = re.sub(r"[^A-Za-z0-9-]+", "-", Path(bids_dir).resolve().name).strip("-") or "source"
+    key, n = stem, 2
+    while key in links:
+        key, n = f"{stem}-{n}", n + 1
+    return key
+
+
 def dataset_description(
     output_dir: Path,
     bids_dir: Path,
     name: str = "m2m derivatives",
     weights_dir: str | None = None,
     phases: tuple[str, ...] = (),
+    link: str = "raw",
 ) -> Path:
     """Write ``dataset_description.json`` (DatasetType derivative, Authors, GeneratedBy, SourceDatasets).
 
     ``Authors`` are the input dataset's (the people whose data these derive from; m2m itself is
     credited in ``GeneratedBy``). ``GeneratedBy`` lists m2m (with its container, if any) and the
     translator weights of ``phases`` with their SHA-256. The input dataset is linked by a
-    normalised absolute ``file://`` URI (symlinks and ``..`` resolved).
+    normalised absolute ``file://`` URI (symlinks and ``..`` resolved) under ``DatasetLinks[link]``
+    (:func:`source_link_name`). A description already in ``output_dir`` keeps its other source
+    datasets, their links and authors: a folder filled from two datasets names both.
     """
     container = container_description()
     generated: dict[str, Any] = {
@@ -85,7 +110,9 @@ def dataset_description(
         if phase in weights
     ]
     source = Path(bids_dir).resolve()
-    authors = _source_description(source).get("Authors")
+    earlier = _read_description(Path(output_dir))
+    authors = list(dict.fromkeys([*earlier.get("Authors", []), *_read_description(source).get("Authors", [])]))
+    sources = [s for s in earlier.get("SourceDatasets", []) if s.get("URL") != source.as_uri()]
     return save_json(
         {
             "Name": name,
@@ -93,20 +120,21 @@ def dataset_description(
             "DatasetType": "derivative",
             **({"Authors": authors} if authors else {}),
             "GeneratedBy": generated_by,
-            "SourceDatasets": [{"URL": source.as_uri()}],
-            "DatasetLinks": {"raw": source.as_uri()},
+            "SourceDatasets": [*sources, {"URL": source.as_uri()}],
+            "DatasetLinks": {**earlier.get("DatasetLinks", {}), link: source.as_uri()},
             "HowToAcknowledge": "Cite m2m and the methods in logs/CITATION.md.",
         },
         Path(output_dir) / "dataset_description.json",
     )
 
 
-def _source_description(bids_dir: Path) -> dict:
-    """The input dataset's ``dataset_description.json`` ({} when unreadable)."""
+def _read_description(folder: Path) -> dict:
+    """A dataset's ``dataset_description.json`` ({} when absent or unreadable)."""
     try:
-        return json.loads((bids_dir / "dataset_description.json").read_text())
+        description = json.loads((folder / "dataset_description.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+    return description if isinstance(description, dict) else {}
 
 
 #: Files m2m writes beside the BIDS-Derivatives that no BIDS specification or proposal names

@@ -249,9 +249,19 @@ def teacher_paths(prep_dir: Path, subject: Subject) -> dict[str, Path]:
 
 
 def prepare_subject(
-    subject: Subject, t1w_path: Path, dwi_paths: list[Path], prep_dir: Path, random_seed: int = 0, num_threads: int = 1
+    subject: Subject,
+    t1w_path: Path,
+    dwi_paths: list[Path],
+    prep_dir: Path,
+    random_seed: int = 0,
+    num_threads: int = 1,
+    source_link: str = "raw",
 ) -> dict:
-    """Run the teacher on one unit and write its outputs; returns the unit's QC record."""
+    """Run the teacher on one unit and write its outputs; returns the unit's QC record.
+
+    ``source_link`` is the prep dir's ``DatasetLinks`` key of the unit's BIDS dataset
+    (:func:`~m2m_app.io.derivatives.source_link_name`), the dataset of its sidecars' ``Sources``.
+    """
     start = time.monotonic()
     stages: dict[str, float] = {}
 
@@ -260,7 +270,7 @@ def prepare_subject(
 
     prep_dir = Path(prep_dir)
     t1w_img, t1w = load_t1w(t1w_path)
-    sources = [bids_uri(p) for p in [t1w_path, *dwi_paths]]
+    sources = [bids_uri(p, source_link) for p in [t1w_path, *dwi_paths]]
     LOGGER.info("%s: brain mask (deepbet) and tissue classes (ANTs Atropos) of the T1w", subject.label)
     tissues = tissue_classes(t1w_img, t1w_brain_mask(t1w_img, num_threads))
     volumes = tissues.volumes_ml(t1w_img.affine)

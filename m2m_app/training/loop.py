@@ -24,6 +24,7 @@ import random
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ def training_datasets(prep_dirs: list[Path]) -> list[str]:
     for prep in prep_dirs:
         try:
             sources = json.loads((prep / "dataset_description.json").read_text()).get("SourceDatasets", [])
-            names += [Path(source["URL"].removeprefix("file://")).resolve().name for source in sources]
+            names += [Path(unquote(urlparse(source["URL"]).path)).name for source in sources]
         except (OSError, ValueError, KeyError, TypeError):
             names.append(prep.resolve().name)
     return sorted(set(names))

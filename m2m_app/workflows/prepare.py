@@ -22,8 +22,10 @@ def init_prepare_wf(
     work_dir: Path,
     random_seed: int = 0,
     num_threads: int = 1,
+    source_link: str = "raw",
 ) -> LiterateWorkflow:
-    """Build the teacher workflow: ``units`` maps each unit to its T1w and DWI runs."""
+    """Build the teacher workflow: ``units`` maps each unit to its T1w and DWI runs, all from the
+    BIDS dataset that ``prep_dir`` links as ``source_link``."""
     workflow = LiterateWorkflow(name="m2m_prepare_wf", base_dir=str(work_dir))
     workflow.__desc__ = (
         "Training targets were computed by m2m's teacher. The T1w's brain mask came from deepbet "
@@ -48,6 +50,7 @@ def init_prepare_wf(
                 prep_dir=str(prep_dir),
                 random_seed=random_seed,
                 num_threads=num_threads,
+                source_link=source_link,
             ),
             name=node_name(subject),
             mem_gb=6.0,
