@@ -115,6 +115,9 @@ def test_fit_detail_stores_a_lookup_the_app_applies_when_writing(tmp_path):
     weights.mkdir()
     (weights / "phase1.json").write_text(json.dumps({"recipe": {"subjects": ["sub-01"]}}))
     assert load_fa_detail(weights) is None
+    without = tmp_path / "without"  # the same weights before fit-detail
+    without.mkdir()
+    (without / "phase1.json").write_text((weights / "phase1.json").read_text())
     done = run_cli("train", "fit-detail", str(prep), str(weights), "--sigma-mm", "4", "--weight", "0.5")
     assert done.returncode == 0, done.stderr
     stored = json.loads((weights / "phase1.json").read_text())["fa_detail"]
@@ -130,7 +133,7 @@ def test_fit_detail_stores_a_lookup_the_app_applies_when_writing(tmp_path):
         sources[key] = str(tmp_path / f"{key}.nii.gz")
         nib.save(nib.Nifti1Image(np.asarray(maps[key], np.float32), img.affine), sources[key])
     grid = ConformedGrid(img.shape, img.affine, img.shape, img.affine)
-    plain = write_maps(tmp_path / "a", Subject("01"), t1w, sources, weights_dir=None, grid=grid)
+    plain = write_maps(tmp_path / "a", Subject("01"), t1w, sources, weights_dir=str(without), grid=grid)
     sharp = write_maps(tmp_path / "b", Subject("01"), t1w, sources, weights_dir=str(weights), grid=grid)
     load = lambda path: np.asarray(nib.load(path).dataobj)  # noqa: E731
     shift = detail.fa_shift(np.asarray(img.dataobj), img.header.get_zooms()[:3])

@@ -83,12 +83,15 @@ def test_write_maps_at_2mm_resamples_each_map_once(tmp_path):
     for key, volume in maps.items():
         files[key] = str(tmp_path / f"{key}.nii.gz")
         nib.save(nib.Nifti1Image(np.asarray(volume, np.float32), grid.affine), files[key])
+    weights = tmp_path / "weights"  # weights without a T1w detail transfer: the maps as resampled
+    weights.mkdir()
+    (weights / "phase1.json").write_text("{}")
     written = write_maps(
         tmp_path / "out",
         Subject("01"),
         "/bids/sub-01/anat/sub-01_T1w.nii.gz",
         files,
-        None,
+        str(weights),
         grid=grid,
         resolution_mm=2.0,
     )
