@@ -8,6 +8,8 @@ import os
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
+from m2m_app.interfaces.outputs import OutputGridInputSpec
+
 
 class _FitFieldInputSpec(BaseInterfaceInputSpec):
     tdi = File(exists=True, mandatory=True, desc="phase 2's relative track density on the model grid")
@@ -84,17 +86,9 @@ class RenderField(SimpleInterface):
         return runtime
 
 
-class _TrackFieldInputSpec(BaseInterfaceInputSpec):
+class _TrackFieldInputSpec(OutputGridInputSpec):  # the output grid is the tractogram's reference
     field = File(exists=True, mandatory=True)
     mask = File(exists=True, mandatory=True, desc="brain mask on the field's grid")
-    grid = traits.Dict(mandatory=True, desc="the T1w's model grid (ConformedGrid.to_dict), from PredictTensor")
-    output_resolution = traits.Either(
-        None,
-        traits.Float,
-        default=None,
-        usedefault=True,
-        desc="voxel size (mm) of the written maps (None: the T1w's grid); the tractogram's reference grid",
-    )
     v1_dispersion = File(exists=True, desc="phase 1's V1 dispersion (degrees) on the field's grid")
     max_dispersion_deg = traits.Float(
         requires=["v1_dispersion"], desc="stop where the V1 dispersion exceeds this (degrees); unset: off"

@@ -45,11 +45,17 @@ class _SubjectInputSpec(BaseInterfaceInputSpec):
     timings = Str("", usedefault=True, desc="stage wall-time JSON kept by StageTimer ('' for none)")
 
 
-class _OutputGridInputSpec(_SubjectInputSpec):
+class OutputGridInputSpec(BaseInterfaceInputSpec):
+    """The inputs naming the grid outputs are written on (``ConformedGrid.output_grid``)."""
+
     grid = traits.Dict(mandatory=True, desc="the T1w's model grid (ConformedGrid.to_dict), from PredictTensor")
     output_resolution = traits.Either(
         None, traits.Float, default=None, usedefault=True, desc="voxel size (mm) of the outputs (None: the T1w's grid)"
     )
+
+
+class _OutputGridInputSpec(_SubjectInputSpec, OutputGridInputSpec):
+    pass
 
 
 def _subject(inputs):
