@@ -57,6 +57,7 @@ TABLES = {
 }
 CALIBRATION = (
     "spearman",
+    "spearman_ideal",
     "coverage_1sd_raw",
     "coverage_2sd_raw",
     "scale_applied",

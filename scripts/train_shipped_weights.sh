@@ -28,7 +28,8 @@
 # recipe; PHASE1_STEPS (2700), PHASE2_STEPS (2660), SHIP_STEPS (3380) set how many batches each
 # training sees; the shipped weights use the defaults. FOLD_PHASES ("1 2") names the translators
 # the fold parts train and score: FOLD_PHASES=1 first gives every fold's phase-1 numbers (and the
-# raw calibrations the ship weights' phase-1 scale needs) sooner; FOLD_PHASES=2 then resumes.
+# raw calibrations the ship weights' phase-1 scale needs) sooner; FOLD_PHASES=2 then resumes; part
+# calibrate also calibrates only the phases FOLD_PHASES names.
 set -euo pipefail
 DS_REAL=${1:-../shared/data/ds-real}
 WORK=${2:-runs}
@@ -127,7 +128,8 @@ fi
 
 FOLD_TESTS=(sub-01 sub-02 sub-03)
 if [[ $PART == calibrate || $PART == all ]]; then
-  for phase in 1 2; do
+  # FOLD_PHASES=1: only phase 1's scale (the folds' phase-2 tables are not needed for it)
+  for phase in $FOLD_PHASES; do
     pooled=()
     for test in "${FOLD_TESTS[@]}"; do
       out="$WORK/loso-test-$test"

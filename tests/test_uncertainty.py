@@ -139,6 +139,11 @@ def test_calibration_measures_on_known_errors():
     error = rng.standard_normal(uncertainty.size) * 2.0 * uncertainty
     assert calibration.spearman(uncertainty, np.abs(error)) > 0.3
     assert calibration.spearman(uncertainty, rng.permutation(np.abs(error))) == pytest.approx(0.0, abs=0.01)
+    # errors drawn from the uncertainty itself reach its ideal Spearman; a constant SD ranks nothing
+    assert calibration.spearman(uncertainty, np.abs(error)) == pytest.approx(
+        calibration.ideal_spearman(uncertainty), abs=0.01
+    )
+    assert np.isnan(calibration.ideal_spearman(np.full(1000, 0.05)))
     table = calibration.reliability_table(uncertainty, np.abs(error))
     assert [row["bin"] for row in table] == list(range(1, 11)) and sum(r["n_voxels"] for r in table) == error.size
     assert np.all(np.diff([row["error_mean"] for row in table]) > 0)

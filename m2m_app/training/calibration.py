@@ -4,7 +4,8 @@ For each uncertainty map (``fa_sd`` and ``v1_dispersion`` of phase 1, ``tdi_sd``
 and each held-out subject, against the teacher:
 
 * the Spearman correlation between the uncertainty and the actual error (|FA error|, V1
-  angle error in degrees, |relative TDI error|), voxel by voxel;
+  angle error in degrees, |relative TDI error|), voxel by voxel, beside the one a perfectly
+  calibrated uncertainty of the same spread would reach (:func:`ideal_spearman`);
 * a reliability table: the voxels split into ten equal-count bins by uncertainty (deciles),
   with the mean and median error in each;
 * coverage: the fraction of voxels whose error is at most ``k × scale × uncertainty``
@@ -60,6 +61,18 @@ def spearman(uncertainty: np.ndarray, error: np.ndarray) -> float:
     if uncertainty.size < 2 or np.ptp(uncertainty) == 0 or np.ptp(error) == 0:
         return float("nan")
     return float(stats.spearmanr(uncertainty, error).statistic)
+
+
+def ideal_spearman(uncertainty: np.ndarray, seed: int = 0) -> float:
+    """Spearman of ``uncertainty`` (flat, SD units) with errors drawn as ``N(0, uncertainty²)``.
+
+    The rank correlation a perfectly calibrated uncertainty with this spread over the voxels
+    would reach: even an exact SD ranks single errors only loosely, the more so the narrower
+    its range (an SD that is the same everywhere gives 0). It is the ceiling to read
+    :func:`spearman` against; the draw is seeded, so it is repeatable.
+    """
+    draws = np.random.default_rng(seed).standard_normal(uncertainty.size) * uncertainty
+    return spearman(uncertainty, np.abs(draws))
 
 
 def reliability_table(uncertainty: np.ndarray, error: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict]:
@@ -130,6 +143,7 @@ def calibration_rows(
         "map": name,
         "n_voxels": int(error.size),
         "spearman": spearman(uncertainty, absolute),
+        "spearman_ideal": ideal_spearman(uncertainty),
         "uncertainty_mean": float(uncertainty.mean()),
         "error_mean": float(absolute.mean()),
         "scale_fit": fit_scale(absolute, uncertainty),
@@ -254,10 +268,11 @@ def calibrate_phase(
             summary.append(one)
             reliability.extend(table)
             log.info(
-                "%s %s: Spearman %.3f, ±1 coverage %.3f, ±2 coverage %.3f (scale %.3g), fitted scale %.3g",
+                "%s %s: Spearman %.3f (ideal %.3f), ±1 coverage %.3f, ±2 coverage %.3f (scale %.3g), fitted scale %.3g",
                 row["subject"],
                 name,
                 one["spearman"],
+                one["spearman_ideal"],
                 one["coverage_1sd"],
                 one["coverage_2sd"],
                 one["scale_applied"],

@@ -1,0 +1,152 @@
+"""Which FA uncertainty ranks the held-out error best? Candidates scored on the leave-one-person-out folds.
+
+The shipped FA uncertainty (``fa_sd``) is the standard deviation of phase 1's six passes
+(3 slice orientations × the mirrored volume), computed on the 2 mm model grid and resampled to
+the T1w grid. Two error sources it cannot see are written on the T1w grid after it:
+
+* the T1w detail transfer (:mod:`m2m_app.maths.detail`) adds a high-pass FA shift taken from
+  the T1w; where that shift is large, the FA is an intensity guess, so the shift's own size is
+  a candidate error scale (FA units);
+* at tissue boundaries a small misplacement between the T1w and the diffusion data moves a
+  steep FA edge: ``δ × |∇FA|`` with ``δ`` in mm (the predicted FA's gradient, FA per mm).
+
+For every fold (``WORK/loso-test-sub-XX`` of ``scripts/train_shipped_weights.sh``, with its
+``fa_detail``) and each unit of the held-out person, phase 1 runs once the app's way
+(:func:`~m2m_app.inference.predict.predict_phase1` with uncertainty and detail), and each
+candidate is scored where ``m2m-train calibrate`` scores ``fa_sd`` (the evaluation protocol's
+mask): the Spearman correlation with |FA error| (issue #17's bar: 0.3 on every fold). Terms add
+in quadrature (independent errors). A learned candidate: the mean |FA error| of the *other*
+folds' held-out voxels in the same cell of (predicted FA, SD, |shift|) quantile bins (an error
+model fitted on people the fold's translator never saw, none of them its own test person).
+The predicted FA itself is listed as a reference: an uncertainty should rank errors better
+than "high FA, high error"; and the ceiling of the shipped SD, the Spearman it would reach
+if it were exact (:func:`~m2m_app.training.calibration.ideal_spearman`). Prints a Markdown table
+(fold means of their sessions), then the leave-one-fold-out choice among the candidates (the
+best mean Spearman of the two other folds) and what it gives on the held-out fold. Usage:
+
+    python benchmarks/ablate_uncertainty.py WORK [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ablate_uncertainty")
+#: Misplacement scales (mm) of the edge term.
+DELTAS_MM = (0.5, 1.0, 2.0)
+
+
+def candidates(sd: np.ndarray, shift: np.ndarray, gradient: np.ndarray) -> dict[str, np.ndarray]:
+    """``{name: uncertainty}`` from the six-pass SD, the detail shift (FA) and |∇FA| (FA/mm), same voxels."""
+    out = {"six-pass SD (shipped)": sd, "|detail shift|": np.abs(shift)}
+    out["SD ⊕ |shift|"] = np.hypot(sd, shift)
+    for delta in DELTAS_MM:
+        out[f"SD ⊕ {delta:g} mm·|∇FA|"] = np.hypot(sd, delta * gradient)
+        out[f"SD ⊕ |shift| ⊕ {delta:g} mm·|∇FA|"] = np.sqrt(sd**2 + shift**2 + (delta * gradient) ** 2)
+    return out
+
+
+def fold_voxels(fold: Path, prep_dir: Path) -> list[dict[str, np.ndarray]]:
+    """Per held-out unit of ``fold``, inside its evaluation mask (flat float arrays): ``fa`` (as
+    written), ``sd`` (raw six-pass SD), ``shift`` (detail transfer), ``gradient`` (|∇FA|, FA/mm)
+    and ``error`` (|FA error|)."""
+    import json
+
+    import nibabel as nib
+
+    from m2m_app.inference.predict import load_fa_detail, load_translator, phase1_to_output, predict_phase1_model
+    from m2m_app.io.manifest import select_rows
+    from m2m_app.io.nifti import load_image, load_t1w
+    from m2m_app.maths.tensor import tensor_derivatives
+    from m2m_app.training.evaluate import evaluation_masks
+
+    model, _ = load_translator("phase1", fold)
+    detail = load_fa_detail(fold)
+    trained_on = json.loads((fold / "phase1.json").read_text())["recipe"]["subjects"]
+    trained_people = {unit.split("_")[0] for unit in trained_on}
+    units = []
+    for row, prep in select_rows([prep_dir], None):
+        if f"sub-{row['participant']}" in trained_people:
+            continue
+        log.info("%s: %s", fold.name, row["subject"])
+        img, data = load_t1w(row["t1w"])
+        brain = evaluation_masks(prep, row)[0]
+        pred = predict_phase1_model(img, data, model=model, device="cpu", mask_tensor=False, uncertainty=True)
+        shape, affine = pred["grid"].output_grid()
+        shift = detail.fa_shift_on(data, img.affine, shape, affine) if detail else np.zeros(shape, np.float32)
+        out = phase1_to_output(pred, mask_tensor=False, fa_shift=shift if detail else None)
+        gradient = np.linalg.norm(np.gradient(out["fa"], *nib.affines.voxel_sizes(affine)), axis=0)
+        teacher_fa = tensor_derivatives(load_image(prep / row["diffusivity"])[1][brain])["fa"]
+        volumes = {"fa": out["fa"], "sd": out["fa_sd"], "shift": shift, "gradient": gradient}
+        unit = {key: volume[brain].astype(float) for key, volume in volumes.items()}
+        units.append(unit | {"error": np.abs(unit["fa"] - teacher_fa)})
+    return units
+
+
+def binned_error_model(train: list[dict[str, np.ndarray]], bins: int = 8):
+    """Mean |FA error| per cell of (predicted FA, six-pass SD, |shift|) quantile bins of ``train``'s
+    voxels: a function of a unit's arrays giving its expected |error| (empty cells: the overall mean)."""
+    features = ("fa", "sd", "shift")
+    pooled = {key: np.concatenate([np.abs(u[key]) for u in train]) for key in (*features, "error")}
+    edges = {key: np.quantile(pooled[key], np.linspace(0, 1, bins + 1)[1:-1]) for key in features}
+
+    def cells(unit: dict[str, np.ndarray]) -> np.ndarray:
+        index = [np.searchsorted(edges[key], np.abs(unit[key])) for key in features]
+        return np.ravel_multi_index(index, (bins,) * len(features))
+
+    where = cells(pooled)
+    sums = np.bincount(where, weights=pooled["error"], minlength=bins ** len(features))
+    counts = np.bincount(where, minlength=bins ** len(features))
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), pooled["error"].mean())
+    return lambda unit: means[cells(unit)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work", type=Path, help="the WORK folder of scripts/train_shipped_weights.sh")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    from m2m_app.training.calibration import ideal_spearman, spearman
+
+    torch.set_num_threads(args.threads)
+    folds = sorted(path for path in args.work.glob("loso-test-sub-*") if (path / "phase1.safetensors").exists())
+    if len(folds) < 2:
+        raise SystemExit(f"need two folds or more: loso-test-sub-*/phase1.safetensors under {args.work}")
+    voxels = {fold.name: fold_voxels(fold, args.work / "prep") for fold in folds}
+    scores: dict[str, dict[str, float]] = {}
+    for name, units in voxels.items():
+        model = binned_error_model([u for other, us in voxels.items() if other != name for u in us])
+        per_unit = []
+        for unit in units:
+            maps = candidates(unit["sd"], unit["shift"], unit["gradient"])
+            maps["binned error model (other folds)"] = model(unit)
+            maps["predicted FA (reference)"] = unit["fa"]
+            per_unit.append({key: spearman(value, unit["error"]) for key, value in maps.items()})
+            per_unit[-1]["six-pass SD, ideal (errors drawn from it)"] = ideal_spearman(unit["sd"])
+        scores[name] = {key: float(np.mean([u[key] for u in per_unit])) for key in per_unit[0]}
+    names = list(next(iter(scores.values())))
+    print("# Spearman(FA uncertainty, |FA error|) on the held-out people (fold means of their sessions)\n")
+    print("| candidate | " + " | ".join(scores) + " | mean |")
+    print("|---" * (len(scores) + 2) + "|")
+    for name in names:
+        values = [table[name] for table in scores.values()]
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |")
+    print("\n# Leave-one-fold-out choice (best mean Spearman of the other folds; the reference excluded)\n")
+    print("| held-out fold | chosen | shipped SD → chosen |")
+    print("|---|---|---|")
+    choices = [n for n in names if "reference" not in n and "ideal" not in n]
+    for fold, table in scores.items():
+        others = [t for f, t in scores.items() if f != fold]
+        chosen = max(choices, key=lambda n: np.mean([t[n] for t in others]))
+        print(f"| {fold} | {chosen} | {table[choices[0]]:.3f} → {table[chosen]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
