@@ -22,7 +22,12 @@ The predicted FA itself is listed as a reference: an uncertainty should rank err
 than "high FA, high error"; and the ceiling of the shipped SD, the Spearman it would reach
 if it were exact (:func:`~m2m_app.training.calibration.ideal_spearman`). Prints a Markdown table
 (fold means of their sessions), then the leave-one-fold-out choice among the candidates (the
-best mean Spearman of the two other folds) and what it gives on the held-out fold. Usage:
+best mean Spearman of the two other folds) and what it gives on the held-out fold.
+
+Ensembles (issue #17's "a small ensemble of generators"): the spread of the exported
+generator's six passes together with those of the last checkpoint's raw generator, or of
+two earlier moving averages (``snapshots/``, copies of the checkpoint taken during training),
+where the fold's folder has them. Usage:
 
     python benchmarks/ablate_uncertainty.py WORK [--threads 2]
 """
@@ -50,21 +55,62 @@ def candidates(sd: np.ndarray, shift: np.ndarray, gradient: np.ndarray) -> dict[
     return out
 
 
+def ensemble_members(fold: Path) -> dict[str, list]:
+    """Extra generators of a fold's training run, for the ensemble candidates (empty lists where missing).
+
+    ``raw``: the last checkpoint's raw generator (the exported one is its moving average);
+    ``snapshots``: the moving average of every third earlier epoch, from ``snapshots/phase1-*.pt``
+    (copies of ``checkpoints/phase1_last.pt`` taken as the run went, sorted by time), at most two.
+    """
+    import torch
+
+    from m2m_app.models.translator import Translator
+
+    def generator(path: Path, prefix: str) -> Translator:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        architecture = {
+            k: v for k, v in state["architecture"].items() if k in ("in_channels", "out_channels", "base", "depth")
+        }
+        model = Translator(**architecture)
+        model.load_state_dict({k.removeprefix(prefix): v for k, v in state["networks"].items() if k.startswith(prefix)})
+        return model.eval()
+
+    last = fold / "checkpoints" / "phase1_last.pt"
+    snapshots = sorted((fold / "snapshots").glob("phase1-*.pt"))[:-1][::-1][2::3][:2]
+    return {
+        "raw": [generator(last, "generator.")] if last.exists() else [],
+        "snapshots": [generator(path, "ema_generator.") for path in snapshots],
+    }
+
+
 def fold_voxels(fold: Path, prep_dir: Path) -> list[dict[str, np.ndarray]]:
     """Per held-out unit of ``fold``, inside its evaluation mask (flat float arrays): ``fa`` (as
-    written), ``sd`` (raw six-pass SD), ``shift`` (detail transfer), ``gradient`` (|∇FA|, FA/mm)
-    and ``error`` (|FA error|)."""
+    written), ``sd`` (raw six-pass SD), ``shift`` (detail transfer), ``gradient`` (|∇FA|, FA/mm),
+    ``error`` (|FA error|) and, where the fold's checkpoints allow, the ensembles' FA SD
+    (``sd_raw``: the six passes of the exported and of the raw generator; ``sd_snapshots``: of
+    the exported generator and two earlier moving averages), all on the output grid."""
     import json
 
     import nibabel as nib
 
-    from m2m_app.inference.predict import load_fa_detail, load_translator, phase1_to_output, predict_phase1_model
+    from m2m_app.inference.predict import (
+        load_fa_detail,
+        load_translator,
+        phase1_from_views,
+        phase1_to_output,
+        predict_views,
+        spread_maps,
+        to_output,
+    )
     from m2m_app.io.manifest import select_rows
     from m2m_app.io.nifti import load_image, load_t1w
     from m2m_app.maths.tensor import tensor_derivatives
+    from m2m_app.models.phases import get_phase, phase1_inputs
     from m2m_app.training.evaluate import evaluation_masks
 
+    spec = get_phase("phase1")
     model, _ = load_translator("phase1", fold)
+    members = ensemble_members(fold)
     detail = load_fa_detail(fold)
     trained_on = json.loads((fold / "phase1.json").read_text())["recipe"]["subjects"]
     trained_people = {unit.split("_")[0] for unit in trained_on}
@@ -75,13 +121,21 @@ def fold_voxels(fold: Path, prep_dir: Path) -> list[dict[str, np.ndarray]]:
         log.info("%s: %s", fold.name, row["subject"])
         img, data = load_t1w(row["t1w"])
         brain = evaluation_masks(prep, row)[0]
-        pred = predict_phase1_model(img, data, model=model, device="cpu", mask_tensor=False, uncertainty=True)
-        shape, affine = pred["grid"].output_grid()
+        inputs, grid = phase1_inputs(img, data)
+        views = predict_views(model, spec, inputs, "cpu")
+        pred = phase1_from_views(views, grid, mask_tensor=False, uncertainty=True)
+        shape, affine = grid.output_grid()
         shift = detail.fa_shift_on(data, img.affine, shape, affine) if detail else np.zeros(shape, np.float32)
         out = phase1_to_output(pred, mask_tensor=False, fa_shift=shift if detail else None)
         gradient = np.linalg.norm(np.gradient(out["fa"], *nib.affines.voxel_sizes(affine)), axis=0)
         teacher_fa = tensor_derivatives(load_image(prep / row["diffusivity"])[1][brain])["fa"]
         volumes = {"fa": out["fa"], "sd": out["fa_sd"], "shift": shift, "gradient": gradient}
+        fused = spec.fuse(views)
+        for name, generators in members.items():
+            if generators:
+                passes = views + [v for g in generators for v in predict_views(g, spec, inputs, "cpu")]
+                sd = spread_maps(passes, fused, spec)["fa_sd"]
+                volumes[f"sd_{name}"] = to_output({"fa_sd": sd}, grid)["fa_sd"]
         unit = {key: volume[brain].astype(float) for key, volume in volumes.items()}
         units.append(unit | {"error": np.abs(unit["fa"] - teacher_fa)})
     return units
@@ -127,21 +181,27 @@ def main() -> None:
         for unit in units:
             maps = candidates(unit["sd"], unit["shift"], unit["gradient"])
             maps["binned error model (other folds)"] = model(unit)
+            if "sd_raw" in unit:
+                maps["12-pass SD: exported + raw generator"] = unit["sd_raw"]
+            if "sd_snapshots" in unit:
+                maps["18-pass SD: exported + 2 earlier moving averages"] = unit["sd_snapshots"]
             maps["predicted FA (reference)"] = unit["fa"]
             per_unit.append({key: spearman(value, unit["error"]) for key, value in maps.items()})
             per_unit[-1]["six-pass SD, ideal (errors drawn from it)"] = ideal_spearman(unit["sd"])
         scores[name] = {key: float(np.mean([u[key] for u in per_unit])) for key in per_unit[0]}
-    names = list(next(iter(scores.values())))
+    names = list(dict.fromkeys(name for table in scores.values() for name in table))
     print("# Spearman(FA uncertainty, |FA error|) on the held-out people (fold means of their sessions)\n")
     print("| candidate | " + " | ".join(scores) + " | mean |")
     print("|---" * (len(scores) + 2) + "|")
     for name in names:
-        values = [table[name] for table in scores.values()]
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.mean(values):.3f} |")
-    print("\n# Leave-one-fold-out choice (best mean Spearman of the other folds; the reference excluded)\n")
+        values = [table.get(name) for table in scores.values()]
+        cells = ["—" if v is None else f"{v:.3f}" for v in values]
+        mean = f"{np.mean(values):.3f}" if None not in values else "—"
+        print(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
+    print("\n# Leave-one-fold-out choice (best mean Spearman of the other folds; reference and ceiling excluded)\n")
     print("| held-out fold | chosen | shipped SD → chosen |")
     print("|---|---|---|")
-    choices = [n for n in names if "reference" not in n and "ideal" not in n]
+    choices = [n for n in names if "reference" not in n and "ideal" not in n and all(n in t for t in scores.values())]
     for fold, table in scores.items():
         others = [t for f, t in scores.items() if f != fold]
         chosen = max(choices, key=lambda n: np.mean([t[n] for t in others]))
