@@ -37,21 +37,18 @@ NONE = (0.0, 0.0)
 def score_fold(fold: Path, prep_dir: Path, candidates: list[tuple[float, float]]) -> dict[tuple[float, float], dict]:
     """``{(sigma_mm, weight): mean metrics over the fold's held-out units}``."""
     from m2m_app.inference.predict import load_translator, predict_phase1_model, to_output
-    from m2m_app.io.manifest import select_rows
     from m2m_app.io.nifti import load_image, load_t1w
     from m2m_app.maths.detail import FaDetail
     from m2m_app.maths.tensor import masked_tensor_maps
     from m2m_app.training.detail import intensity_lookup
     from m2m_app.training.evaluate import evaluation_masks, fa_metrics
+    from m2m_app.training.folds import held_out_rows
 
     model, _ = load_translator("phase1", fold)
     trained_on = json.loads((fold / "phase1.json").read_text())["recipe"]["subjects"]
     lookup = tuple(float(v) for v in intensity_lookup(prep_dir, trained_on).means)
-    trained_people = {unit.split("_")[0] for unit in trained_on}
     units: list[dict[tuple[float, float], dict]] = []
-    for row, prep in select_rows([prep_dir], None):
-        if f"sub-{row['participant']}" in trained_people:
-            continue
+    for row, prep in held_out_rows(prep_dir, trained_on):
         log.info("%s: %s", fold.name, row["subject"])
         img, data = load_t1w(row["t1w"])
         mask, wm, _ = evaluation_masks(prep, row)

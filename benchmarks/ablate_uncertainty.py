@@ -102,22 +102,19 @@ def fold_voxels(fold: Path, prep_dir: Path) -> list[dict[str, np.ndarray]]:
         spread_maps,
         to_output,
     )
-    from m2m_app.io.manifest import select_rows
     from m2m_app.io.nifti import load_image, load_t1w
     from m2m_app.maths.tensor import tensor_derivatives
     from m2m_app.models.phases import get_phase, phase1_inputs
     from m2m_app.training.evaluate import evaluation_masks
+    from m2m_app.training.folds import held_out_rows
 
     spec = get_phase("phase1")
     model, _ = load_translator("phase1", fold)
     members = ensemble_members(fold)
     detail = load_fa_detail(fold)
     trained_on = json.loads((fold / "phase1.json").read_text())["recipe"]["subjects"]
-    trained_people = {unit.split("_")[0] for unit in trained_on}
     units = []
-    for row, prep in select_rows([prep_dir], None):
-        if f"sub-{row['participant']}" in trained_people:
-            continue
+    for row, prep in held_out_rows(prep_dir, trained_on):
         log.info("%s: %s", fold.name, row["subject"])
         img, data = load_t1w(row["t1w"])
         brain = evaluation_masks(prep, row)[0]

@@ -10,9 +10,11 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from m2m_app.errors import UsageError
+from m2m_app.io.files import save_tsv
+from m2m_app.io.manifest import COLUMNS
 from m2m_app.maths.metrics import masked_ssim, pearson
 from m2m_app.training.evaluate import evaluation_masks, fa_metrics
-from m2m_app.training.folds import leave_one_person_out
+from m2m_app.training.folds import held_out_rows, leave_one_person_out
 
 
 def test_ssim_of_identical_volumes_is_one_and_matches_the_closed_form_for_constants():
@@ -80,6 +82,21 @@ def test_leave_one_person_out_never_splits_a_person():
     assert len(folds[1].test_units) == 4 and len(folds[1].train_units) == 3
     with pytest.raises(UsageError):
         leave_one_person_out([r for r in rows if r["participant"] == "02"])
+
+
+def test_held_out_rows_leave_out_every_session_of_a_trained_person(tmp_path):
+    sessions = {"01": [""], "02": ["hfs", "hfp", "hfdl", "hfdr"], "03": ["1", "2"]}
+    rows = [
+        {"participant": p, "session": s, "subject": f"sub-{p}" + (f"_ses-{s}" if s else ""), "status": "ok"}
+        for p, ss in sessions.items()
+        for s in ss
+    ]
+    save_tsv(rows, tmp_path / "manifest.tsv", list(COLUMNS), missing="")
+    # one session of sub-02 trained on is enough to hold none of its sessions out
+    held_out = held_out_rows(tmp_path, ["sub-01", "sub-02_ses-hfp"])
+    assert [row["subject"] for row, _ in held_out] == ["sub-03_ses-1", "sub-03_ses-2"]
+    assert {prep for _, prep in held_out} == {tmp_path}
+    assert len(held_out_rows(tmp_path, [])) == len(rows)
 
 
 def _phantom(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,11 +11,12 @@ participant are tested, all sessions of every other participant are trained on.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from m2m_app.errors import UsageError
-from m2m_app.io.manifest import read_manifest
+from m2m_app.io.manifest import read_manifest, select_rows
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ def leave_one_person_out(rows: list[dict[str, str]]) -> list[Fold]:
             train_units=tuple(sorted(u for p in people if p != person for u in units[p])),
         )
         for person in people
+    ]
+
+
+def held_out_rows(prep_dir: Path, trained_on: Iterable[str]) -> list[tuple[dict, Path]]:
+    """:func:`~m2m_app.io.manifest.select_rows` of ``prep_dir`` whose person is in none of the units
+    ``trained_on`` (manifest ``subject`` labels, e.g. a weights' ``recipe.subjects``): a person one
+    of whose sessions was trained on is left out with all their sessions."""
+    trained_people = {unit.split("_")[0] for unit in trained_on}
+    return [
+        (row, prep) for row, prep in select_rows([prep_dir], None) if f"sub-{row['participant']}" not in trained_people
     ]
 
 
