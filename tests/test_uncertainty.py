@@ -129,6 +129,10 @@ def test_calibration_scales_multiply_their_own_map_only():
     assert raw["fa_sd"][mask].min() > 0 and not raw["fa_sd"][~mask].any()
     np.testing.assert_allclose(scaled["fa_sd"], 2.0 * raw["fa_sd"], rtol=1e-6)
     np.testing.assert_array_equal(scaled["v1_dispersion"], raw["v1_dispersion"])
+    # a scaled V1 dispersion is an expected sign-free angle error: capped at 90 degrees
+    wide = spread_maps(views, fused, PHASE1, mask, {"v1_dispersion": 10.0})["v1_dispersion"]
+    assert raw["v1_dispersion"][mask].max() > 9.0 and wide.max() == pytest.approx(90.0)
+    np.testing.assert_allclose(wide, np.minimum(10.0 * raw["v1_dispersion"], 90.0), rtol=1e-6)
 
 
 def test_calibration_measures_on_known_errors():

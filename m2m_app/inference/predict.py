@@ -137,6 +137,11 @@ def predict_volume(
     return spec.fuse(predict_views(model, spec, inputs, device, batch_size, mirror))
 
 
+#: Upper bounds of the scaled uncertainty maps: a sign-free angle between two axes never
+#: exceeds 90°, so a calibrated V1 dispersion (an expected angle error) is capped there.
+SPREAD_CEILING: dict[str, float] = {"v1_dispersion": 90.0}
+
+
 def spread_maps(
     views: list[np.ndarray],
     fused: np.ndarray,
@@ -146,13 +151,14 @@ def spread_maps(
 ) -> dict[str, np.ndarray]:
     """The phase's uncertainty maps (:attr:`PhaseSpec.spread`) on the model grid, ``(x, y, z)`` float32 each.
 
-    Each map is clipped at 0, multiplied by ``scales[key]`` (1.0 for a key without a scale)
-    and zeroed outside ``mask`` ``(x, y, z)`` when one is given.
+    Each map is clipped at 0, multiplied by ``scales[key]`` (1.0 for a key without a scale),
+    capped at :data:`SPREAD_CEILING` and zeroed outside ``mask`` ``(x, y, z)`` when one is given.
     """
     scales = scales or {}
     out = {}
     for key, volume in spec.spread(views, fused).items():
-        out[key] = (np.clip(volume, 0.0, None) * scales.get(key, 1.0)).astype(np.float32)
+        scaled = np.clip(volume, 0.0, None) * scales.get(key, 1.0)
+        out[key] = np.clip(scaled, 0.0, SPREAD_CEILING.get(key)).astype(np.float32)
         if mask is not None:
             out[key][~mask] = 0.0
     return out

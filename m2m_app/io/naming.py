@@ -61,7 +61,8 @@ UNCERTAINTY_MAPS: dict[str, tuple[dict[str, str], str, str]] = {
         {"model": "tensor", "param": "v1", "desc": "dispersion"},
         "angular dispersion of the principal eigenvector across the six phase-1 passes: the "
         "root-mean-square of the sign-free angle arccos|V1_pass . V1| between each pass's V1 and "
-        "the written (fused) V1, in degrees from 0 to 90, times UncertaintyScale",
+        "the written (fused) V1, in degrees from 0 to 90, times UncertaintyScale, capped at 90 "
+        "(no sign-free angle error exceeds it)",
         "deg",
     ),
     "tdi_sd": (
