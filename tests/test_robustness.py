@@ -86,12 +86,11 @@ def test_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch):
     save_nifti(np.ones((4, 4, 4)), np.eye(4), target)
     before = target.read_bytes()
 
-    def full_disk(img, filename):
-        with open(filename, "wb") as handle:
-            handle.write(b"\x1f\x8b partial")
+    def full_disk(img, stream):  # the compressed stream gets part of the image, then the disk is full
+        stream.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(nib, "save", full_disk)
+    monkeypatch.setattr(nib.Nifti1Image, "to_stream", full_disk)
     with pytest.raises(OutputError, match="No space left on device"):
         save_nifti(np.zeros((4, 4, 4)), np.eye(4), target)
     assert target.read_bytes() == before

@@ -40,8 +40,8 @@ from m2m_app.maths.grid import ConformedGrid, resample_outputs
 
 LOGGER = logging.getLogger(__name__)
 
-#: Maps compressed and written at the same time as the next one is resampled (zlib releases
-#: the GIL): on 2 cores this halves the time of writing a 0.5 mm T1w's maps.
+#: Maps compressed and written at the same time as the next one is resampled (ISA-L's deflate
+#: releases the GIL, see :func:`~m2m_app.io.nifti.save_nifti`).
 WRITER_THREADS = 2
 
 #: What every sidecar says about where the values come from.
