@@ -14,7 +14,7 @@ from m2m_app.inference.predict import predict_phase1_model, to_output
 from m2m_app.io.derivatives import write_maps
 from m2m_app.io.naming import Subject
 from m2m_app.io.nifti import load_t1w
-from m2m_app.maths.grid import ConformedGrid, model_grid, resample_tensor
+from m2m_app.maths.grid import ConformedGrid, GridResampler, model_grid, resample_tensor
 from m2m_app.maths.metrics import angular_error_deg
 from m2m_app.maths.tensor import masked_tensor_maps
 
@@ -69,6 +69,20 @@ def test_output_grid_is_isotropic_and_covers_the_t1w():
     inside = nib.affines.apply_affine(np.linalg.inv(affine) @ grid.source_affine, corners)
     assert (inside >= -0.5 - 1e-6).all() and (inside <= np.array(shape) - 0.5 + 1e-6).all()  # the whole FOV
     assert ((np.array(shape) - 1) * 2.0 < np.array(grid.source_shape) * [1.0, 1.2, 0.9]).all()  # and no more
+
+
+def test_fill_puts_kept_voxel_values_in_place_and_zeros_elsewhere():
+    support = np.zeros((6, 7, 8), bool)
+    support[2:5, 1:4, 3:7] = True
+    resampler = GridResampler(np.eye(4), support, (6, 7, 8), np.eye(4))  # same grid: kept == support
+    np.testing.assert_array_equal(resampler.kept, support)
+    values = np.arange(support.sum() * 3, dtype=np.float32).reshape(-1, 3)
+    volume = resampler.fill(values)
+    assert volume.shape == (6, 7, 8, 3) and not volume[~support].any()
+    np.testing.assert_array_equal(volume[support], values)  # kept order is C order, as a bool mask reads it
+    assert resampler.fill(values[:, 0] > 5, dtype=bool).dtype == bool
+    empty = GridResampler(np.eye(4), np.zeros((6, 7, 8), bool), (6, 7, 8), np.eye(4))
+    assert not empty.fill(np.zeros((0, 6), np.float32)).any() and empty.fill(np.zeros(0)).shape == (6, 7, 8)
 
 
 def test_write_maps_at_2mm_resamples_each_map_once(tmp_path):

@@ -157,8 +157,7 @@ def spread_maps(
     scales = scales or {}
     out = {}
     for key, volume in spec.spread(views, fused).items():
-        scaled = np.clip(volume, 0.0, None) * scales.get(key, 1.0)
-        out[key] = np.clip(scaled, 0.0, SPREAD_CEILING.get(key)).astype(np.float32)
+        out[key] = np.clip(volume * scales.get(key, 1.0), 0.0, SPREAD_CEILING.get(key)).astype(np.float32)
         if mask is not None:
             out[key][~mask] = 0.0
     return out

@@ -263,9 +263,9 @@ class GridResampler:
 
     def fill(self, values: np.ndarray, dtype=np.float32) -> np.ndarray:
         """Kept-voxel ``values`` ``(N[, C])`` as an output volume ``out_shape[ + (C,)]``, zero elsewhere."""
-        out = np.zeros((self._flat.size and int(np.prod(self.out_shape)),) + values.shape[1:], dtype=dtype)
-        out[self._flat] = values
-        return out.reshape(self.out_shape + values.shape[1:])
+        out = np.zeros(self.out_shape + values.shape[1:], dtype=dtype)
+        out.reshape((-1,) + values.shape[1:])[self._flat] = values  # a view of out
+        return out
 
     def tensor_values(
         self, components: np.ndarray, fa_shift: np.ndarray | None = None, chunk: int = 1 << 20
