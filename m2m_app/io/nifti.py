@@ -159,9 +159,17 @@ def save_nifti(
 
 
 def _save(img: nib.Nifti1Image, path: str) -> None:
-    """``nib.save``, with ``.nii.gz`` files deflated by ISA-L (:data:`GZIP_LEVEL`)."""
+    """``nib.save``, with ``.nii.gz`` files deflated by ISA-L (:data:`GZIP_LEVEL`).
+
+    The gzip header carries neither a time stamp nor a file name (as nibabel writes it), so the
+    same image always gives the same bytes: a re-run that writes an output again leaves it
+    byte-identical, and the temporary name of the atomic write never leaks into the file.
+    """
     if not path.endswith(".gz"):
         nib.save(img, path)
         return
-    with igzip.open(path, "wb", compresslevel=GZIP_LEVEL) as stream:
+    with (
+        open(path, "wb") as raw,
+        igzip.IGzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0) as stream,
+    ):
         img.to_stream(stream)
