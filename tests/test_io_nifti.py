@@ -7,7 +7,9 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 
+from m2m_app.errors import BadDataError
 from m2m_app.io.nifti import load_image, save_nifti
 
 
@@ -42,3 +44,34 @@ def test_uncompressed_and_mask_outputs_keep_their_format(tmp_path):
     assert plain.read_bytes()[344:348] == b"n+1\x00"  # NIfTI-1 single file, not compressed
     img = nib.load(plain)
     assert img.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(img.dataobj) > 0, mask)
+
+
+def test_gz_files_load_like_nibabel_scaled_with_their_header(tmp_path):
+    """ISA-L inflation gives nib.load's scaled values, stored dtype and affine; NIfTI-2 stays NIfTI-2."""
+    stored = np.arange(9 * 10 * 11, dtype=np.int16).reshape(9, 10, 11)
+    affine = np.diag([1.5, 0.5, 0.5, 1.0])
+    scaled = nib.Nifti1Image(stored, affine)
+    scaled.header.set_slope_inter(0.25, -3.0)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    nib.save(nib.Nifti2Image(stored, affine), tmp_path / "two.nii.gz")
+    for name, klass in (("scaled.nii.gz", nib.Nifti1Image), ("two.nii.gz", nib.Nifti2Image)):
+        reference = nib.load(tmp_path / name)
+        img, data = load_image(tmp_path / name)
+        assert type(img) is klass and img.get_data_dtype() == np.int16
+        np.testing.assert_array_equal(data, reference.get_fdata(dtype=np.float32))
+        np.testing.assert_array_equal(np.asarray(img.dataobj), data)  # usable after the stream is closed
+        np.testing.assert_array_equal(img.affine, reference.affine)
+    assert load_image(tmp_path / "scaled.nii.gz")[1][1, 0, 0] == 110 * 0.25 - 3.0
+
+
+@pytest.mark.parametrize("damage", ["deflate", "not_nifti"])
+def test_corrupt_gz_files_fail_with_a_message_naming_them(tmp_path, damage):
+    path = save_nifti(np.random.default_rng(1).random((30, 30, 30)), np.eye(4), tmp_path / "map.nii.gz")
+    if damage == "deflate":
+        raw = bytearray(path.read_bytes())
+        raw[40:60] = bytes(range(200, 220))  # inside the first deflate block
+        path.write_bytes(bytes(raw))
+    else:
+        path.write_bytes(gzip.compress(b"not an image " * 100))
+    with pytest.raises(BadDataError, match="map.nii.gz: cannot be read as NIfTI"):
+        load_image(path)

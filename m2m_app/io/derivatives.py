@@ -9,9 +9,8 @@ import shutil
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
@@ -356,8 +355,8 @@ QC_WM_FA = 0.2
 
 
 def _voxels(path: Path) -> np.ndarray:
-    """The stored voxel values of a NIfTI file."""
-    return np.asarray(cast(nib.Nifti1Image, nib.load(path)).dataobj)
+    """The voxel values of a NIfTI file, float32."""
+    return load_image(path)[1]
 
 
 def subject_qc(subject: Subject, written: dict[str, Path], nerf_report: dict) -> dict:
@@ -367,8 +366,8 @@ def subject_qc(subject: Subject, written: dict[str, Path], nerf_report: dict) ->
     brain mask and predicted FA > :data:`QC_WM_FA`; NaN without either): an input far from the
     training data (another contrast, heavy artefacts) makes the passes disagree and raises it.
     """
-    mask_img = cast(nib.Nifti1Image, nib.load(written["mask"]))
-    mask = np.asarray(mask_img.dataobj) > 0
+    mask_img, mask_values = load_image(written["mask"])
+    mask = mask_values > 0
     voxel_ml = float(np.prod(mask_img.header.get_zooms()[:3])) / 1000
     fa, md = _voxels(written["fa"]), _voxels(written["md"])
     wm = mask & (fa > QC_WM_FA)

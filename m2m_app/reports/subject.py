@@ -17,15 +17,14 @@ import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import cast
 
-import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
 from m2m_app.io.crashes import crash_reasons
 from m2m_app.io.files import atomic_write
 from m2m_app.io.naming import Subject, derivative_path
+from m2m_app.io.nifti import load_image
 from m2m_app.io.timings import STAGE_ORDER
 from m2m_app.io.tractogram import load_streamlines
 from m2m_app.reports.figures import mosaic, streamline_figure
@@ -70,8 +69,8 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;tex
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    img = cast(nib.Nifti1Image, nib.load(path))
-    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+    img, data = load_image(path)
+    return data, img.affine
 
 
 def _relative(path: Path, output_dir: Path) -> str:
