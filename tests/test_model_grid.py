@@ -85,6 +85,25 @@ def test_fill_puts_kept_voxel_values_in_place_and_zeros_elsewhere():
     assert not empty.fill(np.zeros((0, 6), np.float32)).any() and empty.fill(np.zeros(0)).shape == (6, 7, 8)
 
 
+def test_threads_and_chunks_do_not_change_resampled_values():
+    """Interpolation and eigendecompositions split over kept voxels and threads give the serial values, exactly."""
+    rng = np.random.default_rng(3)
+    support = ndimage.binary_erosion(np.ones((12, 13, 14), bool), iterations=2)
+    evecs = np.linalg.qr(rng.normal(size=(12, 13, 14, 3, 3)))[0]
+    evals = rng.uniform(2e-4, 2e-3, size=(12, 13, 14, 3))
+    matrices = np.einsum("...ij,...j,...kj->...ik", evecs, evals, evecs)
+    tensor = np.stack([matrices[..., i, j] for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))], -1)
+    tensor[~support] = 0.0
+    fa = np.where(support, rng.uniform(0, 1, support.shape), 0.0)
+    out_affine = np.array([[0.7, 0.1, 0, 1.3], [-0.1, 0.7, 0, 0.4], [0, 0, 0.5, 2.0], [0, 0, 0, 1]])  # oblique, finer
+    serial = GridResampler(np.eye(4), support, (17, 18, 26), out_affine)
+    threaded = GridResampler(np.eye(4), support, (17, 18, 26), out_affine, threads=3)
+    shift = rng.uniform(-0.05, 0.05, serial.kept.sum()).astype(np.float32)
+    np.testing.assert_array_equal(serial.values(fa), threaded.values(fa))
+    for one, other in zip(serial.tensor_values(tensor, shift), threaded.tensor_values(tensor, shift, chunk=100)):
+        np.testing.assert_array_equal(one, other)
+
+
 def test_write_maps_at_2mm_resamples_each_map_once(tmp_path):
     grid = _oblique_grid()
     brain = np.zeros(grid.shape, bool)

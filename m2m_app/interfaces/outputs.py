@@ -88,6 +88,7 @@ class _WriteMapsInputSpec(_OutputGridInputSpec):
     fa_sd = File(exists=True, desc="phase-1 uncertainty: FA standard deviation across the passes")
     v1_dispersion = File(exists=True, desc="phase-1 uncertainty: V1 angular dispersion across the passes")
     tdi_sd = File(exists=True, desc="phase-2 uncertainty: track-density standard deviation across the passes")
+    num_threads = traits.Int(1, usedefault=True, desc="threads of the resampling onto the output grid")
 
 
 class WriteMaps(SimpleInterface):
@@ -114,6 +115,7 @@ class WriteMaps(SimpleInterface):
             _timings(self.inputs),
             grid=ConformedGrid.from_dict(self.inputs.grid),
             resolution_mm=self.inputs.output_resolution,
+            threads=self.inputs.num_threads,
         )
         self._results["written"] = {k: str(v) for k, v in written.items()}
         return runtime

@@ -233,6 +233,7 @@ def write_maps(
     *,
     grid: ConformedGrid,
     resolution_mm: float | None = None,
+    threads: int = 1,
 ) -> dict[str, Path]:
     """Write the phase-1/2 maps onto the output grid under their BIDS-Derivatives names, each with a JSON sidecar.
 
@@ -245,12 +246,13 @@ def write_maps(
     at once. When the phase-1 weights store a T1w detail transfer (:mod:`m2m_app.maths.detail`),
     its FA shift, computed from the T1w on the output grid, sharpens FA, the tensor, AD, RD and
     colour FA (MD and V1 unchanged), and their sidecars say so. ``timings`` ({stage: seconds})
-    goes into every sidecar. Returns the written paths by key.
+    goes into every sidecar. ``threads``: the resampling's threads (:class:`GridResampler`; the
+    files are written in :data:`WRITER_THREADS` more). Returns the written paths by key.
     """
     paths = derivative_paths(Path(output_dir), subject, "nerf")
     common = _common_sidecar(t1w, weights_dir, timings or {})
     volumes = {key: load_image(source)[1] for key, source in maps.items()}
-    resampler = grid.output_resampler(volumes["mask"] > 0, resolution_mm)
+    resampler = grid.output_resampler(volumes["mask"] > 0, resolution_mm, threads)
     detail = fa_detail_from(fa_detail_values(weights_dir)) if "fa" in maps else None
     fa_shift = None
     if detail is not None:

@@ -9,7 +9,8 @@ back onto the source's own shape and affine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -165,11 +166,13 @@ class ConformedGrid:
         centre = nib.affines.apply_affine(self.source_affine, (np.array(self.source_shape) - 1) / 2.0)
         return (x, y, z), nib.affines.from_matvec(axes, centre - axes @ ((np.array([x, y, z]) - 1) / 2.0))
 
-    def output_resampler(self, support: np.ndarray, resolution_mm: float | None = None) -> GridResampler:
+    def output_resampler(
+        self, support: np.ndarray, resolution_mm: float | None = None, threads: int = 1
+    ) -> GridResampler:
         """A :class:`GridResampler` from this model grid (maps defined on ``support``, ``(x, y, z)``
-        bool) onto :meth:`output_grid` of ``resolution_mm``."""
+        bool) onto :meth:`output_grid` of ``resolution_mm``, working in ``threads`` threads."""
         shape, affine = self.output_grid(resolution_mm)
-        return GridResampler(self.affine, support, shape, affine)
+        return GridResampler(self.affine, support, shape, affine, threads)
 
     def to_dict(self) -> dict[str, list]:
         """The grid as plain lists (exact: float64 values as Python floats), e.g. to pass between workflow nodes."""
@@ -228,11 +231,19 @@ class GridResampler:
     ----------
     in_affine : voxel-to-world affine of the input grid; ``support`` its ``(x, y, z)`` bool mask.
     out_shape, out_affine : the output grid.
+    threads : the interpolation and the eigendecompositions run over the kept voxels in this
+        many threads (SciPy's and NumPy's loops release the GIL); the values do not depend on it.
     """
 
     def __init__(
-        self, in_affine: np.ndarray, support: np.ndarray, out_shape: tuple[int, int, int], out_affine: np.ndarray
+        self,
+        in_affine: np.ndarray,
+        support: np.ndarray,
+        out_shape: tuple[int, int, int],
+        out_affine: np.ndarray,
+        threads: int = 1,
     ) -> None:
+        self.threads = max(1, int(threads))
         mapping = np.linalg.inv(in_affine) @ out_affine
         self.support = np.asarray(support, dtype=bool)
         self.out_shape, self.out_affine = out_shape, out_affine
@@ -255,11 +266,26 @@ class GridResampler:
             channel = channels[..., c]
             if np.any(self._sigma > 0.1):
                 channel = ndimage.gaussian_filter(channel, self._sigma, mode="nearest")
-            out[:, c] = ndimage.map_coordinates(
-                channel, self._points, order=1, mode="constant", cval=0.0, prefilter=False
-            )
+
+            def interpolate(part: slice, channel: np.ndarray = channel, c: int = c) -> None:
+                out[part, c] = ndimage.map_coordinates(
+                    channel, self._points[:, part], order=1, mode="constant", cval=0.0, prefilter=False
+                )
+
+            self._over_kept(interpolate, -(-self._weight.size // self.threads))
         out /= self._weight[:, None]
         return out if volume.ndim == 4 else out[:, 0]
+
+    def _over_kept(self, work: Callable[[slice], None], size: int) -> None:
+        """Run ``work`` on consecutive slices of at most ``size`` kept voxels, in :attr:`threads` threads."""
+        parts = [slice(first, first + size) for first in range(0, self._weight.size, max(size, 1))]
+        if self.threads == 1 or len(parts) == 1:
+            for part in parts:
+                work(part)
+            return
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            for done in [pool.submit(work, part) for part in parts]:
+                done.result()  # re-raises a worker's error
 
     def fill(self, values: np.ndarray, dtype=np.float32) -> np.ndarray:
         """Kept-voxel ``values`` ``(N[, C])`` as an output volume ``out_shape[ + (C,)]``, zero elsewhere."""
@@ -288,14 +314,16 @@ class GridResampler:
         tensors = np.empty(mean_logs.shape, dtype=np.float32)
         v1 = np.empty(mean_logs.shape[:1] + (3,), dtype=np.float32)
         scale = None if fa_shift is None else np.empty(len(mean_logs), dtype=np.float32)
-        for first in range(0, len(mean_logs), chunk):
-            part = slice(first, first + chunk)
+
+        def decompose(part: slice) -> None:
             evals, evecs = eigen_decomposition(components_to_matrix(mean_logs[part].astype(float)))
             evals = np.exp(evals)
             if fa_shift is not None and scale is not None:
                 evals, scale[part] = rescale_anisotropy(evals, fa_shift[part])
             tensors[part] = matrix_to_components(compose_tensors(evals, evecs))
             v1[part] = evecs[..., :, 0]
+
+        self._over_kept(decompose, min(chunk, -(-len(mean_logs) // self.threads)))
         return tensors, v1, scale
 
 

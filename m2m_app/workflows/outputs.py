@@ -97,7 +97,12 @@ def init_ds_wf(
         "timings": str(timings_file or ""),
     }
     resolution = {"output_resolution": config.output_resolution}
-    write_maps = pe.Node(WriteMaps(**where, **resolution), name="write_maps", mem_gb=2)
+    write_maps = pe.Node(
+        WriteMaps(num_threads=config.omp_nthreads, **where, **resolution),
+        name="write_maps",
+        n_procs=config.omp_nthreads,
+        mem_gb=2,
+    )
     report = pe.Node(
         WriteReport(command_line=config.command_line, **where, **resolution), name="write_report", mem_gb=2
     )
