@@ -13,8 +13,7 @@ from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
-from isal import igzip
-from isal import isal_zlib
+from isal import igzip, isal_zlib
 
 from m2m_app.errors import BadDataError, MissingInputError
 from m2m_app.io.files import atomic_write
