@@ -258,7 +258,7 @@ def write_maps(
     if detail is not None:
         t1w_img, t1w_data = load_t1w(t1w)
         fa_shift = detail.fa_shift_on(
-            t1w_data, t1w_img.affine, resampler.out_shape, resampler.out_affine, where=resampler.kept
+            t1w_data, t1w_img.affine, resampler.out_shape, resampler.out_affine, where=resampler.kept, threads=threads
         )
         del t1w_data
 

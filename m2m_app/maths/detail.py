@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from m2m_app.maths.grid import normalise_intensity, resample_scalar
+from m2m_app.maths.grid import in_threads, intensity_range, resample_scalar, scale_intensity
 
 #: Voxel size (mm) of the grid the low-pass of :meth:`FaDetail.fa_shift` is computed on.
 LOWPASS_VOXEL_MM = 2.0
@@ -80,24 +80,48 @@ class FaDetail:
     sigma_mm: float
     weight: float
 
-    def fa_shift(self, t1w_data: np.ndarray, zooms_mm: Sequence[float], where: np.ndarray | None = None) -> np.ndarray:
+    def fa_shift(
+        self,
+        t1w_data: np.ndarray,
+        zooms_mm: Sequence[float],
+        where: np.ndarray | None = None,
+        threads: int = 1,
+    ) -> np.ndarray:
         """The FA change ``(X, Y, Z)`` float32 on the T1w's own grid (voxel sizes ``zooms_mm``).
 
         ``where`` ``(X, Y, Z)`` bool: compute it there only (zero elsewhere; None: everywhere).
         The low-pass is taken on a grid of about :data:`LOWPASS_VOXEL_MM` (block means) and
         brought back linearly: a Gaussian of several mm on a 0.5 mm grid would cost seconds.
+        The per-voxel work runs over slabs of the first axis in ``threads`` threads (same values).
         """
         lookup = np.asarray(self.fa_by_intensity, dtype=np.float32)
         bins = len(lookup)
-        looked_up = lookup[np.minimum((normalise_intensity(t1w_data) * bins).astype(int), bins - 1)]
+        inside = None if where is None else np.asarray(where, dtype=bool)
+        low, high = intensity_range(t1w_data)
+        looked_up: np.ndarray = np.empty(t1w_data.shape[:3], dtype=np.float32)
+
+        def look_up(rows: slice) -> None:
+            intensity = scale_intensity(t1w_data[rows], low, high)  # normalise_intensity, slab by slab
+            looked_up[rows] = lookup[np.minimum((intensity * bins).astype(int), bins - 1)]
+
+        in_threads(look_up, looked_up.shape[0], threads)
         zooms = np.asarray(zooms_mm, dtype=float)
         factors = np.maximum(1, np.round(LOWPASS_VOXEL_MM / zooms)).astype(int)
         coarse = _block_mean(looked_up, factors)
         coarse = ndimage.gaussian_filter(coarse, self.sigma_mm / (zooms * factors), mode="nearest")
-        shift = self.weight * (looked_up - _upsample_linear(coarse, factors, looked_up.shape))
-        if where is not None:
-            shift[~np.asarray(where, bool)] = 0.0
-        return shift.astype(np.float32, copy=False)
+        coarse = _upsample_axis(coarse, 0, factors[0], looked_up.shape[0])  # small: (X, y, z)
+        shift: np.ndarray = np.empty_like(looked_up)
+
+        def transfer(rows: slice) -> None:
+            lowpass = _upsample_axis(
+                _upsample_axis(coarse[rows], 1, factors[1], shift.shape[1]), 2, factors[2], shift.shape[2]
+            )
+            shift[rows] = self.weight * (looked_up[rows] - lowpass)
+            if inside is not None:
+                shift[rows][~inside[rows]] = 0.0
+
+        in_threads(transfer, shift.shape[0], threads)
+        return shift
 
     def fa_shift_on(
         self,
@@ -106,13 +130,15 @@ class FaDetail:
         out_shape: tuple[int, int, int],
         out_affine: np.ndarray,
         where: np.ndarray | None = None,
+        threads: int = 1,
     ) -> np.ndarray:
         """:meth:`fa_shift` on another grid (``where`` is on that grid): as is on the T1w's own
-        grid, else computed everywhere and resampled trilinearly."""
+        grid, else computed everywhere and resampled trilinearly; in ``threads`` threads."""
         zooms = np.sqrt((np.asarray(t1w_affine)[:3, :3] ** 2).sum(axis=0))
         if tuple(out_shape) == t1w_data.shape[:3] and np.allclose(out_affine, t1w_affine):
-            return self.fa_shift(t1w_data, zooms, where)
-        return resample_scalar(self.fa_shift(t1w_data, zooms), t1w_affine, out_affine, out_shape)
+            return self.fa_shift(t1w_data, zooms, where, threads)
+        shift = self.fa_shift(t1w_data, zooms, threads=threads)
+        return resample_scalar(shift, t1w_affine, out_affine, out_shape, threads=threads)
 
     def to_dict(self) -> dict:
         """Plain values for the weights' JSON."""
@@ -143,13 +169,10 @@ def _block_mean(volume: np.ndarray, factors: np.ndarray) -> np.ndarray:
     return padded.reshape(x // fx, fx, y // fy, fy, z // fz, fz).mean(axis=(1, 3, 5), dtype=np.float32)
 
 
-def _upsample_linear(coarse: np.ndarray, factors: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Block-mean grid ``coarse`` back onto the fine grid ``shape`` (linear along each axis, edges held)."""
-    out = coarse
-    for axis, (factor, size) in enumerate(zip(factors, shape)):
-        position = (np.arange(size, dtype=np.float32) + 0.5) / factor - 0.5
-        low = np.clip(np.floor(position).astype(int), 0, out.shape[axis] - 1)
-        high = np.minimum(low + 1, out.shape[axis] - 1)
-        weight = np.clip(position - low, 0.0, 1.0).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
-        out = np.take(out, low, axis=axis) * (1.0 - weight) + np.take(out, high, axis=axis) * weight
-    return out
+def _upsample_axis(coarse: np.ndarray, axis: int, factor: int, size: int) -> np.ndarray:
+    """Block-mean grid ``coarse`` back onto ``size`` fine voxels along ``axis`` (linear, edges held), float32."""
+    position = (np.arange(size, dtype=np.float32) + 0.5) / factor - 0.5
+    low = np.clip(np.floor(position).astype(int), 0, coarse.shape[axis] - 1)
+    high = np.minimum(low + 1, coarse.shape[axis] - 1)
+    weight = np.clip(position - low, 0.0, 1.0).reshape([-1 if a == axis else 1 for a in range(coarse.ndim)])
+    return np.take(coarse, low, axis=axis) * (1.0 - weight) + np.take(coarse, high, axis=axis) * weight

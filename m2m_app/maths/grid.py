@@ -53,10 +53,14 @@ def intensity_range(data: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def scale_intensity(data: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``low`` / ``high`` to 0 / 1 and clip, float32 (same shape as ``data``)."""
+    return np.clip((data - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
 def normalise_intensity(data: np.ndarray) -> np.ndarray:
     """Map the 0.5 / 99.5 percentiles of the foreground to 0 / 1 and clip, float32 ``(X, Y, Z)``."""
-    low, high = intensity_range(data)
-    return np.clip((data - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+    return scale_intensity(data, *intensity_range(data))
 
 
 def brain_extraction_mask(brain: np.ndarray, margin_mm: float, spacing_mm: tuple[float, ...]) -> np.ndarray:
@@ -85,18 +89,51 @@ def intensity_centre(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return centre
 
 
+def in_threads(work: Callable[[slice], None], total: int, threads: int, size: int | None = None) -> None:
+    """Run ``work`` on consecutive slices of ``range(total)`` in ``threads`` threads.
+
+    The slices hold at most ``size`` items (default: ``total`` split evenly over the threads).
+    For work whose loops release the GIL (SciPy's interpolation, NumPy's element-wise and
+    linear-algebra loops) on disjoint parts of an output, so the values do not depend on
+    ``threads``. A worker's error is raised here.
+    """
+    threads = max(1, int(threads))
+    size = max(1, size if size is not None else -(-total // threads))
+    parts = [slice(first, min(first + size, total)) for first in range(0, total, size)]
+    if threads == 1 or len(parts) <= 1:
+        for part in parts:
+            work(part)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for done in [pool.submit(work, part) for part in parts]:
+            done.result()
+
+
+#: Rows of the output's first axis that :func:`resample_scalar` interpolates in one piece.
+SLAB_ROWS = 16
+
+
 def _antialias_sigma(step: np.ndarray) -> np.ndarray:
     """Gaussian sigma (input voxels) per input axis for output voxels spanning ``step`` input voxels."""
     return np.clip((step - 1.0) / 2.0, 0.0, None)
 
 
 def resample_scalar(
-    volume: np.ndarray, in_affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, int, int], order: int = 1
+    volume: np.ndarray,
+    in_affine: np.ndarray,
+    out_affine: np.ndarray,
+    out_shape: tuple[int, int, int],
+    order: int = 1,
+    threads: int = 1,
 ) -> np.ndarray:
     """Resample one 3D volume from ``in_affine`` onto (``out_affine``, ``out_shape``), zero outside.
 
     ``order`` 1 is trilinear (with a Gaussian anti-aliasing pre-filter when the output
-    voxels are larger than the input ones), 0 is nearest neighbour. Returns float32.
+    voxels are larger than the input ones), 0 is nearest neighbour. Returns float32. The
+    interpolation runs over slabs of :data:`SLAB_ROWS` rows of the output's first axis, in
+    ``threads`` threads: the values do not depend on ``threads`` (an output voxel that maps onto
+    the input's outer boundary may differ from an unsliced call's by rounding, as the slabs'
+    offsets are added in floating point).
     """
     mapping = np.linalg.inv(in_affine) @ out_affine
     volume = np.asarray(volume, dtype=np.float32)
@@ -104,16 +141,23 @@ def resample_scalar(
         sigma = _antialias_sigma(np.abs(mapping[:3, :3]).sum(axis=1))
         if np.any(sigma > 0.1):
             volume = ndimage.gaussian_filter(volume, sigma, mode="nearest")
-    return ndimage.affine_transform(
-        volume,
-        mapping[:3, :3],
-        mapping[:3, 3],
-        output_shape=out_shape,
-        order=order,
-        mode="constant",
-        cval=0.0,
-        prefilter=False,
-    )
+    out = np.empty(tuple(out_shape), dtype=np.float32)
+
+    def interpolate(rows: slice) -> None:
+        ndimage.affine_transform(
+            volume,
+            mapping[:3, :3],
+            mapping[:3, 3] + mapping[:3, 0] * rows.start,  # the slab's first voxel
+            output_shape=out[rows].shape,
+            output=out[rows],
+            order=order,
+            mode="constant",
+            cval=0.0,
+            prefilter=False,
+        )
+
+    in_threads(interpolate, out.shape[0], threads, SLAB_ROWS)
+    return out
 
 
 def _resample_any(
@@ -248,16 +292,26 @@ class GridResampler:
         self.support = np.asarray(support, dtype=bool)
         self.out_shape, self.out_affine = out_shape, out_affine
         self._sigma = _antialias_sigma(np.abs(mapping[:3, :3]).sum(axis=1))
-        weight = resample_scalar(self.support.astype(np.float32), in_affine, out_affine, self.out_shape)
+        weight = resample_scalar(
+            self.support.astype(np.float32), in_affine, out_affine, self.out_shape, 1, self.threads
+        )
         #: The output voxels that receive values, ``out_shape`` bool.
         self.kept = weight >= TENSOR_SUPPORT
-        self._flat = np.flatnonzero(self.kept)  # filling by flat index: 10x faster than by the bool mask
-        voxels = np.unravel_index(self._flat, self.out_shape)
+        # Kept voxels are enumerated in Fortran order, the order a NIfTI file stores them: the
+        # volumes :meth:`fill` returns are then Fortran-ordered and written without a reordering
+        # copy (4.5 s for a 6-channel 0.5 mm volume), and filling by flat index stays sequential.
+        self._flat = np.flatnonzero(self.kept.ravel(order="F"))
+        voxels = np.unravel_index(self._flat, self.out_shape, order="F")
         self._points = mapping[:3, :3] @ np.stack(voxels) + mapping[:3, 3:]
-        self._weight = weight[voxels]
+        self._weight = weight.ravel(order="F")[self._flat]
+
+    def at_kept(self, volume: np.ndarray) -> np.ndarray:
+        """An output-grid ``volume`` ``out_shape`` at the kept voxels, ``(N,)`` in kept order (Fortran order)."""
+        return np.asarray(volume).ravel(order="F")[self._flat]
 
     def values(self, volume: np.ndarray) -> np.ndarray:
-        """``volume`` ``(x, y, z[, C])`` at the kept output voxels: ``(N[, C])`` float32, in :attr:`kept` order."""
+        """``volume`` ``(x, y, z[, C])`` at the kept output voxels: ``(N[, C])`` float32, in kept order
+        (the Fortran order of :attr:`kept`: ``volume[kept.T].T``, not ``volume[kept]``)."""
         volume = np.where(self.support.reshape(self.support.shape + (1,) * (volume.ndim - 3)), volume, 0.0)
         channels: np.ndarray = volume.reshape(self.support.shape + (-1,)).astype(np.float32)
         count = int(channels.shape[3])
@@ -272,25 +326,18 @@ class GridResampler:
                     channel, self._points[:, part], order=1, mode="constant", cval=0.0, prefilter=False
                 )
 
-            self._over_kept(interpolate, -(-self._weight.size // self.threads))
+            in_threads(interpolate, self._weight.size, self.threads)
         out /= self._weight[:, None]
         return out if volume.ndim == 4 else out[:, 0]
 
-    def _over_kept(self, work: Callable[[slice], None], size: int) -> None:
-        """Run ``work`` on consecutive slices of at most ``size`` kept voxels, in :attr:`threads` threads."""
-        parts = [slice(first, first + size) for first in range(0, self._weight.size, max(size, 1))]
-        if self.threads == 1 or len(parts) == 1:
-            for part in parts:
-                work(part)
-            return
-        with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            for done in [pool.submit(work, part) for part in parts]:
-                done.result()  # re-raises a worker's error
-
     def fill(self, values: np.ndarray, dtype=np.float32) -> np.ndarray:
-        """Kept-voxel ``values`` ``(N[, C])`` as an output volume ``out_shape[ + (C,)]``, zero elsewhere."""
-        out = np.zeros(self.out_shape + values.shape[1:], dtype=dtype)
-        out.reshape((-1,) + values.shape[1:])[self._flat] = values  # a view of out
+        """Kept-voxel ``values`` ``(N[, C])`` as an output volume ``out_shape[ + (C,)]``, zero elsewhere
+        (Fortran-ordered, as NIfTI stores it: each channel is one contiguous block)."""
+        values = np.asarray(values)
+        out = np.zeros(self.out_shape + values.shape[1:], dtype=dtype, order="F")
+        flat = out.reshape((-1,) + values.shape[1:], order="F")  # a view of out
+        for c in np.ndindex(values.shape[1:]):
+            flat[(slice(None),) + c][self._flat] = values[(slice(None),) + c]
         return out
 
     def tensor_values(
@@ -323,7 +370,7 @@ class GridResampler:
             tensors[part] = matrix_to_components(compose_tensors(evals, evecs))
             v1[part] = evecs[..., :, 0]
 
-        self._over_kept(decompose, min(chunk, -(-len(mean_logs) // self.threads)))
+        in_threads(decompose, len(mean_logs), self.threads, min(chunk, -(-len(mean_logs) // self.threads)))
         return tensors, v1, scale
 
 
@@ -387,7 +434,7 @@ def resample_outputs(
     tensor_key = next((key for key in maps if OUTPUT_RULES.get(key) == "tensor"), None)
     rank = {"tensor": 0, "eigenvalue": 2, "colfa": 2}
     order = sorted(maps, key=lambda key: rank.get(OUTPUT_RULES.get(key, ""), 1))
-    shift = None if fa_shift is None else fa_shift[resampler.kept].astype(np.float32)
+    shift = None if fa_shift is None else resampler.at_kept(fa_shift).astype(np.float32)
     v1: np.ndarray | None = None
     fa: np.ndarray | None = None
     scale: np.ndarray | None = None
