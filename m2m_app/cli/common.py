@@ -116,14 +116,49 @@ def run_click(command: click.Command, argv: list[str], prog_name: str) -> None:
     sys.exit(result if isinstance(result, int) else 0)
 
 
-def writable_dir(path: Path, what: str, forbidden_inside: Path | None = None) -> Path:
-    """Create ``path`` if needed and check it is writable; refuse it inside ``forbidden_inside``."""
+def _is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or lies below it (both resolved: symbolic links followed)."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return path == root or root in path.parents
+
+
+def check_location(path: Path, what: str, bids_dir: Path, suggested: str | None = None) -> None:
+    """Refuse ``path`` as the input dataset ``bids_dir`` or a folder inside it.
+
+    With ``suggested`` (a pipeline folder name such as ``m2m``), a folder *below*
+    ``BIDS_DIR/derivatives/`` is accepted, at any depth: the layout the BIDS specification
+    recommends for derivatives (``BIDS_DIR/derivatives/m2m``), which pybids does not index as
+    raw data. The message names ``BIDS_DIR/derivatives/<suggested>``. Without it (work
+    folders), the whole dataset is refused, as fMRIPrep does.
+    """
+    root = Path(bids_dir).resolve()
+    if not _is_inside(path, root):
+        return
+    resolved = Path(path).resolve()
+    if suggested is not None:
+        if root / "derivatives" in resolved.parents:
+            return
+        raise UsageError(
+            f"the {what} {path} must not be the input dataset or inside it ({root}), except below its "
+            f"derivatives/ folder: use {root / 'derivatives' / suggested} (the BIDS layout) or a folder "
+            "outside the dataset"
+        )
+    raise UsageError(f"the {what} {path} must not be inside the input dataset ({root}): choose a folder outside it")
+
+
+def work_dir_outside(candidate: Path, bids_dir: Path) -> Path:
+    """The default work folder: ``candidate`` where it lies outside the dataset ``bids_dir``, else
+    ``BIDS_DIR/../m2m_work/<dataset folder name>`` (an output below ``BIDS_DIR/derivatives/``
+    must not bring Nipype's files into the dataset, where a BIDS validator would read them)."""
+    if not _is_inside(candidate, bids_dir):
+        return Path(candidate).absolute()
+    bids_dir = Path(bids_dir).absolute()
+    return bids_dir.parent / "m2m_work" / bids_dir.name
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` if needed and check it is writable (see :func:`check_location` for where)."""
     path = Path(path).absolute()
-    if forbidden_inside is not None:
-        root = Path(forbidden_inside).resolve()
-        resolved = path.resolve()
-        if resolved == root or root in resolved.parents:
-            raise UsageError(f"the {what} {path} must not be the input dataset or inside it ({root})")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

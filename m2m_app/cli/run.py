@@ -18,6 +18,7 @@ import click
 from m2m_app import __version__
 from m2m_app.cli.common import (
     available_cpus,
+    check_location,
     collect_units,
     echo_failures,
     exit_code_for,
@@ -26,6 +27,7 @@ from m2m_app.cli.common import (
     run_click,
     run_workflow,
     setup_logging,
+    work_dir_outside,
     writable_dir,
     write_citation,
 )
@@ -43,8 +45,10 @@ WORK_DIR_VARIABLE = "M2M_WORK_DIR"
 EPILOG = """\b
 Examples:
   m2m example-data /tmp/ds && m2m /tmp/ds /tmp/out participant
-  m2m /data/bids /data/derivatives/m2m participant --participant-label 01 02 -w /scratch/work
-  m2m /data/bids /data/derivatives/m2m group
+  m2m /data/bids /data/bids/derivatives/m2m participant --participant-label 01 02 -w /scratch/work
+  m2m /data/bids /data/bids/derivatives/m2m group
+OUTPUT_DIR may lie outside the dataset or below BIDS_DIR/derivatives/ (the BIDS layout, e.g.
+BIDS_DIR/derivatives/m2m), never elsewhere inside it.
 Exit codes: 0 success, 1 a participant failed, 64 usage, 65 bad data, 66 missing input,
 73 cannot create output, 130/143 interrupted (SIGINT/SIGTERM). Re-running the same
 command resumes from the work folder.
@@ -74,8 +78,9 @@ command resumes from the work folder.
     "--work-dir",
     type=click.Path(file_okay=False, path_type=Path),
     envvar=WORK_DIR_VARIABLE,
-    help="Nipype work folder; keep it to resume. Default: $M2M_WORK_DIR if set (the container "
-    "image sets /tmp/m2m_work), else OUTPUT_DIR/../m2m_work.",
+    help="Nipype work folder; keep it to resume; never inside BIDS_DIR. Default: $M2M_WORK_DIR if set (the "
+    "container image sets /tmp/m2m_work), else OUTPUT_DIR/../m2m_work, or BIDS_DIR/../m2m_work/<dataset folder "
+    "name> when OUTPUT_DIR is below BIDS_DIR/derivatives/ (outside the dataset, where no BIDS validator reads it).",
 )
 @click.option(
     "--nprocs",
@@ -149,6 +154,7 @@ def participant_main(analysis_level: str, verbose: int, quiet: int, **options: A
     if analysis_level == "group":
         from m2m_app.reports.group import write_group_outputs
 
+        check_location(options["output_dir"], "output folder", options["bids_dir"], suggested="m2m")
         tsv = write_group_outputs(Path(options["output_dir"]))
         click.echo(f"group QC table: {tsv}")
         return
@@ -165,14 +171,15 @@ def run_config(
     **options: Any,
 ) -> RunConfig:
     """The run's :class:`RunConfig` from the click options, defaults resolved: the work folder
-    (``OUTPUT_DIR/../m2m_work``), the CPUs (all this process may use) and the threads per
-    task (``min(nprocs, 8)``). The folders are checked later (:func:`writable_dir`)."""
+    (``OUTPUT_DIR/../m2m_work``, or beside the dataset: :func:`work_dir_outside`), the CPUs
+    (all this process may use) and the threads per task (``min(nprocs, 8)``). The folders are
+    checked later (:func:`check_location`, :func:`writable_dir`)."""
     output_dir = Path(output_dir).absolute()
     nprocs = nprocs or available_cpus()
     return RunConfig(
         bids_dir=Path(bids_dir).absolute(),
         output_dir=output_dir,
-        work_dir=Path(work_dir or output_dir.parent / "m2m_work").absolute(),
+        work_dir=Path(work_dir).absolute() if work_dir else work_dir_outside(output_dir.parent / "m2m_work", bids_dir),
         nprocs=nprocs,
         omp_nthreads=omp_nthreads or min(nprocs, 8),
         weights_dir=str(weights_dir) if weights_dir else None,
@@ -196,8 +203,10 @@ def _run_participants(config: RunConfig) -> None:
 
     start = time.monotonic()
     layout = bids_io.load_layout(config.bids_dir, validate=not config.skip_bids_validation)
-    output_dir = writable_dir(config.output_dir, "output folder", forbidden_inside=config.bids_dir)
-    work_dir = writable_dir(config.work_dir, "work folder", forbidden_inside=config.bids_dir)
+    check_location(config.output_dir, "output folder", config.bids_dir, suggested="m2m")
+    check_location(config.work_dir, "work folder", config.bids_dir)
+    output_dir = writable_dir(config.output_dir, "output folder")
+    work_dir = writable_dir(config.work_dir, "work folder")
     # Only now: matplotlib (reports) needs a writable cache folder at import, and without one
     # (--read-only, no tmpfs /tmp) the folder checks above give the one-line error instead.
     from m2m_app.reports.subject import write_report

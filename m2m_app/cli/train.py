@@ -12,6 +12,7 @@ import click
 
 from m2m_app import __version__
 from m2m_app.cli.common import (
+    check_location,
     collect_units,
     echo_failures,
     exit_code_for,
@@ -20,6 +21,7 @@ from m2m_app.cli.common import (
     run_click,
     run_workflow,
     setup_logging,
+    work_dir_outside,
     writable_dir,
     write_citation,
 )
@@ -92,7 +94,8 @@ def cli() -> None:
     "-w",
     "--work-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Nipype work folder (default: PREP_DIR/.m2m_work).",
+    help="Nipype work folder; never inside BIDS_DIR (default: PREP_DIR/.m2m_work, or "
+    "BIDS_DIR/../m2m_work/<dataset folder name> when PREP_DIR is below BIDS_DIR/derivatives/).",
 )
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the tractography.")
 @click.option(
@@ -129,7 +132,8 @@ def prepare(
     from the headers, white matter outside 20-55 % of the brain, < 25 % of the brain in the
     DWI's field of view) is flagged there and left out of training unless --include-flagged.
     Finished units are skipped on a re-run; a failed unit does not stop the others and
-    makes the exit code 1.
+    makes the exit code 1. PREP_DIR lies outside BIDS_DIR or below its derivatives/ folder
+    (e.g. BIDS_DIR/derivatives/m2m-prep).
     """
     from m2m_app.io.derivatives import dataset_description, source_link_name
     from m2m_app.io.manifest import qc_path, write_manifest
@@ -140,8 +144,10 @@ def prepare(
 
     setup_logging(verbose, quiet)
     layout = bids_io.load_layout(bids_dir)
-    prep_dir = writable_dir(prep_dir, "prep folder", forbidden_inside=bids_dir)
-    work_dir = writable_dir(work_dir or prep_dir / ".m2m_work", "work folder", forbidden_inside=bids_dir)
+    check_location(prep_dir, "prep folder", bids_dir, suggested="m2m-prep")
+    work_dir = Path(work_dir) if work_dir else work_dir_outside(Path(prep_dir) / ".m2m_work", bids_dir)
+    check_location(work_dir, "work folder", bids_dir)
+    prep_dir, work_dir = writable_dir(prep_dir, "prep folder"), writable_dir(work_dir, "work folder")
     filters = bids_io.read_filters(bids_filter_file)
 
     def find(subject: Subject) -> tuple[Path, list[Path]] | None:
