@@ -12,6 +12,7 @@ import pytest
 from bids import BIDSLayout
 
 from conftest import DS_REAL, ds_real_unit, make_bids, read_only_mount_prefix, requires_ds_real, run_cli
+from m2m_app.io import bids as bids_io
 from m2m_app.io.derivatives import QC_WM_FA
 
 REAL_T1W = DS_REAL / "sub-02/ses-hfs/anat/sub-02_ses-hfs_acq-fl2d_T1w.nii.gz"
@@ -35,10 +36,9 @@ def app_run(tmp_path_factory):
     bad_path = root / "bad_T1w.nii"
     nib.save(bad, bad_path)
     bids = make_bids(root / "bids", {**ds_real_unit("02", "hfs", ("anat",)), "sub-03/anat/sub-03_T1w.nii": bad_path})
-    out, work = root / "out", root / "work"
-    result = run_cli(
-        "run", bids, out, "participant", "-w", work, "--nprocs", "2", "--omp-nthreads", "2", "--skip-bids-validation"
-    )
+    # The BIDS layout: derivatives inside the dataset; the default work folder lies beside the dataset.
+    out, work = bids / "derivatives" / "m2m", root / "m2m_work" / "bids"
+    result = run_cli("run", bids, out, "participant", "--nprocs", "2", "--omp-nthreads", "2", "--skip-bids-validation")
     return bids, out, work, result
 
 
@@ -106,26 +106,28 @@ def test_derivatives_are_indexed_by_pybids(app_run):
 @pytest.mark.slow
 @requires_ds_real
 def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
+    """Two more runs in BIDS_DIR/derivatives/m2m find the same T1w and nothing else, and resume:
+    no computing stage runs again (its result file is untouched) and the outputs are byte-identical."""
     bids, out, work, _ = app_run
+    assert work.is_dir() and not (bids / "derivatives" / "m2m_work").exists()
+    layout = bids_io.load_layout(bids)
+    assert [bids_io.find_t1w(layout, unit).name for unit in bids_io.collect_subjects(layout)] == [
+        REAL_T1W.name,
+        "sub-03_T1w.nii",
+    ]
     fa = out / "sub-02/ses-hfs/dwi/sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz"
     before = fa.read_bytes()
-    result = run_cli(
-        "run",
-        bids,
-        out,
-        "participant",
-        "-w",
-        work,
-        "--participant-label",
-        "02",
-        "--skip-bids-validation",
-        "--nprocs",
-        "2",
-        "--omp-nthreads",
-        "2",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    computed = [p for p in work.glob("m2m_wf/sub_02_ses_hfs_wf/**/result_*.pklz") if "ds_wf" not in p.parts]
+    results = {p: p.stat().st_mtime_ns for p in computed}  # the writers write again (the same bytes)
+    assert len(results) > 5
+    for _ in range(2):
+        result = run_cli(
+            "run", bids, out, "participant", "--participant-label", "02", "--skip-bids-validation", "--nprocs", "2"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "running 1 participant/session(s): sub-02_ses-hfs" in result.stderr
     assert fa.read_bytes() == before
+    assert {p: p.stat().st_mtime_ns for p in results} == results
     result = run_cli("run", bids, out, "group")
     assert result.returncode == 0, result.stderr[-2000:]
     table = (out / "group_qc.tsv").read_text().splitlines()

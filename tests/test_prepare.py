@@ -172,8 +172,8 @@ def test_unknown_participant_and_missing_dataset_give_documented_codes(tmp_path)
     assert result.returncode == 66 and "99" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("train", "prepare", tmp_path / "nothing", tmp_path / "prep2")
     assert result.returncode == 66 and "not a BIDS dataset" in result.stderr
-    result = run_cli("train", "prepare", bids, bids / "derivatives" / "m2m")
-    assert result.returncode == 64 and "inside" in result.stderr
+    result = run_cli("train", "prepare", bids, bids / "sub-01" / "m2m")
+    assert result.returncode == 64 and "derivatives/m2m-prep" in result.stderr
 
 
 def _write_dwi(folder, data, bvals, bvecs, name="dwi", affine=None):
