@@ -10,9 +10,11 @@ ratio, peak memory) and one table per route and case with seconds and peak GB pe
 Defaults: ds-real sub-01 (1 mm T1w) and ds-extra sub-03 ses-1 (0.5 mm T1w). Usage:
 
     python benchmarks/bench_pipeline.py [--case ds-real:01 --case ds-extra:03:1] [--threads 2]
-        [--no-classical] [--teacher] [--weights-dir DIR]
+        [--no-classical] [--teacher] [--weights-dir DIR] [--output-spaces MNI152NLin2009aSym ...]
 
 ``--teacher`` also times m2m's own teacher (dipy tensor fit, registration, dipy tracking).
+``--output-spaces`` runs m2m a second time on each case with those output spaces (fMRIPrep's
+syntax) and adds that run's total, and its registration's seconds, to the summary.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class Case:
         return layout, bids_io.collect_subjects(layout, [self.participant], sessions)[0]
 
 
-def run_app(case: Case, threads: int, device: str, weights_dir: str | None) -> Stages:
+def run_app(
+    case: Case, threads: int, device: str, weights_dir: str | None, output_spaces: tuple[str, ...] = ("T1w",)
+) -> Stages:
     """Run the workflow once on the case's T1w; returns {stage: (seconds, peak GB)} and the total."""
     import torch
     from nipype import config
@@ -86,6 +90,7 @@ def run_app(case: Case, threads: int, device: str, weights_dir: str | None) -> S
             weights_dir=weights_dir,
             device=device,
             omp_nthreads=threads,
+            output_spaces=output_spaces,
         )
         workflow = init_m2m_wf({subject: bids_io.find_t1w(layout, subject)}, run_config)
         start, previous = time.monotonic(), os.getcwd()
@@ -100,6 +105,7 @@ def run_app(case: Case, threads: int, device: str, weights_dir: str | None) -> S
             runtime = loadpkl(result).runtime
             stages[result.parent.name] = (runtime.duration, getattr(runtime, "mem_peak_gb", float("nan")))
     ordered = {name: stages[name] for name in STAGE_ORDER if name in stages}
+    ordered |= {name: stages[name] for name in sorted(stages) if name not in ordered}  # template spaces
     ordered["total"] = (total, max(v[1] for v in stages.values()))
     return ordered
 
@@ -202,6 +208,7 @@ def main() -> None:
     parser.add_argument("--weights-dir", default=None)
     parser.add_argument("--no-classical", action="store_true", help="time m2m only")
     parser.add_argument("--teacher", action="store_true", help="also time m2m's teacher (dipy) on the same unit")
+    parser.add_argument("--output-spaces", nargs="+", default=None, help="also time a run with these output spaces")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
@@ -214,6 +221,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tables: dict[str, Stages] = {}
     summary = []
+    with_spaces: list[tuple[Case, float, float]] = []
     for case in cases:
         log.info("%s: m2m (%s, %d threads)", case.label, device, args.threads)
         app = tables[f"{case.label}: m2m {device} {args.threads} threads"] = run_app(
@@ -226,12 +234,26 @@ def main() -> None:
         if args.teacher:
             tables[f"{case.label}: teacher (dipy)"] = run_teacher(case)
         summary.append((case, app["total"], classical["total"] if classical else None))
+        if args.output_spaces:
+            spaces = tuple(args.output_spaces)
+            log.info("%s: m2m with --output-spaces %s", case.label, " ".join(spaces))
+            spaced = tables[f"{case.label}: m2m {device} {args.threads} threads, {' '.join(spaces)}"] = run_app(
+                case, args.threads, device, args.weights_dir, spaces
+            )
+            registration = sum(seconds for name, (seconds, _) in spaced.items() if name.startswith("register_"))
+            with_spaces.append((case, spaced["total"][0], registration))
     print(f"# m2m vs the MRtrix3 route, {args.threads} threads, {device}\n")
     print("| case | T1w | m2m s | m2m peak GB | MRtrix3 s | MRtrix3 peak GB | ratio m2m / MRtrix3 |")
     print("|---|---|---|---|---|---|---|")
     for case, (app_s, app_gb), classical in summary:
         right = f"{classical[0]:.1f} | {classical[1]:.2f} | {app_s / classical[0]:.2f}" if classical else "— | — | —"
         print(f"| {case.label} | {t1w_description(case)} | {app_s:.1f} | {app_gb:.2f} | {right} |")
+    if with_spaces:
+        print(f"\n## With --output-spaces {' '.join(args.output_spaces)}\n")
+        print("| case | m2m s (T1w only) | m2m s (with the spaces) | added | registration s |\n|---|---|---|---|---|")
+        for (case, (app_s, _), _), (_, spaced_s, registration) in zip(summary, with_spaces):
+            added = f"+{spaced_s - app_s:.1f} s ({(spaced_s / app_s - 1) * 100:.0f} %)"
+            print(f"| {case.label} | {app_s:.1f} | {spaced_s:.1f} | {added} | {registration:.1f} |")
     if len(summary) > 1:
         first = summary[0][1][0]
         relative = ", ".join(f"{c.label} {s / first:.2f}×" for c, (s, _), _ in summary)

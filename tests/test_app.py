@@ -17,6 +17,7 @@ from m2m_app.io.derivatives import QC_WM_FA
 
 REAL_T1W = DS_REAL / "sub-02/ses-hfs/anat/sub-02_ses-hfs_acq-fl2d_T1w.nii.gz"
 PARAMS = ("fa", "md", "ad", "rd", "diffusivity", "v1", "colfa")
+TEMPLATE = "MNI152NLin2009aSym"
 UNCERTAINTY = (
     "model-tensor_param-fa_desc-sd",
     "model-tensor_param-v1_desc-dispersion",
@@ -38,7 +39,20 @@ def app_run(tmp_path_factory):
     bids = make_bids(root / "bids", {**ds_real_unit("02", "hfs", ("anat",)), "sub-03/anat/sub-03_T1w.nii": bad_path})
     # The BIDS layout: derivatives inside the dataset; the default work folder lies beside the dataset.
     out, work = bids / "derivatives" / "m2m", root / "m2m_work" / "bids"
-    result = run_cli("run", bids, out, "participant", "--nprocs", "2", "--omp-nthreads", "2", "--skip-bids-validation")
+    result = run_cli(
+        "run",
+        bids,
+        out,
+        "participant",
+        "--nprocs",
+        "2",
+        "--omp-nthreads",
+        "2",
+        "--skip-bids-validation",
+        "--output-spaces",
+        f"{TEMPLATE}:res-2",
+        "T1w",
+    )
     return bids, out, work, result
 
 
@@ -96,11 +110,62 @@ def test_derivatives_are_indexed_by_pybids(app_run):
     bids, out, _, _ = app_run
     layout = BIDSLayout(str(bids), validate=False, derivatives=str(out))
     found = layout.get(
-        scope="derivatives", subject="02", session="hfs", suffix="dwimap", extension=".nii.gz", return_type="file"
+        scope="derivatives",
+        subject="02",
+        session="hfs",
+        space="T1w",
+        suffix="dwimap",
+        extension=".nii.gz",
+        return_type="file",
     )
     names = {os.path.basename(f) for f in found}
     assert "sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz" in names
     assert len(names) == len(PARAMS) + 2 + len(UNCERTAINTY)
+    in_template = layout.get(
+        scope="derivatives", subject="02", space=TEMPLATE, res="2", suffix="dwimap", return_type="file"
+    )
+    in_template = {os.path.basename(f) for f in in_template}
+    assert len(in_template) == len(PARAMS) + 2  # the tensor maps and the two phase-1 uncertainty maps
+
+
+@pytest.mark.slow
+@requires_ds_real
+def test_template_space_outputs_follow_the_written_transforms(app_run):
+    """ANTs applying m2m's written transforms reproduces m2m's template-space FA and moves the
+    streamlines' points where m2m put them; the registration's QC reaches the QC row and the report."""
+    import ants
+    import pandas as pd
+
+    from m2m_app.io.tractogram import load_streamlines
+    from m2m_app.maths.metrics import pearson
+
+    _, out, _, _ = app_run
+    unit, anat, dwi = out / "sub-02/ses-hfs", out / "sub-02/ses-hfs/anat", out / "sub-02/ses-hfs/dwi"
+    forward = anat / f"sub-02_ses-hfs_from-T1w_to-{TEMPLATE}_mode-image_xfm.h5"
+    inverse = anat / f"sub-02_ses-hfs_from-{TEMPLATE}_to-T1w_mode-image_xfm.h5"
+    space = f"sub-02_ses-hfs_space-{TEMPLATE}_res-2"
+    for param in PARAMS:
+        assert (dwi / f"{space}_model-tensor_param-{param}_dwimap.nii.gz").exists()
+    mask = nib.load(anat / f"{space}_desc-brain_mask.nii.gz").get_fdata() > 0
+    fa_path = dwi / f"{space}_model-tensor_param-fa_dwimap.nii.gz"
+    sidecar = json.loads(fa_path.with_name(fa_path.name.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["SpatialReference"] == TEMPLATE and sidecar["Transform"] == forward.name
+    t1w_fa = ants.image_read(str(dwi / "sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz"))
+    by_ants = ants.apply_transforms(ants.image_read(str(fa_path)), t1w_fa, [str(forward)], interpolator="linear")
+    assert pearson(by_ants.numpy()[mask], nib.load(fa_path).get_fdata()[mask]) >= 0.99
+    native_fa = dwi / "sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz"
+    native = load_streamlines(dwi / "sub-02_ses-hfs_space-T1w_tract-wholebrain_track-nerf_tractogram.trx", native_fa)
+    moved = load_streamlines(dwi / f"{space}_tract-wholebrain_track-nerf_tractogram.trx", str(fa_path))
+    assert len(moved) == len(native) > 0
+    picks = np.random.default_rng(0).choice(sum(map(len, native)), 300, replace=False)
+    points = np.concatenate(native)[picks]
+    lps = pd.DataFrame({"x": -points[:, 0], "y": -points[:, 1], "z": points[:, 2]})
+    by_ants = ants.apply_transforms_to_points(3, lps, [str(inverse)]).to_numpy()[:, :3] * [-1, -1, 1]
+    assert np.percentile(np.linalg.norm(np.concatenate(moved)[picks] - by_ants, axis=1), 95) < 0.5  # mm
+    qc = json.loads((unit / "sub-02_ses-hfs_desc-m2m_qc.json").read_text())
+    assert qc[f"{TEMPLATE}:res-2_dice"] > 0.9 and qc[f"{TEMPLATE}:res-2_flagged"] is False
+    report = (out / "sub-02_ses-hfs.html").read_text()
+    assert '<section id="spaces">' in report and "desc-normalization_T1w.svg" in report
 
 
 @pytest.mark.slow
@@ -122,7 +187,18 @@ def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
     assert len(results) > 5
     for _ in range(2):
         result = run_cli(
-            "run", bids, out, "participant", "--participant-label", "02", "--skip-bids-validation", "--nprocs", "2"
+            "run",
+            bids,
+            out,
+            "participant",
+            "--participant-label",
+            "02",
+            "--skip-bids-validation",
+            "--nprocs",
+            "2",
+            "--output-spaces",
+            f"{TEMPLATE}:res-2",
+            "T1w",
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "running 1 participant/session(s): sub-02_ses-hfs" in result.stderr

@@ -127,6 +127,16 @@ command resumes from the work folder.
     "write when coarser). Default: the T1w's own grid.",
 )
 @click.option(
+    "--output-spaces",
+    "output_spaces",
+    multiple=True,
+    metavar="SPACE[:res-N]",
+    help="Spaces of the outputs, as fMRIPrep writes them: T1w (the T1w's grid, always written) and/or a "
+    "template, optionally with :res-N (N mm), e.g. --output-spaces MNI152NLin2009aSym:res-2 T1w. The template "
+    "ships offline: MNI152NLin2009aSym (ICBM 2009a symmetric, from nilearn). A template space adds an ANTs "
+    "registration (rigid + affine + SyN) and its transforms. Default: T1w.",
+)
+@click.option(
     "--stop-dispersion",
     "stop_dispersion_deg",
     type=click.FloatRange(min=0.0, max=90.0, min_open=True),
@@ -152,10 +162,16 @@ def participant_main(analysis_level: str, verbose: int, quiet: int, **options: A
     """
     setup_logging(verbose, quiet)
     if analysis_level == "group":
+        from m2m_app.registration.group import write_group_template_outputs
         from m2m_app.reports.group import write_group_outputs
 
         check_location(options["output_dir"], "output folder", options["bids_dir"], suggested="m2m")
-        tsv = write_group_outputs(Path(options["output_dir"]))
+        output_dir = Path(options["output_dir"])
+        spaces = [
+            {"space": group.space.label, "maps": group.maps, "table": group.table, "rows": group.rows}
+            for group in write_group_template_outputs(output_dir)
+        ]
+        tsv = write_group_outputs(output_dir, spaces)
         click.echo(f"group QC table: {tsv}")
         return
     _run_participants(run_config(**options))
@@ -174,9 +190,13 @@ def run_config(
     (``OUTPUT_DIR/../m2m_work``, or beside the dataset: :func:`work_dir_outside`), the CPUs
     (all this process may use) and the threads per task (``min(nprocs, 8)``). The folders are
     checked later (:func:`check_location`, :func:`writable_dir`)."""
+    from m2m_app.data.templates import parse_output_spaces
+
     output_dir = Path(output_dir).absolute()
     nprocs = nprocs or available_cpus()
+    output_spaces = tuple(space.label for space in parse_output_spaces(options.pop("output_spaces", ())))
     return RunConfig(
+        output_spaces=output_spaces,
         bids_dir=Path(bids_dir).absolute(),
         output_dir=output_dir,
         work_dir=Path(work_dir).absolute() if work_dir else work_dir_outside(output_dir.parent / "m2m_work", bids_dir),
@@ -282,10 +302,7 @@ def _run_participants(config: RunConfig) -> None:
 def _unit(label: str, units: dict[Subject, Path]) -> Subject:
     """The unit named ``label`` (``sub-01_ses-a``), among ``units`` or parsed from the label."""
     found = next((s for s in units if s.label == label), None)
-    if found is not None:
-        return found
-    parts = dict(part.split("-", 1) for part in label.split("_"))
-    return Subject(parts["sub"], parts.get("ses"))
+    return found if found is not None else Subject.from_label(label)
 
 
 @click.command(name="example-data", context_settings={"help_option_names": ["-h", "--help"]})

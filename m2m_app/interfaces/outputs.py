@@ -161,6 +161,7 @@ class _WriteReportInputSpec(_OutputGridInputSpec):
     t1w_summary = traits.Dict(desc="from CheckT1w")
     boilerplate = Str("", usedefault=True)
     command_line = Str("", usedefault=True, desc="the m2m command line, for the report's About section")
+    spaces = traits.List(traits.Dict, desc="from WriteTemplateSpace, one per template space")
 
 
 class _WriteReportOutputSpec(TraitedSpec):
@@ -189,6 +190,9 @@ class WriteReport(SimpleInterface):
         written = {k: Path(v) for k, v in {**inputs.maps, **(inputs.nerf if isdefined(inputs.nerf) else {})}.items()}
         field_report = inputs.field_report if isdefined(inputs.field_report) else {}
         qc = subject_qc(subject, written, field_report)
+        spaces = list(inputs.spaces) if isdefined(inputs.spaces) else []
+        for space in spaces:
+            qc |= {f"{space['space']}_{key}": value for key, value in space["qc"].items()}
         summary = {
             "input T1w": inputs.t1w,
             **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {}),
@@ -212,6 +216,7 @@ class WriteReport(SimpleInterface):
                 _timings(inputs),
                 command_line=inputs.command_line,
                 weights_dir=inputs.weights_dir,
+                spaces=spaces,
             )
         )
         self._results["qc"] = str(save_json(qc, qc_path(Path(inputs.output_dir), subject)))

@@ -139,7 +139,7 @@ def _read_description(folder: Path) -> dict:
 #: Files m2m writes beside the BIDS-Derivatives that no BIDS specification or proposal names
 #: (reports, figures, logs, each unit's run settings and crash files, QC tables, the NeRF field), as
 #: ``.bidsignore`` patterns.
-NOT_BIDS = ("*.html", "figures/", "logs/", "log/", "*_qc.json", "group_qc.tsv", "*_model.safetensors")
+NOT_BIDS = ("*.html", "figures/", "logs/", "log/", "*_qc.json", "group_*", "*_model.safetensors")
 
 
 def write_readme(output_dir: Path, weights_dir: str | None = None) -> Path:
@@ -159,7 +159,8 @@ Each file's JSON sidecar says so in its Description and names the T1w it was pre
 
 - Methods text for a paper: logs/CITATION.md
 - Model card (training data, held-out accuracy, limits) of the weights used: {card_line}
-- One visual report per subject: sub-<label>[_ses-<label>].html; group QC: group_qc.tsv, group.html
+- One visual report per subject: sub-<label>[_ses-<label>].html; group QC: group_qc.tsv, group.html;
+  in each template space, group FA mean/SD maps and a tissue table: group_space-<template>_*
 - File names: tensor maps follow BIDS extension proposal BEP016 (model-tensor_param-<p>_dwimap),
   tractograms BEP046 (tract-<t>_track-<method>_tractogram); both are proposals, not yet in a
   released BIDS specification. .bidsignore lists the m2m files that no BIDS document names.

@@ -66,6 +66,11 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> Path:
     return path
 
 
+def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` (e.g. a figure) atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"

@@ -19,6 +19,7 @@ ENTITY_ORDER = (
     "to",
     "mode",
     "space",
+    "res",
     "tract",
     "track",
     "model",
@@ -91,6 +92,12 @@ class Subject:
         """``sub-01`` or ``sub-01_ses-a``, used as a unique key in logs and tables."""
         return "_".join(f"{k}-{v}" for k, v in self.entities.items())
 
+    @classmethod
+    def from_label(cls, label: str) -> Subject:
+        """The unit of a :attr:`label` (``sub-01_ses-a``)."""
+        parts = dict(part.split("-", 1) for part in label.split("_"))
+        return cls(parts["sub"], parts.get("ses"))
+
     def folder(self, root: Path, datatype: str) -> Path:
         """``root/sub-X[/ses-Y]/<datatype>``."""
         path = Path(root) / f"sub-{self.participant}"
@@ -135,29 +142,35 @@ def sidecar_path(path: Path) -> Path:
 
 
 def derivative_paths(
-    root: Path, subject: Subject, track_method: str, tractogram_format: str = "trx"
+    root: Path,
+    subject: Subject,
+    track_method: str,
+    tractogram_format: str = "trx",
+    space: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """The maps, masks, transform and tractogram of one unit, keyed like the prep manifest columns
     (and the app's uncertainty maps, keyed like :data:`UNCERTAINTY_MAPS`).
 
     ``m2m-train prepare`` (``track_method`` ``tensordet``) and the app (``nerf``) share these names.
+    ``space``: the ``space`` (and ``res``) entities, ``{"space": "T1w"}`` by default.
     """
+    space = space or {"space": "T1w"}
     paths = {
-        param: derivative_path(root, subject, "dwi", "dwimap", space="T1w", model="tensor", param=param)
+        param: derivative_path(root, subject, "dwi", "dwimap", **space, model="tensor", param=param)
         for param in TENSOR_PARAMS
     }
     paths |= {
-        param: derivative_path(root, subject, "dwi", "dwimap", space="T1w", tract="wholebrain", param=param)
+        param: derivative_path(root, subject, "dwi", "dwimap", **space, tract="wholebrain", param=param)
         for param in TDI_PARAMS
     }
     paths |= {
-        key: derivative_path(root, subject, "dwi", "dwimap", space="T1w", **entities)
+        key: derivative_path(root, subject, "dwi", "dwimap", **space, **entities)
         for key, (entities, _, _) in UNCERTAINTY_MAPS.items()
     }
-    paths["mask"] = derivative_path(root, subject, "anat", "mask", space="T1w", desc="brain")
-    paths["wm"] = derivative_path(root, subject, "anat", "mask", space="T1w", label="WM")
+    paths["mask"] = derivative_path(root, subject, "anat", "mask", **space, desc="brain")
+    paths["wm"] = derivative_path(root, subject, "anat", "mask", **space, label="WM")
     paths["tractogram"] = derivative_path(
-        root, subject, "dwi", "tractogram", f".{tractogram_format}", space="T1w", tract="wholebrain", track=track_method
+        root, subject, "dwi", "tractogram", f".{tractogram_format}", **space, tract="wholebrain", track=track_method
     )
     paths["xfm"] = derivative_path(root, subject, "dwi", "xfm", ".txt", **{"from": "T1w", "to": "dwi", "mode": "image"})
     return paths

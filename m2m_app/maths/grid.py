@@ -172,6 +172,23 @@ def _resample_any(
     )
 
 
+def isotropic_grid(
+    shape: tuple[int, ...], affine: np.ndarray, resolution_mm: float
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """An isotropic grid of ``resolution_mm`` mm with the axes of the grid (``shape``, ``affine``),
+    centred on the centre of its field of view and covering all of it (``ceil(extent /
+    resolution_mm)`` voxels per axis): ``(shape, affine)``.
+
+    (:func:`nibabel.affines.rescale_affine` would round that centre to a voxel, shifting the
+    grid by up to half a voxel.)
+    """
+    zooms = nib.affines.voxel_sizes(affine)
+    x, y, z = (int(n) for n in np.ceil(np.array(shape[:3]) * zooms / resolution_mm - 1e-6))
+    axes = np.asarray(affine)[:3, :3] / zooms * resolution_mm
+    centre = nib.affines.apply_affine(affine, (np.array(shape[:3]) - 1) / 2.0)
+    return (x, y, z), nib.affines.from_matvec(axes, centre - axes @ ((np.array([x, y, z]) - 1) / 2.0))
+
+
 @dataclass(frozen=True)
 class ConformedGrid:
     """The model grid of one T1w and the way back to the T1w's own grid.
@@ -196,19 +213,12 @@ class ConformedGrid:
     def output_grid(self, resolution_mm: float | None = None) -> tuple[tuple[int, int, int], np.ndarray]:
         """The grid outputs are written on: ``(shape, affine)``.
 
-        ``None``: the T1w's own grid, exactly. Otherwise an isotropic grid of ``resolution_mm``
-        mm with the T1w's axes (same orientation), centred on the centre of its field of view
-        and covering all of it (``ceil(extent / resolution_mm)`` voxels per axis).
-        (:func:`nibabel.affines.rescale_affine` would round that centre to a voxel, shifting the
-        grid by up to half a T1w voxel.)
+        ``None``: the T1w's own grid, exactly. Otherwise :func:`isotropic_grid` of ``resolution_mm``
+        over the T1w's grid (same orientation and field of view).
         """
         if resolution_mm is None:
             return self.source_shape, self.source_affine
-        zooms = nib.affines.voxel_sizes(self.source_affine)
-        x, y, z = (int(n) for n in np.ceil(np.array(self.source_shape) * zooms / resolution_mm - 1e-6))
-        axes = self.source_affine[:3, :3] / zooms * resolution_mm
-        centre = nib.affines.apply_affine(self.source_affine, (np.array(self.source_shape) - 1) / 2.0)
-        return (x, y, z), nib.affines.from_matvec(axes, centre - axes @ ((np.array([x, y, z]) - 1) / 2.0))
+        return isotropic_grid(self.source_shape, self.source_affine, resolution_mm)
 
     def output_resampler(
         self, support: np.ndarray, resolution_mm: float | None = None, threads: int = 1

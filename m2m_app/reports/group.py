@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from m2m_app.errors import MissingInputError
-from m2m_app.io.files import atomic_write, save_tsv
+from m2m_app.io.files import atomic_write, save_bytes, save_tsv
 
 #: A value further than this many robust standard deviations (1.4826 × MAD) from the median is an outlier.
 OUTLIER_Z = 3.0
@@ -71,11 +71,44 @@ def strip_plot(rows: list[dict], metrics: list[str], path: Path) -> Path:
     return path
 
 
-def write_group_outputs(output_dir: Path) -> Path:
+def _space_section(space: dict, output_dir: Path) -> str:
+    """The FA mean and SD maps of one template space as mosaics, and its tissue table."""
+    from m2m_app.io.nifti import load_image
+    from m2m_app.reports.figures import mosaic
+
+    figures = []
+    for key, title, vmax in (("mean", "mean FA", 0.8), ("sd", "SD of FA", 0.2)):
+        img, data = load_image(space["maps"][key])
+        label = space["space"].replace(":", "_")
+        path = output_dir / "figures" / f"group_{label}_{key}_FA.svg"
+        picture = mosaic(data, img.affine, cmap="inferno", vmax=vmax, fmt="svg", title=f"{title} in {space['space']}")
+        save_bytes(picture, path)
+        figures.append(f'<img src="{path.relative_to(output_dir).as_posix()}" alt="{html.escape(title)}">')
+    columns = list(dict.fromkeys(key for row in space["rows"] for key in row))
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in columns) + "</tr>"
+        for row in space["rows"]
+    )
+    table = f'<table class="tissue"><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in columns)}</tr>{rows}</table>'
+    link = Path(space["table"]).name
+    return (
+        f"<h2>{html.escape(space['space'])}: {len(space['rows'])} units</h2>{''.join(figures)}"
+        f'<p>Mean FA, MD, AD, RD in the template\'s white (wm) and grey (gm) matter: <a href="{html.escape(link)}">'
+        f"{html.escape(link)}</a></p>{table}"
+    )
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_group_outputs(output_dir: Path, spaces: list[dict] | None = None) -> Path:
     """Gather every ``*_desc-m2m_qc.json`` into ``group_qc.tsv``, ``figures/group_qc.svg`` and ``group.html``.
 
     The page has the table (one row per unit, outlying numbers highlighted, a link to each
-    unit's report) and the strip plot of the numeric QC columns. Returns the TSV.
+    unit's report) and the strip plot of the numeric QC columns; then, for each template space
+    in ``spaces`` (``space`` label, ``maps`` with the ``mean`` and ``sd`` FA paths, ``table`` TSV
+    and its ``rows``), the group FA maps and the tissue table. Returns the TSV.
     """
     output_dir = Path(output_dir)
     rows = [json.loads(p.read_text()) for p in sorted(output_dir.glob("sub-*/**/*_desc-m2m_qc.json"))]
@@ -112,7 +145,7 @@ def write_group_outputs(output_dir: Path) -> Path:
         + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
         + "<th></th></tr>"
         + cells
-        + f"</table>{figure}</body></html>"
+        + f"</table>{figure}{''.join(_space_section(space, output_dir) for space in spaces or [])}</body></html>"
     )
     atomic_write(output_dir / "group.html", lambda tmp: Path(tmp).write_text(page))
     return tsv

@@ -22,7 +22,7 @@ import numpy as np
 
 from m2m_app import __version__
 from m2m_app.io.crashes import crash_reasons
-from m2m_app.io.files import atomic_write
+from m2m_app.io.files import atomic_write, save_bytes
 from m2m_app.io.naming import Subject, derivative_path
 from m2m_app.io.nifti import load_image
 from m2m_app.io.timings import STAGE_ORDER
@@ -35,6 +35,7 @@ SECTIONS: dict[str, str] = {
     "summary": "Summary",
     "maps": "Maps",
     "tracts": "Tracts",
+    "spaces": "Template space",
     "uncertainty": "Uncertainty",
     "methods": "Methods",
     "errors": "Errors",
@@ -105,7 +106,7 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
     out = {}
     for name, (data, extension) in drawn.items():
         path = derivative_path(output_dir, subject, "figures", name.replace("_", ""), extension, desc="m2m")
-        out[name] = atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))  # called at once
+        out[name] = save_bytes(data, path)
     if "tractogram" in written:
         out["streamlines"] = streamline_figure(
             load_streamlines(written["tractogram"], t1w),
@@ -184,6 +185,32 @@ def _uncertainty_section(figures: dict[str, Path], output_dir: Path) -> str:
     )
 
 
+def _spaces_section(spaces: list[dict], output_dir: Path) -> str:
+    """Per template space: the normalisation reportlet, the FA in the template and the registration's QC."""
+    if not spaces:
+        return '<p class="note">No template space was asked for (<code>--output-spaces</code>).</p>'
+    parts = []
+    for space in spaces:
+        qc, written = space["qc"], {key: Path(path) for key, path in space["written"].items()}
+        verdict = (
+            '<p class="error">Registration flagged: check the figure before using this space\'s outputs.</p>'
+            if qc.get("flagged")
+            else ""
+        )
+        rows = {
+            "Dice of the warped brain mask with the template's brain": qc.get("dice"),
+            "correlation of the warped T1w with the template's T1w (template brain)": qc.get("correlation"),
+            "transform T1w → template": written["forward"].name,
+        }
+        figures = "".join(
+            _image(written[key], output_dir, key)
+            for key in ("figure_normalization", "figure_fa_template")
+            if key in written
+        )
+        parts.append(f"<h3>{html.escape(space['space'])}</h3>{verdict}{_table(rows)}{figures}")
+    return "".join(parts)
+
+
 def _errors_section(output_dir: Path, subject: Subject, errors: list[str]) -> str:
     log_dir = subject.folder(output_dir, "log")
     crashes = sorted(log_dir.glob("crash-*.txt")) if log_dir.is_dir() else []
@@ -232,13 +259,16 @@ def write_report(
     *,
     command_line: str = "",
     weights_dir: str | None = None,
+    spaces: list[dict] | None = None,
 ) -> Path:
     """Write ``sub-<label>[_ses-<label>].html``; with ``written=None`` (a failed run) it shows no figures.
 
     ``summary`` rows go into the summary table after the m2m version; ``timings``
     ({stage: seconds}) become a table of wall times with their total; ``errors`` are shown
     above the crash files found in ``sub-X/log/``; ``command_line`` and ``weights_dir`` go
-    into the About section. The methods' references are written to ``logs/CITATION.bib``.
+    into the About section; ``spaces`` (from the template-space writer: space label, written
+    paths, registration QC) fill the Template space section. The methods' references are
+    written to ``logs/CITATION.bib``.
     """
     output_dir = Path(output_dir)
     summary_html = _table({"m2m version": __version__, **summary})
@@ -261,6 +291,7 @@ def write_report(
         "summary": summary_html,
         "maps": _maps_section(figures, output_dir) if figures else failed,
         "tracts": _tracts_section(figures, written or {}, output_dir) if figures else failed,
+        "spaces": _spaces_section(spaces or [], output_dir),
         "uncertainty": _uncertainty_section(figures, output_dir) if figures else failed,
         "methods": methods,
         "errors": _errors_section(output_dir, subject, errors),

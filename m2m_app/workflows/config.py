@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from m2m_app.data.templates import OutputSpace, parse_output_spaces
 from m2m_app.io.naming import Subject
 
 
@@ -30,6 +31,7 @@ class RunConfig:
     Paths are absolute; ``nprocs`` and ``omp_nthreads`` are resolved counts (CPUs of the
     whole run, threads per task), ``mem_mb`` megabytes or None (no limit);
     ``output_resolution`` is the outputs' isotropic voxel size in mm, or None for the T1w's own grid;
+    ``output_spaces`` the ``--output-spaces`` entries (checked labels, e.g. ``MNI152NLin2009aSym:res-2``);
     ``stop_dispersion_deg`` the V1 dispersion (degrees) above which streamlines stop, or None (off).
     """
 
@@ -52,6 +54,7 @@ class RunConfig:
     skip_phase2: bool = False
     skip_nerf: bool = False
     output_resolution: float | None = None
+    output_spaces: tuple[str, ...] = ("T1w",)
     stop_dispersion_deg: float | None = None
     command_line: str = ""
     run_id: str = field(default_factory=new_run_id)
@@ -60,6 +63,11 @@ class RunConfig:
     def phases(self) -> tuple[str, ...]:
         """The translators this run uses (``phase1``, and ``phase2`` unless skipped)."""
         return ("phase1",) + (() if self.skip_phase2 else ("phase2",))
+
+    @property
+    def template_spaces(self) -> tuple[OutputSpace, ...]:
+        """The template spaces asked for (the T1w-space outputs are always written: the others come from them)."""
+        return tuple(space for space in parse_output_spaces(self.output_spaces) if space.is_template)
 
     @property
     def runs_nerf(self) -> bool:

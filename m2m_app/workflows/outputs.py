@@ -15,6 +15,7 @@ from niworkflows.engine.workflows import LiterateWorkflow
 
 from m2m_app.data.weights import fa_detail_values
 from m2m_app.interfaces.outputs import WriteMaps, WriteNerf, WriteReport
+from m2m_app.interfaces.spaces import RegisterToTemplate, WriteTemplateSpace
 from m2m_app.io.naming import Subject
 from m2m_app.maths.detail import fa_detail_from
 from m2m_app.workflows.config import RunConfig
@@ -52,6 +53,24 @@ def detail_desc(weights_dir: str | None) -> str:
     )
 
 
+def spaces_desc(config: RunConfig) -> str:
+    """The methods text's sentences on the template spaces ("" when only T1w was asked for)."""
+    if not config.template_spaces:
+        return ""
+    from m2m_app.registration.normalize import REGISTRATION_MM
+
+    names = ", ".join(dict.fromkeys(space.label for space in config.template_spaces))
+    sources = "; ".join(dict.fromkeys(space.template().source for space in config.template_spaces))
+    return (
+        f"The T1w, brain-extracted with the predicted mask, was registered to {names} ({sources}) with ANTs "
+        f"(antspyx; rigid, affine and SyN stages, Mattes mutual information, on {REGISTRATION_MM:g} mm grids, seeded). "
+        "In each template space, FA, MD, AD, RD and the uncertainty maps were resampled trilinearly through the "
+        "composite transform, the tensor's components likewise and then reoriented by the finite-strain rotation "
+        "of the warp's local Jacobian (Alexander et al. 2001), V1 and colour FA taken from the reoriented tensor, "
+        "and the streamlines' points moved through the inverse transform. "
+    )
+
+
 def init_ds_wf(
     subject: Subject, config: RunConfig, timings_file: Path | None = None, name: str = "ds_wf"
 ) -> LiterateWorkflow:
@@ -76,8 +95,9 @@ def init_ds_wf(
     workflow.__desc__ = DS_DESC.format(
         output_grid_desc(config.output_resolution), ", BEP046 names for the tractogram" if config.runs_nerf else ""
     )
-    if description := detail_desc(config.weights_dir):
-        workflow.__desc__ = workflow.__desc__.rstrip("\n") + " " + description.rstrip() + "\n\n"
+    for description in (detail_desc(config.weights_dir), spaces_desc(config)):
+        if description:
+            workflow.__desc__ = workflow.__desc__.rstrip("\n") + " " + description.rstrip() + "\n\n"
     fields = [
         "t1w",
         "t1w_summary",
@@ -120,8 +140,10 @@ def init_ds_wf(
             (report, outputnode, [("qc", "qc"), ("report", "report")]),
         ]
     )
-    if config.runs_nerf:
-        write_nerf = pe.Node(WriteNerf(**where), name="write_nerf", mem_gb=1)
+    write_nerf = pe.Node(WriteNerf(**where), name="write_nerf", mem_gb=1) if config.runs_nerf else None
+    if config.template_spaces:
+        _connect_template_spaces(workflow, config, where, inputnode, write_maps, write_nerf, report)
+    if write_nerf is not None:
         workflow.connect(
             [
                 (
@@ -142,3 +164,58 @@ def init_ds_wf(
             ]
         )
     return workflow
+
+
+def _node_name(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _connect_template_spaces(
+    workflow, config: RunConfig, where: dict, inputnode, write_maps, write_nerf, report
+) -> None:
+    """One registration per template (on the T1w and the written brain mask), one writer per
+    output space (template and resolution), all before the report."""
+    spaces = config.template_spaces
+    merge = pe.Node(niu.Merge(len(spaces)), name="merge_spaces")
+    registrations = {}
+    for name in dict.fromkeys(space.name for space in spaces):
+        registrations[name] = pe.Node(
+            RegisterToTemplate(template=name, random_seed=config.random_seed, num_threads=config.omp_nthreads),
+            name=f"register_{_node_name(name)}",
+            n_procs=config.omp_nthreads,
+            mem_gb=2,
+        )
+        workflow.connect(
+            [
+                (inputnode, registrations[name], [("t1w", "t1w")]),
+                (write_maps, registrations[name], [(("written", _mask), "mask")]),
+            ]
+        )
+    for index, space in enumerate(spaces, start=1):
+        writer = pe.Node(
+            WriteTemplateSpace(
+                space=space.label,
+                tractogram_format=config.tractogram_format,
+                num_threads=config.omp_nthreads,
+                **where,
+            ),
+            name=f"write_space_{_node_name(space.label)}",
+            n_procs=config.omp_nthreads,
+            mem_gb=3,
+        )
+        workflow.connect(
+            [
+                (inputnode, writer, [("t1w", "t1w")]),
+                (write_maps, writer, [("written", "maps")]),
+                (registrations[space.name], writer, [("forward", "forward"), ("inverse", "inverse")]),
+                (writer, merge, [("written", f"in{index}")]),
+            ]
+        )
+        if write_nerf is not None:
+            workflow.connect(write_nerf, "written", writer, "nerf")
+    workflow.connect(merge, "out", report, "spaces")
+
+
+def _mask(written: dict) -> str:
+    """The brain mask among WriteMaps' written paths."""
+    return written["mask"]

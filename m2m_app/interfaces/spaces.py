@@ -1,0 +1,107 @@
+"""Nipype interfaces of the template spaces: the registration and the template-space writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, Str, TraitedSpec, isdefined, traits
+
+from m2m_app.interfaces.outputs import _subject, _SubjectInputSpec
+
+
+class _RegisterInputSpec(BaseInterfaceInputSpec):
+    t1w = File(exists=True, mandatory=True, desc="the input T1w")
+    mask = File(exists=True, mandatory=True, desc="m2m's brain mask in T1w space (any grid over the T1w)")
+    template = Str(mandatory=True, desc="template name, e.g. MNI152NLin2009aSym")
+    random_seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+
+
+class _RegisterOutputSpec(TraitedSpec):
+    forward = File(exists=True, desc="composite transform from-T1w_to-<template>, mode image (.h5)")
+    inverse = File(exists=True, desc="composite transform from-<template>_to-T1w, mode image (.h5)")
+
+
+class RegisterToTemplate(SimpleInterface):
+    """Register the brain-extracted T1w to a template (antspyx SyNRA; see :mod:`m2m_app.registration.normalize`)."""
+
+    input_spec = _RegisterInputSpec
+    output_spec = _RegisterOutputSpec
+
+    def _run_interface(self, runtime):
+        from m2m_app.data.templates import OutputSpace
+        from m2m_app.io.nifti import load_image, load_t1w
+        from m2m_app.maths.grid import resample_scalar
+        from m2m_app.registration.normalize import register_to_template
+
+        img, data = load_t1w(self.inputs.t1w)
+        mask_img, mask = load_image(self.inputs.mask)
+        brain = resample_scalar(mask > 0, mask_img.affine, img.affine, data.shape[:3]) >= 0.5
+        forward = Path(runtime.cwd) / f"from-T1w_to-{self.inputs.template}_mode-image_xfm.h5"
+        inverse = Path(runtime.cwd) / f"from-{self.inputs.template}_to-T1w_mode-image_xfm.h5"
+        register_to_template(
+            data,
+            img.affine,
+            brain,
+            OutputSpace(self.inputs.template).template(),
+            forward,
+            inverse,
+            self.inputs.random_seed,
+            self.inputs.num_threads,
+        )
+        self._results["forward"], self._results["inverse"] = str(forward), str(inverse)
+        return runtime
+
+
+class _WriteSpaceInputSpec(_SubjectInputSpec):
+    space = Str(mandatory=True, desc="output space label, e.g. MNI152NLin2009aSym:res-2")
+    maps = traits.Dict(Str, Str, mandatory=True, desc="T1w-space derivatives by key, from WriteMaps")
+    nerf = traits.Dict(Str, Str, desc="from WriteNerf (the tractogram; absent when phase 3 is skipped)")
+    forward = File(exists=True, mandatory=True)
+    inverse = File(exists=True, mandatory=True)
+    tractogram_format = traits.Enum("trx", "tck", "trk", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _WriteSpaceOutputSpec(TraitedSpec):
+    written = traits.Dict(desc="{'space': label, 'written': {key: path}, 'qc': {dice, correlation, flagged}}")
+
+
+class WriteTemplateSpace(SimpleInterface):
+    """Copy the transforms into the output folder and write the unit's derivatives in one template space."""
+
+    input_spec = _WriteSpaceInputSpec
+    output_spec = _WriteSpaceOutputSpec
+
+    def _run_interface(self, runtime):
+        import shutil
+
+        from m2m_app.data.templates import parse_output_spaces
+        from m2m_app.io.files import atomic_write
+        from m2m_app.registration.template_space import transform_paths, write_template_space
+
+        inputs, subject = self.inputs, _subject(self.inputs)
+        (space,) = parse_output_spaces([inputs.space])
+        output_dir = Path(inputs.output_dir)
+        transforms = transform_paths(output_dir, subject, space.name)
+        for key, source in (("forward", inputs.forward), ("inverse", inputs.inverse)):
+            atomic_write(transforms[key], lambda tmp, source=source: shutil.copyfile(source, tmp))
+        written = {key: Path(path) for key, path in inputs.maps.items()}
+        if isdefined(inputs.nerf) and "tractogram" in inputs.nerf:
+            written["tractogram"] = Path(inputs.nerf["tractogram"])
+        paths, qc = write_template_space(
+            output_dir,
+            subject,
+            space,
+            Path(inputs.t1w),
+            written,
+            transforms,
+            inputs.tractogram_format,
+            inputs.num_threads,
+        )
+        self._results["written"] = {
+            "space": space.label,
+            "written": {key: str(path) for key, path in (paths | transforms).items()},
+            "qc": qc,
+        }
+        return runtime

@@ -1,0 +1,1 @@
+"""Spatial normalisation to a standard template (ANTs) and the derivatives in template space."""
