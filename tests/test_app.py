@@ -122,7 +122,13 @@ def test_derivatives_are_indexed_by_pybids(app_run):
     assert "sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz" in names
     assert len(names) == len(PARAMS) + 2 + len(UNCERTAINTY)
     in_template = layout.get(
-        scope="derivatives", subject="02", space=TEMPLATE, res="2", suffix="dwimap", return_type="file"
+        scope="derivatives",
+        subject="02",
+        space=TEMPLATE,
+        res="2",
+        suffix="dwimap",
+        extension=".nii.gz",
+        return_type="file",
     )
     in_template = {os.path.basename(f) for f in in_template}
     assert len(in_template) == len(PARAMS) + 2  # the tensor maps and the two phase-1 uncertainty maps

@@ -197,3 +197,15 @@ def test_registration_is_seeded_and_repeatable(tmp_path):
     difference, shift = map(float, result.stdout.split())
     assert difference == 0.0
     assert abs(shift - 6.0) < 1.5  # template → subject: 6 mm along x
+
+
+def test_too_little_brain_is_a_clear_error(tmp_path):
+    from m2m_app.errors import BadDataError
+    from m2m_app.registration.normalize import register_to_template
+
+    brain = np.zeros((30, 30, 30), bool)
+    brain[10:15, 10:15, 10:15] = True
+    with pytest.raises(BadDataError, match=r"holds 0 ml .* too little brain to register to MNI152NLin2009aSym"):
+        register_to_template(
+            np.ones((30, 30, 30)), np.eye(4), brain, SPACE.template(), tmp_path / "f.h5", tmp_path / "i.h5"
+        )

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from m2m_app.data.templates import Template
+from m2m_app.errors import BadDataError
 from m2m_app.io.nifti import ants_image, load_image
 from m2m_app.maths.grid import isotropic_grid, normalise_intensity, resample_scalar
 
@@ -35,6 +36,8 @@ SYN_ITERATIONS = (40, 20, 10)
 #: Fraction of voxels the rigid and affine stages sample (ANTs' default; the seed fixes which):
 #: every voxel gave the same Dice and correlation on sub-01 for 45 % more time (32 s against 46 s).
 AFFINE_SAMPLING = 0.2
+#: Less brain than this (ml) cannot be registered to a whole-brain template (an 84 mm slab holds ~700 ml).
+MIN_BRAIN_ML = 100.0
 #: Margin (mm) of the coordinate images around the moving grid, so that ANTs' linear
 #: interpolation stays exact a little outside the moving image's field of view.
 FIELD_MARGIN_MM = 40.0
@@ -108,6 +111,12 @@ def register_to_template(
     seed give the same transforms bit for bit; with more, ITK's multithreaded sums make two runs
     differ by about 0.01 mm (measured), as fMRIPrep documents for its ANTs steps.
     """
+    brain_ml = float(np.count_nonzero(brain)) * abs(np.linalg.det(t1w_affine[:3, :3])) / 1000
+    if brain_ml < MIN_BRAIN_ML:
+        raise BadDataError(
+            f"the predicted brain mask holds {brain_ml:.0f} ml (< {MIN_BRAIN_ML:g} ml): too little brain to register "
+            f"to {template.name}; check the T1w and its report"
+        )
     shape, affine = isotropic_grid(t1w_data.shape, t1w_affine, REGISTRATION_MM)
     masked = np.where(brain, t1w_data, 0.0).astype(np.float32)
     moving = normalise_intensity(resample_scalar(masked, t1w_affine, affine, shape))
