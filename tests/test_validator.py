@@ -44,7 +44,8 @@ def documented_unknown_names() -> list[re.Pattern]:
 
 @pytest.fixture(scope="module")
 def example_outputs(tmp_path_factory) -> tuple[Path, Path]:
-    """The embedded example through the whole app once (about 3 minutes on 2 cores); then the group level."""
+    """The embedded example through the whole app once, with a template space (about 4 minutes on 2 cores);
+    then the group level."""
     root = tmp_path_factory.mktemp("validator")
     assert run_cli("run", "example-data", root / "example").returncode == 0
     result = run_cli(
@@ -58,6 +59,9 @@ def example_outputs(tmp_path_factory) -> tuple[Path, Path]:
         "1",
         "--omp-nthreads",
         "2",
+        "--output-spaces",
+        "MNI152NLin2009aSym:res-2",
+        "T1w",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_cli("run", root / "example", root / "out", "group")
@@ -139,19 +143,21 @@ def test_example_derivatives_load_in_pybids_by_entity(example_outputs):
     assert sorted(maps) == on_disk and len(on_disk) >= 9
     for path in on_disk:  # every map is found again from the entities pybids reads in its name
         entities = layout.parse_file_entities(path)
-        assert entities["space"] == "T1w" and entities["datatype"] == "dwi"
+        assert entities["space"] in ("T1w", "MNI152NLin2009aSym") and entities["datatype"] == "dwi"
+        assert entities.get("res") == (None if entities["space"] == "T1w" else "2")
         assert path in layout.get(scope="derivatives", return_type="file", **entities)
+    transforms = layout.get(scope="derivatives", subject="MNI152", suffix="xfm", extension=".h5", return_type="file")
+    assert {Path(p).name for p in transforms} == {
+        "sub-MNI152_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5",
+        "sub-MNI152_from-MNI152NLin2009aSym_to-T1w_mode-image_xfm.h5",
+    }
     tensor = layout.get(scope="derivatives", model="tensor", suffix="dwimap", extension=".nii.gz", return_type="file")
     assert {Path(p).name for p in tensor} == {Path(p).name for p in on_disk if "model-tensor" in p}
-    assert (
-        len(
-            layout.get(
-                scope="derivatives", subject="MNI152", datatype="anat", suffix="mask", desc="brain", extension=".nii.gz"
-            )
-        )
-        == 1
+    masks = layout.get(
+        scope="derivatives", subject="MNI152", datatype="anat", suffix="mask", desc="brain", extension=".nii.gz"
     )
-    assert len(layout.get(scope="derivatives", subject="MNI152", suffix="tractogram", extension=".trx")) == 1
+    assert len(masks) == 2  # T1w and template space
+    assert len(layout.get(scope="derivatives", subject="MNI152", suffix="tractogram", extension=".trx")) == 2
     group = (out / "group_qc.tsv").read_text().splitlines()
     assert group[0].split("\t")[0] == "subject" and group[1].startswith("sub-MNI152\t")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -168,11 +169,51 @@ def writable_dir(path: Path, what: str) -> Path:
     return path
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one, e.g. under SLURM)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+#: Where the kernel mounts the control groups (cgroup v2's unified tree, or v1's controllers below it).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
+    """This process's cgroup path per controller (``""`` for cgroup v2's unified tree), from ``/proc/self/cgroup``."""
+    paths: dict[str, str] = {}
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return paths
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path.lstrip("/")
+    return paths
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs that the CPU quota of this process's control group allows (``docker --cpus``, Kubernetes,
+    systemd's CPUQuota), or None without a quota: cgroup v2's ``cpu.max`` or v1's
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, in the process's own group or at the root."""
+    paths = _cgroup_paths(proc_cgroup)
+    for folder in dict.fromkeys([root / paths.get("", ""), root]):
+        try:
+            limit, interval = (folder / "cpu.max").read_text().split()
+        except (OSError, ValueError):
+            continue
+        return None if limit == "max" else int(limit) / int(interval)
+    for folder in dict.fromkeys([root / "cpu" / paths.get("cpu", ""), root / "cpu"]):
+        try:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota <= 0 else quota / period
+    return None
+
+
+def available_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask (``taskset``, SLURM's ``--cpus-per-task``), further
+    limited by its control group's CPU quota (rounded up), as in containers; at least 1."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(root, proc_cgroup)
+    return max(1, min(count, math.ceil(quota)) if quota else count)
 
 
 def plugin_settings(nprocs: int | None, mem_mb: int | None, plugin_file: Path | None) -> dict:

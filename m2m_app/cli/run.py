@@ -87,7 +87,9 @@ command resumes from the work folder.
     "--n-cpus",
     type=click.IntRange(min=1),
     default=None,
-    help="CPUs for the whole run (Nipype MultiProc). Default: all.",
+    help="CPUs for the whole run (Nipype MultiProc). Default: the CPUs this process may use: its affinity "
+    "mask (taskset, SLURM's --cpus-per-task) and its cgroup CPU quota (docker --cpus, Kubernetes), not the "
+    "machine's count.",
 )
 @click.option(
     "--omp-nthreads",

@@ -91,8 +91,9 @@ def _space_section(space: dict, output_dir: Path) -> str:
     )
     table = f'<table class="tissue"><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in columns)}</tr>{rows}</table>'
     link = Path(space["table"]).name
+    note = '<p class="note">The SD needs at least two units.</p>' if len(space["rows"]) < 2 else ""
     return (
-        f"<h2>{html.escape(space['space'])}: {len(space['rows'])} units</h2>{''.join(figures)}"
+        f"<h2>{html.escape(space['space'])}: {len(space['rows'])} units</h2>{''.join(figures)}{note}"
         f'<p>Mean FA, MD, AD, RD in the template\'s white (wm) and grey (gm) matter: <a href="{html.escape(link)}">'
         f"{html.escape(link)}</a></p>{table}"
     )
