@@ -56,3 +56,16 @@ def test_view_fusion_keeps_the_anisotropy_of_disagreeing_views():
     assert fa["mean"]["fa"] < fa["one"]["fa"] - 0.02
     assert fa["fused"]["fa"] == pytest.approx(fa["one"]["fa"], rel=1e-5)
     np.testing.assert_allclose(np.abs(fa["fused"]["v1"]), [1.0, 0.0, 0.0], atol=1e-5)
+
+
+def test_batch_slabs_gather_what_slab_along_stacks():
+    """One gather per batch gives each slice's neighbours exactly as slice-by-slice slabs do (edges clamped)."""
+    from m2m_app.models.phases import batch_slabs, neighbours, slab_along
+
+    volume = np.random.default_rng(0).normal(size=(3, 9, 10, 11)).astype(np.float32)
+    for axis in range(3):
+        size = volume.shape[1 + axis]
+        for first, count in ((0, 4), (3, 4), (size - 2, 2)):
+            stacked = np.stack([slab_along(volume, axis, neighbours(k, size, 2)) for k in range(first, first + count)])
+            expected = stacked.reshape((count, -1) + stacked.shape[-2:])
+            np.testing.assert_array_equal(batch_slabs(volume, axis, first, count, 2), expected)

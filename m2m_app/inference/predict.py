@@ -26,7 +26,7 @@ from m2m_app.io.files import file_sha256
 from m2m_app.maths.detail import FaDetail, fa_detail_from
 from m2m_app.maths.grid import ConformedGrid, resample_outputs
 from m2m_app.maths.tensor import masked_tensor_maps
-from m2m_app.models.phases import PhaseSpec, get_phase, neighbours, phase1_inputs, phase2_inputs, slab_along
+from m2m_app.models.phases import PhaseSpec, batch_slabs, get_phase, phase1_inputs, phase2_inputs
 from m2m_app.models.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,10 @@ def predict_views(
                 raw = np.zeros((spec.out_channels,) + inputs.shape[1:], dtype=np.float32)
                 size = inputs.shape[1 + axis]
                 for first in range(0, size, batch_size):
-                    slices = range(first, min(first + batch_size, size))
-                    slabs = np.stack([slab_along(volume, axis, neighbours(k, size, spec.context)) for k in slices])
-                    batch = torch.from_numpy(slabs.reshape((len(slices), -1) + slabs.shape[-2:]))
+                    count = min(batch_size, size - first)
+                    batch = torch.from_numpy(batch_slabs(volume, axis, first, count, spec.context))
                     out = model(batch.to(torch_device)).float().cpu().numpy()  # (B, K, H, W)
-                    np.moveaxis(raw, 1 + axis, 0)[first : first + len(slices)] = out  # (size, K, H, W) view
+                    np.moveaxis(raw, 1 + axis, 0)[first : first + count] = out  # (size, K, H, W) view
                 views.append(raw[:, ::-1] * signs if mirrored else raw)
     return views
 

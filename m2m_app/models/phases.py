@@ -136,6 +136,18 @@ def slab_along(volume: np.ndarray, axis: int, indices: np.ndarray, flip_x: bool 
     return np.moveaxis(slab, 1 + axis, 1)
 
 
+def batch_slabs(volume: np.ndarray, axis: int, first: int, count: int, context: int) -> np.ndarray:
+    """The network inputs of slices ``first .. first + count - 1`` along spatial ``axis`` of ``volume
+    (C, X, Y, Z)``: ``(count, C * (2 context + 1), H, W)`` float32, each slice with its
+    :func:`neighbours` (channel-major, as :func:`slab_along` stacks them), gathered at once."""
+    size = volume.shape[1 + axis]
+    planes = np.clip(np.arange(first, first + count)[:, None] + np.arange(-context, context + 1), 0, size - 1)
+    gathered = np.moveaxis(np.take(volume, planes.ravel(), axis=1 + axis), 1 + axis, 1)  # (C, count * n, H, W)
+    channels, _, height, width = gathered.shape
+    slabs = gathered.reshape(channels, count, 2 * context + 1, height, width).transpose(1, 0, 2, 3, 4)
+    return np.ascontiguousarray(slabs, dtype=np.float32).reshape(count, -1, height, width)
+
+
 # ----------------------------------------------------------------------------- phase 1
 
 
