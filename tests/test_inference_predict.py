@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from conftest import TINY
+from conftest import DS_REAL, TINY, requires_ds_real
 from conftest import synthetic_head as _head
 from m2m_app.errors import BadDataError
 from m2m_app.inference.predict import (
@@ -119,3 +119,29 @@ def test_corrupted_weights_fail_with_a_clear_error(tmp_path):
     with pytest.raises(BadDataError, match="checksum does not match") as error:
         load_translator("phase2", tmp_path)
     assert "phase2.safetensors" in str(error.value)
+
+
+@pytest.mark.slow
+@requires_ds_real
+def test_fusion_inside_the_mask_equals_the_whole_grid_route_on_a_real_volume(one_torch_thread):
+    """The packaged phase 1 on sub-01's T1w: the passes decomposed once, inside the mask only
+    (``phase1_from_views``), give the whole-grid route's mask, tensor and uncertainty (fuse,
+    decode and spread over every voxel) within float32 rounding."""
+    from m2m_app.inference.predict import load_translator, phase1_from_views, predict_views, spread_maps
+    from m2m_app.io.nifti import load_t1w
+    from m2m_app.models.phases import phase1_inputs
+
+    img, data = load_t1w(DS_REAL / "sub-01/anat/sub-01_T1w.nii.gz")
+    inputs, grid = phase1_inputs(img, data)
+    views = predict_views(load_translator("phase1")[0], PHASE1, inputs)
+    fast = phase1_from_views(views, grid, mask_tensor=True, uncertainty=True)
+    fused = PHASE1.fuse(views)
+    decoded = PHASE1.decode(fused)
+    mask = decoded["mask"] >= 0.5
+    np.testing.assert_array_equal(fast["mask"], mask)
+    assert mask.sum() > 50_000 and not fast["tensor"][~mask].any()
+    scale = np.abs(decoded["tensor"][mask]).max()
+    np.testing.assert_allclose(fast["tensor"][mask], decoded["tensor"][mask], rtol=0, atol=1e-5 * scale)
+    spreads = spread_maps(views, fused, PHASE1, mask)
+    np.testing.assert_allclose(fast["fa_sd"], spreads["fa_sd"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fast["v1_dispersion"], spreads["v1_dispersion"], rtol=0, atol=1e-2)  # degrees

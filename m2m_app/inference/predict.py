@@ -26,7 +26,17 @@ from m2m_app.io.files import file_sha256
 from m2m_app.maths.detail import FaDetail, fa_detail_from
 from m2m_app.maths.grid import ConformedGrid, resample_outputs
 from m2m_app.maths.tensor import masked_tensor_maps
-from m2m_app.models.phases import PhaseSpec, batch_slabs, get_phase, phase1_inputs, phase2_inputs
+from m2m_app.models.phases import (
+    PhaseSpec,
+    batch_slabs,
+    get_phase,
+    mask_probability,
+    mean_of_views,
+    phase1_eigen,
+    phase1_inputs,
+    phase2_inputs,
+    spread_support,
+)
 from m2m_app.models.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -148,14 +158,19 @@ def spread_maps(
     mask: np.ndarray | None = None,
     scales: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The phase's uncertainty maps (:attr:`PhaseSpec.spread`) on the model grid, ``(x, y, z)`` float32 each.
+    """The phase's uncertainty maps (:attr:`PhaseSpec.spread`) on the model grid, ``(x, y, z)`` float32 each,
+    scaled by :func:`scaled_spread`."""
+    return scaled_spread(spec.spread(views, fused), mask, scales)
 
-    Each map is clipped at 0, multiplied by ``scales[key]`` (1.0 for a key without a scale),
-    capped at :data:`SPREAD_CEILING` and zeroed outside ``mask`` ``(x, y, z)`` when one is given.
-    """
+
+def scaled_spread(
+    maps: Mapping[str, np.ndarray], mask: np.ndarray | None = None, scales: Mapping[str, float] | None = None
+) -> dict[str, np.ndarray]:
+    """Each uncertainty map clipped at 0, multiplied by ``scales[key]`` (1.0 for a key without a
+    scale), capped at :data:`SPREAD_CEILING` and zeroed outside ``mask`` ``(x, y, z)`` when one is given."""
     scales = scales or {}
     out = {}
-    for key, volume in spec.spread(views, fused).items():
+    for key, volume in maps.items():
         out[key] = np.clip(volume * scales.get(key, 1.0), 0.0, SPREAD_CEILING.get(key)).astype(np.float32)
         if mask is not None:
             out[key][~mask] = 0.0
@@ -225,15 +240,33 @@ def phase1_from_views(
     scales: Mapping[str, float] | None = None,
 ) -> dict:
     """Phase 1's passes (raw outputs of :func:`predict_views`, any number of them, each
-    ``(7, x, y, z)``) fused and decoded: what :func:`predict_phase1_model` returns (same keys)."""
-    spec = get_phase("phase1")
-    fused = spec.fuse(views)
-    decoded = spec.decode(fused)
-    mask = decoded["mask"] >= 0.5
-    tensor = np.where(mask[..., None], decoded["tensor"], 0.0) if mask_tensor else decoded["tensor"]
-    out = {"tensor": tensor.astype(np.float32), "mask": mask, "grid": grid}
+    ``(7, x, y, z)``) fused and decoded: what :func:`predict_phase1_model` returns (same keys).
+
+    The mask comes first (the mean of the passes' logits); the passes are then decomposed once
+    (:func:`~m2m_app.models.phases.phase1_eigen`), only where something is written: inside the
+    mask with ``mask_tensor``, grown by the uncertainty's margin with ``uncertainty``; the same
+    values as :attr:`PhaseSpec.fuse`, ``decode`` and ``spread`` over the whole grid, within
+    float32 rounding (tested).
+    """
+    mask_logit = mean_of_views([view[6:7] for view in views])[0]
+    mask = mask_probability(mask_logit) >= 0.5
+    spread_region = spread_support(mask_logit)
+    if not mask_tensor:
+        support = np.ones(mask.shape, bool)
+    else:
+        support = spread_region if uncertainty else mask
+    eigen = phase1_eigen(views, support)
+    tensor = np.zeros(mask.shape + (6,), np.float32)
+    tensor[support] = eigen.tensor()
+    if mask_tensor:
+        tensor[~mask] = 0.0
+    out = {"tensor": tensor, "mask": mask, "grid": grid}
     if uncertainty:
-        out |= spread_maps(views, fused, spec, mask if mask_tensor else None, scales)
+        maps = {key: np.zeros(mask.shape, np.float32) for key in ("fa_sd", "v1_dispersion")}
+        spread = eigen.at(spread_region[support])  # the support's voxels inside the spread region
+        maps["fa_sd"][spread_region] = spread.fa_sd()
+        maps["v1_dispersion"][spread_region] = spread.v1_dispersion()
+        out |= scaled_spread(maps, mask if mask_tensor else None, scales)
     return out
 
 

@@ -31,8 +31,8 @@ from scipy import ndimage
 from m2m_app.errors import BadDataError, UsageError
 from m2m_app.maths.grid import ConformedGrid, conform_t1w
 from m2m_app.maths.metrics import angular_error_deg
-from m2m_app.maths.tensor import components_to_matrix, eigen_decomposition, matrix_to_components, scalar_maps
-from m2m_app.models.encoding import LOG_EIGENVALUE_RANGE, log_to_tensor
+from m2m_app.maths.tensor import components_to_matrix, matrix_to_components, scalar_maps
+from m2m_app.models.encoding import DIFFUSIVITY_SCALE, LOG_EIGENVALUE_RANGE, log_to_tensor
 from m2m_app.models.losses import phase1_loss, phase2_loss
 
 #: MD is divided by this (mm²/s) to bring it to ~[0, 1] as a phase-2 input.
@@ -162,6 +162,70 @@ def mean_of_views(views: list[np.ndarray]) -> np.ndarray:
     return (functools.reduce(np.add, views) / len(views)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Phase1Eigen:
+    """Phase 1's passes decomposed once at the voxels of ``support`` (N of them), for fusion,
+    decoding and uncertainty alike.
+
+    ``pass_log_evals`` ``(P, N, 3)`` and ``pass_v1`` ``(P, N, 3)``: each pass's log-eigenvalues
+    (ascending) and principal eigenvector; ``log_evals`` ``(N, 3)``: their mean (the fused
+    shape); ``evecs`` ``(N, 3, 3)``: the eigenvectors (columns, ascending) of the passes'
+    log-Euclidean mean (the fused orientation). The fused log-tensor is ``evecs diag(log_evals)
+    evecsᵀ``, so its eigen-decomposition is these, with no second decomposition.
+    """
+
+    support: np.ndarray
+    pass_log_evals: np.ndarray
+    pass_v1: np.ndarray
+    log_evals: np.ndarray
+    evecs: np.ndarray
+
+    def at(self, voxels: np.ndarray) -> Phase1Eigen:
+        """The same at a subset of the support's voxels (``voxels``: ``(N,)`` bool or indices)."""
+        return Phase1Eigen(
+            self.support,
+            self.pass_log_evals[:, voxels],
+            self.pass_v1[:, voxels],
+            self.log_evals[voxels],
+            self.evecs[voxels],
+        )
+
+    def log_components(self) -> np.ndarray:
+        """The fused log-tensor components ``(N, 6)``."""
+        return matrix_to_components((self.evecs * self.log_evals[:, None, :]) @ np.swapaxes(self.evecs, -1, -2))
+
+    def tensor(self) -> np.ndarray:
+        """The fused tensor ``(N, 6)`` float32 in mm²/s, as :func:`~m2m_app.models.encoding.log_to_tensor`
+        decodes the fused log-tensor (eigenvalues clamped to its range)."""
+        evals = np.exp(np.clip(self.log_evals, *LOG_EIGENVALUE_RANGE)) * DIFFUSIVITY_SCALE
+        return matrix_to_components((self.evecs * evals[:, None, :]) @ np.swapaxes(self.evecs, -1, -2)).astype(
+            np.float32
+        )
+
+    def fa_sd(self) -> np.ndarray:
+        """:func:`spread_sd` of the passes' FA ``(N,)``."""
+        evals = np.exp(np.clip(self.pass_log_evals, *LOG_EIGENVALUE_RANGE))
+        return spread_sd(scalar_maps(evals)["fa"])
+
+    def v1_dispersion(self) -> np.ndarray:
+        """:func:`axis_dispersion_deg` of the passes' V1 about the fused V1 ``(N,)``."""
+        return axis_dispersion_deg(self.pass_v1, self.evecs[..., :, 2])
+
+
+def phase1_eigen(views: list[np.ndarray], support: np.ndarray) -> Phase1Eigen:
+    """Decompose phase 1's passes (raw outputs ``(7, X, Y, Z)``) at the ``support`` ``(X, Y, Z)`` voxels:
+    one eigen-decomposition per pass and one of their log-Euclidean mean (float64)."""
+    log_matrices = [components_to_matrix(view[:6, support].T.astype(np.float64)) for view in views]
+    pass_log_evals, pass_v1 = [], []
+    for matrix in log_matrices:
+        evals, evecs = np.linalg.eigh(matrix)  # ascending
+        pass_log_evals.append(evals)
+        pass_v1.append(evecs[..., :, 2])
+    _, evecs = np.linalg.eigh(functools.reduce(np.add, log_matrices) / len(views))
+    stacked = np.stack(pass_log_evals)
+    return Phase1Eigen(support, stacked, np.stack(pass_v1), stacked.mean(axis=0), evecs)
+
+
 def _fuse_phase1(views: list[np.ndarray]) -> np.ndarray:
     """Fuse the views' log-tensors keeping their shape: consensus orientation, mean eigenvalues.
 
@@ -169,23 +233,22 @@ def _fuse_phase1(views: list[np.ndarray]) -> np.ndarray:
     any of them. Here the eigenvectors come from the log-Euclidean mean and the eigenvalues
     are the mean of the views' sorted log-eigenvalues (shape and orientation averaged
     separately, as in Collard et al. 2014, "Anisotropy preserving DTI processing", IJCV).
-    The mask logit is averaged.
+    The mask logit is averaged. (:func:`phase1_eigen` over the whole grid.)
     """
     fused = mean_of_views(views)
-    log_matrices = [components_to_matrix(np.moveaxis(v[:6], 0, -1).astype(np.float64)) for v in views]
-    evals = sum(np.linalg.eigvalsh(m) for m in log_matrices) / len(views)  # ascending, (X, Y, Z, 3)
-    _, evecs = np.linalg.eigh(components_to_matrix(np.moveaxis(fused[:6], 0, -1).astype(np.float64)))
-    shaped = np.einsum("...ij,...j,...kj->...ik", evecs, evals, evecs)
-    fused[:6] = np.moveaxis(matrix_to_components(shaped), -1, 0)
+    everywhere = np.ones(fused.shape[1:], bool)
+    fused[:6] = np.moveaxis(phase1_eigen(views, everywhere).log_components(), -1, 0).reshape(fused[:6].shape)
     return fused
+
+
+def mask_probability(logit: np.ndarray) -> np.ndarray:
+    """Phase 1's brain-mask probability (float64) of its logit (any shape)."""
+    return 1.0 / (1.0 + np.exp(-logit.astype(np.float64)))
 
 
 def _decode_phase1(raw: np.ndarray) -> dict[str, np.ndarray]:
     """``tensor`` (X, Y, Z, 6) positive-definite mm²/s everywhere, ``mask`` probability (X, Y, Z)."""
-    return {
-        "tensor": log_to_tensor(np.moveaxis(raw[:6], 0, -1)),
-        "mask": 1.0 / (1.0 + np.exp(-raw[6].astype(np.float64))),
-    }
+    return {"tensor": log_to_tensor(np.moveaxis(raw[:6], 0, -1)), "mask": mask_probability(raw[6])}
 
 
 def spread_sd(values: np.ndarray) -> np.ndarray:
@@ -206,30 +269,25 @@ def axis_dispersion_deg(axes: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(angular_error_deg(axes, reference[None]) ** 2, axis=0))
 
 
+def spread_support(mask_logit: np.ndarray) -> np.ndarray:
+    """Where phase 1's uncertainty is computed: the fused brain mask (logit ≥ 0) grown by
+    :data:`SPREAD_MARGIN_VOXELS`, ``(X, Y, Z)`` bool."""
+    return ndimage.binary_dilation(mask_logit >= 0.0, iterations=SPREAD_MARGIN_VOXELS)
+
+
 def _spread_phase1(views: list[np.ndarray], fused: np.ndarray) -> dict[str, np.ndarray]:
     """FA SD and V1 dispersion of the passes' log-tensors ``(7, X, Y, Z)``, each ``(X, Y, Z)`` float32.
 
     ``fa_sd``: :func:`spread_sd` of the FA of each pass's tensor (FA units). ``v1_dispersion``:
     :func:`axis_dispersion_deg` of each pass's principal eigenvector about the fused one
-    (degrees). Both inside the fused brain mask grown by :data:`SPREAD_MARGIN_VOXELS`, zero
-    elsewhere.
+    (degrees). Both inside :func:`spread_support`, zero elsewhere.
     """
-    inside = ndimage.binary_dilation(fused[6] >= 0.0, iterations=SPREAD_MARGIN_VOXELS)
+    inside = spread_support(fused[6])
     maps = {key: np.zeros(inside.shape, np.float32) for key in ("fa_sd", "v1_dispersion")}
-    if not inside.any():
-        return maps
-
-    def eigen(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # log-eigenvalues (M, 3), V1 (M, 3)
-        evals, evecs = eigen_decomposition(components_to_matrix(raw[:6, inside].T.astype(np.float64)))
-        return evals, evecs[..., 0]
-
-    fas, axes = [], []
-    for view in views:
-        log_evals, v1 = eigen(view)
-        fas.append(scalar_maps(np.exp(np.clip(log_evals, *LOG_EIGENVALUE_RANGE)))["fa"])
-        axes.append(v1)
-    maps["fa_sd"][inside] = spread_sd(np.stack(fas))
-    maps["v1_dispersion"][inside] = axis_dispersion_deg(np.stack(axes), eigen(fused)[1])
+    if inside.any():
+        eigen = phase1_eigen(views, inside)
+        maps["fa_sd"][inside] = eigen.fa_sd()
+        maps["v1_dispersion"][inside] = eigen.v1_dispersion()
     return maps
 
 
