@@ -95,7 +95,8 @@ command resumes from the work folder.
     "--omp-nthreads",
     type=click.IntRange(min=1),
     default=None,
-    help="Threads per task (torch). Default: min(nprocs, 8).",
+    help="Threads per task (torch, NumPy/SciPy, ANTs' ITK in the template registration). Default: min(nprocs, 8). "
+    "With 1, the registration to a template is repeatable bit for bit.",
 )
 @click.option(
     "--mem-mb", type=click.IntRange(min=256), default=None, help="Memory the scheduler may use, MB (MultiProc)."
