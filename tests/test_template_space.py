@@ -209,3 +209,23 @@ def test_too_little_brain_is_a_clear_error(tmp_path):
         register_to_template(
             np.ones((30, 30, 30)), np.eye(4), brain, SPACE.template(), tmp_path / "f.h5", tmp_path / "i.h5"
         )
+
+
+@pytest.mark.slow
+def test_the_template_grid_finer_than_the_registration_grid(subject_in_t1w_space):
+    """At the template's own 1 mm grid the forward field is interpolated from the registration's
+    2 mm grid: with the identity, the maps are the 2 mm maps resampled trilinearly onto 1 mm."""
+    from m2m_app.maths.grid import resample_scalar
+
+    root, subject, t1w, written, _ = subject_in_t1w_space
+    transforms = transform_paths(root / "out", subject, SPACE.name)
+    _write_transform(transforms["forward"])
+    _write_transform(transforms["inverse"])
+    fine = OutputSpace(SPACE.name)
+    out, qc = write_template_space(root / "out", subject, fine, t1w, written, transforms, threads=2)
+    assert "_res-" not in out["fa"].name and qc["dice"] > 0.98
+    img = nib.load(out["fa"])
+    source = nib.load(written["fa"])
+    expected = resample_scalar(source.get_fdata(), source.affine, img.affine, img.shape)
+    inside = nib.load(out["mask"]).get_fdata() > 0
+    np.testing.assert_allclose(img.get_fdata()[inside], expected[inside], atol=1e-4)

@@ -7,9 +7,9 @@ its trilinear weight ≥ 0.5, the tensor's components trilinearly, normalised by
 weight, then reoriented by the finite-strain rotation of the warp's local Jacobian
 (:mod:`m2m_app.maths.warp`); V1 is the reoriented tensor's principal eigenvector and colour
 FA ``|V1| × FA``. Streamline points go through the inverse transform's coordinate field.
-The registration's quality is measured on the template grid: Dice of the warped brain mask
-with the template's brain, and the correlation of the warped T1w with the template's T1w in
-the template's brain.
+The registration's quality: Dice of the warped brain mask with the template's brain (on the
+output grid), and the correlation of the warped T1w with the template's T1w in the template's
+brain (on the registration's 2 mm grid).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from m2m_app.io.nifti import grid_header, load_image, load_t1w, save_nifti
 from m2m_app.io.tractogram import load_streamlines, save_tractogram
 from m2m_app.maths.grid import in_threads, isotropic_grid
 from m2m_app.maths.metrics import dice, pearson
-from m2m_app.maths.tensor import components_to_matrix, eigen_decomposition, matrix_to_components
-from m2m_app.maths.tensor import rotate_tensors
+from m2m_app.maths.tensor import components_to_matrix, eigen_decomposition, matrix_to_components, rotate_tensors
 from m2m_app.maths.warp import field_jacobian, finite_strain_rotation, sample, world_to_voxel
 from m2m_app.registration.normalize import REGISTRATION_MM, coordinate_field, load_template
 
