@@ -15,6 +15,9 @@ from m2m_app.workflows.config import RunConfig
 PHASE1 = {"check_t1w", "phase1_wf.phase1", "phase1_wf.tensor_maps", "ds_wf.write_maps", "ds_wf.write_report"}
 PHASE2 = {"phase2_wf.phase2"}
 NERF = {"nerf_wf.nerf_fit", "nerf_wf.nerf_render", "nerf_wf.nerf_track", "ds_wf.write_nerf"}
+#: One registration per template, one writer per output space, merged for the report.
+SPACE_1MM = {"ds_wf.register_MNI152NLin2009aSym", "ds_wf.write_space_MNI152NLin2009aSym", "ds_wf.merge_spaces"}
+SPACES = SPACE_1MM | {"ds_wf.write_space_MNI152NLin2009aSym_res_2"}
 
 
 def _config(tmp_path: Path, **options) -> RunConfig:
@@ -35,6 +38,8 @@ def _edges(workflow) -> dict[tuple[str, str], set[tuple[str, str]]]:
         ({"skip_nerf": True}, PHASE1 | PHASE2),
         ({"skip_phase2": True}, PHASE1),
         ({"tractogram_format": "tck", "random_seed": 7, "omp_nthreads": 3}, PHASE1 | PHASE2 | NERF),
+        ({"output_spaces": ("MNI152NLin2009aSym:res-2", "MNI152NLin2009aSym", "T1w")}, PHASE1 | PHASE2 | NERF | SPACES),
+        ({"output_spaces": ("MNI152NLin2009aSym",), "skip_phase2": True}, PHASE1 | SPACE_1MM),
     ],
 )
 def test_init_m2m_wf(tmp_path, options, stages):
@@ -68,10 +73,18 @@ def test_init_m2m_wf(tmp_path, options, stages):
         track = unit.get_node("nerf_wf.nerf_track").inputs
         assert track.tractogram_format == config.tractogram_format and track.random_seed == config.random_seed
         assert unit.get_node("nerf_wf.nerf_fit").n_procs == config.omp_nthreads
+    if "ds_wf.merge_spaces" in stages:
+        register = "ds_wf.register_MNI152NLin2009aSym"
+        assert {i for _, i in edges[("ds_wf.write_maps", register)]} == {"mask"}  # the written brain mask
+        for writer in {s for s in stages if "write_space" in s}:
+            assert edges[(register, writer)] == {("forward", "forward"), ("inverse", "inverse")}
+            assert ("ds_wf.write_nerf", writer) in edges or "nerf_wf.nerf_fit" not in stages
+        assert ("ds_wf.merge_spaces", "ds_wf.write_report") in edges
     report = unit.get_node("ds_wf.inputnode").inputs.boilerplate
     assert "Diffusion tensors were predicted" in report
     assert ("track-density" in report) == ("phase2_wf.phase2" in stages)
     assert ("neural field" in report) == ("nerf_wf.nerf_fit" in stages)
+    assert ("finite-strain rotation" in report) == ("ds_wf.merge_spaces" in stages)
 
 
 def test_sub_workflows_have_methods_text_and_io_nodes(tmp_path):
