@@ -156,6 +156,7 @@ def test_template_space_outputs_follow_the_written_transforms(app_run):
     fa_path = dwi / f"{space}_model-tensor_param-fa_dwimap.nii.gz"
     sidecar = json.loads(fa_path.with_name(fa_path.name.replace(".nii.gz", ".json")).read_text())
     assert sidecar["SpatialReference"] == TEMPLATE and sidecar["Transform"] == forward.name
+    assert sidecar["Weights"]["phase1"]["sha256"] and "predicted" in sidecar["Description"]
     t1w_fa = ants.image_read(str(dwi / "sub-02_ses-hfs_space-T1w_model-tensor_param-fa_dwimap.nii.gz"))
     by_ants = ants.apply_transforms(ants.image_read(str(fa_path)), t1w_fa, [str(forward)], interpolator="linear")
     assert pearson(by_ants.numpy()[mask], nib.load(fa_path).get_fdata()[mask]) >= 0.99
@@ -163,6 +164,9 @@ def test_template_space_outputs_follow_the_written_transforms(app_run):
     native = load_streamlines(dwi / "sub-02_ses-hfs_space-T1w_tract-wholebrain_track-nerf_tractogram.trx", native_fa)
     moved = load_streamlines(dwi / f"{space}_tract-wholebrain_track-nerf_tractogram.trx", str(fa_path))
     assert len(moved) == len(native) > 0
+    moved_sidecar = json.loads((dwi / f"{space}_tract-wholebrain_track-nerf_tractogram.json").read_text())
+    assert moved_sidecar["Count"] == len(moved) and moved_sidecar["SpatialReference"] == TEMPLATE
+    assert moved_sidecar["Transform"] == inverse.name and "SeedingMethod" in moved_sidecar
     picks = np.random.default_rng(0).choice(sum(map(len, native)), 300, replace=False)
     points = np.concatenate(native)[picks]
     lps = pd.DataFrame({"x": -points[:, 0], "y": -points[:, 1], "z": points[:, 2]})
@@ -263,7 +267,7 @@ def test_reports_load_in_a_real_browser(app_run):
                 assert len(images) >= 10 and any(s.endswith(".gif") for s in sources), sources
                 text = browser.find_element("tag name", "body").text
                 assert "streamlines" in text and "phase1" in text and "Methods" in text
-                sidecar = next((out / "sub-02" / "ses-hfs" / "dwi").glob("*_tractogram.json"))
+                sidecar = next((out / "sub-02" / "ses-hfs" / "dwi").glob("*_space-T1w_*_tractogram.json"))
                 assert f"{json.loads(sidecar.read_text())['Count']} (" in text
     finally:
         browser.quit()

@@ -122,7 +122,7 @@ def test_example_derivatives_describe_themselves(example_outputs):
     assert description["Authors"] == json.loads((example / "dataset_description.json").read_text())["Authors"]
     names = [g["Name"] for g in description["GeneratedBy"]]
     assert names[0] == "m2m" and "m2m phase1 translator weights" in names and "m2m phase2 translator weights" in names
-    sidecar = json.loads(next((out / "sub-MNI152" / "dwi").glob("*_param-fa_dwimap.json")).read_text())
+    sidecar = json.loads(next((out / "sub-MNI152" / "dwi").glob("*_space-T1w_*_param-fa_dwimap.json")).read_text())
     for phase in ("phase1", "phase2"):
         entry = description["GeneratedBy"][names.index(f"m2m {phase} translator weights")]
         assert sidecar["Weights"][phase]["sha256"] in entry["Description"]

@@ -14,6 +14,7 @@ brain (on the registration's 2 mm grid).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from m2m_app import __version__
 from m2m_app.data.templates import OutputSpace
+from m2m_app.io.derivatives import PREDICTED
 from m2m_app.io.files import save_bytes, save_json
 from m2m_app.io.naming import Subject, derivative_path, derivative_paths, sidecar_path
 from m2m_app.io.nifti import grid_header, load_image, load_t1w, save_nifti
@@ -60,9 +62,12 @@ def space_paths(output_dir: Path, subject: Subject, space: OutputSpace, tractogr
 
 
 def _sidecar(description: str, source: Path, output_dir: Path, space: OutputSpace, forward: Path, **extra) -> dict:
+    """The T1w-space ``source``'s sidecar (weights, units, BEP046 tracking keys…) with the template's keys."""
     template = space.template()
+    native = sidecar_path(Path(source))
     return {
-        "Description": description,
+        **(json.loads(native.read_text()) if native.exists() else {}),
+        "Description": f"{description}, in {space.label}; {PREDICTED}",
         "SpatialReference": space.name,
         "Template": template.source,
         "TemplateCitation": template.citation,
@@ -133,7 +138,7 @@ def write_template_space(
             write(
                 key,
                 scalars[key],
-                f"{key} of the T1w space, resampled trilinearly; predicted from the T1w",
+                f"{key} of the T1w space, resampled trilinearly",
                 written[key],
             )
     if "diffusivity" in written:
@@ -163,16 +168,14 @@ def write_template_space(
             paths["tractogram"],
             threads,
         )
-        save_json(
-            _sidecar(
-                "the T1w-space tractogram's points moved through the inverse transform",
-                written["tractogram"],
-                output_dir,
-                space,
-                transforms["inverse"],
-            ),
-            sidecar_path(out["tractogram"]),
+        moved = _sidecar(
+            "the T1w-space tractogram's points moved through the inverse transform",
+            written["tractogram"],
+            output_dir,
+            space,
+            transforms["inverse"],
         )
+        save_json(moved, sidecar_path(out["tractogram"]))
     t1w_img, t1w_data = load_t1w(t1w)
     # the T1w on the registration grid: the correlation and the reportlet
     warped_t1w = sample(t1w_data, t1w_img.affine, coarse_field.reshape(-1, 3), threads=threads).reshape(coarse.shape)
