@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from m2m_app.maths.tensor import components_to_matrix, eigen_decomposition, log_tensors, matrix_to_components
+from m2m_app.maths.tensor import (
+    components_to_matrix,
+    compose_tensors,
+    eigen_decomposition,
+    log_tensors,
+    matrix_to_components,
+)
 
 #: Diffusivity unit of the log-Euclidean targets, mm²/s (D / DIFFUSIVITY_SCALE is ~0.1–3).
 DIFFUSIVITY_SCALE = 1e-3
@@ -37,6 +43,12 @@ def log_to_tensor(log_components: np.ndarray) -> np.ndarray:
 
     The matrix exponential, with eigenvalues clamped to :data:`EIGENVALUE_RANGE`.
     """
-    evals, evecs = eigen_decomposition(components_to_matrix(log_components.astype(float)))
-    evals = np.exp(np.clip(evals, *LOG_EIGENVALUE_RANGE)) * DIFFUSIVITY_SCALE
-    return matrix_to_components(np.einsum("...ij,...j,...kj->...ik", evecs, evals, evecs)).astype(np.float32)
+    return eigen_to_tensor(*eigen_decomposition(components_to_matrix(log_components.astype(float))))
+
+
+def eigen_to_tensor(log_evals: np.ndarray, evecs: np.ndarray) -> np.ndarray:
+    """The tensors ``(..., 6)`` float32 in mm²/s of a log-tensor's eigenvalues ``(..., 3)`` and
+    eigenvectors (columns, ``(..., 3, 3)``; any order, the same for both), eigenvalues clamped to
+    :data:`EIGENVALUE_RANGE`: what :func:`log_to_tensor` gives once the log-tensor is decomposed."""
+    evals = np.exp(np.clip(log_evals, *LOG_EIGENVALUE_RANGE)) * DIFFUSIVITY_SCALE
+    return matrix_to_components(compose_tensors(evals, evecs)).astype(np.float32)

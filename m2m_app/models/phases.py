@@ -31,8 +31,8 @@ from scipy import ndimage
 from m2m_app.errors import BadDataError, UsageError
 from m2m_app.maths.grid import ConformedGrid, conform_t1w
 from m2m_app.maths.metrics import angular_error_deg
-from m2m_app.maths.tensor import components_to_matrix, matrix_to_components, scalar_maps
-from m2m_app.models.encoding import DIFFUSIVITY_SCALE, LOG_EIGENVALUE_RANGE, log_to_tensor
+from m2m_app.maths.tensor import components_to_matrix, compose_tensors, matrix_to_components, scalar_maps
+from m2m_app.models.encoding import LOG_EIGENVALUE_RANGE, eigen_to_tensor, log_to_tensor
 from m2m_app.models.losses import phase1_loss, phase2_loss
 
 #: MD is divided by this (mm²/s) to bring it to ~[0, 1] as a phase-2 input.
@@ -192,15 +192,12 @@ class Phase1Eigen:
 
     def log_components(self) -> np.ndarray:
         """The fused log-tensor components ``(N, 6)``."""
-        return matrix_to_components((self.evecs * self.log_evals[:, None, :]) @ np.swapaxes(self.evecs, -1, -2))
+        return matrix_to_components(compose_tensors(self.log_evals, self.evecs))
 
     def tensor(self) -> np.ndarray:
         """The fused tensor ``(N, 6)`` float32 in mm²/s, as :func:`~m2m_app.models.encoding.log_to_tensor`
         decodes the fused log-tensor (eigenvalues clamped to its range)."""
-        evals = np.exp(np.clip(self.log_evals, *LOG_EIGENVALUE_RANGE)) * DIFFUSIVITY_SCALE
-        return matrix_to_components((self.evecs * evals[:, None, :]) @ np.swapaxes(self.evecs, -1, -2)).astype(
-            np.float32
-        )
+        return eigen_to_tensor(self.log_evals, self.evecs)
 
     def fa_sd(self) -> np.ndarray:
         """:func:`spread_sd` of the passes' FA ``(N,)``."""
