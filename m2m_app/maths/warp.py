@@ -12,16 +12,15 @@ the anatomy but keeps its eigenvalues (its FA and MD).
 from __future__ import annotations
 
 import numpy as np
+from nibabel.affines import apply_affine
 from scipy import ndimage
 
 from m2m_app.maths.grid import in_threads
-from m2m_app.maths.tensor import rotate_tensors
 
 
-def world_to_voxel(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Voxel coordinates ``(N, 3)`` of world points ``(N, 3)`` (mm) on a grid with voxel → mm ``affine``."""
-    inverse = np.linalg.inv(affine)
-    return np.asarray(points, dtype=np.float64) @ inverse[:3, :3].T + inverse[:3, 3]
+def grid_points(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """World coordinates ``(X*Y*Z, 3)`` (mm) of every voxel of the grid (``shape``, voxel → mm ``affine``), C order."""
+    return apply_affine(affine, np.indices(tuple(shape[:3])).reshape(3, -1).T)
 
 
 def sample(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, order: int = 1, threads: int = 1) -> np.ndarray:
@@ -29,7 +28,7 @@ def sample(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, order: in
 
     ``order`` 1 is trilinear, 0 nearest neighbour; the points are split over ``threads`` threads.
     """
-    coords = world_to_voxel(points, affine).T
+    coords = apply_affine(np.linalg.inv(affine), points).T
     channels: np.ndarray = np.asarray(volume, dtype=np.float32).reshape(volume.shape[:3] + (-1,))
     planes = [np.ascontiguousarray(channels[..., c]) for c in range(channels.shape[3])]
     out: np.ndarray = np.empty((coords.shape[1], len(planes)), dtype=np.float32)
@@ -73,12 +72,12 @@ def finite_strain_rotation(jacobian: np.ndarray) -> np.ndarray:
     return w @ vt
 
 
-def warp_tensors(matrix: np.ndarray, fixed_to_moving_jacobian: np.ndarray) -> np.ndarray:
-    """Moving-space tensors ``(N, 3, 3)`` seen in the fixed space, given the Jacobian ``∂φ/∂y``
-    ``(N, 3, 3)`` of the fixed → moving coordinate field at the same voxels.
+def moving_to_fixed_rotation(fixed_to_moving_jacobian: np.ndarray) -> np.ndarray:
+    """The rotation ``(N, 3, 3)`` that turns moving-space vectors and tensors into the fixed space
+    (``v' = R v``, ``D' = R D Rᵀ``: :func:`~m2m_app.maths.tensor.rotate_tensors`), from the Jacobian
+    ``∂φ/∂y`` ``(N, 3, 3)`` of the fixed → moving coordinate field.
 
-    The moving → fixed map's Jacobian is its inverse, whose finite-strain rotation is the
-    transpose of the field's: ``D' = Rᵀ D R`` with ``R`` = :func:`finite_strain_rotation` of ``∂φ/∂y``.
+    The moving → fixed map's Jacobian is the inverse of ``∂φ/∂y``, and its finite-strain rotation
+    is the transpose of :func:`finite_strain_rotation` of ``∂φ/∂y``.
     """
-    rotation = finite_strain_rotation(fixed_to_moving_jacobian)
-    return rotate_tensors(matrix, np.swapaxes(rotation, -1, -2))
+    return np.swapaxes(finite_strain_rotation(fixed_to_moving_jacobian), -1, -2)

@@ -25,6 +25,7 @@ from m2m_app.data.templates import Template
 from m2m_app.errors import BadDataError
 from m2m_app.io.nifti import ants_image, load_image
 from m2m_app.maths.grid import isotropic_grid, normalise_intensity, resample_scalar
+from m2m_app.maths.warp import grid_points
 
 LOGGER = logging.getLogger(__name__)
 
@@ -162,8 +163,7 @@ def coordinate_field(
     grown = moving_affine.copy()
     grown[:3, 3] = moving_affine[:3, :3] @ (-margin) + moving_affine[:3, 3]
     shape, affine = isotropic_grid(tuple(int(np.ceil(n)) for n in padded), grown, REGISTRATION_MM)
-    ijk = np.indices(shape, dtype=np.float64).reshape(3, -1)
-    world = (affine[:3, :3] @ ijk + affine[:3, 3:]).reshape((3, *shape)).astype(np.float32)
+    world = grid_points(shape, affine).T.reshape((3, *shape)).astype(np.float32)
     ants, previous = _seeded_ants(0, threads)
     try:
         reference = ants_image(np.zeros(fixed_shape, np.float32), fixed_affine)

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from nibabel.affines import apply_affine
 
 from m2m_app import __version__
 from m2m_app.data.templates import OutputSpace
@@ -30,7 +31,7 @@ from m2m_app.io.tractogram import load_streamlines, save_tractogram
 from m2m_app.maths.grid import in_threads, isotropic_grid
 from m2m_app.maths.metrics import dice, pearson
 from m2m_app.maths.tensor import components_to_matrix, eigen_decomposition, matrix_to_components, rotate_tensors
-from m2m_app.maths.warp import field_jacobian, finite_strain_rotation, sample, world_to_voxel
+from m2m_app.maths.warp import field_jacobian, grid_points, moving_to_fixed_rotation, sample
 from m2m_app.registration.normalize import REGISTRATION_MM, coordinate_field, load_template
 
 LOGGER = logging.getLogger(__name__)
@@ -144,9 +145,8 @@ def write_template_space(
     if "diffusivity" in written:
         img, data = load_image(written["diffusivity"])
         components = sample(data, img.affine, points, threads=threads) / weight[inside][:, None]
-        tensors, v1 = _reoriented(
-            components, _rotations(coarse_field, coarse.affine, points_in(template, inside)), threads
-        )
+        rotations = _rotations(coarse_field, coarse.affine, apply_affine(template.affine, np.argwhere(inside)))
+        tensors, v1 = _reoriented(components, rotations, threads)
         reorientation = {"TensorReorientation": "finite strain (Alexander et al. 2001), from the warp's local Jacobian"}
         description = (
             "diffusion tensor D11 D12 D13 D22 D23 D33 in the template's RAS+ frame: components interpolated "
@@ -190,38 +190,27 @@ def write_template_space(
     return out, qc
 
 
-def grid_points(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
-    """World coordinates ``(X*Y*Z, 3)`` (mm) of every voxel of a grid, in C order."""
-    ijk = np.indices(shape, dtype=np.float64).reshape(3, -1)
-    return (affine[:3, :3] @ ijk + affine[:3, 3:]).T
-
-
-def points_in(template, inside: np.ndarray) -> np.ndarray:
-    """World coordinates ``(N, 3)`` of the ``inside`` voxels of a template grid."""
-    return np.argwhere(inside) @ template.affine[:3, :3].T + template.affine[:3, 3]
-
-
 def _rotations(coarse_field: np.ndarray, coarse_affine: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """The finite-strain rotation ``(N, 3, 3)`` (template → T1w frame) at template points ``(N, 3)``:
+    """The finite-strain rotation ``(N, 3, 3)`` from the T1w frame into the template's at template points ``(N, 3)``:
     the Jacobian of the forward field at the nearest node of the registration grid (central
     differences over 2 nodes; the SyN warp is smooth over several nodes), one SVD per node used."""
     shape = coarse_field.shape[:3]
-    nodes = np.clip(np.rint(world_to_voxel(points, coarse_affine)).astype(int), 0, np.array(shape) - 1)
+    nodes = np.clip(np.rint(apply_affine(np.linalg.inv(coarse_affine), points)).astype(int), 0, np.array(shape) - 1)
     unique, which = np.unique(np.ravel_multi_index(tuple(nodes.T), shape), return_inverse=True)
     used = np.stack(np.unravel_index(unique, shape), axis=1)
-    rotation = finite_strain_rotation(field_jacobian(coarse_field, coarse_affine, used))
+    rotation = moving_to_fixed_rotation(field_jacobian(coarse_field, coarse_affine, used))
     return rotation[which.ravel()]
 
 
 def _reoriented(components: np.ndarray, rotations: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """T1w-frame tensors ``(N, 6)`` seen in the template frame, ``D' = Rᵀ D R`` with the rotations
+    """T1w-frame tensors ``(N, 6)`` seen in the template frame, ``D' = R D Rᵀ`` with the rotations
     ``(N, 3, 3)`` of :func:`_rotations`: the new components ``(N, 6)`` and principal eigenvectors
     ``(N, 3)``, float32, in ``threads`` threads."""
     tensors = np.empty(components.shape, dtype=np.float32)
     v1 = np.empty((len(components), 3), dtype=np.float32)
 
     def reorient(rows: slice) -> None:
-        matrices = rotate_tensors(components_to_matrix(components[rows]), np.swapaxes(rotations[rows], -1, -2))
+        matrices = rotate_tensors(components_to_matrix(components[rows]), rotations[rows])
         tensors[rows] = matrix_to_components(matrices)
         v1[rows] = eigen_decomposition(matrices)[1][..., :, 0]
 
