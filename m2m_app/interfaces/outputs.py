@@ -36,7 +36,9 @@ MAP_KEYS = (
 )
 
 
-class _SubjectInputSpec(BaseInterfaceInputSpec):
+class SubjectInputSpec(BaseInterfaceInputSpec):
+    """The inputs naming one unit's output folder, its T1w, the weights and the stage times."""
+
     output_dir = Directory(mandatory=True)
     participant = Str(mandatory=True)
     session = Str("", usedefault=True)
@@ -54,11 +56,12 @@ class OutputGridInputSpec(BaseInterfaceInputSpec):
     )
 
 
-class _OutputGridInputSpec(_SubjectInputSpec, OutputGridInputSpec):
+class _OutputGridInputSpec(SubjectInputSpec, OutputGridInputSpec):
     pass
 
 
-def _subject(inputs):
+def unit_of(inputs):
+    """The :class:`~m2m_app.io.naming.Subject` of a :class:`SubjectInputSpec`'s inputs."""
     from m2m_app.io.naming import Subject
 
     return Subject(inputs.participant, inputs.session or None)
@@ -108,7 +111,7 @@ class WriteMaps(SimpleInterface):
         maps = {key: getattr(self.inputs, key) for key in MAP_KEYS if isdefined(getattr(self.inputs, key))}
         written = write_maps(
             Path(self.inputs.output_dir),
-            _subject(self.inputs),
+            unit_of(self.inputs),
             self.inputs.t1w,
             maps,
             self.inputs.weights_dir,
@@ -121,7 +124,7 @@ class WriteMaps(SimpleInterface):
         return runtime
 
 
-class _WriteNerfInputSpec(_SubjectInputSpec):
+class _WriteNerfInputSpec(SubjectInputSpec):
     tractogram = File(exists=True, mandatory=True)
     tracking = traits.Dict(mandatory=True, desc="BEP046 sidecar of the tractogram")
     field = File(exists=True, mandatory=True)
@@ -141,7 +144,7 @@ class WriteNerf(SimpleInterface):
         figures = {Path(v).stem: v for v in self.inputs.views} | {"turntable": self.inputs.turntable}
         written = write_nerf(
             Path(self.inputs.output_dir),
-            _subject(self.inputs),
+            unit_of(self.inputs),
             self.inputs.t1w,
             self.inputs.tractogram,
             self.inputs.tracking,
@@ -186,7 +189,7 @@ class WriteReport(SimpleInterface):
         from m2m_app.maths.grid import ConformedGrid, resample_scalar
         from m2m_app.reports.subject import report_summary, write_report
 
-        inputs, subject = self.inputs, _subject(self.inputs)
+        inputs, subject = self.inputs, unit_of(self.inputs)
         written = {k: Path(v) for k, v in {**inputs.maps, **(inputs.nerf if isdefined(inputs.nerf) else {})}.items()}
         field_report = inputs.field_report if isdefined(inputs.field_report) else {}
         qc = subject_qc(subject, written, field_report)

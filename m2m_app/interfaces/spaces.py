@@ -6,7 +6,7 @@ from pathlib import Path
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, Str, TraitedSpec, isdefined, traits
 
-from m2m_app.interfaces.outputs import _subject, _SubjectInputSpec
+from m2m_app.interfaces.outputs import SubjectInputSpec, unit_of
 
 
 class _RegisterInputSpec(BaseInterfaceInputSpec):
@@ -29,7 +29,7 @@ class RegisterToTemplate(SimpleInterface):
     output_spec = _RegisterOutputSpec
 
     def _run_interface(self, runtime):
-        from m2m_app.data.templates import OutputSpace
+        from m2m_app.data.templates import TEMPLATES
         from m2m_app.io.nifti import load_image, load_t1w
         from m2m_app.maths.grid import resample_scalar
         from m2m_app.registration.normalize import register_to_template
@@ -43,7 +43,7 @@ class RegisterToTemplate(SimpleInterface):
             data,
             img.affine,
             brain,
-            OutputSpace(self.inputs.template).template(),
+            TEMPLATES[self.inputs.template](),
             forward,
             inverse,
             self.inputs.random_seed,
@@ -53,7 +53,7 @@ class RegisterToTemplate(SimpleInterface):
         return runtime
 
 
-class _WriteSpaceInputSpec(_SubjectInputSpec):
+class _WriteSpaceInputSpec(SubjectInputSpec):
     space = Str(mandatory=True, desc="output space label, e.g. MNI152NLin2009aSym:res-2")
     maps = traits.Dict(Str, Str, mandatory=True, desc="T1w-space derivatives by key, from WriteMaps")
     nerf = traits.Dict(Str, Str, desc="from WriteNerf (the tractogram; absent when phase 3 is skipped)")
@@ -80,7 +80,7 @@ class WriteTemplateSpace(SimpleInterface):
         from m2m_app.io.files import atomic_write
         from m2m_app.registration.template_space import transform_paths, write_template_space
 
-        inputs, subject = self.inputs, _subject(self.inputs)
+        inputs, subject = self.inputs, unit_of(self.inputs)
         (space,) = parse_output_spaces([inputs.space])
         output_dir = Path(inputs.output_dir)
         transforms = transform_paths(output_dir, subject, space.name)

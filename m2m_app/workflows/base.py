@@ -21,13 +21,13 @@ from m2m_app.io.naming import Subject
 from m2m_app.io.timings import timings_path
 from m2m_app.workflows.config import RunConfig
 from m2m_app.workflows.nerf import NERF_OUTPUTS, init_nerf_wf
-from m2m_app.workflows.outputs import PHASE2_INPUTS, init_ds_wf
+from m2m_app.workflows.outputs import PHASE2_INPUTS, init_ds_wf, node_name
 from m2m_app.workflows.translators import TENSOR_MAPS, init_phase1_wf, init_phase2_wf
 
 
 def node_prefix(subject: Subject) -> str:
     """A Nipype-safe workflow name for a unit (``sub_01_ses_a_wf``)."""
-    return "".join(c if c.isalnum() else "_" for c in subject.label) + "_wf"
+    return node_name(subject.label) + "_wf"
 
 
 def init_single_subject_wf(

@@ -166,7 +166,8 @@ def init_ds_wf(
     return workflow
 
 
-def _node_name(text: str) -> str:
+def node_name(text: str) -> str:
+    """``text`` as a Nipype node or workflow name: every character but letters and digits becomes ``_``."""
     return "".join(c if c.isalnum() else "_" for c in text)
 
 
@@ -181,7 +182,7 @@ def _connect_template_spaces(
     for name in dict.fromkeys(space.name for space in spaces):
         registrations[name] = pe.Node(
             RegisterToTemplate(template=name, random_seed=config.random_seed, num_threads=config.omp_nthreads),
-            name=f"register_{_node_name(name)}",
+            name=f"register_{node_name(name)}",
             n_procs=config.omp_nthreads,
             mem_gb=2,
         )
@@ -199,7 +200,7 @@ def _connect_template_spaces(
                 num_threads=config.omp_nthreads,
                 **where,
             ),
-            name=f"write_space_{_node_name(space.label)}",
+            name=f"write_space_{node_name(space.label)}",
             n_procs=config.omp_nthreads,
             mem_gb=3,
         )
