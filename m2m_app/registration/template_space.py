@@ -99,7 +99,8 @@ def write_template_space(
     """
     output_dir = Path(output_dir)
     template = load_template(space.template(), space.resolution)
-    coarse = load_template(space.template(), REGISTRATION_MM)
+    on_registration_grid = space.resolution == REGISTRATION_MM  # then the same grid (``template_grid``)
+    coarse = template if on_registration_grid else load_template(space.template(), REGISTRATION_MM)
     paths = space_paths(output_dir, subject, space, tractogram_format)
     mask_img, mask = load_image(written["mask"])
     # The forward field on the registration's grid, where the SyN warp lives: its trilinear
@@ -109,7 +110,7 @@ def write_template_space(
     )
     field = (
         coarse_field
-        if template.shape == coarse.shape and np.allclose(template.affine, coarse.affine)
+        if on_registration_grid
         else sample(coarse_field, coarse.affine, grid_points(template.shape, template.affine), threads=threads)
     ).reshape(template.shape + (3,))
     weight = sample(mask > 0, mask_img.affine, field.reshape(-1, 3), threads=threads).reshape(template.shape)
