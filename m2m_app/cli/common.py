@@ -76,7 +76,7 @@ def exits_cleanly(func):
 
 
 #: Options that take a space-separated list, as the BIDS-Apps spec writes them.
-LIST_OPTIONS = ("--participant-label", "--participant_label", "--session-label", "--output-spaces")
+LIST_OPTIONS = ("--participant-label", "--participant_label", "--session-label", "--output-spaces", "--atlases")
 
 
 def expand_list_options(argv: list[str]) -> list[str]:

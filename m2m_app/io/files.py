@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -81,17 +82,25 @@ def save_tsv(rows: list[dict], path: str | os.PathLike, columns: list[str] | Non
     """Write dict rows as a tab-separated table atomically.
 
     ``columns`` defaults to the union of the rows' keys in first-seen order; absent values
-    read ``missing`` (BIDS uses ``n/a``).
+    read ``missing`` (BIDS uses ``n/a``), and so do NaN values.
     """
     columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    nan = lambda v: isinstance(v, float) and math.isnan(v)  # noqa: E731
+    cleaned = [{key: missing if nan(v) else v for key, v in row.items()} for row in rows]
 
     def writer(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
             table = csv.DictWriter(handle, columns, delimiter="\t", restval=missing, extrasaction="ignore")
             table.writeheader()
-            table.writerows(rows)
+            table.writerows(cleaned)
 
     return atomic_write(path, writer)
+
+
+def read_tsv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a tab-separated table with a header, as dicts of strings."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -19,11 +19,13 @@ ENTITY_ORDER = (
     "to",
     "mode",
     "space",
+    "seg",
     "res",
     "tract",
     "track",
     "model",
     "param",
+    "stat",
     "label",
     "desc",
 )

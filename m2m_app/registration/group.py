@@ -9,6 +9,10 @@ unit's template-space maps found under ``OUTPUT_DIR/sub-*/``:
 - ``group_space-<T>[_res-N]_tissue.tsv``: one row per participant/session, the mean FA, MD, AD and
   RD in the template's white matter and in its grey matter (probability > :data:`TISSUE_PROBABILITY`,
   inside the unit's mask), with the voxel counts: ready for a statistics package.
+
+And for each atlas of ``--atlases``, with every unit's region table found:
+``group_space-T1w_seg-<atlas>_model-tensor_dwimap.tsv``, the units' region tables one below the
+other (long format: ``participant_id``, ``session_id``, then the region table's columns).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from m2m_app.data.templates import OutputSpace
-from m2m_app.io.files import save_tsv
+from m2m_app.io.files import read_tsv, save_tsv
 from m2m_app.io.naming import Subject, derivative_paths
 from m2m_app.io.nifti import load_image, save_nifti
 from m2m_app.registration.normalize import load_template
@@ -100,3 +104,27 @@ def write_group_template_outputs(output_dir: Path) -> list[GroupSpace]:
         group.table = save_tsv(rows, output_dir / f"{prefix}_tissue.tsv")
         written.append(group)
     return written
+
+
+_REGIONS_NAME = re.compile(
+    r"^(?P<unit>sub-[^_]+(?:_ses-[^_]+)?)_space-T1w_seg-(?P<atlas>[A-Za-z0-9]+)_model-tensor_dwimap\.tsv$"
+)
+
+
+def write_group_regions(output_dir: Path) -> list[Path]:
+    """Write one long table of region statistics per atlas (see the module text); return their paths."""
+    output_dir = Path(output_dir)
+    rows: dict[str, list[dict]] = {}
+    for path in sorted(output_dir.glob("sub-*/**/dwi/*_space-T1w_seg-*_model-tensor_dwimap.tsv")):
+        match = _REGIONS_NAME.match(path.name)
+        if match:
+            unit = Subject.from_label(match["unit"])
+            ids = {
+                "participant_id": f"sub-{unit.participant}",
+                "session_id": f"ses-{unit.session}" if unit.session else "n/a",
+            }
+            rows.setdefault(match["atlas"], []).extend(ids | row for row in read_tsv(path))
+    return [
+        save_tsv(table, output_dir / f"group_space-T1w_seg-{atlas}_model-tensor_dwimap.tsv")
+        for atlas, table in rows.items()
+    ]

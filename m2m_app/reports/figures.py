@@ -176,3 +176,20 @@ def streamline_figure(
         atomic_write(out_path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110, facecolor="black"))
     plt.close(fig)
     return out_path
+
+
+def connectome_figure(counts: np.ndarray, names: list[str], title: str = "") -> bytes:
+    """The streamline-count matrix ``(R, R)`` as an SVG heat map (log10(1 + count)), nodes named
+    along both axes in the matrix's order (``names``, ``R`` of them)."""
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    shown = ax.imshow(np.log10(1.0 + np.asarray(counts, dtype=float)), cmap="viridis", interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="log10(1 + streamlines)")
+    ax.set_xticks(range(n), names, rotation=90, fontsize=3.5)
+    ax.set_yticks(range(n), names, fontsize=3.5)
+    if title:
+        ax.set_title(title, fontsize=10)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -103,13 +103,14 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_group_outputs(output_dir: Path, spaces: list[dict] | None = None) -> Path:
+def write_group_outputs(output_dir: Path, spaces: list[dict] | None = None, regions: list[Path] | None = None) -> Path:
     """Gather every ``*_desc-m2m_qc.json`` into ``group_qc.tsv``, ``figures/group_qc.svg`` and ``group.html``.
 
     The page has the table (one row per unit, outlying numbers highlighted, a link to each
     unit's report) and the strip plot of the numeric QC columns; then, for each template space
     in ``spaces`` (``space`` label, ``maps`` with the ``mean`` and ``sd`` FA paths, ``table`` TSV
-    and its ``rows``), the group FA maps and the tissue table. Returns the TSV.
+    and its ``rows``), the group FA maps and the tissue table; last, links to the group region
+    tables (``regions``). Returns the TSV.
     """
     output_dir = Path(output_dir)
     rows = [json.loads(p.read_text()) for p in sorted(output_dir.glob("sub-*/**/*_desc-m2m_qc.json"))]
@@ -148,5 +149,10 @@ def write_group_outputs(output_dir: Path, spaces: list[dict] | None = None) -> P
         + cells
         + f"</table>{figure}{''.join(_space_section(space, output_dir) for space in spaces or [])}</body></html>"
     )
+    if regions:
+        links = "".join(f'<li><a href="{html.escape(p.name)}">{html.escape(p.name)}</a></li>' for p in regions)
+        page = page.replace(
+            "</body>", f"<h2>Regions</h2><p>Region statistics of every unit, per atlas:</p><ul>{links}</ul></body>"
+        )
     atomic_write(output_dir / "group.html", lambda tmp: Path(tmp).write_text(page))
     return tsv

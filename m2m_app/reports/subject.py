@@ -36,6 +36,7 @@ SECTIONS: dict[str, str] = {
     "maps": "Maps",
     "tracts": "Tracts",
     "spaces": "Template space",
+    "regions": "Regions",
     "uncertainty": "Uncertainty",
     "methods": "Methods",
     "errors": "Errors",
@@ -211,6 +212,30 @@ def _spaces_section(spaces: list[dict], output_dir: Path) -> str:
     return "".join(parts)
 
 
+def _regions_section(regions: list[dict], output_dir: Path) -> str:
+    """Per atlas: how many regions the parcellation found, how many streamlines reached two
+    regions, the count matrix, and links to the tables."""
+    if not regions:
+        return '<p class="note">No parcellation was asked for (<code>--atlases</code>).</p>'
+    parts = []
+    for entry in regions:
+        summary, written = entry["summary"], {key: Path(path) for key, path in entry["written"].items()}
+        rows = {"regions found (of the atlas's)": f"{summary['regions_found']} of {summary['regions']}"}
+        if "streamlines" in summary:
+            share = summary["assigned"] / max(summary["streamlines"], 1)
+            rows["streamlines with both ends assigned"] = (
+                f"{summary['assigned']} of {summary['streamlines']} ({100 * share:.0f} %)"
+            )
+        links = " · ".join(
+            f'<a href="{_relative(written[key], output_dir)}">{html.escape(written[key].name)}</a>'
+            for key in ("regions", "count", "mean_fa", "dseg")
+            if key in written
+        )
+        figure = _image(written["figure"], output_dir, "connectome") if "figure" in written else ""
+        parts.append(f"<h3>{html.escape(entry['atlas'])}</h3>{_table(rows)}<p>{links}</p>{figure}")
+    return "".join(parts)
+
+
 def _errors_section(output_dir: Path, subject: Subject, errors: list[str]) -> str:
     log_dir = subject.folder(output_dir, "log")
     crashes = sorted(log_dir.glob("crash-*.txt")) if log_dir.is_dir() else []
@@ -260,6 +285,7 @@ def write_report(
     command_line: str = "",
     weights_dir: str | None = None,
     spaces: list[dict] | None = None,
+    regions: list[dict] | None = None,
 ) -> Path:
     """Write ``sub-<label>[_ses-<label>].html``; with ``written=None`` (a failed run) it shows no figures.
 
@@ -267,7 +293,8 @@ def write_report(
     ({stage: seconds}) become a table of wall times with their total; ``errors`` are shown
     above the crash files found in ``sub-X/log/``; ``command_line`` and ``weights_dir`` go
     into the About section; ``spaces`` (from the template-space writer: space label, written
-    paths, registration QC) fill the Template space section. The methods' references are
+    paths, registration QC) fill the Template space section, ``regions`` (from the parcellation
+    writer: atlas, written paths, summary) the Regions section. The methods' references are
     written to ``logs/CITATION.bib``.
     """
     output_dir = Path(output_dir)
@@ -292,6 +319,7 @@ def write_report(
         "maps": _maps_section(figures, output_dir) if figures else failed,
         "tracts": _tracts_section(figures, written or {}, output_dir) if figures else failed,
         "spaces": _spaces_section(spaces or [], output_dir),
+        "regions": _regions_section(regions or [], output_dir),
         "uncertainty": _uncertainty_section(figures, output_dir) if figures else failed,
         "methods": methods,
         "errors": _errors_section(output_dir, subject, errors),

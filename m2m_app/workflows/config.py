@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from m2m_app.data.atlases import ATLASES
 from m2m_app.data.templates import OutputSpace, parse_output_spaces
 from m2m_app.io.naming import Subject
 
@@ -32,6 +33,7 @@ class RunConfig:
     whole run, threads per task), ``mem_mb`` megabytes or None (no limit);
     ``output_resolution`` is the outputs' isotropic voxel size in mm, or None for the T1w's own grid;
     ``output_spaces`` the ``--output-spaces`` entries (checked labels, e.g. ``MNI152NLin2009aSym:res-2``);
+    ``atlases`` the ``--atlases`` names (checked, e.g. ``DesikanKilliany``);
     ``stop_dispersion_deg`` the V1 dispersion (degrees) above which streamlines stop, or None (off).
     """
 
@@ -55,6 +57,7 @@ class RunConfig:
     skip_nerf: bool = False
     output_resolution: float | None = None
     output_spaces: tuple[str, ...] = ("T1w",)
+    atlases: tuple[str, ...] = ()
     stop_dispersion_deg: float | None = None
     command_line: str = ""
     run_id: str = field(default_factory=new_run_id)
@@ -68,6 +71,12 @@ class RunConfig:
     def template_spaces(self) -> tuple[OutputSpace, ...]:
         """The template spaces asked for (the T1w-space outputs are always written: the others come from them)."""
         return tuple(space for space in parse_output_spaces(self.output_spaces) if space.is_template)
+
+    @property
+    def registered_templates(self) -> tuple[str, ...]:
+        """The templates the T1w is registered to: those of the template spaces and of the atlases."""
+        names = [space.name for space in self.template_spaces] + [ATLASES[name]().template for name in self.atlases]
+        return tuple(dict.fromkeys(names))
 
     @property
     def runs_nerf(self) -> bool:

@@ -15,7 +15,7 @@ from niworkflows.engine.workflows import LiterateWorkflow
 
 from m2m_app.data.weights import fa_detail_values
 from m2m_app.interfaces.outputs import WriteMaps, WriteNerf, WriteReport
-from m2m_app.interfaces.spaces import RegisterToTemplate, WriteTemplateSpace
+from m2m_app.interfaces.spaces import RegisterToTemplate, WriteRegions, WriteTemplateSpace
 from m2m_app.io.naming import Subject
 from m2m_app.maths.detail import fa_detail_from
 from m2m_app.workflows.config import RunConfig
@@ -54,21 +54,38 @@ def detail_desc(weights_dir: str | None) -> str:
 
 
 def spaces_desc(config: RunConfig) -> str:
-    """The methods text's sentences on the template spaces ("" when only T1w was asked for)."""
-    if not config.template_spaces:
+    """The methods text's sentences on the template registration, the template spaces and the
+    parcellations ("" when only T1w was asked for)."""
+    if not config.registered_templates:
         return ""
+    from m2m_app.data.atlases import ATLASES
+    from m2m_app.data.templates import TEMPLATES
+    from m2m_app.maths.regions import RADIAL_SEARCH_MM
     from m2m_app.registration.normalize import REGISTRATION_MM
 
-    names = ", ".join(dict.fromkeys(space.label for space in config.template_spaces))
-    sources = "; ".join(dict.fromkeys(space.template().source for space in config.template_spaces))
-    return (
+    names = ", ".join(config.registered_templates)
+    sources = "; ".join(TEMPLATES[name]().source for name in config.registered_templates)
+    text = (
         f"The T1w, brain-extracted with the predicted mask, was registered to {names} ({sources}) with ANTs "
         f"(antspyx; rigid, affine and SyN stages, Mattes mutual information, on {REGISTRATION_MM:g} mm grids, seeded). "
-        "In each template space, FA, MD, AD, RD and the uncertainty maps were resampled trilinearly through the "
-        "composite transform, the tensor's components likewise and then reoriented by the finite-strain rotation "
-        "of the warp's local Jacobian (Alexander et al. 2001), V1 and colour FA taken from the reoriented tensor, "
-        "and the streamlines' points moved through the inverse transform. "
     )
+    if config.template_spaces:
+        text += (
+            "In each template space, FA, MD, AD, RD and the uncertainty maps were resampled trilinearly through the "
+            "composite transform, the tensor's components likewise and then reoriented by the finite-strain rotation "
+            "of the warp's local Jacobian (Alexander et al. 2001), V1 and colour FA taken from the reoriented tensor, "
+            "and the streamlines' points moved through the inverse transform. "
+        )
+    for name in config.atlases:
+        atlas = ATLASES[name]()
+        text += (
+            f"The {atlas.source} ({atlas.citation}) was brought onto the maps' T1w grid through the inverse "
+            "transform (nearest neighbour, inside the brain mask); per region, the volume and the mean and median "
+            "FA, MD, AD and RD were tabulated, and each streamline's end points were assigned to the nearest "
+            f"labelled voxel within {RADIAL_SEARCH_MM:g} mm (MRtrix3 tck2connectome's default radial search) to "
+            "build symmetric connectomes of streamline count and of mean FA along the streamlines. "
+        )
+    return text
 
 
 def init_ds_wf(
@@ -141,7 +158,7 @@ def init_ds_wf(
         ]
     )
     write_nerf = pe.Node(WriteNerf(**where), name="write_nerf", mem_gb=1) if config.runs_nerf else None
-    if config.template_spaces:
+    if config.registered_templates:
         _connect_template_spaces(workflow, config, where, inputnode, write_maps, write_nerf, report)
     if write_nerf is not None:
         workflow.connect(
@@ -175,11 +192,10 @@ def _connect_template_spaces(
     workflow, config: RunConfig, where: dict, inputnode, write_maps, write_nerf, report
 ) -> None:
     """One registration per template (on the T1w and the written brain mask), one writer per
-    output space (template and resolution), all before the report."""
+    output space (template and resolution) and one per atlas, all before the report."""
     spaces = config.template_spaces
-    merge = pe.Node(niu.Merge(len(spaces)), name="merge_spaces")
     registrations = {}
-    for name in dict.fromkeys(space.name for space in spaces):
+    for name in config.registered_templates:
         registrations[name] = pe.Node(
             RegisterToTemplate(template=name, random_seed=config.random_seed, num_threads=config.omp_nthreads),
             name=f"register_{node_name(name)}",
@@ -192,6 +208,11 @@ def _connect_template_spaces(
                 (write_maps, registrations[name], [(("written", _mask), "mask")]),
             ]
         )
+    if config.atlases:
+        _connect_atlases(workflow, config, where, inputnode, write_maps, write_nerf, report, registrations)
+    if not spaces:
+        return
+    merge = pe.Node(niu.Merge(len(spaces)), name="merge_spaces")
     for index, space in enumerate(spaces, start=1):
         writer = pe.Node(
             WriteTemplateSpace(
@@ -215,6 +236,34 @@ def _connect_template_spaces(
         if write_nerf is not None:
             workflow.connect(write_nerf, "written", writer, "nerf")
     workflow.connect(merge, "out", report, "spaces")
+
+
+def _connect_atlases(
+    workflow, config: RunConfig, where: dict, inputnode, write_maps, write_nerf, report, registrations
+) -> None:
+    """One parcellation writer per atlas (its template's registration, the maps, the tractogram), before the report."""
+    from m2m_app.data.atlases import ATLASES
+
+    merge = pe.Node(niu.Merge(len(config.atlases)), name="merge_regions")
+    for index, name in enumerate(config.atlases, start=1):
+        registration = registrations[ATLASES[name]().template]
+        writer = pe.Node(
+            WriteRegions(atlas=name, num_threads=config.omp_nthreads, **where),
+            name=f"write_regions_{node_name(name)}",
+            n_procs=config.omp_nthreads,
+            mem_gb=3,
+        )
+        workflow.connect(
+            [
+                (inputnode, writer, [("t1w", "t1w")]),
+                (write_maps, writer, [("written", "maps")]),
+                (registration, writer, [("forward", "forward"), ("inverse", "inverse")]),
+                (writer, merge, [("regions", f"in{index}")]),
+            ]
+        )
+        if write_nerf is not None:
+            workflow.connect(write_nerf, "written", writer, "nerf")
+    workflow.connect(merge, "out", report, "regions")
 
 
 def _mask(written: dict) -> str:
