@@ -52,6 +52,8 @@ def app_run(tmp_path_factory):
         "--output-spaces",
         f"{TEMPLATE}:res-2",
         "T1w",
+        "--atlases",
+        "DesikanKilliany",
     )
     return bids, out, work, result
 
@@ -180,6 +182,28 @@ def test_template_space_outputs_follow_the_written_transforms(app_run):
 
 @pytest.mark.slow
 @requires_ds_real
+def test_regions_and_connectome_agree_with_mrtrix3(app_run, tmp_path):
+    """The parcellation, region table and connectome of a real T1w: MRtrix3's tck2connectome on
+    m2m's own tractogram and dseg gives the same count matrix (r ≥ 0.95 over the upper triangle)."""
+    from m2m_app.io.files import read_tsv
+    from tests.test_regions import mrtrix_count_correlation
+
+    _, out, _, _ = app_run
+    unit = out / "sub-02/ses-hfs"
+    r, ours, theirs = mrtrix_count_correlation(unit, tmp=tmp_path)
+    assert r >= 0.95 and ours.sum() > 100, (r, ours.sum(), theirs.sum())
+    table = read_tsv(unit / "dwi/sub-02_ses-hfs_space-T1w_seg-DesikanKilliany_model-tensor_dwimap.tsv")
+    found = [row for row in table if float(row["volume_mm3"]) > 0]
+    assert len(table) == 83 and len(found) >= 75
+    assert 0.1 < np.median([float(row["fa_mean"]) for row in found]) < 0.6
+    qc = json.loads((unit / "sub-02_ses-hfs_desc-m2m_qc.json").read_text())
+    assert qc["DesikanKilliany_regions_found"] == len(found) and 0.5 < qc["DesikanKilliany_assigned_fraction"] <= 1
+    report = (out / "sub-02_ses-hfs.html").read_text()
+    assert '<section id="regions">' in report and "stat-count_relmat.svg" in report
+
+
+@pytest.mark.slow
+@requires_ds_real
 def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
     """Two more runs in BIDS_DIR/derivatives/m2m find the same T1w and nothing else, and resume:
     no computing stage runs again (its result file is untouched) and the outputs are byte-identical."""
@@ -209,6 +233,8 @@ def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
             "--output-spaces",
             f"{TEMPLATE}:res-2",
             "T1w",
+            "--atlases",
+            "DesikanKilliany",
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "running 1 participant/session(s): sub-02_ses-hfs" in result.stderr
@@ -218,6 +244,9 @@ def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
     assert result.returncode == 0, result.stderr[-2000:]
     table = (out / "group_qc.tsv").read_text().splitlines()
     assert table[0].startswith("subject") and any(line.startswith("sub-02_ses-hfs") for line in table[1:])
+    regions = (out / "group_space-T1w_seg-DesikanKilliany_model-tensor_dwimap.tsv").read_text().splitlines()
+    assert regions[0].startswith("participant_id\tsession_id\tindex\tname") and len(regions) == 1 + 83
+    assert all(line.startswith("sub-02\tses-hfs\t") for line in regions[1:])
 
 
 def _browser():

@@ -54,7 +54,28 @@ def test_prepare_completes_on_every_unit(prepared_ds_real):
     } <= set(header)
     assert "FLAGGED" not in result.stderr
     methods = (prep / "logs" / "CITATION.md").read_text()
-    assert "deepbet" in methods and "Atropos" in methods and "ANTs" in methods
+    assert "deepbet" in methods and "Atropos" in methods and "ANTs" in methods and "Desikan-Killiany" in methods
+
+
+@pytest.mark.slow
+@requires_ds_real
+def test_prepare_writes_the_teachers_regions_and_connectome(prepared_ds_real, tmp_path):
+    """The teacher's parcellation, region table and connectome of every unit (its own registration,
+    brain mask, FA and tractogram)."""
+    from m2m_app.io.files import read_tsv
+    from m2m_app.io.naming import Subject
+    from m2m_app.registration.parcellation import TEACHER_TRACK, region_paths
+
+    prep, _ = prepared_ds_real
+    for unit in UNITS:
+        paths = region_paths(prep, Subject.from_label(unit), "DesikanKilliany", TEACHER_TRACK)
+        table = read_tsv(paths["regions"])
+        fa = [float(row["fa_mean"]) for row in table if row["fa_mean"] != "n/a"]
+        assert len(table) == 83 and len(fa) >= 60 and 0.1 < np.median(fa) < 0.6, unit
+        counts = read_tsv(paths["count"])
+        assert sum(float(v) for row in counts for key, v in row.items() if key != "Node") > 100, unit
+        sidecar = json.loads(paths["count"].with_name(paths["count"].name.replace(".tsv", ".json")).read_text())
+        assert sidecar["StreamlinesAssigned"] > 0 and sidecar["Sources"][0].startswith("bids::sub-")
 
 
 @pytest.mark.slow

@@ -148,3 +148,44 @@ def test_parcellation_region_table_and_relmat_files(tmp_path):
     assert "radial search" in relmat["EndpointAssignment"]
     assert relmat["Atlas"] == "DesikanKilliany" and relmat["StreamlinesAssigned"] == 8
     assert files["figure"].exists()
+
+
+def mrtrix_count_correlation(
+    unit_dir, atlas: str = "DesikanKilliany", tmp=None
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """MRtrix3 ``tck2connectome`` (default radial search, ``-symmetric``) on a unit's own tractogram
+    and dseg: Pearson r with m2m's count matrix over the upper triangle, and both matrices (skip
+    where MRtrix3 is not installed)."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from nibabel.streamlines import Tractogram, save
+
+    from m2m_app.io.tractogram import load_streamlines
+
+    if not shutil.which("tck2connectome"):
+        pytest.skip("MRtrix3's tck2connectome is not installed (Debian package mrtrix3)")
+    found = glob.glob(f"{unit_dir}/dwi/*_space-T1w_tract-wholebrain_track-nerf_tractogram.*")
+    tractogram = next(path for path in found if not path.endswith(".json"))
+    mask = glob.glob(f"{unit_dir}/anat/*_space-T1w_desc-brain_mask.nii.gz")[0]
+    dseg = glob.glob(f"{unit_dir}/anat/*_space-T1w_seg-{atlas}_dseg.nii.gz")[0]
+    rows = read_tsv(glob.glob(f"{unit_dir}/dwi/*_seg-{atlas}_track-nerf_stat-count_relmat.tsv")[0])
+    ours = np.array([[float(row[r["Node"]]) for r in rows] for row in rows])
+    folder = Path(tmp or tempfile.mkdtemp())
+    save(Tractogram(load_streamlines(tractogram, mask), affine_to_rasmm=np.eye(4)), str(folder / "m2m.tck"))
+    command = [
+        "tck2connectome",
+        "-quiet",
+        "-force",
+        "-symmetric",
+        str(folder / "m2m.tck"),
+        dseg,
+        str(folder / "mr.csv"),
+    ]
+    subprocess.run(command, check=True)
+    theirs = np.loadtxt(folder / "mr.csv", delimiter=",")
+    upper = np.triu_indices(len(ours), 1)
+    return float(np.corrcoef(ours[upper], theirs[upper])[0, 1]), ours, theirs

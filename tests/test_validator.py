@@ -62,6 +62,8 @@ def example_outputs(tmp_path_factory) -> tuple[Path, Path]:
         "--output-spaces",
         "MNI152NLin2009aSym:res-2",
         "T1w",
+        "--atlases",
+        "DesikanKilliany",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_cli("run", root / "example", root / "out", "group")
@@ -172,3 +174,14 @@ def test_dataset_links_are_normalised_absolute_uris(tmp_path, monkeypatch):
         assert "/../" not in description["DatasetLinks"]["raw"] and "/alias/" not in description["DatasetLinks"]["raw"]
     assert "Authors" not in description  # the source lists none: nothing is made up
     assert [g["Name"] for g in description["GeneratedBy"]] == ["m2m"]  # no phase asked for: no weights entry
+
+
+@pytest.mark.slow
+def test_example_connectome_agrees_with_mrtrix3(example_outputs, tmp_path):
+    """MRtrix3's tck2connectome on the example's own tractogram and dseg: the same count matrix."""
+    from tests.test_regions import mrtrix_count_correlation
+
+    _, out = example_outputs
+    r, ours, _ = mrtrix_count_correlation(out / "sub-MNI152", tmp=tmp_path)
+    assert r >= 0.95 and ours.sum() > 100
+    assert (out / "group_space-T1w_seg-DesikanKilliany_model-tensor_dwimap.tsv").exists()

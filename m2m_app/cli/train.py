@@ -138,6 +138,7 @@ def prepare(
     from m2m_app.io.derivatives import dataset_description, source_link_name
     from m2m_app.io.manifest import qc_path, write_manifest
     from m2m_app.io.nifti import load_t1w
+    from m2m_app.registration.parcellation import TEACHER_TRACK, region_paths
     from m2m_app.reports.methods import TEACHER_REFERENCES, TEACHER_SOFTWARE, write_bibtex
     from m2m_app.teacher.prepare import load_dwi_runs
     from m2m_app.workflows.prepare import init_prepare_wf, node_name
@@ -182,6 +183,11 @@ def prepare(
         for subject in units:
             if not qc_path(prep_dir, subject).exists():
                 failures[subject.label] = reasons.get(node_name(subject), "see the crash file in PREP_DIR/logs")
+                codes.add(EX_FAILURE)
+            elif not region_paths(prep_dir, subject, "DesikanKilliany", TEACHER_TRACK)["regions"].exists():
+                # the training pair stays usable; only m2m-train evaluate-tractogram's region scores miss it
+                reason = reasons.get(node_name(subject).replace("prepare_", "regions_", 1), "see PREP_DIR/logs")
+                click.echo(f"m2m-train prepare: {subject.label}: no teacher parcellation: {reason}", err=True)
                 codes.add(EX_FAILURE)
     dataset_description(prep_dir, bids_dir, name="m2m teacher targets (m2m-train prepare)", link=link)
     manifest = write_manifest(prep_dir, failures)
@@ -603,8 +609,11 @@ def evaluate_tractogram(
 ) -> None:
     """Compare the app's tractogram (from the T1w alone) with the teacher's (from the DWI).
 
-    Prints TDI correlation, Dice of visited voxels, and the fraction of predicted streamlines
-    within 2 mm of a teacher streamline and vice versa.
+    Prints TDI correlation, Dice of visited voxels, the fraction of predicted streamlines
+    within 2 mm of a teacher streamline and vice versa, and, on the teacher's Desikan-Killiany
+    parcellation (written by prepare): the correlation of the two connectomes' edge weights
+    (streamline counts, upper triangle; and of log(1 + count)) and the mean relative difference
+    of region FA (n/a for a prep dir prepared before parcellations existed).
     """
     from dipy.io.streamline import load_tractogram
 
@@ -612,11 +621,13 @@ def evaluate_tractogram(
     from m2m_app.io.manifest import select_rows
     from m2m_app.io.naming import Subject, derivative_paths
     from m2m_app.io.nifti import load_image
-    from m2m_app.training.evaluate import tractogram_metrics
+    from m2m_app.training.evaluate import connectome_metrics, tractogram_metrics
 
     setup_logging(verbose, quiet)
+    connectome_columns = ("edge_r", "edge_r_log", "region_fa_rel_diff", "regions_compared", "assigned_fraction")
     click.echo(
-        "subject\ttdi_r_brain\tvisited_dice\tpredicted_near_teacher\tteacher_near_predicted\tn_predicted\tn_teacher"
+        "subject\ttdi_r_brain\tvisited_dice\tpredicted_near_teacher\tteacher_near_predicted\tn_predicted\tn_teacher\t"
+        + "\t".join(connectome_columns)
     )
     for row, prep in select_rows([prep_dir], list(subjects)):
         subject = Subject(row["participant"], row["session"] or None)
@@ -634,8 +645,15 @@ def evaluate_tractogram(
         brain = load_image(prep / row["mask"])[1] > 0
         load = lambda path: list(load_tractogram(str(path), reference, bbox_valid_check=False).streamlines)  # noqa: E731
         x, y, z = reference.shape[:3]
-        metrics = tractogram_metrics(load(ours), load(prep / row["tractogram"]), (x, y, z), reference.affine, brain)
-        click.echo("\t".join([row["subject"], *(f"{v:.4g}" for v in metrics.values())]))
+        predicted = load(ours)
+        metrics = tractogram_metrics(predicted, load(prep / row["tractogram"]), (x, y, z), reference.affine, brain)
+        try:
+            fa = derivative_paths(m2m_output_dir, subject, "nerf")["fa"]
+            metrics |= connectome_metrics(predicted, fa, prep, subject, "DesikanKilliany")
+        except MissingInputError as err:
+            LOGGER.warning("%s", err)
+            metrics |= dict.fromkeys(connectome_columns, float("nan"))
+        click.echo("\t".join([row["subject"], *("n/a" if v != v else f"{v:.4g}" for v in metrics.values())]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Nipype interfaces of the template spaces: the registration, the template-space writer and the parcellation writer."""
+"""Nipype interfaces of the template spaces: the registration, the template-space writer, the parcellation
+writer, and the teacher's parcellation (``m2m-train prepare``)."""
 
 from __future__ import annotations
 
@@ -30,19 +31,13 @@ class RegisterToTemplate(SimpleInterface):
 
     def _run_interface(self, runtime):
         from m2m_app.data.templates import TEMPLATES
-        from m2m_app.io.nifti import load_image, load_t1w
-        from m2m_app.maths.grid import resample_scalar
-        from m2m_app.registration.normalize import register_to_template
+        from m2m_app.registration.normalize import register_t1w
 
-        img, data = load_t1w(self.inputs.t1w)
-        mask_img, mask = load_image(self.inputs.mask)
-        brain = resample_scalar(mask > 0, mask_img.affine, img.affine, data.shape[:3]) >= 0.5
         forward = Path(runtime.cwd) / f"from-T1w_to-{self.inputs.template}_mode-image_xfm.h5"
         inverse = Path(runtime.cwd) / f"from-{self.inputs.template}_to-T1w_mode-image_xfm.h5"
-        register_to_template(
-            data,
-            img.affine,
-            brain,
+        register_t1w(
+            Path(self.inputs.t1w),
+            Path(self.inputs.mask),
             TEMPLATES[self.inputs.template](),
             forward,
             inverse,
@@ -160,4 +155,40 @@ class WriteRegions(SimpleInterface):
             "written": {key: str(path) for key, path in (paths | transforms).items()},
             "summary": summary,
         }
+        return runtime
+
+
+class _TeacherRegionsInputSpec(BaseInterfaceInputSpec):
+    participant = Str(mandatory=True, desc="participant label, without 'sub-'")
+    session = Str("", usedefault=True, desc="session label, without 'ses-' (empty: none)")
+    t1w = File(exists=True, mandatory=True, desc="the T1w image")
+    prep_dir = Str(mandatory=True, desc="the prep folder the teacher wrote the unit's targets into")
+    qc_file = File(exists=True, mandatory=True, desc="the unit's QC JSON (the teacher's targets are written)")
+    random_seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+
+
+class _TeacherRegionsOutputSpec(TraitedSpec):
+    summaries = traits.Dict(desc="{atlas: {regions_found, streamlines, assigned, ...}}")
+
+
+class TeacherRegions(SimpleInterface):
+    """The teacher's parcellation, region table and connectome of one unit, for every shipped atlas
+    (:func:`m2m_app.registration.parcellation.write_teacher_regions`)."""
+
+    input_spec = _TeacherRegionsInputSpec
+    output_spec = _TeacherRegionsOutputSpec
+
+    def _run_interface(self, runtime):
+        from m2m_app.io.naming import Subject
+        from m2m_app.registration.parcellation import write_teacher_regions
+
+        inputs = self.inputs
+        self._results["summaries"] = write_teacher_regions(
+            Path(inputs.prep_dir),
+            Subject(inputs.participant, inputs.session or None),
+            Path(inputs.t1w),
+            inputs.random_seed,
+            inputs.num_threads,
+        )
         return runtime

@@ -23,7 +23,7 @@ import numpy as np
 
 from m2m_app.data.templates import Template
 from m2m_app.errors import BadDataError
-from m2m_app.io.nifti import ants_image, load_image
+from m2m_app.io.nifti import ants_image, load_image, load_t1w
 from m2m_app.maths.grid import isotropic_grid, normalise_intensity, resample_scalar
 from m2m_app.maths.warp import grid_points
 
@@ -140,6 +140,17 @@ def register_to_template(
                 shutil.copyfile(source, target)
     finally:
         ants.config._random_seed = previous
+
+
+def register_t1w(
+    t1w: Path, mask: Path, template: Template, forward: Path, inverse: Path, seed: int = 0, threads: int = 1
+) -> None:
+    """:func:`register_to_template` of the T1w file ``t1w`` restricted to ``mask`` (a brain mask
+    on any grid over the T1w: resampled linearly onto the T1w's, weight ≥ 0.5)."""
+    img, data = load_t1w(t1w)
+    mask_img, mask_data = load_image(mask)
+    brain = resample_scalar(mask_data > 0, mask_img.affine, img.affine, data.shape[:3]) >= 0.5
+    register_to_template(data, img.affine, brain, template, forward, inverse, seed, threads)
 
 
 def coordinate_field(

@@ -14,7 +14,9 @@ voxels outside the mask are 0. On that grid:
   point, averaged per streamline, then per edge), in XCP-D's ``_relmat.tsv`` layout (a ``Node``
   column, then one column per node, nodes in the order of the ``_dseg.tsv``).
 
-The same code writes the app's files (``OUTPUT_DIR``) and the teacher's (``PREP_DIR``).
+The same code writes the app's files (``OUTPUT_DIR``) and the teacher's (``PREP_DIR``,
+:func:`write_teacher_regions`: the teacher's own registration, brain mask, tensor maps and
+tractogram), so that ``m2m-train evaluate-tractogram`` can score m2m's against the diffusion data.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import numpy as np
 from nibabel.affines import apply_affine, voxel_sizes
 
 from m2m_app import __version__
-from m2m_app.data.atlases import Atlas
-from m2m_app.io.files import save_bytes, save_json, save_tsv
-from m2m_app.io.naming import Subject, derivative_path, sidecar_path
+from m2m_app.data.atlases import ATLASES, Atlas
+from m2m_app.data.templates import TEMPLATES
+from m2m_app.io.files import atomic_write, save_bytes, save_json, save_tsv
+from m2m_app.io.naming import Subject, derivative_path, derivative_paths, sidecar_path
 from m2m_app.io.nifti import load_image, save_nifti
 from m2m_app.io.tractogram import load_streamlines
 from m2m_app.maths.grid import isotropic_grid
@@ -42,7 +45,8 @@ from m2m_app.maths.regions import (
     streamline_means,
 )
 from m2m_app.maths.warp import sample
-from m2m_app.registration.normalize import REGISTRATION_MM, coordinate_field
+from m2m_app.registration.normalize import REGISTRATION_MM, coordinate_field, register_t1w
+from m2m_app.registration.template_space import transform_paths
 
 LOGGER = logging.getLogger(__name__)
 
@@ -267,3 +271,36 @@ def write_regions(
         out["figure"] = save_bytes(connectome_figure(counts, names, title), paths["figure"])
         LOGGER.info("%s: %s, %d of %d streamlines assigned", subject.label, atlas.name, assigned, len(streamlines))
     return out, summary
+
+
+#: The track method of the teacher's tractogram (``m2m-train prepare``'s file names).
+TEACHER_TRACK = "tensordet"
+
+
+def write_teacher_regions(
+    prep_dir: Path, subject: Subject, t1w: Path, seed: int = 0, threads: int = 1
+) -> dict[str, dict]:
+    """For every shipped atlas, the teacher's parcellation, region table and connectome in
+    ``prep_dir``: the unit's T1w registered to the atlas's template with the teacher's brain mask
+    (transforms written beside, as the app writes them; kept on a re-run), then
+    :func:`write_regions` on the teacher's tensor maps and tractogram. Returns the summaries by atlas."""
+    import shutil
+    import tempfile
+
+    prep_dir = Path(prep_dir)
+    teacher = derivative_paths(prep_dir, subject, TEACHER_TRACK)
+    written = {key: teacher[key] for key in ("mask", *REGION_MAPS, "tractogram") if teacher[key].exists()}
+    summaries = {}
+    for name in ATLASES:
+        atlas = ATLASES[name]()
+        transforms = transform_paths(prep_dir, subject, atlas.template)
+        if not all(path.exists() for path in transforms.values()):
+            with tempfile.TemporaryDirectory() as tmp:
+                forward, inverse = Path(tmp) / "forward.h5", Path(tmp) / "inverse.h5"
+                register_t1w(t1w, teacher["mask"], TEMPLATES[atlas.template](), forward, inverse, seed, threads)
+                for source, target in ((forward, transforms["forward"]), (inverse, transforms["inverse"])):
+                    atomic_write(target, lambda tmp_path, source=source: shutil.copyfile(source, tmp_path))
+        _, summaries[name] = write_regions(
+            prep_dir, subject, atlas, written, transforms["inverse"], TEACHER_TRACK, dataset_link="", threads=threads
+        )
+    return summaries

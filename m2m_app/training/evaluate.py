@@ -30,17 +30,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from m2m_app.errors import UsageError
+from m2m_app.data.atlases import ATLASES
+from m2m_app.errors import MissingInputError, UsageError
 from m2m_app.inference.predict import load_fa_detail, load_translator, predict_phase1, predict_phase2
-from m2m_app.io.files import save_tsv
+from m2m_app.io.files import read_tsv, save_tsv
 from m2m_app.io.manifest import select_rows
+from m2m_app.io.naming import Subject
 from m2m_app.io.nifti import load_image, load_t1w, save_nifti
 from m2m_app.maths.detail import BinnedRegression, FaDetail
 from m2m_app.maths.grid import STRIPPED_MARGIN_MM, brain_extraction_mask, normalise_intensity
 from m2m_app.maths.metrics import angular_error_deg, dice, masked_ssim, pearson, psnr
+from m2m_app.maths.regions import region_means
 from m2m_app.maths.streamlines import fraction_near, track_density
 from m2m_app.maths.tensor import tensor_derivatives
+from m2m_app.maths.warp import grid_points, sample
 from m2m_app.models.phases import get_phase, phase1_inputs, relative_tdi
+from m2m_app.registration.parcellation import TEACHER_TRACK, region_paths, tractogram_connectome
 
 log = logging.getLogger(__name__)
 
@@ -344,4 +349,45 @@ def tractogram_metrics(
         "teacher_near_predicted": fraction_near(teacher, predicted),
         "n_predicted": len(predicted),
         "n_teacher": len(teacher),
+    }
+
+
+def connectome_metrics(
+    predicted: list[np.ndarray], predicted_fa: Path, prep_dir: Path, subject: Subject, atlas_name: str
+) -> dict[str, float]:
+    """Agreement of m2m's connectome and region FA with the teacher's, on the teacher's parcellation
+    (``m2m-train prepare``'s ``seg-<atlas>`` files of ``subject`` in ``prep_dir``), so that only the
+    prediction differs, not the registration: m2m's streamlines (world mm) and FA map (resampled
+    trilinearly onto the parcellation's grid) go through the same rule as the teacher's.
+
+    ``edge_r``: Pearson r of the two count matrices over the upper triangle; ``edge_r_log``: the
+    same on log(1 + count); ``region_fa_rel_diff``: the mean over regions present in both of
+    |FA_m2m − FA_teacher| / FA_teacher (region means); ``assigned_fraction``: m2m's streamlines
+    with both ends assigned.
+    """
+    paths = region_paths(prep_dir, subject, atlas_name, TEACHER_TRACK)
+    if not paths["count"].exists():
+        raise MissingInputError(f"{subject.label}: no teacher connectome {paths['count'].name}; run m2m-train prepare")
+    atlas = ATLASES[atlas_name]()
+    labels_img, labels = load_image(paths["dseg"])
+    labels = np.rint(labels).astype(np.int16)
+    fa_img, fa = load_image(predicted_fa)
+    points = grid_points(labels.shape, labels_img.affine)
+    fa_on_labels = sample(fa, fa_img.affine, points).reshape(labels.shape)
+    ours, _, assigned = tractogram_connectome(predicted, labels, labels_img.affine, fa_on_labels, atlas)
+    rows = read_tsv(paths["count"])
+    theirs = np.array([[float(row[r["Node"]]) for r in rows] for row in rows])
+    upper = np.triu_indices(len(theirs), 1)
+    teacher_fa = np.array(
+        [float(row["fa_mean"]) if row["fa_mean"] != "n/a" else np.nan for row in read_tsv(paths["regions"])]
+    )
+    indices = np.array([region.index for region in atlas.regions()])
+    our_fa = region_means(fa_on_labels, labels, indices)
+    both = np.isfinite(teacher_fa) & np.isfinite(our_fa) & (teacher_fa > 0)
+    return {
+        "edge_r": pearson(ours[upper], theirs[upper]),
+        "edge_r_log": pearson(np.log1p(ours[upper]), np.log1p(theirs[upper])),
+        "region_fa_rel_diff": float(np.mean(np.abs(our_fa[both] - teacher_fa[both]) / teacher_fa[both])),
+        "regions_compared": int(both.sum()),
+        "assigned_fraction": assigned / max(len(predicted), 1),
     }

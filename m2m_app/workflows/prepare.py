@@ -7,6 +7,7 @@ from pathlib import Path
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow
 
+from m2m_app.interfaces.spaces import TeacherRegions
 from m2m_app.interfaces.teacher import PrepareSubject
 from m2m_app.io.naming import Subject
 
@@ -38,7 +39,10 @@ def init_prepare_wf(
         "checked against an independent ANTs rigid registration (Avants et al., 2008). Tensors were brought "
         "to the T1w grid with log-Euclidean interpolation and tensor rotation (series averaged "
         "in the log domain), limited to the brain mask and the DWI's field of view, and tracked "
-        "deterministically (dipy EuDX, seeds in FA > 0.3)."
+        "deterministically (dipy EuDX, seeds in FA > 0.3). The T1w, brain-extracted with that mask, was registered "
+        "to the MNI152NLin2009aSym template with ANTs (rigid, affine, SyN), the Desikan-Killiany atlas brought back "
+        "onto the T1w grid (nearest neighbour), and per region the tensor maps were averaged and the streamlines' end "
+        "points assigned (4 mm radial search) to build a connectome."
     )
     for subject, (t1w, dwi) in units.items():
         node = pe.Node(
@@ -57,5 +61,18 @@ def init_prepare_wf(
             n_procs=num_threads,
             overwrite=True,
         )
-        workflow.add_nodes([node])
+        regions = pe.Node(
+            TeacherRegions(
+                participant=subject.participant,
+                session=subject.session or "",
+                t1w=str(t1w),
+                prep_dir=str(prep_dir),
+                random_seed=random_seed,
+                num_threads=num_threads,
+            ),
+            name=node_name(subject).replace("prepare_", "regions_", 1),
+            mem_gb=3.0,
+            n_procs=num_threads,
+        )
+        workflow.connect(node, "qc_file", regions, "qc_file")
     return workflow
