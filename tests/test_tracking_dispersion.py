@@ -7,6 +7,8 @@ whose voxels from i = 25 on have a V1 dispersion of 60 degrees, 5 degrees elsewh
 
 from __future__ import annotations
 
+import shutil
+
 import csv
 import json
 
@@ -190,10 +192,16 @@ def _add_teacher_tractogram(prep, streamlines, reference) -> None:
 
 def test_evaluate_tractogram_command(tmp_path):
     """``m2m-train evaluate-tractogram`` on a synthetic prep dir: the teacher's own streamlines score
-    TDI r 1 and Dice 1; half of them score 1 on nearness one way; a missing tractogram is a clear error."""
+    TDI r 1 and Dice 1, and with the teacher's FA the same connectome (edge r 1) and region FA
+    (relative difference 0) on the teacher's parcellation; half of them score 1 on nearness one
+    way; without the teacher's parcellation the region scores are n/a; a missing tractogram is a
+    clear error."""
     from m2m_app.cli.train import cli
     from m2m_app.io.naming import Subject, derivative_paths
     from m2m_app.io.tractogram import save_tractogram
+    from m2m_app.registration.parcellation import write_teacher_regions
+    from m2m_app.registration.template_space import transform_paths
+    from tests.test_template_space import _write_transform
 
     prep = make_prep_dir(tmp_path, ("ras",))
     reference = nib.load(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
@@ -206,15 +214,29 @@ def test_evaluate_tractogram_command(tmp_path):
     ]
     _add_teacher_tractogram(prep, teacher, reference)
     metrics = {}
-    for name, ours in (("same", teacher), ("half", teacher[::2])):
+    for name, ours in (("none", teacher), ("same", teacher), ("half", teacher[::2])):
         out = tmp_path / name
-        save_tractogram(ours, reference, derivative_paths(out, Subject("01"), "nerf", "trx")["tractogram"])
+        paths = derivative_paths(out, Subject("01"), "nerf", "trx")
+        save_tractogram(ours, reference, paths["tractogram"])
+        shutil.copyfile(prep / "sub-01/dwi/sub-01_fa.nii.gz", paths["fa"])
         result = CliRunner().invoke(cli, ["evaluate-tractogram", str(prep), str(out), "--subject", "sub-01"])
         assert result.exit_code == 0, result.output
-        header, row = (line.split("\t") for line in result.output.strip().splitlines()[-2:])
+        header, row = (line.split("\t") for line in result.output.strip().splitlines() if "\t" in line)
         assert header[0] == "subject" and row[0] == "sub-01"
-        metrics[name] = dict(zip(header[1:], map(float, row[1:])))
+        metrics[name] = dict(zip(header[1:], (float("nan") if v == "n/a" else float(v) for v in row[1:])))
+        if name == "none":  # the teacher's parcellation, through identity transforms (no registration)
+            assert np.isnan(metrics[name]["edge_r"]) and "no teacher connectome" in result.output
+            teacher_files = derivative_paths(prep, Subject("01"), "tensordet")  # prepare's names
+            for key in ("mask", "fa", "md", "ad", "rd"):
+                teacher_files[key].parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(prep / f"sub-01/dwi/sub-01_{key}.nii.gz", teacher_files[key])
+            save_tractogram(teacher, reference, teacher_files["tractogram"])
+            for path in transform_paths(prep, Subject("01"), "MNI152NLin2009aSym").values():
+                _write_transform(path)
+            write_teacher_regions(prep, Subject("01"), tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
     same, half = metrics["same"], metrics["half"]
+    assert same["edge_r"] == pytest.approx(1.0) and same["region_fa_rel_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert same["regions_compared"] >= 5 and half["edge_r"] < 1.0
     assert same["tdi_r_brain"] == pytest.approx(1.0, abs=1e-3) and same["visited_dice"] == 1.0
     assert same["predicted_near_teacher"] == same["teacher_near_predicted"] == 1.0
     assert same["n_predicted"] == same["n_teacher"] == len(teacher)

@@ -237,8 +237,7 @@ def _find_t1w(layout, filters: dict, subject: Subject) -> Path:
 
 
 def _run_participants(config: RunConfig) -> None:
-    from m2m_app.inference.predict import resolve_device, verify_weights
-    from m2m_app.io.derivatives import dataset_description, qc_path, write_readme
+    from m2m_app.io.derivatives import checked_weight_files, dataset_description, qc_path, write_readme
 
     start = time.monotonic()
     layout = bids_io.load_layout(config.bids_dir, validate=not config.skip_bids_validation)
@@ -252,9 +251,12 @@ def _run_participants(config: RunConfig) -> None:
     from m2m_app.workflows.base import init_m2m_wf, node_prefix
     from m2m_app.workflows.timing import StageTimer
 
-    resolve_device(config.device)
+    if config.device == "cuda":  # torch (2-3 s to import) only to check that there is a GPU; the nodes use it
+        from m2m_app.inference.predict import resolve_device
+
+        resolve_device(config.device)
     for phase in config.phases:
-        verify_weights(phase, config.weights_dir)  # checksum and metadata checked once, before any work
+        checked_weight_files(phase, config.weights_dir)  # files and checksum checked once, before any work
     filters = bids_io.read_filters(config.bids_filter_file)
     subjects = bids_io.collect_subjects(layout, list(config.participant_labels), list(config.session_labels))
     units, errors = collect_units(subjects, functools.partial(_find_t1w, layout, filters))

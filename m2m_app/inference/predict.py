@@ -10,7 +10,6 @@ multiplied by the scale that ``m2m-train calibrate`` stored with the weights (1 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -21,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from m2m_app.data.weights import fa_detail_values, weight_files
-from m2m_app.errors import BadDataError, MissingInputError, UsageError
-from m2m_app.io.files import file_sha256
+from m2m_app.errors import BadDataError, UsageError
+from m2m_app.io.derivatives import checked_weight_files
 from m2m_app.maths.detail import FaDetail, fa_detail_from
 from m2m_app.maths.grid import ConformedGrid, resample_outputs
 from m2m_app.maths.tensor import masked_tensor_maps
@@ -56,30 +55,15 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 def verify_weights(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[PhaseSpec, dict, Path]:
     """Check the weights of ``phase_name`` in ``weights_dir`` (default: the packaged weights) without loading them.
 
-    Reads ``<phase>.json`` and checks that ``<phase>.safetensors`` exists, that its SHA-256
-    matches the recorded one and that its channels match the phase. Touches no torch
-    operation, so it is safe in a process that later forks workers.
-    Returns the phase spec, the metadata and the weights path.
+    :func:`~m2m_app.data.weights.checked_weight_files` (files, metadata, SHA-256), and that the
+    weights' channels match the phase. Touches no torch operation, so it is safe in a process
+    that later forks workers. Returns the phase spec, the metadata and the weights path.
     """
     spec = get_phase(phase_name)
-    weights, meta_path = weight_files(spec.name, weights_dir)
-    for path in (weights, meta_path):
-        if not path.exists():
-            raise MissingInputError(f"{path}: translator weights not found")
-    try:
-        meta = json.loads(meta_path.read_text())
-        recorded, phase = meta["sha256"], meta["phase"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise BadDataError(f"{meta_path}: unreadable weights metadata: {err}") from None
-    if not isinstance(meta.get("architecture"), dict):
-        raise BadDataError(f"{meta_path}: unreadable weights metadata: no 'architecture'")
-    if file_sha256(weights) != recorded:
-        raise BadDataError(
-            f"{weights}: SHA-256 checksum does not match the one recorded in "
-            f"{meta_path.name}; the weight file is corrupted or was replaced"
-        )
-    if phase != spec.metadata():
-        raise BadDataError(f"{meta_path}: weights were trained for {phase}, not for {spec.metadata()}")
+    meta, weights = checked_weight_files(spec.name, weights_dir)
+    if meta["phase"] != spec.metadata():
+        meta_path = weight_files(spec.name, weights_dir)[1]
+        raise BadDataError(f"{meta_path}: weights were trained for {meta['phase']}, not for {spec.metadata()}")
     return spec, meta, weights
 
 

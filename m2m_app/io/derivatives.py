@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from concurrent import futures
@@ -22,7 +23,8 @@ from m2m_app.data.weights import (
     weights_folder,
 )
 from m2m_app.io.environment import container_description
-from m2m_app.io.files import atomic_write, save_json
+from m2m_app.errors import BadDataError, MissingInputError
+from m2m_app.io.files import atomic_write, file_sha256, save_json
 from m2m_app.io.naming import (
     TDI_PARAMS,
     TENSOR_PARAMS,
@@ -168,6 +170,30 @@ Each file's JSON sidecar says so in its Description and names the T1w it was pre
     output_dir = Path(output_dir)
     atomic_write(output_dir / ".bidsignore", lambda tmp: Path(tmp).write_text("\n".join(NOT_BIDS) + "\n"))
     return atomic_write(output_dir / "README", lambda tmp: Path(tmp).write_text(text))
+
+
+def checked_weight_files(phase_name: str, weights_dir: str | os.PathLike | None = None) -> tuple[dict, Path]:
+    """The metadata and the weights file of ``phase_name``, checked without torch (cheap enough for
+    the main process, before any work): both files exist, the metadata holds ``sha256``, ``phase``
+    and an ``architecture``, and the file's SHA-256 is the recorded one."""
+    weights, meta_path = weight_files(phase_name, weights_dir)
+    for path in (weights, meta_path):
+        if not path.exists():
+            raise MissingInputError(f"{path}: translator weights not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+        recorded = meta["sha256"]
+        meta["phase"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise BadDataError(f"{meta_path}: unreadable weights metadata: {err}") from None
+    if not isinstance(meta.get("architecture"), dict):
+        raise BadDataError(f"{meta_path}: unreadable weights metadata: no 'architecture'")
+    if file_sha256(weights) != recorded:
+        raise BadDataError(
+            f"{weights}: SHA-256 checksum does not match the one recorded in "
+            f"{meta_path.name}; the weight file is corrupted or was replaced"
+        )
+    return meta, weights
 
 
 def weights_provenance(weights_dir: str | None) -> dict:

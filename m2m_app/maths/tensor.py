@@ -12,7 +12,6 @@ Conventions used throughout m2m:
 from __future__ import annotations
 
 import numpy as np
-from dipy.reconst import dti
 
 #: (row, column) of each of the 6 stored components in the 3×3 tensor.
 COMPONENT_INDEX: tuple[tuple[int, int], ...] = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
@@ -103,6 +102,8 @@ def scalar_maps(evals: np.ndarray) -> dict[str, np.ndarray]:
 
     Thin wrapper over dipy's definitions so m2m and dipy agree to the last digit.
     """
+    from dipy.reconst import dti  # imported here: dipy costs ~1 s of start-up in the main process
+
     evals = np.clip(np.asarray(evals, dtype=float), 0.0, None)
     return {
         "fa": np.nan_to_num(dti.fractional_anisotropy(evals)),
@@ -117,6 +118,8 @@ def tensor_derivatives(components: np.ndarray) -> dict[str, np.ndarray]:
 
     Returns ``fa``, ``md``, ``ad``, ``rd`` (shape ``(...)``), ``v1`` and ``colfa`` (``(..., 3)``).
     """
+    from dipy.reconst import dti
+
     evals, evecs = eigen_decomposition(components_to_matrix(components))
     maps = scalar_maps(evals)
     maps["v1"] = evecs[..., :, 0]
@@ -168,6 +171,8 @@ def rescale_anisotropy(evals: np.ndarray, fa_shift: np.ndarray) -> tuple[np.ndar
     of the mean; isotropic tensors (no direction to stretch) keep ``s = 1``. Returns the new
     eigenvalues ``(N, 3)`` and ``s`` ``(N,)`` (to rescale AD and RD maps the same way).
     """
+    from dipy.reconst import dti
+
     evals = np.asarray(evals, dtype=np.float64)
     mean = evals.mean(axis=-1)
     deviation = evals - mean[:, None]
