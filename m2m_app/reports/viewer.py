@@ -253,12 +253,16 @@ def viewer_html(files: Mapping[str, Path], data: ViewerData, output_dir: Path) -
         f'<option value="{v.key}"{" selected" if v.key == DEFAULT_OVERLAY else ""}>{html.escape(v.title)}</option>'
         for v in data.volumes[1:]
     )
-    shown = f"{len(data.streamlines):,} of {data.n_streamlines:,}" if data.n_streamlines else "no"
+    tracts = (
+        f"; drag the 3D view to turn the tractogram ({len(data.streamlines):,} of {data.n_streamlines:,} "
+        "streamlines, coloured by direction: red L-R, green A-P, blue I-S)"
+        if data.n_streamlines
+        else " (no tractogram was written)"
+    )
     body = (
         '<div id="viewer"><p class="note">Drag in the slices to move the crosshair (its values below), scroll '
-        "to page through them; drag the 3D view to turn the tractogram "
-        f"({shown} streamlines, coloured by direction: red L-R, green A-P, blue I-S). "
-        f"Volumes at {VIEWER_MM:g} mm, 8 bits.</p>"
+        f"to page through them{tracts}. "
+        f"Volumes at {float(nib.affines.voxel_sizes(data.affine).min()):g} mm, 8 bits.</p>"
         '<p class="viewer-controls"><label>overlay <select id="viewer-overlay"><option value="">none</option>'
         f'{options}</select></label><label>opacity <input id="viewer-opacity" type="range" min="0" max="1" '
         'step="0.05" value="0.7"></label></p>'
