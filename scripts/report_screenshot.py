@@ -4,8 +4,9 @@ Usage: ``python scripts/report_screenshot.py [OUTPUT_DIR] [--out docs/images/rep
 Without ``OUTPUT_DIR`` it writes the example dataset and runs ``m2m ... participant`` on it in a
 temporary folder (a few minutes on 2 cores); with one, it reuses that output folder
 (``sub-MNI152.html`` in it). Needs Debian's ``chromium`` and ``chromium-driver`` and selenium.
-The screenshot is the whole page at 1200 px wide, the T1w/FA toggle showing FA, saved with a
-256-colour palette to keep the file small.
+The screenshot is the whole page at 1200 px wide, once the interactive viewer has loaded (software
+WebGL2: SwiftShader), the T1w/FA toggle showing FA, saved with a 256-colour palette to keep the
+file small.
 """
 
 from __future__ import annotations
@@ -40,13 +41,17 @@ def screenshot(page: Path, target: Path, width: int = 1200) -> Path:
     """Save a full-page PNG of ``page`` rendered by headless Chromium at ``width`` CSS pixels."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
     for flag in (
         "--headless=new",
         "--no-sandbox",
-        "--disable-gpu",
+        "--use-gl=angle",
+        "--use-angle=swiftshader",
+        "--enable-unsafe-swiftshader",
+        "--ignore-gpu-blocklist",
         "--disable-dev-shm-usage",
         "--hide-scrollbars",
         f"--window-size={width},900",
@@ -55,6 +60,9 @@ def screenshot(page: Path, target: Path, width: int = 1200) -> Path:
     browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
         browser.get(page.resolve().as_uri())
+        WebDriverWait(browser, 300).until(
+            lambda b: b.execute_script("return document.getElementById('viewer-status').dataset.state") != "loading"
+        )
         browser.execute_script("document.getElementById('fa-toggle-switch').click();")
         height, chrome = browser.execute_script(
             "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight];"

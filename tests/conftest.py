@@ -77,6 +77,36 @@ def prepared_ds_real(tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
     return prep, result
 
 
+@pytest.fixture(scope="session")
+def example_outputs(tmp_path_factory) -> tuple[Path, Path]:
+    """The embedded example through the whole app once, with a template space (about 4 minutes on 2 cores);
+    then the group level. Shared by the tests that read its derivatives (the validator's, the report
+    viewer's): CI runs the pipeline on it once."""
+    root = tmp_path_factory.mktemp("example_run")
+    assert run_cli("run", "example-data", root / "example").returncode == 0
+    result = run_cli(
+        "run",
+        root / "example",
+        root / "out",
+        "participant",
+        "-w",
+        root / "work",
+        "--nprocs",
+        "1",
+        "--omp-nthreads",
+        "2",
+        "--output-spaces",
+        "MNI152NLin2009aSym:res-2",
+        "T1w",
+        "--atlases",
+        "DesikanKilliany",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("run", root / "example", root / "out", "group")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "example", root / "out"
+
+
 @pytest.fixture
 def copy_of(tmp_path):
     """Copy a file into tmp_path (to corrupt it without touching the source)."""

@@ -249,8 +249,17 @@ def test_rerun_resumes_from_the_work_dir_and_group_level(app_run):
     assert all(line.startswith("sub-02\tses-hfs\t") for line in regions[1:])
 
 
-def _browser():
-    """A headless Chromium driven by Selenium, with the browser console captured (skip without one)."""
+#: Chromium's software WebGL2 (SwiftShader through ANGLE), for the report's viewer where there is no GPU.
+SOFTWARE_WEBGL = ("--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist")
+
+
+def _browser(*flags: str, webgl: bool = False, network_log: bool = False):
+    """A headless Chromium driven by Selenium, with the browser console captured (skip without one).
+
+    ``webgl``: software WebGL2 (:data:`SOFTWARE_WEBGL`) instead of ``--disable-gpu``; ``network_log``:
+    Chrome's performance log too (``browser.get_log("performance")``: every request the page makes);
+    ``flags``: more command-line switches.
+    """
     binary, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not (binary and driver):
         pytest.skip("Chromium and chromedriver are not installed (.ci/run installs them)")
@@ -262,15 +271,16 @@ def _browser():
     for flag in (
         "--headless=new",
         "--no-sandbox",
-        "--disable-gpu",
+        *(SOFTWARE_WEBGL if webgl else ("--disable-gpu",)),
         "--disable-dev-shm-usage",
         "--no-first-run",
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        *flags,
     ):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", **({"performance": "ALL"} if network_log else {})})
     return webdriver.Chrome(service=Service(driver), options=options)
 
 

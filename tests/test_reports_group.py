@@ -11,6 +11,7 @@ import pytest
 from m2m_app.errors import MissingInputError
 from m2m_app.io.naming import Subject
 from m2m_app.reports.group import numeric_columns, outliers, write_group_outputs
+from m2m_app.reports.viewer import viewer_data_path
 
 
 def test_outliers_are_robust_z_scores_above_three():
@@ -33,11 +34,15 @@ def test_group_outputs_table_page_and_plot(tmp_path):
         row = {"subject": unit.label, "mean_fa": fa, **({"note": "rerun"} if i == 0 else {})}
         (tmp_path / unit.label).mkdir()
         (tmp_path / unit.label / f"{unit.label}_desc-m2m_qc.json").write_text(json.dumps(row))
+    viewer = viewer_data_path(tmp_path, Subject("02"))  # only sub-02's report has a viewer
+    viewer.parent.mkdir(parents=True)
+    viewer.write_text("window.m2mViewerData = {};")
     tsv = write_group_outputs(tmp_path)
     lines = tsv.read_text().splitlines()
     assert lines[0] == "subject\tmean_fa\tnote" and lines[1] == "sub-01\t0.4\trerun" and lines[2].endswith("\tn/a")
     page = (tmp_path / "group.html").read_text()
     assert re.findall(r'<td class="outlier">([^<]*)</td>', page) == ["0.95"]
     assert page.count('<a href="sub-0') == 5 and '<img src="figures/group_qc.svg"' in page
+    assert re.findall(r'<a class="viewer" href="([^"]+)">viewer</a>', page) == ["sub-02.html#viewer"]
     svg = (tmp_path / "figures" / "group_qc.svg").read_text()
     assert "sub-05" in svg and "sub-04" not in svg  # only the outlier is labelled

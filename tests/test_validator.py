@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from bids import BIDSLayout
 
-from conftest import make_bids, run_cli
+from conftest import make_bids
 from m2m_app.io.derivatives import NOT_BIDS, dataset_description
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "outputs.md"
@@ -40,35 +40,6 @@ def documented_unknown_names() -> list[re.Pattern]:
         )
         for g in globs
     ]
-
-
-@pytest.fixture(scope="module")
-def example_outputs(tmp_path_factory) -> tuple[Path, Path]:
-    """The embedded example through the whole app once, with a template space (about 4 minutes on 2 cores);
-    then the group level."""
-    root = tmp_path_factory.mktemp("validator")
-    assert run_cli("run", "example-data", root / "example").returncode == 0
-    result = run_cli(
-        "run",
-        root / "example",
-        root / "out",
-        "participant",
-        "-w",
-        root / "work",
-        "--nprocs",
-        "1",
-        "--omp-nthreads",
-        "2",
-        "--output-spaces",
-        "MNI152NLin2009aSym:res-2",
-        "T1w",
-        "--atlases",
-        "DesikanKilliany",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli("run", root / "example", root / "out", "group")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "example", root / "out"
 
 
 def _validate(folder: Path) -> tuple[dict[str, set[str]], list[str]]:

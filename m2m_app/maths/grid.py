@@ -160,7 +160,7 @@ def resample_scalar(
     return out
 
 
-def _resample_any(
+def resample_volume(
     volume: np.ndarray, in_affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, int, int], order: int
 ) -> np.ndarray:
     """:func:`resample_scalar` on ``(X, Y, Z)`` or channel by channel on ``(X, Y, Z, C)``."""
@@ -204,11 +204,11 @@ class ConformedGrid:
 
     def to_model(self, volume: np.ndarray, order: int = 1) -> np.ndarray:
         """Resample a source-grid volume ``(X, Y, Z[, C])`` onto the model grid (same trailing channels)."""
-        return _resample_any(volume, self.source_affine, self.affine, self.shape, order)
+        return resample_volume(volume, self.source_affine, self.affine, self.shape, order)
 
     def to_source(self, volume: np.ndarray, order: int = 1) -> np.ndarray:
         """Resample a model-grid volume ``(x, y, z[, C])`` back onto the original T1w grid."""
-        return _resample_any(volume, self.affine, self.source_affine, self.source_shape, order)
+        return resample_volume(volume, self.affine, self.source_affine, self.source_shape, order)
 
     def output_grid(self, resolution_mm: float | None = None) -> tuple[tuple[int, int, int], np.ndarray]:
         """The grid outputs are written on: ``(shape, affine)``.

@@ -1,4 +1,4 @@
-"""Track-density maps from streamlines (pure NumPy; no file I/O)."""
+"""Track-density maps from streamlines, and the subsets the report draws (pure NumPy; no file I/O)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,21 @@ def fraction_near(
     distances, _ = tree.query(np.concatenate(streamlines))
     means = np.add.reduceat(distances, np.r_[0, np.cumsum(lengths)[:-1]]) / lengths
     return float(np.mean(means < distance_mm))
+
+
+def random_subset(streamlines: Sequence[np.ndarray], max_streamlines: int, seed: int = 0) -> list[np.ndarray]:
+    """At most ``max_streamlines`` of ``streamlines``, drawn at random with ``seed`` (the same subset
+    for the same inputs), in their original order; all of them when there are no more."""
+    if len(streamlines) <= max_streamlines:
+        return list(streamlines)
+    picks = np.random.default_rng(seed).choice(len(streamlines), max_streamlines, replace=False)
+    return [streamlines[i] for i in np.sort(picks)]
+
+
+def thinned(streamline: np.ndarray, min_segment_mm: float) -> np.ndarray:
+    """Every n-th point of a ``(K, 3)`` streamline (first and last kept), segments ≥ ~``min_segment_mm``
+    (n from the median step; the drawing cost of a streamline grows with its segment count)."""
+    step = float(np.median(np.linalg.norm(np.diff(streamline, axis=0), axis=1)))
+    stride = max(1, round(min_segment_mm / max(step, 1e-6)))
+    kept = streamline[::stride]
+    return kept if (len(streamline) - 1) % stride == 0 else np.vstack([kept, streamline[-1:]])

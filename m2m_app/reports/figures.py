@@ -16,6 +16,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 
 from m2m_app.io.files import atomic_write  # noqa: E402
 from m2m_app.maths.orientation import ras_zooms, to_ras  # noqa: E402
+from m2m_app.maths.streamlines import random_subset, thinned  # noqa: E402
 
 
 #: Mosaic slices are drawn with at most about this many pixels along a side (each is shown 140 px wide).
@@ -89,14 +90,6 @@ PROJECTIONS: dict[str, tuple[int, int]] = {"sagittal": (1, 2), "axial": (0, 1), 
 _EDGE_LETTERS = ("LR", "PA", "IS")  # (negative, positive) end of the R, A, S world axes
 
 
-def _thinned(streamline: np.ndarray, min_segment_mm: float) -> np.ndarray:
-    """Every n-th point of a ``(K, 3)`` streamline (first and last kept), segments ≥ ~``min_segment_mm``."""
-    step = float(np.median(np.linalg.norm(np.diff(streamline, axis=0), axis=1)))
-    stride = max(1, round(min_segment_mm / max(step, 1e-6)))
-    kept = streamline[::stride]
-    return kept if (len(streamline) - 1) % stride == 0 else np.vstack([kept, streamline[-1:]])
-
-
 def streamline_figure(
     streamlines: Sequence[np.ndarray],
     out_path: str | os.PathLike,
@@ -120,10 +113,7 @@ def streamline_figure(
     """
     lines = [np.asarray(s, dtype=float) for s in streamlines if len(s) > 1]
     total = len(lines)
-    if total > max_streamlines:
-        picks = np.random.default_rng(seed).choice(len(lines), max_streamlines, replace=False)
-        lines = [lines[i] for i in np.sort(picks)]
-    lines = [_thinned(s, min_segment_mm) for s in lines]
+    lines = [thinned(s, min_segment_mm) for s in random_subset(lines, max_streamlines, seed)]
     segments = np.concatenate([np.stack([s[:-1], s[1:]], axis=1) for s in lines]) if lines else np.zeros((0, 2, 3))
     vectors = segments[:, 1] - segments[:, 0]
     colours = np.abs(vectors) / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)

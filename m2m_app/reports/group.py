@@ -10,6 +10,8 @@ import numpy as np
 
 from m2m_app.errors import MissingInputError
 from m2m_app.io.files import atomic_write, save_bytes, save_tsv
+from m2m_app.io.naming import Subject
+from m2m_app.reports.viewer import viewer_data_path
 
 #: A value further than this many robust standard deviations (1.4826 × MAD) from the median is an outlier.
 OUTLIER_Z = 3.0
@@ -107,7 +109,8 @@ def write_group_outputs(output_dir: Path, spaces: list[dict] | None = None, regi
     """Gather every ``*_desc-m2m_qc.json`` into ``group_qc.tsv``, ``figures/group_qc.svg`` and ``group.html``.
 
     The page has the table (one row per unit, outlying numbers highlighted, a link to each
-    unit's report) and the strip plot of the numeric QC columns; then, for each template space
+    unit's report and, where it was written, to its interactive viewer) and the strip plot of the
+    numeric QC columns; then, for each template space
     in ``spaces`` (``space`` label, ``maps`` with the ``mean`` and ``sd`` FA paths, ``table`` TSV
     and its ``rows``), the group FA maps and the tissue table; last, links to the group region
     tables (``regions``). Returns the TSV.
@@ -122,6 +125,11 @@ def write_group_outputs(output_dir: Path, spaces: list[dict] | None = None, regi
     flagged = {c: outliers(_values(rows, c)) for c in metrics}
     plot = strip_plot(rows, metrics, output_dir / "figures" / "group_qc.svg") if metrics else None
 
+    def viewer_link(label: str) -> str:
+        if not viewer_data_path(output_dir, Subject.from_label(label)).exists():
+            return ""
+        return f' · <a class="viewer" href="{html.escape(label)}.html#viewer">viewer</a>'
+
     def cell(i: int, column: str) -> str:
         css = ' class="outlier"' if column in flagged and flagged[column][i] else ""
         return f"<td{css}>{html.escape(str(rows[i].get(column, 'n/a')))}</td>"
@@ -129,7 +137,7 @@ def write_group_outputs(output_dir: Path, spaces: list[dict] | None = None, regi
     cells = "".join(
         f'<tr id="row-{html.escape(row["subject"])}">'
         + "".join(cell(i, c) for c in columns)
-        + f'<td><a href="{html.escape(row["subject"])}.html">report</a></td></tr>'
+        + f'<td><a href="{html.escape(row["subject"])}.html">report</a>{viewer_link(row["subject"])}</td></tr>'
         for i, row in enumerate(rows)
     )
     figure = (

@@ -1,6 +1,7 @@
 """The per-subject HTML report (``sub-<label>.html`` with its figures under ``sub-<label>/figures/``).
 
-Sections, each reachable from the navigation bar: Summary, Maps (FA over the T1w as a
+Sections, each reachable from the navigation bar: Summary, Viewer (NiiVue on the T1w, the maps
+and the tractogram: :mod:`m2m_app.reports.viewer`), Maps (FA over the T1w as a
 T1w/FA toggle with the brain-mask contour, MD, colour FA), Tracts (streamline projections,
 track density, NeRF views and turntable), Uncertainty, Methods (boilerplate, references,
 BibTeX), Errors (the unit's crash files) and About (command line, version, weights, date,
@@ -15,9 +16,12 @@ import html
 import json
 import os
 import platform
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 
+import nibabel as nib
 import numpy as np
 
 from m2m_app import __version__
@@ -29,10 +33,13 @@ from m2m_app.io.timings import STAGE_ORDER
 from m2m_app.io.tractogram import load_streamlines
 from m2m_app.reports.figures import mosaic, streamline_figure
 from m2m_app.reports.methods import cited, references_html, write_bibtex
+from m2m_app.reports.viewer import STYLE as VIEWER_STYLE
+from m2m_app.reports.viewer import VIEWER_VOLUMES, prepare_viewer_data, viewer_html, write_viewer
 
 #: Navigation bar: section id → title, in page order.
 SECTIONS: dict[str, str] = {
     "summary": "Summary",
+    "viewer": "Viewer",
     "maps": "Maps",
     "tracts": "Tracts",
     "spaces": "Template space",
@@ -79,13 +86,37 @@ def _relative(path: Path, output_dir: Path) -> str:
     return html.escape(path.relative_to(output_dir).as_posix())
 
 
-def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[str, Path]) -> dict[str, Path]:
+class _Maps(Mapping[str, np.ndarray]):
+    """The T1w underlay (``t1w``) and written maps by key, each read from its file when asked for
+    (so that only one full-resolution map at a time is held by the viewer's preparation)."""
+
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self.paths = paths
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return _load(self.paths[key])[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def report_figures(
+    output_dir: Path,
+    subject: Subject,
+    t1w: str,
+    written: dict[str, Path],
+    streamlines: Sequence[np.ndarray] | None = None,
+) -> dict[str, Path]:
     """Draw the report's figures into ``sub-X/figures/`` and return name → path.
 
     ``t1w`` and ``fa`` are SVG mosaics with the same slices and the brain-mask contour (the
     two sides of the T1w/FA toggle); ``md``, ``colfa``, ``tdi`` and the uncertainty maps
     present in ``written`` are PNG mosaics; ``streamlines`` is the SVG of
-    :func:`~m2m_app.reports.figures.streamline_figure` when a tractogram was written.
+    :func:`~m2m_app.reports.figures.streamline_figure` of ``streamlines`` (the written
+    tractogram's, ``(K_i, 3)`` RAS+ mm each) when given.
     """
     t1, affine = _load(Path(t1w))
     mask = _load(written["mask"])[0] > 0
@@ -108,9 +139,9 @@ def report_figures(output_dir: Path, subject: Subject, t1w: str, written: dict[s
     for name, (data, extension) in drawn.items():
         path = derivative_path(output_dir, subject, "figures", name.replace("_", ""), extension, desc="m2m")
         out[name] = save_bytes(data, path)
-    if "tractogram" in written:
+    if streamlines is not None:
         out["streamlines"] = streamline_figure(
-            load_streamlines(written["tractogram"], t1w),
+            streamlines,
             derivative_path(output_dir, subject, "figures", "streamlines", ".svg", desc="m2m"),
         )
     return out
@@ -295,7 +326,8 @@ def write_report(
     into the About section; ``spaces`` (from the template-space writer: space label, written
     paths, registration QC) fill the Template space section, ``regions`` (from the parcellation
     writer: atlas, written paths, summary) the Regions section. The methods' references are
-    written to ``logs/CITATION.bib``.
+    written to ``logs/CITATION.bib``; the viewer's data script and a copy of NiiVue go into the
+    unit's ``figures/`` folder (:func:`~m2m_app.reports.viewer.write_viewer`).
     """
     output_dir = Path(output_dir)
     summary_html = _table({"m2m version": __version__, **summary})
@@ -306,7 +338,13 @@ def write_report(
             {**rows, "total": f"{sum(timings.values()):.1f}"}, ("stage", "wall time (s)")
         )
     failed = '<p class="note">No outputs: this unit failed (see Errors).</p>'
-    figures = report_figures(output_dir, subject, t1w, written) if written else {}
+    figures, viewer, scripts = {}, failed, ""
+    if written:
+        streamlines = load_streamlines(written["tractogram"], t1w) if "tractogram" in written else None
+        figures = report_figures(output_dir, subject, t1w, written, streamlines)
+        maps = _Maps({"t1w": Path(t1w)} | {key: written[key] for key in VIEWER_VOLUMES if key in written})
+        data = prepare_viewer_data(maps, cast(nib.Nifti1Image, nib.load(t1w)).affine, streamlines)
+        viewer, scripts = viewer_html(write_viewer(output_dir, subject, data), data, output_dir)
     keys = cited(with_nerf=bool(written and "tractogram" in written))
     bibtex = write_bibtex(output_dir / BIBTEX, keys)
     methods = (
@@ -316,6 +354,7 @@ def write_report(
     )
     bodies = {
         "summary": summary_html,
+        "viewer": viewer,
         "maps": _maps_section(figures, output_dir) if figures else failed,
         "tracts": _tracts_section(figures, written or {}, output_dir) if figures else failed,
         "spaces": _spaces_section(spaces or [], output_dir),
@@ -329,9 +368,9 @@ def write_report(
     sections = "".join(f'<section id="{key}"><h2>{SECTIONS[key]}</h2>{bodies[key]}</section>' for key in SECTIONS)
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>m2m {subject.label}</title>'
-        f"<style>{STYLE}</style></head><body>{nav}<h1>m2m report: {html.escape(subject.label)}</h1>"
+        f"<style>{STYLE}\n{VIEWER_STYLE}</style></head><body>{nav}<h1>m2m report: {html.escape(subject.label)}</h1>"
         "<p>All diffusion maps and streamlines on this page are <b>predicted from the T1w</b>; "
-        f"no diffusion data was used.</p>{sections}</body></html>"
+        f"no diffusion data was used.</p>{sections}{scripts}</body></html>"
     )
     path = output_dir / f"{subject.label}.html"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(page))
