@@ -124,12 +124,40 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "  year = {2008}, volume = {12}, number = {1}, pages = {26--41},\n"
         "  doi = {10.1016/j.media.2007.06.004}\n}",
     ),
+    "fonov2011": (
+        "Fonov V, Evans AC, Botteron K, et al. Unbiased average age-appropriate atlases for pediatric studies. "
+        "NeuroImage. 2011;54(1):313-327.",
+        "@article{fonov2011,\n  author = {Fonov, V. and Evans, A. C. and Botteron, K. and others},\n"
+        "  title = {Unbiased average age-appropriate atlases for pediatric studies},\n  journal = {NeuroImage},\n"
+        "  year = {2011}, volume = {54}, number = {1}, pages = {313--327},\n"
+        "  doi = {10.1016/j.neuroimage.2010.07.033}\n}",
+    ),
+    "desikan2006": (
+        "Desikan RS, Ségonne F, Fischl B, et al. An automated labeling system for subdividing the human cerebral "
+        "cortex on MRI scans into gyral based regions of interest. NeuroImage. 2006;31(3):968-980.",
+        "@article{desikan2006,\n  author = {Desikan, R. S. and S{\\'e}gonne, F. and Fischl, B. and others},\n"
+        "  title = {An automated labeling system for subdividing the human cerebral cortex on {MRI} scans into "
+        "gyral based regions of interest},\n  journal = {NeuroImage},\n"
+        "  year = {2006}, volume = {31}, number = {3}, pages = {968--980},\n"
+        "  doi = {10.1016/j.neuroimage.2006.01.021}\n}",
+    ),
+    "markello2021": (
+        "Markello RD, Arnatkeviciute A, Poline JB, Fulcher BD, Fornito A, Misic B. Standardizing workflows in "
+        "imaging transcriptomics with the abagen toolbox. eLife. 2021;10:e72129.",
+        "@article{markello2021,\n  author = {Markello, R. D. and Arnatkeviciute, A. and Poline, J.-B. and "
+        "Fulcher, B. D. and Fornito, A. and Misic, B.},\n  title = {Standardizing workflows in imaging "
+        "transcriptomics with the abagen toolbox},\n  journal = {eLife},\n  year = {2021}, volume = {10},"
+        " pages = {e72129},\n  doi = {10.7554/eLife.72129}\n}",
+    ),
 }
 
 #: The references of each part of the pipeline.
 PHASE1_REFERENCES = ("basser1994", "pajevic1999", "arsigny2006", "ronneberger2015", "isola2017")
 NERF_REFERENCES = ("mildenhall2020", "basser2000")
 TOOL_REFERENCES = ("gorgolewski2011", "garyfallidis2014", "gorgolewski2016")
+#: Of the registration to a template (``--output-spaces``, ``--atlases``), and of the atlas.
+TEMPLATE_REFERENCES = ("avants2008", "fonov2011")
+ATLAS_REFERENCES = ("desikan2006", "markello2021")
 #: The references of the teacher's methods text (``m2m-train prepare``), in the order it cites them.
 TEACHER_REFERENCES = (
     "fisch2024",
@@ -137,6 +165,9 @@ TEACHER_REFERENCES = (
     "tustison2010",
     "garyfallidis2014",
     "avants2008",
+    "fonov2011",
+    "desikan2006",
+    "markello2021",
     "gorgolewski2011",
     "gorgolewski2016",
 )
@@ -144,9 +175,16 @@ TEACHER_REFERENCES = (
 TEACHER_SOFTWARE = ("m2m-app", "deepbet", "antspyx", "dipy", "nipype", "nibabel", "torch")
 
 
-def cited(with_nerf: bool) -> list[str]:
-    """The BibTeX keys of a run (the NeRF's references only when phase 3 ran)."""
-    return [*PHASE1_REFERENCES, *(NERF_REFERENCES if with_nerf else ()), *TOOL_REFERENCES]
+def cited(with_nerf: bool, with_template: bool = False, with_atlas: bool = False) -> list[str]:
+    """The BibTeX keys of a run (the NeRF's references only when phase 3 ran, the registration's
+    when a template space or an atlas was asked for, the atlas's with an atlas)."""
+    return [
+        *PHASE1_REFERENCES,
+        *(NERF_REFERENCES if with_nerf else ()),
+        *(TEMPLATE_REFERENCES if with_template or with_atlas else ()),
+        *(ATLAS_REFERENCES if with_atlas else ()),
+        *TOOL_REFERENCES,
+    ]
 
 
 def references_html(keys: list[str]) -> str:

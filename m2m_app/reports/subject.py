@@ -345,7 +345,9 @@ def write_report(
         maps = _Maps({"t1w": Path(t1w)} | {key: written[key] for key in VIEWER_VOLUMES if key in written})
         data = prepare_viewer_data(maps, cast(nib.Nifti1Image, nib.load(t1w)).affine, streamlines)
         viewer, scripts = viewer_html(write_viewer(output_dir, subject, data), data, output_dir)
-    keys = cited(with_nerf=bool(written and "tractogram" in written))
+    keys = cited(
+        with_nerf=bool(written and "tractogram" in written), with_template=bool(spaces), with_atlas=bool(regions)
+    )
     bibtex = write_bibtex(output_dir / BIBTEX, keys)
     methods = (
         f"<p>{html.escape(boilerplate or 'No processing ran.')}</p><h3>References</h3>"
