@@ -245,9 +245,8 @@ def _run_participants(config: RunConfig) -> None:
     check_location(config.work_dir, "work folder", config.bids_dir)
     output_dir = writable_dir(config.output_dir, "output folder")
     work_dir = writable_dir(config.work_dir, "work folder")
-    # Only now: matplotlib (reports) needs a writable cache folder at import, and without one
-    # (--read-only, no tmpfs /tmp) the folder checks above give the one-line error instead.
-    from m2m_app.reports.subject import write_report
+    # Only now: matplotlib (niworkflows, the reports) needs a writable cache folder at import, and
+    # without one (--read-only, no tmpfs /tmp) the folder checks above give the one-line error instead.
     from m2m_app.workflows.base import init_m2m_wf, node_prefix
     from m2m_app.workflows.timing import StageTimer
 
@@ -292,6 +291,8 @@ def _run_participants(config: RunConfig) -> None:
                 or "did not finish"
             )
             failures[subject.label], codes = (message, t1w), codes | {EX_FAILURE}
+    if failures:  # the report module (figures, tractograms) is imported only when a unit failed
+        from m2m_app.reports.subject import write_report
     for label, (message, failed_t1w) in sorted(failures.items()):
         write_report(
             output_dir,
