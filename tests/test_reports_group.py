@@ -37,12 +37,14 @@ def test_group_outputs_table_page_and_plot(tmp_path):
     viewer = viewer_data_path(tmp_path, Subject("02"))  # only sub-02's report has a viewer
     viewer.parent.mkdir(parents=True)
     viewer.write_text("window.m2mViewerData = {};")
-    tsv = write_group_outputs(tmp_path)
+    regions = tmp_path / "group_space-T1w_seg-DesikanKilliany_model-tensor_dwimap.tsv"
+    tsv = write_group_outputs(tmp_path, regions=[regions])
     lines = tsv.read_text().splitlines()
     assert lines[0] == "subject\tmean_fa\tnote" and lines[1] == "sub-01\t0.4\trerun" and lines[2].endswith("\tn/a")
     page = (tmp_path / "group.html").read_text()
     assert re.findall(r'<td class="outlier">([^<]*)</td>', page) == ["0.95"]
     assert page.count('<a href="sub-0') == 5 and '<img src="figures/group_qc.svg"' in page
     assert re.findall(r'<a class="viewer" href="([^"]+)">viewer</a>', page) == ["sub-02.html#viewer"]
+    assert "<h2>Regions</h2>" in page and f'<a href="{regions.name}">' in page
     svg = (tmp_path / "figures" / "group_qc.svg").read_text()
     assert "sub-05" in svg and "sub-04" not in svg  # only the outlier is labelled
