@@ -51,14 +51,12 @@ class RegisterToTemplate(SimpleInterface):
 def copy_transforms(inputs, template: str) -> dict[str, Path]:
     """Copy the registration's ``forward`` and ``inverse`` transforms (work folder) to their
     derivative names in ``inputs.output_dir`` (atomically; the same bytes on a re-run)."""
-    import shutil
-
-    from m2m_app.io.files import atomic_write
+    from m2m_app.io.files import copy_file
     from m2m_app.registration.template_space import transform_paths
 
     transforms = transform_paths(Path(inputs.output_dir), unit_of(inputs), template)
     for key, source in (("forward", inputs.forward), ("inverse", inputs.inverse)):
-        atomic_write(transforms[key], lambda tmp, source=source: shutil.copyfile(source, tmp))
+        copy_file(source, transforms[key])
     return transforms
 
 

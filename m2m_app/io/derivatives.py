@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from m2m_app.data.weights import (
 )
 from m2m_app.io.environment import container_description
 from m2m_app.errors import BadDataError, MissingInputError
-from m2m_app.io.files import atomic_write, file_sha256, save_json
+from m2m_app.io.files import atomic_write, copy_file, file_sha256, save_json
 from m2m_app.io.naming import (
     TDI_PARAMS,
     TENSOR_PARAMS,
@@ -212,10 +211,6 @@ def weights_provenance(weights_dir: str | None) -> dict:
     return out
 
 
-def _copy(source: str | Path, target: Path) -> Path:
-    return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
-
-
 def _common_sidecar(t1w: str, weights_dir: str | None, timings: dict[str, float]) -> dict:
     """Keys of every sidecar: sources, software, weights and the wall time of the stages run so far."""
     return {
@@ -352,7 +347,7 @@ def write_nerf(
     """Copy phase 3's tractogram (BEP046 sidecar), fitted field and rendered figures into place."""
     output_dir = Path(output_dir)
     target = derivative_paths(output_dir, subject, "nerf", Path(tractogram).suffix.lstrip("."))["tractogram"]
-    written = {"tractogram": _copy(tractogram, target)}
+    written = {"tractogram": copy_file(tractogram, target)}
     save_json(
         {
             **tracking,
@@ -361,14 +356,14 @@ def write_nerf(
         },
         sidecar_path(target),
     )
-    written["field"] = _copy(
+    written["field"] = copy_file(
         field,
         derivative_path(
             output_dir, subject, "dwi", "model", ".safetensors", space="T1w", tract="wholebrain", desc="nerf"
         ),
     )
     for name, source in figures.items():
-        written[f"figure_{name}"] = _copy(
+        written[f"figure_{name}"] = copy_file(
             source, derivative_path(output_dir, subject, "figures", "nerf", Path(source).suffix, desc=name)
         )
     return written

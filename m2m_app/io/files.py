@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -70,6 +71,11 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], Any]) -> Path:
 def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
     """Write ``data`` (e.g. a figure) atomically."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy ``source`` onto ``target`` atomically (bytes only)."""
+    return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:

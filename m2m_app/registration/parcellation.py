@@ -30,7 +30,7 @@ from nibabel.affines import apply_affine, voxel_sizes
 from m2m_app import __version__
 from m2m_app.data.atlases import ATLASES, Atlas
 from m2m_app.data.templates import TEMPLATES
-from m2m_app.io.files import atomic_write, save_bytes, save_json, save_tsv
+from m2m_app.io.files import copy_file, save_bytes, save_json, save_tsv
 from m2m_app.io.naming import Subject, derivative_path, derivative_paths, sidecar_path
 from m2m_app.io.nifti import load_image, save_nifti
 from m2m_app.io.tractogram import load_streamlines
@@ -234,6 +234,7 @@ def write_regions(
         streamlines = load_streamlines(written["tractogram"], written["mask"])
         counts, mean_fa, assigned = tractogram_connectome(streamlines, labels, mask_img.affine, maps["fa"], atlas)
         summary |= {"streamlines": len(streamlines), "assigned": assigned}
+        sources = [uri(written["tractogram"]), uri(out["dseg"])]
         relmat = {
             **atlas_keys,
             "NodeFile": uri(out["labels"]),
@@ -241,7 +242,7 @@ def write_regions(
             "Symmetric": True,
             "StreamlineCount": len(streamlines),
             "StreamlinesAssigned": assigned,
-            "Sources": [uri(written["tractogram"]), uri(out["dseg"])],
+            "Sources": sources,
             **generated,
         }
         out["count"] = save_tsv(_relmat_rows(counts, names, integer=True), paths["count"])
@@ -261,7 +262,7 @@ def write_regions(
                 "(n/a where no streamline joins them)",
                 "Measure": "mean FA along streamlines",
                 **relmat,
-                "Sources": [*relmat["Sources"], uri(written["fa"])],
+                "Sources": [*sources, uri(written["fa"])],
             },
             sidecar_path(paths["mean_fa"]),
         )
@@ -284,7 +285,6 @@ def write_teacher_regions(
     ``prep_dir``: the unit's T1w registered to the atlas's template with the teacher's brain mask
     (transforms written beside, as the app writes them; kept on a re-run), then
     :func:`write_regions` on the teacher's tensor maps and tractogram. Returns the summaries by atlas."""
-    import shutil
     import tempfile
 
     prep_dir = Path(prep_dir)
@@ -298,8 +298,8 @@ def write_teacher_regions(
             with tempfile.TemporaryDirectory() as tmp:
                 forward, inverse = Path(tmp) / "forward.h5", Path(tmp) / "inverse.h5"
                 register_t1w(t1w, teacher["mask"], TEMPLATES[atlas.template](), forward, inverse, seed, threads)
-                for source, target in ((forward, transforms["forward"]), (inverse, transforms["inverse"])):
-                    atomic_write(target, lambda tmp_path, source=source: shutil.copyfile(source, tmp_path))
+                copy_file(forward, transforms["forward"])
+                copy_file(inverse, transforms["inverse"])
         _, summaries[name] = write_regions(
             prep_dir, subject, atlas, written, transforms["inverse"], TEACHER_TRACK, dataset_link="", threads=threads
         )
