@@ -35,6 +35,8 @@ LOGGER = logging.getLogger("m2m.train")
 
 #: The shipped weights' recipe: the defaults of ``phase1`` and ``phase2``.
 DEFAULT = TrainingRecipe()
+#: The ``Name`` of a prep dir's ``dataset_description.json``.
+PREP_NAME = "m2m teacher targets (m2m-train prepare)"
 
 verbosity = [
     click.option("-v", "--verbose", count=True, help="More log output (-vv: debug)."),
@@ -99,6 +101,13 @@ def cli() -> None:
 )
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the tractography.")
 @click.option(
+    "--dwi-derivatives",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="QSIPrep's output folder: take each unit's preprocessed DWI (desc-preproc, space-ACPC or "
+    "space-T1w) and preprocessed T1w from there, in one space, so nothing is registered. BIDS_DIR "
+    "then only lists the participants/sessions and may hold no DWI.",
+)
+@click.option(
     "--omp-nthreads",
     type=click.IntRange(min=1),
     default=1,
@@ -117,6 +126,7 @@ def prepare(
     use_plugin: Path | None,
     work_dir: Path | None,
     random_seed: int,
+    dwi_derivatives: Path | None,
     omp_nthreads: int,
     verbose: int,
     quiet: int,
@@ -134,6 +144,9 @@ def prepare(
     Finished units are skipped on a re-run; a failed unit does not stop the others and
     makes the exit code 1. PREP_DIR lies outside BIDS_DIR or below its derivatives/ folder
     (e.g. BIDS_DIR/derivatives/m2m-prep).
+
+    With --dwi-derivatives QSIPREP_DIR each unit of BIDS_DIR takes QSIPrep's preprocessed T1w and
+    DWI instead (no registration: identity transform); a unit missing there fails on its own.
     """
     from m2m_app.io.derivatives import dataset_description, source_link_name
     from m2m_app.io.manifest import qc_path, write_manifest
@@ -147,20 +160,27 @@ def prepare(
     check_location(prep_dir, "prep folder", bids_dir, suggested="m2m-prep")
     work_dir = Path(work_dir) if work_dir else work_dir_outside(Path(prep_dir) / ".m2m_work", bids_dir)
     check_location(work_dir, "work folder", bids_dir)
+    if dwi_derivatives:  # nor inside QSIPrep's output, which is read as a dataset too
+        check_location(prep_dir, "prep folder", dwi_derivatives)
+        check_location(work_dir, "work folder", dwi_derivatives)
     prep_dir, work_dir = writable_dir(prep_dir, "prep folder"), writable_dir(work_dir, "work folder")
     filters = bids_io.read_filters(bids_filter_file)
+    preprocessed = bids_io.load_layout(dwi_derivatives, derivative=True) if dwi_derivatives else None
 
     def find(subject: Subject) -> tuple[Path, list[Path]] | None:
         if qc_path(prep_dir, subject).exists():
             LOGGER.info("%s: already prepared, skipping", subject.label)
             return None
-        try:
-            t1w, dwi = bids_io.find_t1w(layout, subject, filters), bids_io.find_dwi(layout, subject, filters)
-        except M2MError as err:  # a unit without DWI is no training pair: skip unless asked for
-            LOGGER.warning("%s", err)
-            if participant_labels:
-                raise
-            return None
+        if preprocessed is not None:  # a unit missing from QSIPrep's output is an error of its own
+            t1w, dwi = bids_io.find_preprocessed_dwi(preprocessed, subject, filters)
+        else:
+            try:
+                t1w, dwi = bids_io.find_t1w(layout, subject, filters), bids_io.find_dwi(layout, subject, filters)
+            except M2MError as err:  # a unit without DWI is no training pair: skip unless asked for
+                LOGGER.warning("%s", err)
+                if participant_labels:
+                    raise
+                return None
         load_t1w(t1w)  # read every input once now, so bad data fails with its own message and exit code
         load_dwi_runs(dwi)
         return t1w, dwi
@@ -171,11 +191,15 @@ def prepare(
     codes = {err.exit_code for err in errors.values()}
     ok = True
     link = source_link_name(prep_dir, bids_dir)  # a second dataset in one prep dir gets its own key
+    dwi_source = "qsiprep" if dwi_derivatives else "raw"
+    if dwi_derivatives:  # the units' files come from QSIPrep's dataset, linked under a key of its own
+        dataset_description(prep_dir, bids_dir, name=PREP_NAME, link=link)
+        link = source_link_name(prep_dir, dwi_derivatives)
     if units:
         LOGGER.info("preparing %d unit(s): %s", len(units), ", ".join(s.label for s in units))
-        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads, link)
+        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads, link, dwi_source)
         citation = write_citation(prep_dir, workflow)
-        write_bibtex(citation.with_suffix(".bib"), TEACHER_REFERENCES, TEACHER_SOFTWARE)
+        write_bibtex(citation.with_suffix(".bib"), TEACHER_REFERENCES[dwi_source], TEACHER_SOFTWARE)
         workflow.config["execution"]["crashdump_dir"] = str(prep_dir / "logs")
         ok = run_workflow(workflow, plugin_settings(nprocs, None, use_plugin), stop_on_first_crash=False)
         reasons = crash_reasons(prep_dir / "logs")
@@ -183,7 +207,7 @@ def prepare(
             if not qc_path(prep_dir, subject).exists():
                 failures[subject.label] = reasons.get(node_name(subject), "see the crash file in PREP_DIR/logs")
                 codes.add(EX_FAILURE)
-    dataset_description(prep_dir, bids_dir, name="m2m teacher targets (m2m-train prepare)", link=link)
+    dataset_description(prep_dir, dwi_derivatives or bids_dir, name=PREP_NAME, link=link)
     manifest = write_manifest(prep_dir, failures)
     echo_failures("m2m-train prepare", failures)
     for row in json.loads((prep_dir / "manifest.json").read_text())["pairs"]:

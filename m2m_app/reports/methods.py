@@ -124,22 +124,43 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "  year = {2008}, volume = {12}, number = {1}, pages = {26--41},\n"
         "  doi = {10.1016/j.media.2007.06.004}\n}",
     ),
+    "cieslak2021": (
+        "Cieslak M, Cook PA, He X, et al. QSIPrep: an integrative platform for preprocessing and reconstructing "
+        "diffusion MRI data. Nat Methods. 2021;18(7):775-778.",
+        "@article{cieslak2021,\n  author = {Cieslak, M. and Cook, P. A. and He, X. and others},\n"
+        "  title = {{QSIPrep}: an integrative platform for preprocessing and reconstructing diffusion {MRI} data},\n"
+        "  journal = {Nature Methods},\n  year = {2021}, volume = {18}, number = {7}, pages = {775--778},\n"
+        "  doi = {10.1038/s41592-021-01185-5}\n}",
+    ),
 }
 
 #: The references of each part of the pipeline.
 PHASE1_REFERENCES = ("basser1994", "pajevic1999", "arsigny2006", "ronneberger2015", "isola2017")
 NERF_REFERENCES = ("mildenhall2020", "basser2000")
 TOOL_REFERENCES = ("gorgolewski2011", "garyfallidis2014", "gorgolewski2016")
-#: The references of the teacher's methods text (``m2m-train prepare``), in the order it cites them.
-TEACHER_REFERENCES = (
-    "fisch2024",
-    "avants2011",
-    "tustison2010",
-    "garyfallidis2014",
-    "avants2008",
-    "gorgolewski2011",
-    "gorgolewski2016",
-)
+#: The references of the teacher's methods text (``m2m-train prepare``), in the order it cites them, by where
+#: its DWI comes from (:data:`m2m_app.teacher.prepare.DWI_SOURCES`): the raw DWI, registered by m2m
+#: (ANTs' check cited), or QSIPrep's preprocessed DWI (QSIPrep cited, no registration).
+TEACHER_REFERENCES = {
+    "raw": (
+        "fisch2024",
+        "avants2011",
+        "tustison2010",
+        "garyfallidis2014",
+        "avants2008",
+        "gorgolewski2011",
+        "gorgolewski2016",
+    ),
+    "qsiprep": (
+        "fisch2024",
+        "avants2011",
+        "tustison2010",
+        "cieslak2021",
+        "garyfallidis2014",
+        "gorgolewski2011",
+        "gorgolewski2016",
+    ),
+}
 #: The distributions the teacher runs on, cited with their installed versions.
 TEACHER_SOFTWARE = ("m2m-app", "deepbet", "antspyx", "dipy", "nipype", "nibabel", "torch")
 
