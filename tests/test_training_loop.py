@@ -180,3 +180,51 @@ def test_cuda_training_and_inference_agree_with_cpu(tmp_path):
     on_cpu = predict_volume(model, spec, volume, device="cpu")
     assert np.isfinite(on_gpu).all()
     np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_packaged_weights_and_records_their_checksum(tmp_path):
+    """One short epoch from the packaged phase-1 weights on a tiny prep dir: the architecture is theirs, the
+    learning rate the fine-tuning one, the exported JSON names their SHA-256, and the exported weights
+    moved from them, but little (0.5 % of their norm here; a network trained from scratch lands 20 % away)."""
+    from safetensors.torch import load_file
+
+    from m2m_app.data.weights import PACKAGED_WEIGHTS
+    from m2m_app.training.recipe import FINE_TUNE_LR
+
+    prep, out = make_prep_dir(tmp_path, ("ras",)), tmp_path / "tuned"
+    packaged = json.loads((PACKAGED_WEIGHTS / "phase1.json").read_text())
+    train_phase("phase1", prep, out, init_weights="packaged", epochs=1, batch_size=16, device="cpu", disc_base=4)
+    meta = json.loads((out / "phase1.json").read_text())
+    start = meta["recipe"]["init_weights"]
+    assert start["weights"] == "packaged" and start["sha256"] == packaged["sha256"]
+    assert start["trained_on"] == packaged["recipe"]["subjects"]
+    assert meta["architecture"] == packaged["architecture"] and meta["recipe"]["lr"] == FINE_TUNE_LR
+    assert meta["sha256"] != packaged["sha256"] and meta["recipe"]["final_losses"]["batches"] > 0
+    before, after = load_file(PACKAGED_WEIGHTS / "phase1.safetensors"), load_file(out / "phase1.safetensors")
+    moved = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    size = torch.sqrt(sum((before[k] ** 2).sum() for k in before))
+    assert 0 < moved / size < 0.05, float(moved / size)
+
+
+def test_fine_tuning_on_the_command_line_keeps_the_weights_architecture(tmp_path, monkeypatch):
+    """``--init-weights`` lowers the default learning rate (an explicit ``--lr`` wins) and refuses ``--width``."""
+    from click.testing import CliRunner
+
+    from m2m_app.cli.train import cli
+    from m2m_app.training import loop
+    from m2m_app.training.recipe import FINE_TUNE_LR, TrainingRecipe
+
+    calls = []
+    monkeypatch.setattr(loop, "train_phase", lambda *args, **kwargs: calls.append((args, kwargs)) or tmp_path)
+    prep = make_prep_dir(tmp_path, ("ras",))
+    runner = CliRunner()
+    for extra, lr in (([], FINE_TUNE_LR), (["--lr", "1e-3"], 1e-3)):
+        result = runner.invoke(cli, ["phase1", str(prep), str(tmp_path / "out"), "--init-weights", "packaged", *extra])
+        assert result.exit_code == 0, result.output
+        recipe = calls[-1][0][3]
+        assert isinstance(recipe, TrainingRecipe) and recipe.lr == lr and calls[-1][1]["init_weights"] == "packaged"
+    result = runner.invoke(
+        cli, ["phase1", str(prep), str(tmp_path / "out"), "--init-weights", "packaged", "--width", "8"]
+    )
+    assert result.exit_code != 0 and "--width cannot be given with --init-weights" in result.output

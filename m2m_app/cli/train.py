@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from m2m_app import __version__
 from m2m_app.cli.common import (
@@ -29,7 +30,7 @@ from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
 from m2m_app.io.naming import Subject
 from m2m_app.io.crashes import crash_reasons
-from m2m_app.training.recipe import FA_DETAIL_SIGMA_MM, FA_DETAIL_WEIGHT, TrainingRecipe
+from m2m_app.training.recipe import FA_DETAIL_SIGMA_MM, FA_DETAIL_WEIGHT, FINE_TUNE_LR, TrainingRecipe
 
 LOGGER = logging.getLogger("m2m.train")
 
@@ -271,7 +272,13 @@ def training_options(func):
             show_default=True,
             help="Slices per step (per GPU under torchrun).",
         ),
-        click.option("--lr", type=float, default=DEFAULT.lr, show_default=True, help="Adam learning rate."),
+        click.option(
+            "--lr",
+            type=float,
+            default=DEFAULT.lr,
+            show_default=True,
+            help=f"Adam learning rate (with --init-weights, unless given: {FINE_TUNE_LR:g}).",
+        ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option(
             "--random-seed",
@@ -320,6 +327,13 @@ def training_options(func):
             help="Pool subjects of further prep dirs (e.g. several sites). Repeatable.",
         ),
         click.option(
+            "--init-weights",
+            metavar="packaged|DIR",
+            help="Fine-tune: start the translator from these weights ('packaged': the shipped ones; DIR: a "
+            "folder with <phase>.safetensors), keeping their architecture; the weights' JSON records their "
+            f"SHA-256, and --lr defaults to {FINE_TUNE_LR:g} instead.",
+        ),
+        click.option(
             "--include-flagged",
             is_flag=True,
             help="Also train on units whose teacher QC was flagged (registration far from "
@@ -345,6 +359,12 @@ def _train(
 
     setup_logging(verbose, quiet)
     writable_dir(model_out, "model folder")
+    if kwargs["init_weights"] is not None:  # fine-tuning: its own learning rate, the weights' architecture
+        context = click.get_current_context()
+        if context.get_parameter_source("base") is not ParameterSource.DEFAULT:
+            raise click.UsageError("--width cannot be given with --init-weights: the architecture is the weights'")
+        if context.get_parameter_source("lr") is ParameterSource.DEFAULT:
+            kwargs["lr"] = FINE_TUNE_LR
     fields = {field.name for field in dataclasses.fields(TrainingRecipe)}
     recipe = TrainingRecipe(**{key: kwargs.pop(key) for key in list(kwargs) if key in fields})
     weights = train_phase(
@@ -379,6 +399,7 @@ def phase1(prep_dir: Path, model_out: Path, **kwargs) -> None:
     \b
     Logs: MODEL_OUT/phase1_losses.csv; checkpoints: MODEL_OUT/checkpoints/.
     Several GPUs: torchrun --nproc_per_node 4 -m m2m_app.cli.train phase1 ...
+    Fine-tune the shipped weights on your data: --init-weights packaged.
     """
     _train("phase1", prep_dir, model_out, **kwargs)
 

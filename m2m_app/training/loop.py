@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from m2m_app import __version__
+from m2m_app.data.weights import weight_files, weights_folder
 from m2m_app.errors import UsageError
-from m2m_app.inference.predict import resolve_device
+from m2m_app.inference.predict import load_translator, resolve_device
 from m2m_app.io.files import atomic_write, file_sha256, save_json
 from m2m_app.io.manifest import select_rows
 from m2m_app.models.phases import PhaseSpec, get_phase
@@ -73,6 +74,27 @@ def training_datasets(prep_dirs: list[Path]) -> list[str]:
         except (OSError, ValueError, KeyError, TypeError):
             names.append(prep.resolve().name)
     return sorted(set(names))
+
+
+#: ``--init-weights`` value naming the weights shipped in the package.
+PACKAGED = "packaged"
+
+
+def initial_weights(spec: PhaseSpec, init_weights: str | os.PathLike) -> tuple[Translator, dict]:
+    """The generator to fine-tune (``init_weights``: :data:`PACKAGED` or a folder of ``<phase>.safetensors``),
+    checked against its recorded SHA-256, and what the new weights' recipe records of it: its
+    origin (``packaged`` or the folder's name, not this machine's path), SHA-256, m2m version,
+    architecture and the units it was trained on."""
+    folder = weights_folder(None if str(init_weights) == PACKAGED else init_weights)
+    generator, _ = load_translator(spec.name, folder)
+    meta = json.loads(weight_files(spec.name, folder)[1].read_text())
+    return generator, {
+        "weights": PACKAGED if str(init_weights) == PACKAGED else Path(init_weights).resolve().name,
+        "sha256": meta["sha256"],
+        "m2m_version": meta.get("m2m_version"),
+        "architecture": generator.config,
+        "trained_on": meta.get("recipe", {}).get("subjects"),
+    }
 
 
 def _distributed_context() -> tuple[int, int, int]:
@@ -122,6 +144,13 @@ class _Networks(nn.Module):
         if ema_decay:
             self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False)
             self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def start_from(self, generator: Translator) -> None:
+        """Copy ``generator``'s weights (same architecture) into the generator and its moving average."""
+        for target in (self.generator, self.ema_generator):
+            if target is not None:
+                target.load_state_dict(generator.state_dict())
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -242,6 +271,7 @@ def train_phase(
     predicted_inputs: str | os.PathLike | None = None,
     workers: int | None = None,
     include_flagged: bool = False,
+    init_weights: str | os.PathLike | None = None,
     **changes: Any,
 ) -> Path:
     """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
@@ -260,17 +290,30 @@ def train_phase(
         dir (see :mod:`m2m_app.training.slices`); those subjects are used with both inputs.
     workers : DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
     include_flagged : also train on units the teacher's QC flagged (see :func:`~m2m_app.io.manifest.select_rows`).
+    init_weights : fine-tune: start the generator from these weights (``packaged`` or a folder
+        with ``<phase>.safetensors``; :func:`initial_weights`), whose architecture (``base``,
+        ``depth``) replaces the recipe's; the default recipe is then
+        :meth:`TrainingRecipe.fine_tuning` (smaller learning rate). The discriminators start afresh.
     changes : recipe fields to change, e.g. ``epochs=2, lr=1e-3`` (``dataclasses.replace``).
 
     The exported JSON's ``recipe`` is the recipe as it ran (phase 2 ignores skull stripping:
     its ``skull_strip_prob`` is 0; ``batch_size`` is summed over the DDP processes), with the
     run's facts: phase, world size, training datasets and subjects, slices per epoch, date
-    and the last epoch's losses.
+    and the last epoch's losses; with ``init_weights``, ``init_weights`` records their origin
+    and SHA-256.
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
-    recipe = dataclasses.replace(recipe or TrainingRecipe(), **changes)
     spec = get_phase(spec_name)
+    default = TrainingRecipe.fine_tuning() if init_weights is not None else TrainingRecipe()
+    recipe = dataclasses.replace(recipe or default, **changes)
+    start_from: dict[str, Any] = {}
+    if init_weights is not None:
+        initial, start_from = initial_weights(spec, init_weights)
+        size = {key: initial.config[key] for key in ("base", "depth")}
+        if size != {"base": recipe.base, "depth": recipe.depth}:
+            log.info("%s: the architecture of the initial weights, %s, replaces the recipe's", spec.name, size)
+        recipe = dataclasses.replace(recipe, **size)
     if predicted_inputs is not None and spec.name != "phase2":
         raise UsageError("predicted_inputs only applies to phase2 (its inputs are phase-1 maps)")
     model_out = Path(model_out)
@@ -303,7 +346,11 @@ def train_phase(
         pin_memory=torch_device.type == "cuda",
     )
 
-    networks = _Networks(spec, recipe.base, recipe.depth, recipe.disc_base, recipe.ema_decay).to(torch_device)
+    networks = _Networks(spec, recipe.base, recipe.depth, recipe.disc_base, recipe.ema_decay)
+    if init_weights is not None:
+        networks.start_from(initial)
+        log.info("%s: fine-tuning from %s (sha256 %s)", spec.name, start_from["weights"], start_from["sha256"])
+    networks = networks.to(torch_device)
     opt_g = torch.optim.Adam(networks.generator.parameters(), lr=recipe.lr, betas=BETAS)
     opt_d = torch.optim.Adam(
         list(networks.global_d.parameters()) + list(networks.patch_d.parameters()), lr=recipe.lr, betas=BETAS
@@ -317,11 +364,14 @@ def train_phase(
         "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
         "subjects": sorted({row["subject"] for row, _ in rows}),
         "slices_per_epoch": len(dataset),
+        **({"init_weights": start_from} if start_from else {}),
     }
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
-    architecture: dict[str, float] = {**networks.generator.config, "disc_base": recipe.disc_base}
+    architecture: dict[str, Any] = {**networks.generator.config, "disc_base": recipe.disc_base}
     if recipe.ema_decay:  # a checkpoint with or without the moving average resumes only as such
         architecture["ema_decay"] = recipe.ema_decay
+    if start_from:  # nor does a fine-tuning run from other initial weights
+        architecture["init_sha256"] = start_from["sha256"]
     start = _resume(checkpoint, networks, opt_g, opt_d, architecture, torch_device)
 
     def wrap(module: nn.Module) -> nn.Module:
