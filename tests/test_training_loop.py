@@ -228,3 +228,42 @@ def test_fine_tuning_on_the_command_line_keeps_the_weights_architecture(tmp_path
         cli, ["phase1", str(prep), str(tmp_path / "out"), "--init-weights", "packaged", "--width", "8"]
     )
     assert result.exit_code != 0 and "--width cannot be given with --init-weights" in result.output
+
+
+@pytest.mark.slow
+def test_mixed_precision_training_keeps_losses_and_weights_in_float32(tmp_path, monkeypatch):
+    """The training step under float16 autocast with gradient scaling, as on a CUDA GPU without bfloat16
+    (run here on the CPU, where training stays in float32 unless told; bfloat16 takes the same path
+    without the scaling): the networks' outputs are cast back before the losses, so every loss is
+    finite, and the exported weights are float32."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from m2m_app.models import phases
+    from m2m_app.training import loop
+
+    scalers, loss_inputs = [], []
+    original = loop._Step.__init__
+    spec = phases.PHASES["phase1"]
+
+    def loss(raw, target, weight):
+        loss_inputs.append(raw.dtype)
+        return spec.loss(raw, target, weight)
+
+    monkeypatch.setitem(phases.PHASES, "phase1", dataclasses.replace(spec, loss=loss))
+
+    def step_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        scalers.append(self.scaler.is_enabled())
+
+    monkeypatch.setattr(loop, "autocast_dtype", lambda device, on: torch.float16 if on else None)
+    monkeypatch.setattr(loop._Step, "__init__", step_init)
+    prep, out = make_prep_dir(tmp_path, ("ras",)), tmp_path / "model"
+    train_phase("phase1", prep, out, epochs=1, batch_size=16, device="cpu", lr=1e-3, disc_base=4, **TINY)
+    meta = json.loads((out / "phase1.json").read_text())
+    assert meta["recipe"]["mixed_precision"] is True and scalers == [True]
+    assert loss_inputs and set(loss_inputs) == {torch.float32}
+    losses = {k: v for k, v in meta["recipe"]["final_losses"].items() if k not in ("epoch", "seconds", "batches")}
+    assert losses and all(np.isfinite(v) for v in losses.values()), losses
+    assert all(value.dtype == torch.float32 for value in load_file(out / "phase1.safetensors").values())

@@ -327,6 +327,13 @@ def training_options(func):
             help="Pool subjects of further prep dirs (e.g. several sites). Repeatable.",
         ),
         click.option(
+            "--mixed-precision/--no-mixed-precision",
+            default=DEFAULT.mixed_precision,
+            show_default=True,
+            help="On CUDA, run the networks in bfloat16 (float16 where the GPU lacks it) with losses and "
+            "weights in float32. Ignored on the CPU.",
+        ),
+        click.option(
             "--init-weights",
             metavar="packaged|DIR",
             help="Fine-tune: start the translator from these weights ('packaged': the shipped ones; DIR: a "

@@ -178,8 +178,26 @@ def _lsgan(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(logits, torch.full_like(logits, 1.0 if real else 0.0))
 
 
+def autocast_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype | None:
+    """The reduced precision of the networks' forward passes, None for float32 throughout.
+
+    With ``mixed_precision`` on CUDA: bfloat16 where the GPU has it (Ampere and later; its
+    range is float32's, so no gradient scaling), else float16 (with gradient scaling, see
+    :class:`_Step`). On the CPU, float32: autocast there is slower than float32 for these networks.
+    """
+    if not mixed_precision or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 class _Step:
-    """One optimisation step on a batch: discriminators first, then the generator."""
+    """One optimisation step on a batch: discriminators first, then the generator.
+
+    With ``amp_dtype`` (:func:`autocast_dtype`) the networks run under ``torch.autocast`` in that
+    precision; their outputs are cast back to float32 before any loss, so the losses (eigenvalues,
+    FA, histograms) and the weights' updates stay in float32. float16 gradients are scaled
+    (``torch.amp.GradScaler``, one scale for both optimisers) so that small ones do not vanish.
+    """
 
     def __init__(
         self,
@@ -189,30 +207,44 @@ class _Step:
         opt_g: torch.optim.Optimizer,
         opt_d: torch.optim.Optimizer,
         adversarial_weight: float,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
         self.spec, self.generator, self.discriminators = spec, generator, discriminators
         self.opt_g, self.opt_d, self.adversarial_weight = opt_g, opt_d, adversarial_weight
+        self.amp_dtype = amp_dtype
+        device = next(generator.parameters()).device.type
+        self.scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
+
+    def _autocast(self, x: torch.Tensor) -> torch.autocast:
+        return torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         x, target, weight = batch["input"], batch["target"], batch["weight"]
         masked = torch.tensor(self.spec.masked_outputs, device=x.device).view(1, -1, 1, 1)
         channel_weight = torch.where(masked, weight, torch.ones_like(weight))
-        raw = self.generator(x)
+        with self._autocast(x):
+            raw = self.generator(x)
+        raw = raw.float()
         fake, real = self.spec.activate(raw) * channel_weight, target * channel_weight
 
         loss_d = x.new_zeros(())
         for disc in self.discriminators:  # real and fake in one forward (one DDP pass)
-            logits_real, logits_fake = disc(torch.cat([x, x]), torch.cat([real, fake.detach()])).chunk(2)
+            with self._autocast(x):
+                logits = disc(torch.cat([x, x]), torch.cat([real, fake.detach()]))
+            logits_real, logits_fake = logits.float().chunk(2)
             loss_d = loss_d + 0.5 * (_lsgan(logits_real, True) + _lsgan(logits_fake, False))
         self.opt_d.zero_grad()
-        loss_d.backward()
-        self.opt_d.step()
+        self.scaler.scale(loss_d).backward()
+        self.scaler.step(self.opt_d)
 
         terms = self.spec.loss(raw, target, weight)
-        adversarial = torch.stack([_lsgan(disc(x, fake), True) for disc in self.discriminators]).sum()
+        with self._autocast(x):
+            logits_fake = [disc(x, fake) for disc in self.discriminators]
+        adversarial = torch.stack([_lsgan(logits.float(), True) for logits in logits_fake]).sum()
         self.opt_g.zero_grad()
-        (terms["total"] + self.adversarial_weight * adversarial).backward()
-        self.opt_g.step()
+        self.scaler.scale(terms["total"] + self.adversarial_weight * adversarial).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
         return {**{k: v.item() for k, v in terms.items()}, "adv_g": adversarial.item(), "adv_d": loss_d.item()}
 
 
@@ -310,10 +342,15 @@ def train_phase(
     start_from: dict[str, Any] = {}
     if init_weights is not None:
         initial, start_from = initial_weights(spec, init_weights)
-        size = {key: initial.config[key] for key in ("base", "depth")}
-        if size != {"base": recipe.base, "depth": recipe.depth}:
-            log.info("%s: the architecture of the initial weights, %s, replaces the recipe's", spec.name, size)
-        recipe = dataclasses.replace(recipe, **size)
+        base, depth = initial.config["base"], initial.config["depth"]
+        if (base, depth) != (recipe.base, recipe.depth):
+            log.info(
+                "%s: the initial weights' architecture (base %d, depth %d) replaces the recipe's",
+                spec.name,
+                base,
+                depth,
+            )
+        recipe = dataclasses.replace(recipe, base=base, depth=depth)
     if predicted_inputs is not None and spec.name != "phase2":
         raise UsageError("predicted_inputs only applies to phase2 (its inputs are phase-1 maps)")
     model_out = Path(model_out)
@@ -386,6 +423,7 @@ def train_phase(
         opt_g,
         opt_d,
         recipe.adversarial_weight,
+        autocast_dtype(torch_device, recipe.mixed_precision),
     )
     losses_csv = model_out / f"{spec.name}_losses.csv"
     history = _read_losses(losses_csv, start) if rank == 0 else []

@@ -56,6 +56,9 @@ class TrainingRecipe:
     elastic_px: float = 3.0
     #: Fraction of phase-1 training slices skull-stripped by the augmentation (0: none; phase 2 ignores it).
     skull_strip_prob: float = 0.25
+    #: On CUDA, run the networks in bfloat16 (float16 on GPUs without it) under autocast, losses and
+    #: weights in float32 (ignored on the CPU; the shipped weights were trained on the CPU, in float32).
+    mixed_precision: bool = True
 
     @classmethod
     def fine_tuning(cls) -> TrainingRecipe:
