@@ -23,6 +23,7 @@ from conftest import (
 )
 from m2m_app.errors import BadDataError, MissingInputError
 from m2m_app.io.naming import sidecar_path
+from m2m_app.maths.metrics import angular_error_deg
 from m2m_app.io.nifti import load_dwi
 from m2m_app.teacher.prepare import load_dwi_runs
 
@@ -383,8 +384,7 @@ def test_fsl_bvecs_mean_the_same_world_directions_to_mrtrix_and_to_the_teacher(t
     _, _, _, voxel = load_dwi_runs([path])
     by_teacher = voxel @ frame_rotation(affine).T
     for found in (by_mrtrix, by_teacher):
-        cosines = np.abs(np.sum(found[1:] * world[1:], axis=1)) / np.linalg.norm(found[1:], axis=1)
-        np.testing.assert_allclose(cosines, 1.0, atol=1e-4)
+        np.testing.assert_array_less(angular_error_deg(found[1:], world[1:]), 0.1)
 
 
 def qsiprep_like(root: Path, t1w_path: Path, dwi_path: Path, t1w_to_dwi: np.ndarray) -> Path:
@@ -447,11 +447,6 @@ def qsiprep_like(root: Path, t1w_path: Path, dwi_path: Path, t1w_to_dwi: np.ndar
     return root
 
 
-def v1_angle_deg(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Sign-free angle (degrees) between unit vectors ``(N, 3)``."""
-    return np.degrees(np.arccos(np.clip(np.abs(np.sum(first * second, axis=-1)), 0.0, 1.0)))
-
-
 @pytest.fixture(scope="module")
 def prepared_from_qsiprep(prepared_ds_real, tmp_path_factory):
     """sub-01 prepared from a QSIPrep-shaped folder built from ds-real (the DWI aligned by the raw path's own
@@ -495,7 +490,7 @@ def test_prepare_from_qsiprep_gives_the_raw_paths_tensor(prepared_from_qsiprep):
     brain &= (fa > 0) & (fa_raw > 0)
     r = np.corrcoef(fa[brain], fa_raw[brain])[0, 1]
     white = brain & (fa_raw > 0.3)
-    angles = v1_angle_deg(_canonical(prep, row, "v1")[white], load(raw_prep, raw, "v1").get_fdata()[white])
+    angles = angular_error_deg(_canonical(prep, row, "v1")[white], load(raw_prep, raw, "v1").get_fdata()[white])
     print(
         f"FA r {r:.3f} over {brain.sum()} voxels; V1 angle mean {angles.mean():.1f}, median {np.median(angles):.1f} deg"
     )
@@ -530,7 +525,7 @@ def test_qsiprep_bvecs_read_in_the_wrong_frame_turn_v1_away(prepared_from_qsipre
     mean_angle = {}
     for frame, voxel_bvecs in (("right", fsl_bvecs_to_voxel(fsl, img.affine)), ("wrong", fsl)):
         v1 = fit_tensor(data, bvals, voxel_bvecs, mask).evecs[..., :, 0] @ frame_rotation(img.affine).T
-        mean_angle[frame] = v1_angle_deg(v1[tuple(voxels.T)], teacher_v1).mean()
+        mean_angle[frame] = angular_error_deg(v1[tuple(voxels.T)], teacher_v1).mean()
     print(f"V1 angle to the raw path's over {mask.sum()} voxels, mean (degrees): {mean_angle}")
     assert mean_angle["right"] < 10.0 and mean_angle["wrong"] > 30.0
 

@@ -176,11 +176,13 @@ def _series_to_t1w(
     world = dwi_math.world_tensor_components(fit, dwi_img.affine)
     b0 = dwi_math.mean_b0(data, bvals)
     shape, affine = t1w.shape, t1w_img.affine
-    vs_ants: float | None = None
-    ants_spread: float | None = None
     if register:
         reg = register_b0_to_t1w(b0, dwi_img.affine, t1w, t1w_img.affine, dwi_mask)
-        fov = field_of_view(measured, dwi_img.affine, reg, shape, affine)
+    else:
+        reg = RigidResult(np.eye(4), cost=float("nan"), start="identity")
+    fov = field_of_view(measured, dwi_img.affine, reg, shape, affine)
+    from_header, vs_ants, ants_spread = 0.0, None, None
+    if register:
         points = mask_points(brain & fov, affine)
         ants = ants_rigid_t1w_to_dwi(b0, dwi_img.affine, t1w, t1w_img.affine, points)
         from_header = mean_displacement_mm(reg.t1w_to_dwi, np.eye(4), points)
@@ -196,8 +198,6 @@ def _series_to_t1w(
             ants_spread,
         )
     else:
-        reg, from_header = RigidResult(np.eye(4), cost=float("nan"), start="identity"), 0.0
-        fov = field_of_view(measured, dwi_img.affine, reg, shape, affine)
         LOGGER.info("%s: in the T1w's space already (QSIPrep): no registration, identity transform", name)
     streamlines, tracking = track_tensor(
         fit.evecs[..., :, 0], np.nan_to_num(fit.fa), dwi_img.affine, random_seed=random_seed
