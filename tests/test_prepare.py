@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import DS_EXTRA, DS_REAL, ds_real_unit, make_bids, requires_ds_extra, requires_ds_real, run_cli
+from conftest import (
+    DS_EXTRA,
+    DS_REAL,
+    ds_real_unit,
+    make_bids,
+    requires_ds_extra,
+    requires_ds_real,
+    run_cli,
+    synthetic_affine,
+)
 from m2m_app.errors import BadDataError, MissingInputError
+from m2m_app.io.naming import sidecar_path
+from m2m_app.maths.metrics import angular_error_deg
 from m2m_app.io.nifti import load_dwi
 from m2m_app.teacher.prepare import load_dwi_runs
 
@@ -341,3 +354,224 @@ def test_runs_with_opposite_phase_encoding_are_fitted_apart_and_averaged(prepare
     brain = load(prep, row, "mask").get_fdata() > 0
     assert np.corrcoef(fa[brain], fa_single[brain])[0, 1] > 0.98
     assert 1.8 < row["n_streamlines"] / single["n_streamlines"] < 2.2
+
+
+# --- QSIPrep's preprocessed DWI (m2m-train prepare --dwi-derivatives) -----------------------------------------
+
+#: The voxel-to-world rotation of QSIPrep's grids: LPS+ (voxel axes running to the left, to the back and up).
+LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def fsl_bvecs(world: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """FSL's b-vectors ``(3, N)`` of the world (RAS) directions ``(N, 3)`` for an image with ``affine``,
+    written out from FSL's rule: along the voxel axes, the first one negated when the affine's
+    determinant is positive (as for LPS+, a rotation of RAS+ by 180 degrees about z)."""
+    linear = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    voxel = np.linalg.solve(linear, world.T)
+    return voxel * [[-1.0], [1.0], [1.0]] if np.linalg.det(linear) > 0 else voxel
+
+
+@pytest.mark.skipif(shutil.which("mrconvert") is None, reason="needs MRtrix3's mrconvert")
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "LAS", "oblique"])
+def test_fsl_bvecs_mean_the_same_world_directions_to_mrtrix_and_to_the_teacher(tmp_path, orientation):
+    """World directions written as FSL b-vectors for an image of each orientation (the rule that builds the
+    QSIPrep-shaped test data below) come back as the same directions from MRtrix3 (an independent reader)
+    and from the teacher's reader (sign-free)."""
+    from m2m_app.maths.tensor import frame_rotation
+
+    affine = {"LPS": np.diag([-2.0, -2.0, 2.0, 1.0]), "RAS": np.diag([2.0, 2.0, 2.0, 1.0])}.get(orientation)
+    if affine is None:
+        affine = synthetic_affine("las" if orientation == "LAS" else "oblique", (2.0, 2.0, 2.0))
+    bvals, world = _gradients(8)
+    world = world.T
+    data = np.random.default_rng(3).uniform(100, 200, size=(8, 8, 8, 8)).astype(np.float32)
+    path = _write_dwi(tmp_path, data, bvals, fsl_bvecs(world, affine), affine=affine)
+    exported = tmp_path / "scheme.b"
+    subprocess.run(
+        [
+            "mrconvert",
+            "-quiet",
+            "-fslgrad",
+            tmp_path / "dwi.bvec",
+            tmp_path / "dwi.bval",
+            path,
+            "-export_grad_mrtrix",
+            exported,
+            tmp_path / "out.mif",
+        ],
+        check=True,
+    )
+    by_mrtrix = np.loadtxt(exported)[:, :3]
+    _, _, _, voxel = load_dwi_runs([path])
+    by_teacher = voxel @ frame_rotation(affine).T
+    for found in (by_mrtrix, by_teacher):
+        np.testing.assert_array_less(angular_error_deg(found[1:], world[1:]), 0.1)
+
+
+def qsiprep_like(root: Path, t1w_path: Path, dwi_path: Path, t1w_to_dwi: np.ndarray) -> Path:
+    """A folder shaped like QSIPrep's output (its names before 1.0) made from one raw unit of ds-real.
+
+    The T1w reoriented to LPS+ (voxels only permuted: exact), the DWI resampled (linear) onto a 2 mm
+    LPS+ grid covering the T1w through ``t1w_to_dwi`` (4x4, T1w world mm -> DWI world mm), its b-vectors
+    turned by that transform's rotation and written in FSL's convention for the new image.
+    """
+    from dipy.align.imaffine import AffineMap
+    from dipy.segment.mask import median_otsu
+
+    subject = "sub-01"
+    anat, dwi_dir = root / subject / "anat", root / subject / "dwi"
+    anat.mkdir(parents=True)
+    dwi_dir.mkdir()
+    (root / "dataset_description.json").write_text(
+        json.dumps(
+            {
+                "Name": "QSIPrep-shaped test data",
+                "BIDSVersion": "1.9.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "qsiprep", "Version": "0.22.0", "Description": "m2m's tests imitate it"}],
+            }
+        )
+    )
+    t1w = nib.load(t1w_path)
+    to_lps = nib.orientations.ornt_transform(nib.io_orientation(t1w.affine), nib.orientations.axcodes2ornt("LPS"))
+    nib.save(t1w.as_reoriented(to_lps), anat / f"{subject}_desc-preproc_T1w.nii.gz")
+
+    corners = nib.affines.apply_affine(
+        t1w.affine, np.array(np.meshgrid(*[[0, n - 1] for n in t1w.shape])).reshape(3, -1).T
+    )
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    affine = np.eye(4)
+    affine[:3, :3] = 2.0 * LPS
+    affine[:3, 3] = [high[0], high[1], low[2]]  # voxel (0, 0, 0): right, front, bottom
+    shape = tuple(int(n) for n in np.ceil((high - low) / 2.0) + 1)
+    raw = nib.load(dwi_path)
+    mapping = AffineMap(
+        t1w_to_dwi,
+        domain_grid_shape=shape,
+        domain_grid2world=affine,
+        codomain_grid_shape=raw.shape[:3],
+        codomain_grid2world=raw.affine,
+    )
+    data = np.stack([mapping.transform(volume) for volume in np.moveaxis(raw.get_fdata(), -1, 0)], axis=-1)
+    stem = dwi_dir / f"{subject}_space-T1w_desc-preproc_dwi"
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), f"{stem}.nii.gz")
+    bvals = np.loadtxt(Path(str(dwi_path).replace(".nii.gz", ".bval")))
+    raw_bvecs = np.loadtxt(Path(str(dwi_path).replace(".nii.gz", ".bvec")))
+    assert np.linalg.det(raw.affine[:3, :3]) < 0  # LAS: FSL's b-vectors lie along its voxel axes as written
+    raw_linear = raw.affine[:3, :3] / np.linalg.norm(raw.affine[:3, :3], axis=0)
+    in_t1w_world = t1w_to_dwi[:3, :3].T @ raw_linear @ raw_bvecs  # DWI world -> T1w world: the inverse rotation
+    np.savetxt(f"{stem}.bval", bvals[None], fmt="%g")
+    np.savetxt(f"{stem}.bvec", fsl_bvecs(in_t1w_world.T, affine), fmt="%.6f")
+    Path(f"{stem}.json").write_text(json.dumps({"Description": "DWI resampled into the T1w's space"}))
+    _, brain = median_otsu(data[..., bvals < 50].mean(axis=-1), median_radius=2, numpass=2)
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), dwi_dir / f"{subject}_space-T1w_desc-brain_mask.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared_from_qsiprep(prepared_ds_real, tmp_path_factory):
+    """sub-01 prepared from a QSIPrep-shaped folder built from ds-real (the DWI aligned by the raw path's own
+    registration), beside sub-02 which QSIPrep lacks; the raw dataset holds their T1w only, no DWI."""
+    from m2m_app.teacher.register import itk_transform_to_ras
+
+    raw_prep, _ = prepared_ds_real
+    row = manifest_rows(raw_prep)["sub-01"]
+    root = tmp_path_factory.mktemp("from_qsiprep")
+    qsiprep = qsiprep_like(
+        root / "qsiprep",
+        DS_REAL / "sub-01/anat/sub-01_T1w.nii.gz",
+        DS_REAL / "sub-01/dwi/sub-01_dwi.nii.gz",
+        itk_transform_to_ras(raw_prep / row["xfm"]),
+    )
+    bids = make_bids(root / "bids", ds_real_unit("01", None, ("anat",)) | ds_real_unit("02", "hfs", ("anat",)))
+    prep = root / "prep"
+    result = run_cli("train", "prepare", bids, prep, "--dwi-derivatives", qsiprep, "--nprocs", "1")
+    return prep, result, qsiprep, (raw_prep, row)
+
+
+def _canonical(prep: Path, row: dict, key: str) -> np.ndarray:
+    """A map of a unit prepared on the LPS+ T1w, back in the raw T1w's voxel order (an exact permutation)."""
+    return nib.as_closest_canonical(nib.load(prep / row[key])).get_fdata()
+
+
+@pytest.mark.slow
+@requires_ds_real
+def test_prepare_from_qsiprep_gives_the_raw_paths_tensor(prepared_from_qsiprep):
+    """FA from QSIPrep's DWI (LPS+, b-vectors rewritten for it) follows the raw path's (r >= 0.9 in the brain)
+    and V1 lies within 10 degrees of it (mean over FA > 0.3), with no registration."""
+    prep, result, _, (raw_prep, raw) = prepared_from_qsiprep
+    row = manifest_rows(prep)["sub-01"]
+    assert row["status"] == "ok", result.stderr[-3000:]
+    assert np.allclose(
+        nib.as_closest_canonical(nib.load(prep / row["fa"])).affine, nib.load(raw_prep / raw["fa"]).affine
+    )
+    fa, fa_raw = _canonical(prep, row, "fa"), load(raw_prep, raw, "fa").get_fdata()
+    brain = (_canonical(prep, row, "mask") > 0) & (_canonical(prep, row, "fov") > 0)
+    brain &= (load(raw_prep, raw, "mask").get_fdata() > 0) & (load(raw_prep, raw, "fov").get_fdata() > 0)
+    brain &= (fa > 0) & (fa_raw > 0)
+    r = np.corrcoef(fa[brain], fa_raw[brain])[0, 1]
+    white = brain & (fa_raw > 0.3)
+    angles = angular_error_deg(_canonical(prep, row, "v1")[white], load(raw_prep, raw, "v1").get_fdata()[white])
+    print(
+        f"FA r {r:.3f} over {brain.sum()} voxels; V1 angle mean {angles.mean():.1f}, median {np.median(angles):.1f} deg"
+    )
+    assert r >= 0.9 and angles.mean() < 10.0
+    assert row["dwi_source"] == "qsiprep" and row["registration_start"] == "identity"
+    assert row["registration_vs_ants_mm"] is None and not row["flagged"], row["flags"]
+
+
+@pytest.mark.slow
+@requires_ds_real
+def test_qsiprep_bvecs_read_in_the_wrong_frame_turn_v1_away(prepared_from_qsiprep):
+    """The same comparison with the b-vectors of the LPS+ image read without FSL's x flip (the frame error
+    that FSL's convention invites): a tensor refitted on QSIPrep's DWI, at its voxels in the raw path's
+    white matter (FA > 0.3), points about 45 degrees away, so the check above can fail; the same cheap
+    refit with the b-vectors read as the teacher reads them agrees within 10 degrees."""
+    from m2m_app.maths.tensor import frame_rotation
+    from m2m_app.teacher.dwi import fit_tensor, fsl_bvecs_to_voxel
+
+    _, _, qsiprep, (raw_prep, raw) = prepared_from_qsiprep
+    img, data, bvals, fsl = load_dwi(next(qsiprep.glob("sub-01/dwi/*_desc-preproc_dwi.nii.gz")))
+    assert np.linalg.det(img.affine[:3, :3]) > 0  # LPS+: FSL's x flip applies
+    fa_img = load(raw_prep, raw, "fa")
+    white = (fa_img.get_fdata() > 0.3) & (load(raw_prep, raw, "fov").get_fdata() > 0)
+    voxels = np.argwhere(np.ones(img.shape[:3], bool))  # the DWI grid's voxels, and the T1w voxel at each centre
+    nearest = np.rint(nib.affines.apply_affine(np.linalg.inv(fa_img.affine) @ img.affine, voxels)).astype(int)
+    inside = np.all((nearest >= 0) & (nearest < white.shape), axis=1)
+    voxels, nearest = voxels[inside], nearest[inside]
+    voxels, nearest = voxels[white[tuple(nearest.T)]], nearest[white[tuple(nearest.T)]]
+    mask = np.zeros(img.shape[:3], bool)
+    mask[tuple(voxels.T)] = True
+    teacher_v1 = load(raw_prep, raw, "v1").get_fdata()[tuple(nearest.T)]
+    mean_angle = {}
+    for frame, voxel_bvecs in (("right", fsl_bvecs_to_voxel(fsl, img.affine)), ("wrong", fsl)):
+        v1 = fit_tensor(data, bvals, voxel_bvecs, mask).evecs[..., :, 0] @ frame_rotation(img.affine).T
+        mean_angle[frame] = angular_error_deg(v1[tuple(voxels.T)], teacher_v1).mean()
+    print(f"V1 angle to the raw path's over {mask.sum()} voxels, mean (degrees): {mean_angle}")
+    assert mean_angle["right"] < 10.0 and mean_angle["wrong"] > 30.0
+
+
+@pytest.mark.slow
+@requires_ds_real
+def test_a_participant_missing_from_qsiprep_fails_alone_and_the_raw_dataset_needs_no_dwi(prepared_from_qsiprep):
+    """sub-02 is in the raw dataset but not in QSIPrep's output: it fails with a message naming it (exit 66),
+    sub-01 is prepared although the raw dataset holds no DWI; the provenance names QSIPrep and no registration."""
+    from m2m_app.teacher.register import itk_transform_to_ras
+
+    prep, result, qsiprep, _ = prepared_from_qsiprep
+    assert result.returncode == 66, result.stderr[-3000:]
+    assert "sub-02_ses-hfs FAILED: sub-02_ses-hfs: not in the DWI derivatives" in result.stderr
+    assert "Traceback" not in result.stderr
+    rows = manifest_rows(prep)
+    assert rows["sub-01"]["status"] == "ok" and rows["sub-02_ses-hfs"]["status"] == "failed"
+    row = rows["sub-01"]
+    assert Path(row["t1w"]).name == "sub-01_desc-preproc_T1w.nii.gz"
+    for key in ("fa", "tdi", "fov", "tractogram", "xfm"):
+        sidecar = json.loads(sidecar_path(prep / row[key]).read_text())
+        assert "identity" in sidecar["Registration"] and "QSIPrep" in sidecar["Registration"], key
+    assert json.loads(sidecar_path(prep / row["fa"]).read_text())["Sources"][-1].startswith("bids:qsiprep:sub-01/dwi/")
+    np.testing.assert_allclose(itk_transform_to_ras(prep / row["xfm"]), np.eye(4), atol=1e-9)
+    description = json.loads((prep / "dataset_description.json").read_text())
+    assert description["DatasetLinks"]["qsiprep"] == qsiprep.resolve().as_uri() and "raw" in description["DatasetLinks"]
+    methods = (prep / "logs" / "CITATION.md").read_text()
+    assert "QSIPrep (Cieslak et al., 2021)" in methods and "no registration" in methods

@@ -180,18 +180,22 @@ def test_collect_units_keeps_failures_with_their_codes():
     assert {label: err.exit_code for label, err in failures.items()} == {"sub-02": 66, "sub-03": 65}
 
 
-def test_teacher_methods_text_has_its_references_in_bibtex(tmp_path):
+@pytest.mark.parametrize("dwi_source, registration", [("raw", "avants2008"), ("qsiprep", "cieslak2021")])
+def test_teacher_methods_text_has_its_references_in_bibtex(tmp_path, dwi_source, registration):
     """Every work the teacher's methods text cites is in the .bib that prepare writes beside it, with the
-    library versions."""
+    library versions; with QSIPrep's DWI the text cites QSIPrep and says that nothing was registered."""
     import re
     from importlib.metadata import version
 
     from m2m_app.reports.methods import TEACHER_REFERENCES, TEACHER_SOFTWARE, write_bibtex
     from m2m_app.workflows.prepare import init_prepare_wf
 
-    text = init_prepare_wf({}, tmp_path / "prep", tmp_path / "work").visit_desc()
+    keys = TEACHER_REFERENCES[dwi_source]
+    text = init_prepare_wf({}, tmp_path / "prep", tmp_path / "work", dwi_source=dwi_source).visit_desc()
     cited = {(author.lower(), year) for author, year in re.findall(r"(\w+) et al\., (\d{4})", text)}
-    assert len(cited) == 5 and cited <= {(key[:-4], key[-4:]) for key in TEACHER_REFERENCES}
-    bib = write_bibtex(tmp_path / "CITATION.bib", TEACHER_REFERENCES, TEACHER_SOFTWARE).read_text()
-    assert all(f"{{{key}," in bib for key in TEACHER_REFERENCES)
+    assert len(cited) == 5 and cited <= {(key[:-4], key[-4:]) for key in keys}
+    assert (registration[:-4], registration[-4:]) in cited
+    assert ("no registration" in text) == (dwi_source == "qsiprep")
+    bib = write_bibtex(tmp_path / "CITATION.bib", keys, TEACHER_SOFTWARE).read_text()
+    assert all(f"{{{key}," in bib for key in keys)
     assert f"version = {{{version('dipy')}}}" in bib and "@software{antspyx," in bib

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from m2m_app import __version__
 from m2m_app.cli.common import (
@@ -29,12 +30,14 @@ from m2m_app.errors import EX_FAILURE, M2MError
 from m2m_app.io import bids as bids_io
 from m2m_app.io.naming import Subject
 from m2m_app.io.crashes import crash_reasons
-from m2m_app.training.recipe import FA_DETAIL_SIGMA_MM, FA_DETAIL_WEIGHT, TrainingRecipe
+from m2m_app.training.recipe import FA_DETAIL_SIGMA_MM, FA_DETAIL_WEIGHT, FINE_TUNE_LR, TrainingRecipe
 
 LOGGER = logging.getLogger("m2m.train")
 
 #: The shipped weights' recipe: the defaults of ``phase1`` and ``phase2``.
 DEFAULT = TrainingRecipe()
+#: The ``Name`` of a prep dir's ``dataset_description.json``.
+PREP_NAME = "m2m teacher targets (m2m-train prepare)"
 
 verbosity = [
     click.option("-v", "--verbose", count=True, help="More log output (-vv: debug)."),
@@ -99,6 +102,13 @@ def cli() -> None:
 )
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the tractography.")
 @click.option(
+    "--dwi-derivatives",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="QSIPrep's output folder: take each unit's preprocessed DWI (desc-preproc, space-ACPC or "
+    "space-T1w) and preprocessed T1w from there, in one space, so nothing is registered. BIDS_DIR "
+    "then only lists the participants/sessions and may hold no DWI.",
+)
+@click.option(
     "--omp-nthreads",
     type=click.IntRange(min=1),
     default=1,
@@ -117,6 +127,7 @@ def prepare(
     use_plugin: Path | None,
     work_dir: Path | None,
     random_seed: int,
+    dwi_derivatives: Path | None,
     omp_nthreads: int,
     verbose: int,
     quiet: int,
@@ -134,6 +145,9 @@ def prepare(
     Finished units are skipped on a re-run; a failed unit does not stop the others and
     makes the exit code 1. PREP_DIR lies outside BIDS_DIR or below its derivatives/ folder
     (e.g. BIDS_DIR/derivatives/m2m-prep).
+
+    With --dwi-derivatives QSIPREP_DIR each unit of BIDS_DIR takes QSIPrep's preprocessed T1w and
+    DWI instead (no registration: identity transform); a unit missing there fails on its own.
     """
     from m2m_app.io.derivatives import dataset_description, source_link_name
     from m2m_app.io.manifest import qc_path, write_manifest
@@ -148,20 +162,27 @@ def prepare(
     check_location(prep_dir, "prep folder", bids_dir, suggested="m2m-prep")
     work_dir = Path(work_dir) if work_dir else work_dir_outside(Path(prep_dir) / ".m2m_work", bids_dir)
     check_location(work_dir, "work folder", bids_dir)
+    if dwi_derivatives:  # nor inside QSIPrep's output, which is read as a dataset too
+        check_location(prep_dir, "prep folder", dwi_derivatives)
+        check_location(work_dir, "work folder", dwi_derivatives)
     prep_dir, work_dir = writable_dir(prep_dir, "prep folder"), writable_dir(work_dir, "work folder")
     filters = bids_io.read_filters(bids_filter_file)
+    preprocessed = bids_io.load_layout(dwi_derivatives, derivative=True) if dwi_derivatives else None
 
     def find(subject: Subject) -> tuple[Path, list[Path]] | None:
         if qc_path(prep_dir, subject).exists():
             LOGGER.info("%s: already prepared, skipping", subject.label)
             return None
-        try:
-            t1w, dwi = bids_io.find_t1w(layout, subject, filters), bids_io.find_dwi(layout, subject, filters)
-        except M2MError as err:  # a unit without DWI is no training pair: skip unless asked for
-            LOGGER.warning("%s", err)
-            if participant_labels:
-                raise
-            return None
+        if preprocessed is not None:  # a unit missing from QSIPrep's output is an error of its own
+            t1w, dwi = bids_io.find_preprocessed_dwi(preprocessed, subject, filters)
+        else:
+            try:
+                t1w, dwi = bids_io.find_t1w(layout, subject, filters), bids_io.find_dwi(layout, subject, filters)
+            except M2MError as err:  # a unit without DWI is no training pair: skip unless asked for
+                LOGGER.warning("%s", err)
+                if participant_labels:
+                    raise
+                return None
         load_t1w(t1w)  # read every input once now, so bad data fails with its own message and exit code
         load_dwi_runs(dwi)
         return t1w, dwi
@@ -172,11 +193,15 @@ def prepare(
     codes = {err.exit_code for err in errors.values()}
     ok = True
     link = source_link_name(prep_dir, bids_dir)  # a second dataset in one prep dir gets its own key
+    dwi_source = "qsiprep" if dwi_derivatives else "raw"
+    if dwi_derivatives:  # the units' files come from QSIPrep's dataset, linked under a key of its own
+        dataset_description(prep_dir, bids_dir, name=PREP_NAME, link=link)
+        link = source_link_name(prep_dir, dwi_derivatives)
     if units:
         LOGGER.info("preparing %d unit(s): %s", len(units), ", ".join(s.label for s in units))
-        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads, link)
+        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads, link, dwi_source)
         citation = write_citation(prep_dir, workflow)
-        write_bibtex(citation.with_suffix(".bib"), TEACHER_REFERENCES, TEACHER_SOFTWARE)
+        write_bibtex(citation.with_suffix(".bib"), TEACHER_REFERENCES[dwi_source], TEACHER_SOFTWARE)
         workflow.config["execution"]["crashdump_dir"] = str(prep_dir / "logs")
         ok = run_workflow(workflow, plugin_settings(nprocs, None, use_plugin), stop_on_first_crash=False)
         reasons = crash_reasons(prep_dir / "logs")
@@ -189,7 +214,7 @@ def prepare(
                 reason = reasons.get(node_name(subject).replace("prepare_", "regions_", 1), "see PREP_DIR/logs")
                 click.echo(f"m2m-train prepare: {subject.label}: no teacher parcellation: {reason}", err=True)
                 codes.add(EX_FAILURE)
-    dataset_description(prep_dir, bids_dir, name="m2m teacher targets (m2m-train prepare)", link=link)
+    dataset_description(prep_dir, dwi_derivatives or bids_dir, name=PREP_NAME, link=link)
     manifest = write_manifest(prep_dir, failures)
     echo_failures("m2m-train prepare", failures)
     for row in json.loads((prep_dir / "manifest.json").read_text())["pairs"]:
@@ -253,7 +278,13 @@ def training_options(func):
             show_default=True,
             help="Slices per step (per GPU under torchrun).",
         ),
-        click.option("--lr", type=float, default=DEFAULT.lr, show_default=True, help="Adam learning rate."),
+        click.option(
+            "--lr",
+            type=float,
+            default=DEFAULT.lr,
+            show_default=True,
+            help=f"Adam learning rate (with --init-weights, unless given: {FINE_TUNE_LR:g}).",
+        ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option(
             "--random-seed",
@@ -302,6 +333,20 @@ def training_options(func):
             help="Pool subjects of further prep dirs (e.g. several sites). Repeatable.",
         ),
         click.option(
+            "--mixed-precision/--no-mixed-precision",
+            default=DEFAULT.mixed_precision,
+            show_default=True,
+            help="On CUDA, run the networks in bfloat16 (float16 where the GPU lacks it) with losses and "
+            "weights in float32. Ignored on the CPU.",
+        ),
+        click.option(
+            "--init-weights",
+            metavar="packaged|DIR",
+            help="Fine-tune: start the translator from these weights ('packaged': the shipped ones; DIR: a "
+            "folder with <phase>.safetensors), keeping their architecture; the weights' JSON records their "
+            f"SHA-256, and --lr defaults to {FINE_TUNE_LR:g} instead.",
+        ),
+        click.option(
             "--include-flagged",
             is_flag=True,
             help="Also train on units whose teacher QC was flagged (registration far from "
@@ -327,6 +372,12 @@ def _train(
 
     setup_logging(verbose, quiet)
     writable_dir(model_out, "model folder")
+    if kwargs["init_weights"] is not None:  # fine-tuning: its own learning rate, the weights' architecture
+        context = click.get_current_context()
+        if context.get_parameter_source("base") is not ParameterSource.DEFAULT:
+            raise click.UsageError("--width cannot be given with --init-weights: the architecture is the weights'")
+        if context.get_parameter_source("lr") is ParameterSource.DEFAULT:
+            kwargs["lr"] = FINE_TUNE_LR
     fields = {field.name for field in dataclasses.fields(TrainingRecipe)}
     recipe = TrainingRecipe(**{key: kwargs.pop(key) for key in list(kwargs) if key in fields})
     weights = train_phase(
@@ -361,6 +412,7 @@ def phase1(prep_dir: Path, model_out: Path, **kwargs) -> None:
     \b
     Logs: MODEL_OUT/phase1_losses.csv; checkpoints: MODEL_OUT/checkpoints/.
     Several GPUs: torchrun --nproc_per_node 4 -m m2m_app.cli.train phase1 ...
+    Fine-tune the shipped weights on your data: --init-weights packaged.
     """
     _train("phase1", prep_dir, model_out, **kwargs)
 

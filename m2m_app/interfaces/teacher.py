@@ -26,6 +26,12 @@ class _PrepareSubjectInputSpec(BaseInterfaceInputSpec):
     random_seed = traits.Int(0, usedefault=True, desc="seed of the tractography")
     num_threads = traits.Int(1, usedefault=True, desc="threads of deepbet (torch) and ANTs (ITK)")
     source_link = Str("raw", usedefault=True, desc="the prep dir's DatasetLinks key of the BIDS dataset")
+    dwi_source = traits.Enum(
+        "raw",
+        "qsiprep",
+        usedefault=True,
+        desc="raw: register the DWI to the T1w; qsiprep: QSIPrep's T1w and DWI share one space (identity)",
+    )
 
 
 class _PrepareSubjectOutputSpec(TraitedSpec):
@@ -57,6 +63,7 @@ class PrepareSubject(SimpleInterface):
             self.inputs.random_seed,
             self.inputs.num_threads,
             self.inputs.source_link,
+            self.inputs.dwi_source,
         )
         self._results["tractogram_figure"] = str(
             streamline_figure(

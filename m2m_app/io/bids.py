@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from bids import BIDSLayout
+from bids.layout import Query
 from bids.config import get_option
 
 from m2m_app.errors import BadDataError, MissingInputError, UsageError
@@ -22,8 +23,9 @@ def strip_prefix(label: str, prefix: str) -> str:
     return label[len(prefix) + 1 :] if label.startswith(prefix + "-") else label
 
 
-def root_relative_config(root: Path) -> dict:
-    """pybids' ``bids`` entity configuration with every pattern matched below ``root`` only.
+def root_relative_config(root: Path, name: str = "bids") -> dict:
+    """pybids' entity configuration ``name`` (``bids``, or ``derivatives`` for ``space``, ``desc``,
+    ``res``...) with every pattern matched below ``root`` only.
 
     pybids (0.22 and earlier) matches the entity patterns against each file's *absolute* path,
     so a folder above the dataset named like a datatype (``/data/perf/bids``) or an entity
@@ -32,7 +34,7 @@ def root_relative_config(root: Path) -> dict:
     Each pattern is prefixed with the escaped absolute root and a lazy ``.*?``, so its leftmost
     match is the one a search of the root-relative path finds, as in the upstream fix.
     """
-    config = json.loads(Path(get_option("config_paths")["bids"]).read_text())
+    config = json.loads(Path(get_option("config_paths")[name]).read_text())
     prefix = "^" + re.escape(str(Path(root).absolute())) + ".*?"
     for entity in config["entities"]:
         if entity.get("pattern"):
@@ -40,18 +42,24 @@ def root_relative_config(root: Path) -> dict:
     return config
 
 
-def load_layout(bids_dir: Path, validate: bool = False) -> BIDSLayout:
+def load_layout(bids_dir: Path, validate: bool = False, derivative: bool = False) -> BIDSLayout:
     """Index a BIDS dataset (no derivatives), failing clearly when it is not one.
 
-    Entities come from the path relative to ``bids_dir`` (see :func:`root_relative_config`).
+    With ``derivative`` the dataset is a BIDS-Derivatives one (QSIPrep's output), indexed with
+    pybids' ``derivatives`` entities too (``space``, ``desc``, ``res``...). Entities come from the
+    path relative to ``bids_dir`` (see :func:`root_relative_config`).
     """
     bids_dir = Path(bids_dir)
+    what = "BIDS-Derivatives dataset" if derivative else "BIDS dataset"
     if not (bids_dir / "dataset_description.json").exists():
-        raise MissingInputError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)")
+        raise MissingInputError(f"{bids_dir}: not a {what} (no dataset_description.json)")
+    configs = ["bids", "derivatives"] if derivative else ["bids"]
     try:
-        return BIDSLayout(str(bids_dir), validate=validate, config=[root_relative_config(bids_dir)])
+        return BIDSLayout(
+            str(bids_dir), validate=validate, config=[root_relative_config(bids_dir, name) for name in configs]
+        )
     except Exception as err:  # pybids raises several unrelated types for invalid datasets
-        raise BadDataError(f"{bids_dir}: pybids cannot index this dataset: {err}") from None
+        raise BadDataError(f"{bids_dir}: pybids cannot index this {what}: {err}") from None
 
 
 def read_filters(path: Path | None) -> dict:
@@ -146,3 +154,50 @@ def find_dwi(layout: BIDSLayout, subject: Subject, filters: dict | None = None) 
     if not found:
         raise _not_found(layout, subject, "DWI", base, wanted)
     return [Path(f) for f in found]
+
+
+#: The spaces in which QSIPrep writes its preprocessed DWI, and the ``space`` of the preprocessed
+#: T1w in the same world frame: ``ACPC`` (QSIPrep 1.0 and later: ``space-ACPC_desc-preproc_T1w``)
+#: and ``T1w`` (earlier releases: ``desc-preproc_T1w``, without ``space``).
+PREPROCESSED_SPACES: dict[str, list] = {"ACPC": ["ACPC"], "T1w": [Query.NONE, "T1w"]}
+
+
+def find_preprocessed_dwi(layout: BIDSLayout, subject: Subject, filters: dict | None = None) -> tuple[Path, list[Path]]:
+    """The preprocessed T1w and DWI runs of a unit in a QSIPrep derivatives ``layout``
+    (:func:`load_layout` with ``derivative``), both in one space: no registration is needed.
+
+    The DWI are the unit's ``desc-preproc`` ``dwi`` images in ``space-ACPC`` or ``space-T1w``
+    (:data:`PREPROCESSED_SPACES`), ``filters["dwi"]`` (``--bids-filter-file``) choosing among them,
+    e.g. ``{"dwi": {"res": "2mm"}}``; the T1w is the ``desc-preproc`` ``T1w`` of the same space,
+    from the session's ``anat`` folder or else the participant's (QSIPrep's default: one
+    anatomical reference per participant).
+
+    Raises :class:`MissingInputError` when the participant, its DWI or its T1w is not in the
+    derivatives, and :class:`BadDataError` when its DWI are in several spaces or resolutions
+    (the same data resampled twice: choose one with a filter).
+    """
+    participants = sorted(layout.get_subjects())
+    if subject.participant not in participants:
+        raise MissingInputError(
+            f"{subject.label}: not in the DWI derivatives {layout.root} "
+            f"(participants there: {', '.join(participants) or 'none'})"
+        )
+    base = {"datatype": "dwi", "suffix": "dwi", "desc": "preproc", "space": list(PREPROCESSED_SPACES)}
+    wanted = (filters or {}).get("dwi", {})
+    dwi = _query(layout, subject, base, wanted)
+    if not dwi:
+        raise _not_found(layout, subject, "preprocessed DWI (desc-preproc, space-ACPC or space-T1w)", base, wanted)
+    variants = sorted({tuple(layout.get_file(f).entities.get(k) or "" for k in ("space", "res")) for f in dwi})
+    if len(variants) > 1:
+        names = ", ".join(f"space-{space}" + (f"_res-{res}" if res else "") for space, res in variants)
+        raise BadDataError(
+            f"{subject.label}: preprocessed DWI in {len(variants)} spaces or resolutions ({names}) in "
+            f'{layout.root}; choose one with --bids-filter-file, e.g. {{"dwi": {{"res": "2mm"}}}}'
+        )
+    space = variants[0][0]
+    anat = {"datatype": "anat", "suffix": "T1w", "desc": "preproc", "space": PREPROCESSED_SPACES[space]}
+    for session in dict.fromkeys([subject.session, None]):
+        t1w = _query(layout, Subject(subject.participant, session), anat, {})
+        if t1w:
+            return Path(t1w[0]), [Path(f) for f in dwi]
+    raise _not_found(layout, subject, f"preprocessed T1w (desc-preproc) in the DWI's space-{space}", anat, {})

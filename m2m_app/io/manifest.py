@@ -48,6 +48,7 @@ QC_COLUMNS = (
     "mean_fa_brain",
     "median_md",
     "n_streamlines",
+    "dwi_source",
     "registration_cost",
     "registration_start",
     "registration_from_header_mm",

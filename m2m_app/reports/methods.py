@@ -149,6 +149,14 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "transcriptomics with the abagen toolbox},\n  journal = {eLife},\n  year = {2021}, volume = {10},"
         " pages = {e72129},\n  doi = {10.7554/eLife.72129}\n}",
     ),
+    "cieslak2021": (
+        "Cieslak M, Cook PA, He X, et al. QSIPrep: an integrative platform for preprocessing and reconstructing "
+        "diffusion MRI data. Nat Methods. 2021;18(7):775-778.",
+        "@article{cieslak2021,\n  author = {Cieslak, M. and Cook, P. A. and He, X. and others},\n"
+        "  title = {{QSIPrep}: an integrative platform for preprocessing and reconstructing diffusion {MRI} data},\n"
+        "  journal = {Nature Methods},\n  year = {2021}, volume = {18}, number = {7}, pages = {775--778},\n"
+        "  doi = {10.1038/s41592-021-01185-5}\n}",
+    ),
 }
 
 #: The references of each part of the pipeline.
@@ -158,19 +166,37 @@ TOOL_REFERENCES = ("gorgolewski2011", "garyfallidis2014", "gorgolewski2016")
 #: Of the registration to a template (``--output-spaces``, ``--atlases``), and of the atlas.
 TEMPLATE_REFERENCES = ("avants2008", "fonov2011")
 ATLAS_REFERENCES = ("desikan2006", "markello2021")
-#: The references of the teacher's methods text (``m2m-train prepare``), in the order it cites them.
-TEACHER_REFERENCES = (
-    "fisch2024",
-    "avants2011",
-    "tustison2010",
-    "garyfallidis2014",
-    "avants2008",
-    "fonov2011",
-    "desikan2006",
-    "markello2021",
-    "gorgolewski2011",
-    "gorgolewski2016",
-)
+#: The references of the teacher's methods text (``m2m-train prepare``), in the order it cites them, by where
+#: its DWI comes from (:data:`m2m_app.teacher.prepare.DWI_SOURCES`): the raw DWI, registered by m2m
+#: (ANTs' check cited), or QSIPrep's preprocessed DWI (QSIPrep cited, no registration); both register the
+#: T1w to the template for the parcellation (ANTs, the template, the atlas).
+TEACHER_REFERENCES = {
+    "raw": (
+        "fisch2024",
+        "avants2011",
+        "tustison2010",
+        "garyfallidis2014",
+        "avants2008",
+        "fonov2011",
+        "desikan2006",
+        "markello2021",
+        "gorgolewski2011",
+        "gorgolewski2016",
+    ),
+    "qsiprep": (
+        "fisch2024",
+        "avants2011",
+        "tustison2010",
+        "cieslak2021",
+        "garyfallidis2014",
+        "avants2008",
+        "fonov2011",
+        "desikan2006",
+        "markello2021",
+        "gorgolewski2011",
+        "gorgolewski2016",
+    ),
+}
 #: The distributions the teacher runs on, cited with their installed versions.
 TEACHER_SOFTWARE = ("m2m-app", "deepbet", "antspyx", "dipy", "nipype", "nibabel", "torch")
 

@@ -12,6 +12,10 @@ Several DWI runs: runs that share a grid and a phase-encoding direction are one 
 (concatenated); otherwise each series is fitted and registered on its own (so opposite
 phase-encoding distortions are never averaged into one b0), their tensors are averaged
 on the T1w grid in the log-Euclidean domain, and their tractograms pooled.
+
+DWI already preprocessed by QSIPrep (``m2m-train prepare --dwi-derivatives``) comes with its
+preprocessed T1w in the same space: the same targets are built from them with no registration
+(an identity transform, which the QC, the manifest and the sidecars name).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -67,6 +71,15 @@ LOGGER = logging.getLogger(__name__)
 
 #: Below this share of the brain inside the DWI's field of view a unit teaches too little.
 MIN_FOV_FRACTION = 0.25
+#: Where a unit's DWI comes from: the raw BIDS dataset (registered here to the T1w), or QSIPrep's
+#: derivatives (preprocessed, already in the T1w's space: no registration).
+DWI_SOURCES = ("raw", "qsiprep")
+#: What the sidecars and the QC say about the alignment of the DWI to the T1w, per DWI source.
+REGISTRATION_NOTES = {
+    "raw": "rigid registration of the mean b0 to the T1w (dipy, Mattes mutual information), "
+    "checked against ANTs; the tensors rotated with it",
+    "qsiprep": "none: QSIPrep's preprocessed DWI lies in the space of its preprocessed T1w (identity transform)",
+}
 
 
 def tractogram_figure_path(prep_dir: Path, subject: Subject) -> Path:
@@ -123,17 +136,26 @@ class SeriesResult:
     b0: np.ndarray  # (X, Y, Z) mean b0 on the T1w grid, for the QC figure
     registration: RigidResult
     from_header_mm: float
-    vs_ants_mm: float
-    ants_spread_mm: float
+    vs_ants_mm: float | None  # None: not registered (identity), so not checked against ANTs
+    ants_spread_mm: float | None
     shells: list[int]
     streamlines: list[np.ndarray]
     tracking: dict
 
 
 def _series_to_t1w(
-    paths: list[Path], t1w_img: nib.Nifti1Image, t1w: np.ndarray, brain: np.ndarray, random_seed: int
+    paths: list[Path],
+    t1w_img: nib.Nifti1Image,
+    t1w: np.ndarray,
+    brain: np.ndarray,
+    random_seed: int,
+    register: bool = True,
 ) -> SeriesResult:
-    """Fit, register (checked against ANTs) and track one DWI series; resample it to the T1w grid."""
+    """Fit, register (checked against ANTs) and track one DWI series; resample it to the T1w grid.
+
+    Without ``register`` (QSIPrep's DWI, already in the T1w's space) the transform is the
+    identity: the series is only resampled onto the T1w grid.
+    """
     name = paths[0].name
     dwi_img, data, bvals, bvecs = load_dwi_runs(paths)
     used, shells = dwi_math.tensor_volumes(bvals)
@@ -153,23 +175,30 @@ def _series_to_t1w(
     )
     world = dwi_math.world_tensor_components(fit, dwi_img.affine)
     b0 = dwi_math.mean_b0(data, bvals)
-    reg = register_b0_to_t1w(b0, dwi_img.affine, t1w, t1w_img.affine, dwi_mask)
     shape, affine = t1w.shape, t1w_img.affine
+    if register:
+        reg = register_b0_to_t1w(b0, dwi_img.affine, t1w, t1w_img.affine, dwi_mask)
+    else:
+        reg = RigidResult(np.eye(4), cost=float("nan"), start="identity")
     fov = field_of_view(measured, dwi_img.affine, reg, shape, affine)
-    points = mask_points(brain & fov, affine)
-    ants = ants_rigid_t1w_to_dwi(b0, dwi_img.affine, t1w, t1w_img.affine, points)
-    from_header = mean_displacement_mm(reg.t1w_to_dwi, np.eye(4), points)
-    vs_ants = mean_displacement_mm(reg.t1w_to_dwi, ants.t1w_to_dwi, points)
-    LOGGER.info(
-        "%s: registration from the %s, %.1f mm from the header alignment, %.1f mm from ANTs "
-        "(whose %d runs lie within %.1f mm of each other)",
-        name,
-        reg.start,
-        from_header,
-        vs_ants,
-        len(ANTS_SEEDS),
-        ants.spread_mm,
-    )
+    from_header, vs_ants, ants_spread = 0.0, None, None
+    if register:
+        points = mask_points(brain & fov, affine)
+        ants = ants_rigid_t1w_to_dwi(b0, dwi_img.affine, t1w, t1w_img.affine, points)
+        from_header = mean_displacement_mm(reg.t1w_to_dwi, np.eye(4), points)
+        vs_ants, ants_spread = mean_displacement_mm(reg.t1w_to_dwi, ants.t1w_to_dwi, points), ants.spread_mm
+        LOGGER.info(
+            "%s: registration from the %s, %.1f mm from the header alignment, %.1f mm from ANTs "
+            "(whose %d runs lie within %.1f mm of each other)",
+            name,
+            reg.start,
+            from_header,
+            vs_ants,
+            len(ANTS_SEEDS),
+            ants_spread,
+        )
+    else:
+        LOGGER.info("%s: in the T1w's space already (QSIPrep): no registration, identity transform", name)
     streamlines, tracking = track_tensor(
         fit.evecs[..., :, 0], np.nan_to_num(fit.fa), dwi_img.affine, random_seed=random_seed
     )
@@ -181,7 +210,7 @@ def _series_to_t1w(
         registration=reg,
         from_header_mm=from_header,
         vs_ants_mm=vs_ants,
-        ants_spread_mm=ants.spread_mm,
+        ants_spread_mm=ants_spread,
         shells=shells,
         streamlines=list(transform_streamlines(streamlines, reg.dwi_to_t1w)),
         tracking=tracking,
@@ -213,7 +242,7 @@ def qc_flags(series: list[SeriesResult], volumes: dict[str, float], fov_fraction
     """Reasons to keep a unit out of training (empty when every check passes)."""
     flags = tissue_flags(volumes)
     for result in series:
-        if result.vs_ants_mm > MAX_VS_ANTS_MM:
+        if result.vs_ants_mm is not None and result.vs_ants_mm > MAX_VS_ANTS_MM:
             flags.append(
                 f"{result.name}: registration is {result.vs_ants_mm:.1f} mm from ANTs' (bound {MAX_VS_ANTS_MM} mm)"
             )
@@ -225,6 +254,12 @@ def qc_flags(series: list[SeriesResult], volumes: dict[str, float], fov_fraction
     if fov_fraction < MIN_FOV_FRACTION:
         flags.append(f"only {fov_fraction:.0%} of the brain lies in the DWI's field of view")
     return flags
+
+
+def _worst(values: list[float | None]) -> float | None:
+    """The largest of the series' QC distances (mm, 2 decimals); None where none was measured."""
+    measured = [v for v in values if v is not None]
+    return round(max(measured), 2) if measured else None
 
 
 def _sidecar(path: Path, description: str, sources: list[str], **extra) -> None:
@@ -256,12 +291,18 @@ def prepare_subject(
     random_seed: int = 0,
     num_threads: int = 1,
     source_link: str = "raw",
+    dwi_source: str = "raw",
 ) -> dict:
     """Run the teacher on one unit and write its outputs; returns the unit's QC record.
 
     ``source_link`` is the prep dir's ``DatasetLinks`` key of the unit's BIDS dataset
     (:func:`~m2m_app.io.derivatives.source_link_name`), the dataset of its sidecars' ``Sources``.
+    ``dwi_source`` (:data:`DWI_SOURCES`): ``raw`` registers each DWI series to the T1w;
+    ``qsiprep`` takes QSIPrep's preprocessed T1w and DWI, which share one space, as they are
+    (identity transform, no ANTs check).
     """
+    register = dwi_source == "raw"
+    aligned = REGISTRATION_NOTES[dwi_source]
     start = time.monotonic()
     stages: dict[str, float] = {}
 
@@ -276,7 +317,9 @@ def prepare_subject(
     volumes = tissues.volumes_ml(t1w_img.affine)
     lap("t1w_brain_and_tissues")
 
-    series = [_series_to_t1w(group, t1w_img, t1w, tissues.brain, random_seed) for group in group_dwi_runs(dwi_paths)]
+    series = [
+        _series_to_t1w(group, t1w_img, t1w, tissues.brain, random_seed, register) for group in group_dwi_runs(dwi_paths)
+    ]
     lap("dwi_fit_registration_tracking")
     shape, affine = t1w.shape, t1w_img.affine
     fov = np.any([s.fov for s in series], axis=0)
@@ -296,16 +339,18 @@ def prepare_subject(
         save_nifti(image, affine, paths[param], dtype=np.float32)
         _sidecar(
             paths[param],
-            f"{description}, measured: WLS tensor fit (dipy) of the DWI, "
-            "brought to the T1w grid with log-Euclidean interpolation and tensor rotation; "
+            f"{description}, measured: WLS tensor fit (dipy) of the "
+            f"{'DWI' if register else 'DWI preprocessed by QSIPrep'}, brought to the T1w grid with "
+            f"log-Euclidean interpolation{' and tensor rotation' if register else ''}; "
             "zero outside the brain and the DWI's field of view",
             sources,
             Units=units,
             Model="tensor",
+            Registration=aligned,
         )
     for param, description in TDI_PARAMS.items():
         save_nifti(tdi[param], affine, paths[param])
-        _sidecar(paths[param], f"{description}, from the teacher tractogram", sources)
+        _sidecar(paths[param], f"{description}, from the teacher tractogram", sources, Registration=aligned)
     save_nifti(tissues.brain, affine, paths["mask"], dtype=np.uint8)
     _sidecar(paths["mask"], "brain mask of the T1w (deepbet)", sources[:1], Type="Brain")
     save_nifti(tissues.wm, affine, paths["wm"], dtype=np.uint8)
@@ -324,22 +369,30 @@ def prepare_subject(
         "where the DWI was measured (its field of view, every series, on the T1w grid)",
         sources[1:],
         Type="ROI",
+        Registration=aligned,
     )
     paths["xfm"].parent.mkdir(parents=True, exist_ok=True)
     save_itk_transform(series[0].registration, paths["xfm"])
+    _sidecar(
+        paths["xfm"],
+        "T1w world -> DWI world point transform (ITK, RAS mm converted by nitransforms) of the first DWI series",
+        sources,
+        Registration=aligned,
+    )
     save_tractogram(streamlines, t1w_img, paths["tractogram"])
     _sidecar(
         paths["tractogram"],
         "whole-brain deterministic tensor tractography of the DWI (every series "
         "pooled), streamlines in RASMM of the T1w",
         sources,
+        Registration=aligned,
         **series[0].tracking,
     )
     registration_figure(
         t1w, affine, np.mean([s.b0 for s in series], axis=0), maps["fa"], tissues.wm, fov, paths["qc_figure"]
     )
 
-    qc = {
+    qc: dict[str, Any] = {
         "subject": subject.label,
         "participant": subject.participant,
         "session": subject.session or "",
@@ -354,12 +407,14 @@ def prepare_subject(
         "mean_fa_brain": float(maps["fa"][measured_brain].mean()),
         "median_md": float(np.median(maps["md"][measured_brain])),
         "n_streamlines": len(streamlines),
-        "registration_cost": series[0].registration.cost,
+        "dwi_source": dwi_source,
+        "registration": aligned,
+        "registration_cost": series[0].registration.cost if register else None,
         "registration_start": series[0].registration.start,
         "registration_candidates": {s.name: s.registration.candidates for s in series},
         "registration_from_header_mm": round(max(s.from_header_mm for s in series), 2),
-        "registration_vs_ants_mm": round(max(s.vs_ants_mm for s in series), 2),
-        "registration_ants_spread_mm": round(max(s.ants_spread_mm for s in series), 2),
+        "registration_vs_ants_mm": _worst([s.vs_ants_mm for s in series]),
+        "registration_ants_spread_mm": _worst([s.ants_spread_mm for s in series]),
         "fov_fraction": round(fov_fraction, 3),
         **volumes,
         "tensor_shells": ",".join(str(b) for b in sorted({b for s in series for b in s.shells})),

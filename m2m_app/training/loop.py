@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from m2m_app import __version__
+from m2m_app.data.weights import weight_files, weights_folder
 from m2m_app.errors import UsageError
-from m2m_app.inference.predict import resolve_device
+from m2m_app.inference.predict import load_translator, resolve_device
 from m2m_app.io.files import atomic_write, file_sha256, save_json
 from m2m_app.io.manifest import select_rows
 from m2m_app.models.phases import PhaseSpec, get_phase
@@ -73,6 +74,27 @@ def training_datasets(prep_dirs: list[Path]) -> list[str]:
         except (OSError, ValueError, KeyError, TypeError):
             names.append(prep.resolve().name)
     return sorted(set(names))
+
+
+#: ``--init-weights`` value naming the weights shipped in the package.
+PACKAGED = "packaged"
+
+
+def initial_weights(spec: PhaseSpec, init_weights: str | os.PathLike) -> tuple[Translator, dict]:
+    """The generator to fine-tune (``init_weights``: :data:`PACKAGED` or a folder of ``<phase>.safetensors``),
+    checked against its recorded SHA-256, and what the new weights' recipe records of it: its
+    origin (``packaged`` or the folder's name, not this machine's path), SHA-256, m2m version,
+    architecture and the units it was trained on."""
+    folder = weights_folder(None if str(init_weights) == PACKAGED else init_weights)
+    generator, _ = load_translator(spec.name, folder)
+    meta = json.loads(weight_files(spec.name, folder)[1].read_text())
+    return generator, {
+        "weights": PACKAGED if str(init_weights) == PACKAGED else Path(init_weights).resolve().name,
+        "sha256": meta["sha256"],
+        "m2m_version": meta.get("m2m_version"),
+        "architecture": generator.config,
+        "trained_on": meta.get("recipe", {}).get("subjects"),
+    }
 
 
 def _distributed_context() -> tuple[int, int, int]:
@@ -124,6 +146,13 @@ class _Networks(nn.Module):
             self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
+    def start_from(self, generator: Translator) -> None:
+        """Copy ``generator``'s weights (same architecture) into the generator and its moving average."""
+        for target in (self.generator, self.ema_generator):
+            if target is not None:
+                target.load_state_dict(generator.state_dict())
+
+    @torch.no_grad()
     def update_ema(self) -> None:
         """Move the averaged generator towards the current one (no-op without ``ema_decay``).
 
@@ -149,8 +178,26 @@ def _lsgan(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(logits, torch.full_like(logits, 1.0 if real else 0.0))
 
 
+def autocast_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype | None:
+    """The reduced precision of the networks' forward passes, None for float32 throughout.
+
+    With ``mixed_precision`` on CUDA: bfloat16 where the GPU has it (Ampere and later; its
+    range is float32's, so no gradient scaling), else float16 (with gradient scaling, see
+    :class:`_Step`). On the CPU, float32: autocast there is slower than float32 for these networks.
+    """
+    if not mixed_precision or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 class _Step:
-    """One optimisation step on a batch: discriminators first, then the generator."""
+    """One optimisation step on a batch: discriminators first, then the generator.
+
+    With ``amp_dtype`` (:func:`autocast_dtype`) the networks run under ``torch.autocast`` in that
+    precision; their outputs are cast back to float32 before any loss, so the losses (eigenvalues,
+    FA, histograms) and the weights' updates stay in float32. float16 gradients are scaled
+    (``torch.amp.GradScaler``, one scale for both optimisers) so that small ones do not vanish.
+    """
 
     def __init__(
         self,
@@ -160,30 +207,44 @@ class _Step:
         opt_g: torch.optim.Optimizer,
         opt_d: torch.optim.Optimizer,
         adversarial_weight: float,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
         self.spec, self.generator, self.discriminators = spec, generator, discriminators
         self.opt_g, self.opt_d, self.adversarial_weight = opt_g, opt_d, adversarial_weight
+        self.amp_dtype = amp_dtype
+        device = next(generator.parameters()).device.type
+        self.scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
+
+    def _autocast(self, x: torch.Tensor) -> torch.autocast:
+        return torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         x, target, weight = batch["input"], batch["target"], batch["weight"]
         masked = torch.tensor(self.spec.masked_outputs, device=x.device).view(1, -1, 1, 1)
         channel_weight = torch.where(masked, weight, torch.ones_like(weight))
-        raw = self.generator(x)
+        with self._autocast(x):
+            raw = self.generator(x)
+        raw = raw.float()
         fake, real = self.spec.activate(raw) * channel_weight, target * channel_weight
 
         loss_d = x.new_zeros(())
         for disc in self.discriminators:  # real and fake in one forward (one DDP pass)
-            logits_real, logits_fake = disc(torch.cat([x, x]), torch.cat([real, fake.detach()])).chunk(2)
+            with self._autocast(x):
+                logits = disc(torch.cat([x, x]), torch.cat([real, fake.detach()]))
+            logits_real, logits_fake = logits.float().chunk(2)
             loss_d = loss_d + 0.5 * (_lsgan(logits_real, True) + _lsgan(logits_fake, False))
         self.opt_d.zero_grad()
-        loss_d.backward()
-        self.opt_d.step()
+        self.scaler.scale(loss_d).backward()
+        self.scaler.step(self.opt_d)
 
         terms = self.spec.loss(raw, target, weight)
-        adversarial = torch.stack([_lsgan(disc(x, fake), True) for disc in self.discriminators]).sum()
+        with self._autocast(x):
+            logits_fake = [disc(x, fake) for disc in self.discriminators]
+        adversarial = torch.stack([_lsgan(logits.float(), True) for logits in logits_fake]).sum()
         self.opt_g.zero_grad()
-        (terms["total"] + self.adversarial_weight * adversarial).backward()
-        self.opt_g.step()
+        self.scaler.scale(terms["total"] + self.adversarial_weight * adversarial).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
         return {**{k: v.item() for k, v in terms.items()}, "adv_g": adversarial.item(), "adv_d": loss_d.item()}
 
 
@@ -242,6 +303,7 @@ def train_phase(
     predicted_inputs: str | os.PathLike | None = None,
     workers: int | None = None,
     include_flagged: bool = False,
+    init_weights: str | os.PathLike | None = None,
     **changes: Any,
 ) -> Path:
     """Train (or resume training) the translator of phase ``spec_name`` and export its generator.
@@ -260,17 +322,35 @@ def train_phase(
         dir (see :mod:`m2m_app.training.slices`); those subjects are used with both inputs.
     workers : DataLoader worker processes (default: 0 on CPU, 4 on CUDA).
     include_flagged : also train on units the teacher's QC flagged (see :func:`~m2m_app.io.manifest.select_rows`).
+    init_weights : fine-tune: start the generator from these weights (``packaged`` or a folder
+        with ``<phase>.safetensors``; :func:`initial_weights`), whose architecture (``base``,
+        ``depth``) replaces the recipe's; the default recipe is then
+        :meth:`TrainingRecipe.fine_tuning` (smaller learning rate). The discriminators start afresh.
     changes : recipe fields to change, e.g. ``epochs=2, lr=1e-3`` (``dataclasses.replace``).
 
     The exported JSON's ``recipe`` is the recipe as it ran (phase 2 ignores skull stripping:
     its ``skull_strip_prob`` is 0; ``batch_size`` is summed over the DDP processes), with the
     run's facts: phase, world size, training datasets and subjects, slices per epoch, date
-    and the last epoch's losses.
+    and the last epoch's losses; with ``init_weights``, ``init_weights`` records their origin
+    and SHA-256.
 
     Returns the path of the exported ``<phase>.safetensors``.
     """
-    recipe = dataclasses.replace(recipe or TrainingRecipe(), **changes)
     spec = get_phase(spec_name)
+    default = TrainingRecipe.fine_tuning() if init_weights is not None else TrainingRecipe()
+    recipe = dataclasses.replace(recipe or default, **changes)
+    start_from: dict[str, Any] = {}
+    if init_weights is not None:
+        initial, start_from = initial_weights(spec, init_weights)
+        base, depth = initial.config["base"], initial.config["depth"]
+        if (base, depth) != (recipe.base, recipe.depth):
+            log.info(
+                "%s: the initial weights' architecture (base %d, depth %d) replaces the recipe's",
+                spec.name,
+                base,
+                depth,
+            )
+        recipe = dataclasses.replace(recipe, base=base, depth=depth)
     if predicted_inputs is not None and spec.name != "phase2":
         raise UsageError("predicted_inputs only applies to phase2 (its inputs are phase-1 maps)")
     model_out = Path(model_out)
@@ -303,7 +383,11 @@ def train_phase(
         pin_memory=torch_device.type == "cuda",
     )
 
-    networks = _Networks(spec, recipe.base, recipe.depth, recipe.disc_base, recipe.ema_decay).to(torch_device)
+    networks = _Networks(spec, recipe.base, recipe.depth, recipe.disc_base, recipe.ema_decay)
+    if init_weights is not None:
+        networks.start_from(initial)
+        log.info("%s: fine-tuning from %s (sha256 %s)", spec.name, start_from["weights"], start_from["sha256"])
+    networks = networks.to(torch_device)
     opt_g = torch.optim.Adam(networks.generator.parameters(), lr=recipe.lr, betas=BETAS)
     opt_d = torch.optim.Adam(
         list(networks.global_d.parameters()) + list(networks.patch_d.parameters()), lr=recipe.lr, betas=BETAS
@@ -317,11 +401,14 @@ def train_phase(
         "predicted_inputs": Path(predicted_inputs).name if predicted_inputs else "",
         "subjects": sorted({row["subject"] for row, _ in rows}),
         "slices_per_epoch": len(dataset),
+        **({"init_weights": start_from} if start_from else {}),
     }
     checkpoint = model_out / "checkpoints" / f"{spec.name}_last.pt"
-    architecture: dict[str, float] = {**networks.generator.config, "disc_base": recipe.disc_base}
+    architecture: dict[str, Any] = {**networks.generator.config, "disc_base": recipe.disc_base}
     if recipe.ema_decay:  # a checkpoint with or without the moving average resumes only as such
         architecture["ema_decay"] = recipe.ema_decay
+    if start_from:  # nor does a fine-tuning run from other initial weights
+        architecture["init_sha256"] = start_from["sha256"]
     start = _resume(checkpoint, networks, opt_g, opt_d, architecture, torch_device)
 
     def wrap(module: nn.Module) -> nn.Module:
@@ -336,6 +423,7 @@ def train_phase(
         opt_g,
         opt_d,
         recipe.adversarial_weight,
+        autocast_dtype(torch_device, recipe.mixed_precision),
     )
     losses_csv = model_out / f"{spec.name}_losses.csv"
     history = _read_losses(losses_csv, start) if rank == 0 else []

@@ -22,6 +22,10 @@ from m2m_app.errors import UsageError
 #: chosen on the leave-one-person-out folds (``benchmarks/ablate_fa_detail.py``).
 FA_DETAIL_SIGMA_MM = 6.0
 FA_DETAIL_WEIGHT = 0.5
+#: Adam learning rate of a fine-tuning run (``--init-weights``): a quarter of the recipe's, so that
+#: the first steps (random discriminators, a new dataset's first batches) do not throw away what
+#: the initial weights learnt. Every other setting stays the recipe's.
+FINE_TUNE_LR = 5e-5
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,15 @@ class TrainingRecipe:
     elastic_px: float = 3.0
     #: Fraction of phase-1 training slices skull-stripped by the augmentation (0: none; phase 2 ignores it).
     skull_strip_prob: float = 0.25
+    #: On CUDA, run the networks in bfloat16 (float16 on GPUs without it) under autocast, losses and
+    #: weights in float32 (ignored on the CPU; the shipped weights were trained on the CPU, in float32).
+    mixed_precision: bool = True
+
+    @classmethod
+    def fine_tuning(cls) -> TrainingRecipe:
+        """The recipe of a run that starts from existing weights: :data:`FINE_TUNE_LR`, the rest as
+        trained from scratch (the architecture comes from the weights)."""
+        return cls(lr=FINE_TUNE_LR)
 
     def __post_init__(self) -> None:
         if self.elastic_px < 0:

@@ -24,25 +24,40 @@ def init_prepare_wf(
     random_seed: int = 0,
     num_threads: int = 1,
     source_link: str = "raw",
+    dwi_source: str = "raw",
 ) -> LiterateWorkflow:
     """Build the teacher workflow: ``units`` maps each unit to its T1w and DWI runs, all from the
-    BIDS dataset that ``prep_dir`` links as ``source_link``."""
+    BIDS dataset that ``prep_dir`` links as ``source_link``; ``dwi_source`` ``qsiprep``: QSIPrep's
+    preprocessed T1w and DWI, in one space, so not registered (see
+    :func:`~m2m_app.teacher.prepare.prepare_subject`)."""
     workflow = LiterateWorkflow(name="m2m_prepare_wf", base_dir=str(work_dir))
+    if dwi_source == "qsiprep":
+        alignment = (
+            "Each DWI series had been preprocessed by QSIPrep (Cieslak et al., 2021), which resampled it into the "
+            "space of its preprocessed T1w, so no registration was run (identity transform). Its tensor was "
+            "fitted by weighted least squares (dipy (Garyfallidis et al., 2014)) on the b=0 volumes and the shells "
+            "up to b = 1500 s/mm², inside a dilated median_otsu mask. Tensors were brought to the T1w grid with "
+            "log-Euclidean interpolation"
+        )
+    else:
+        alignment = (
+            "Each DWI series (runs sharing a grid and phase-encoding direction) had its tensor fitted by weighted "
+            "least squares (dipy (Garyfallidis et al., 2014)) on the b=0 volumes and the shells up to "
+            "b = 1500 s/mm², inside a dilated median_otsu mask; its mean b0 was registered rigidly to the T1w by "
+            "Mattes mutual information (dipy), starting from the image headers and from the centres of mass and "
+            "keeping the lower cost within 12 mm of the headers, and checked against an independent ANTs rigid "
+            "registration (Avants et al., 2008). Tensors were brought to the T1w grid with log-Euclidean "
+            "interpolation and tensor rotation"
+        )
     workflow.__desc__ = (
         "Training targets were computed by m2m's teacher. The T1w's brain mask came from deepbet "
         "(Fisch et al., 2024) and its tissue classes from ANTs Atropos (Avants et al., 2011) after N4 bias correction "
-        "(Tustison et al., 2010). Each DWI series (runs sharing a grid and phase-encoding direction) had its tensor "
-        "fitted by weighted least squares (dipy (Garyfallidis et al., 2014)) on the b=0 volumes and the shells up to "
-        "b = 1500 s/mm², inside a dilated median_otsu mask; its mean b0 was registered rigidly "
-        "to the T1w by Mattes mutual information (dipy), starting from the image headers and "
-        "from the centres of mass and keeping the lower cost within 12 mm of the headers, and "
-        "checked against an independent ANTs rigid registration (Avants et al., 2008). Tensors were brought "
-        "to the T1w grid with log-Euclidean interpolation and tensor rotation (series averaged "
-        "in the log domain), limited to the brain mask and the DWI's field of view, and tracked "
-        "deterministically (dipy EuDX, seeds in FA > 0.3). The T1w, brain-extracted with that mask, was registered "
-        "to the MNI152NLin2009aSym template with ANTs (rigid, affine, SyN), the Desikan-Killiany atlas brought back "
-        "onto the T1w grid (nearest neighbour), and per region the tensor maps were averaged and the streamlines' end "
-        "points assigned (4 mm radial search) to build a connectome."
+        f"(Tustison et al., 2010). {alignment} (series averaged in the log domain), limited to the brain mask and "
+        "the DWI's field of view, and tracked deterministically (dipy EuDX, seeds in FA > 0.3). The T1w, "
+        "brain-extracted with that mask, was registered to the MNI152NLin2009aSym template with ANTs (rigid, affine, "
+        "SyN), the Desikan-Killiany atlas brought back onto the T1w grid (nearest neighbour), and per region the "
+        "tensor maps were averaged and the streamlines' end points assigned (4 mm radial search) to build a "
+        "connectome."
     )
     for subject, (t1w, dwi) in units.items():
         node = pe.Node(
@@ -55,6 +70,7 @@ def init_prepare_wf(
                 random_seed=random_seed,
                 num_threads=num_threads,
                 source_link=source_link,
+                dwi_source=dwi_source,
             ),
             name=node_name(subject),
             mem_gb=6.0,
