@@ -60,14 +60,27 @@ def copy_transforms(inputs, template: str) -> dict[str, Path]:
     return transforms
 
 
-class _WriteSpaceInputSpec(SubjectInputSpec):
-    space = Str(mandatory=True, desc="output space label, e.g. MNI152NLin2009aSym:res-2")
+class _RegisteredUnitInputSpec(SubjectInputSpec):
+    """A unit's T1w-space derivatives and its registration to a template."""
+
     maps = traits.Dict(Str, Str, mandatory=True, desc="T1w-space derivatives by key, from WriteMaps")
     nerf = traits.Dict(Str, Str, desc="from WriteNerf (the tractogram; absent when phase 3 is skipped)")
-    forward = File(exists=True, mandatory=True)
-    inverse = File(exists=True, mandatory=True)
-    tractogram_format = traits.Enum("trx", "tck", "trk", usedefault=True)
+    forward = File(exists=True, mandatory=True, desc="from-T1w_to-<template> transform")
+    inverse = File(exists=True, mandatory=True, desc="from-<template>_to-T1w transform")
     num_threads = traits.Int(1, usedefault=True)
+
+
+def _written(inputs) -> dict[str, Path]:
+    """The unit's T1w-space files by key: the maps, and the tractogram when phase 3 ran."""
+    written = {key: Path(path) for key, path in inputs.maps.items()}
+    if isdefined(inputs.nerf) and "tractogram" in inputs.nerf:
+        written["tractogram"] = Path(inputs.nerf["tractogram"])
+    return written
+
+
+class _WriteSpaceInputSpec(_RegisteredUnitInputSpec):
+    space = Str(mandatory=True, desc="output space label, e.g. MNI152NLin2009aSym:res-2")
+    tractogram_format = traits.Enum("trx", "tck", "trk", usedefault=True)
 
 
 class _WriteSpaceOutputSpec(TraitedSpec):
@@ -88,15 +101,12 @@ class WriteTemplateSpace(SimpleInterface):
         (space,) = parse_output_spaces([inputs.space])
         output_dir = Path(inputs.output_dir)
         transforms = copy_transforms(inputs, space.name)
-        written = {key: Path(path) for key, path in inputs.maps.items()}
-        if isdefined(inputs.nerf) and "tractogram" in inputs.nerf:
-            written["tractogram"] = Path(inputs.nerf["tractogram"])
         paths, qc = write_template_space(
             output_dir,
             subject,
             space,
             Path(inputs.t1w),
-            written,
+            _written(inputs),
             transforms,
             inputs.tractogram_format,
             inputs.num_threads,
@@ -109,13 +119,8 @@ class WriteTemplateSpace(SimpleInterface):
         return runtime
 
 
-class _WriteRegionsInputSpec(SubjectInputSpec):
+class _WriteRegionsInputSpec(_RegisteredUnitInputSpec):
     atlas = Str(mandatory=True, desc="atlas name, e.g. DesikanKilliany")
-    maps = traits.Dict(Str, Str, mandatory=True, desc="T1w-space derivatives by key, from WriteMaps")
-    nerf = traits.Dict(Str, Str, desc="from WriteNerf (the tractogram; absent when phase 3 is skipped)")
-    forward = File(exists=True, mandatory=True, desc="from-T1w_to-<atlas template> transform")
-    inverse = File(exists=True, mandatory=True, desc="from-<atlas template>_to-T1w transform")
-    num_threads = traits.Int(1, usedefault=True)
 
 
 class _WriteRegionsOutputSpec(TraitedSpec):
@@ -136,14 +141,11 @@ class WriteRegions(SimpleInterface):
         inputs = self.inputs
         atlas = ATLASES[inputs.atlas]()
         transforms = copy_transforms(inputs, atlas.template)
-        written = {key: Path(path) for key, path in inputs.maps.items()}
-        if isdefined(inputs.nerf) and "tractogram" in inputs.nerf:
-            written["tractogram"] = Path(inputs.nerf["tractogram"])
         paths, summary = write_regions(
             Path(inputs.output_dir),
             unit_of(inputs),
             atlas,
-            written,
+            _written(inputs),
             transforms["inverse"],
             "nerf",
             threads=inputs.num_threads,
