@@ -193,8 +193,8 @@ def _add_teacher_tractogram(prep, streamlines, reference) -> None:
 def test_evaluate_tractogram_command(tmp_path):
     """``m2m-train evaluate-tractogram`` on a synthetic prep dir: the teacher's own streamlines score
     TDI r 1 and Dice 1, and with the teacher's FA the same connectome (edge r 1) and region FA
-    (relative difference 0) on the teacher's parcellation; half of them score 1 on nearness one
-    way; without the teacher's parcellation the region scores are n/a; a missing tractogram is a
+    (relative difference 0, also by evaluate-regions) on the teacher's parcellation; half of them
+    score 1 on nearness one way; without the teacher's parcellation the region scores are n/a; a missing tractogram is a
     clear error."""
     from m2m_app.cli.train import cli
     from m2m_app.io.naming import Subject, derivative_paths
@@ -225,7 +225,11 @@ def test_evaluate_tractogram_command(tmp_path):
         assert header[0] == "subject" and row[0] == "sub-01"
         metrics[name] = dict(zip(header[1:], (float("nan") if v == "n/a" else float(v) for v in row[1:])))
         if name == "none":  # the teacher's parcellation, through identity transforms (no registration)
-            assert np.isnan(metrics[name]["edge_r"]) and "no teacher connectome" in result.output
+            assert (
+                np.isnan(metrics[name]["edge_r"])
+                and "no teacher" in result.output
+                and "run m2m-train prepare" in result.output
+            )
             teacher_files = derivative_paths(prep, Subject("01"), "tensordet")  # prepare's names
             for key in ("mask", "fa", "md", "ad", "rd"):
                 teacher_files[key].parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +240,12 @@ def test_evaluate_tractogram_command(tmp_path):
             write_teacher_regions(prep, Subject("01"), tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
     same, half = metrics["same"], metrics["half"]
     assert same["edge_r"] == pytest.approx(1.0) and same["region_fa_rel_diff"] == pytest.approx(0.0, abs=1e-6)
-    assert same["regions_compared"] >= 5 and half["edge_r"] < 1.0
+    assert same["regions_compared"] >= 5 and half["edge_r"] < 1.0 and same["region_fa_r"] == pytest.approx(1.0)
+    result = CliRunner().invoke(cli, ["evaluate-regions", str(prep), str(tmp_path / "same"), "--subject", "sub-01"])
+    header, row = (line.split("\t") for line in result.output.strip().splitlines() if "\t" in line)
+    regions = dict(zip(header[1:], map(float, row[1:])))
+    assert result.exit_code == 0 and regions["region_fa_rel_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert regions["regions_compared"] == same["regions_compared"]
     assert same["tdi_r_brain"] == pytest.approx(1.0, abs=1e-3) and same["visited_dice"] == 1.0
     assert same["predicted_near_teacher"] == same["teacher_near_predicted"] == 1.0
     assert same["n_predicted"] == same["n_teacher"] == len(teacher)

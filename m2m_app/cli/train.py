@@ -676,7 +676,14 @@ def evaluate_tractogram(
     from m2m_app.training.evaluate import connectome_metrics, tractogram_metrics
 
     setup_logging(verbose, quiet)
-    connectome_columns = ("edge_r", "edge_r_log", "region_fa_rel_diff", "regions_compared", "assigned_fraction")
+    connectome_columns = (
+        "edge_r",
+        "edge_r_log",
+        "assigned_fraction",
+        "region_fa_rel_diff",
+        "region_fa_r",
+        "regions_compared",
+    )
     click.echo(
         "subject\ttdi_r_brain\tvisited_dice\tpredicted_near_teacher\tteacher_near_predicted\tn_predicted\tn_teacher\t"
         + "\t".join(connectome_columns)
@@ -706,6 +713,41 @@ def evaluate_tractogram(
             LOGGER.warning("%s", err)
             metrics |= dict.fromkeys(connectome_columns, float("nan"))
         click.echo("\t".join([row["subject"], *("n/a" if v != v else f"{v:.4g}" for v in metrics.values())]))
+
+
+@cli.command("evaluate-regions")
+@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("m2m_output_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--subject",
+    "subjects",
+    multiple=True,
+    required=True,
+    help="Subject(s) present in both (sub-01 or sub-01_ses-a). Repeatable.",
+)
+@with_verbosity
+@exits_cleanly
+def evaluate_regions(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[str, ...], verbose: int, quiet: int) -> None:
+    """Compare the app's region FA (from the T1w alone) with the teacher's (from the DWI).
+
+    On the teacher's Desikan-Killiany parcellation (written by prepare, limited to the DWI's field
+    of view): the mean relative difference of the region means and their correlation. Needs only
+    the app's FA map (e.g. a run with --skip-phase2).
+    """
+    from m2m_app.errors import MissingInputError
+    from m2m_app.io.manifest import select_rows
+    from m2m_app.io.naming import Subject, derivative_paths
+    from m2m_app.training.evaluate import region_fa_metrics
+
+    setup_logging(verbose, quiet)
+    click.echo("subject\tregion_fa_rel_diff\tregion_fa_r\tregions_compared")
+    for row, prep in select_rows([prep_dir], list(subjects)):
+        subject = Subject(row["participant"], row["session"] or None)
+        fa = derivative_paths(m2m_output_dir, subject, "nerf")["fa"]
+        if not fa.exists():
+            raise MissingInputError(f"{subject.label}: no m2m FA map in {m2m_output_dir}")
+        metrics = region_fa_metrics(fa, prep, subject, "DesikanKilliany")
+        click.echo("\t".join([row["subject"], *(f"{v:.4g}" for v in metrics.values())]))
 
 
 def main(argv: list[str] | None = None) -> None:

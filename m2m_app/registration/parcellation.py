@@ -47,6 +47,7 @@ from m2m_app.maths.regions import (
 from m2m_app.maths.warp import sample
 from m2m_app.registration.normalize import REGISTRATION_MM, coordinate_field, register_t1w
 from m2m_app.registration.template_space import transform_paths
+from m2m_app.teacher.prepare import teacher_paths
 
 LOGGER = logging.getLogger(__name__)
 
@@ -176,17 +177,23 @@ def write_regions(
     track_method: str,
     dataset_link: str = "m2m",
     threads: int = 1,
+    within: Path | None = None,
 ) -> tuple[dict[str, Path], dict]:
     """Write the unit's parcellation, region table and (when ``written`` holds a ``tractogram``)
     connectomes under ``root``; return the paths by key and a summary (regions found, streamlines
     assigned). ``written``: T1w-space files by key (``mask``, ``fa``, ``md``, ``ad``, ``rd``,
     optionally ``fa_sd`` and ``tractogram``); ``inverse``: the ``from-<template>_to-T1w`` transform as
-    written in ``root``; ``dataset_link``: the BIDS URI dataset name of ``root`` in the sidecars."""
+    written in ``root``; ``dataset_link``: the BIDS URI dataset name of ``root`` in the sidecars;
+    ``within``: a mask on the maps' grid that limits the parcellation further (the teacher's: the
+    DWI's field of view, where its maps are defined)."""
     root = Path(root)
     paths = region_paths(root, subject, atlas.name, track_method)
     uri = lambda path: f"bids:{dataset_link}:{Path(path).relative_to(root).as_posix()}"  # noqa: E731
     mask_img, mask = load_image(written["mask"])
-    labels = parcellate(atlas, inverse, mask_img.affine, mask > 0, threads)
+    inside = mask > 0
+    if within is not None:
+        inside &= load_image(within)[1] > 0
+    labels = parcellate(atlas, inverse, mask_img.affine, inside, threads)
     regions = atlas.regions()
     names = [region.name for region in regions]
     generated = {"GeneratedBy": [{"Name": "m2m", "Version": __version__}]}
@@ -200,7 +207,8 @@ def write_regions(
     out = {"dseg": save_nifti(labels, mask_img.affine, paths["dseg"], dtype=np.int16)}
     save_json(
         {
-            "Description": f"{atlas.name} parcellation on the T1w grid of the maps, limited to the brain mask",
+            "Description": f"{atlas.name} parcellation on the T1w grid of the maps, limited to the brain mask"
+            + (" and the DWI's field of view" if within is not None else ""),
             **atlas_keys,
             "Resampling": "nearest neighbour through the inverse template transform",
             "Sources": [uri(written["mask"]), uri(inverse)],
@@ -284,7 +292,8 @@ def write_teacher_regions(
     """For every shipped atlas, the teacher's parcellation, region table and connectome in
     ``prep_dir``: the unit's T1w registered to the atlas's template with the teacher's brain mask
     (transforms written beside, as the app writes them; kept on a re-run), then
-    :func:`write_regions` on the teacher's tensor maps and tractogram. Returns the summaries by atlas."""
+    :func:`write_regions` on the teacher's tensor maps and tractogram, limited to the DWI's field of
+    view (outside it the teacher has no maps). Returns the summaries by atlas."""
     import tempfile
 
     prep_dir = Path(prep_dir)
@@ -300,7 +309,16 @@ def write_teacher_regions(
                 register_t1w(t1w, teacher["mask"], TEMPLATES[atlas.template](), forward, inverse, seed, threads)
                 copy_file(forward, transforms["forward"])
                 copy_file(inverse, transforms["inverse"])
+        fov = teacher_paths(prep_dir, subject)["fov"]
         _, summaries[name] = write_regions(
-            prep_dir, subject, atlas, written, transforms["inverse"], TEACHER_TRACK, dataset_link="", threads=threads
+            prep_dir,
+            subject,
+            atlas,
+            written,
+            transforms["inverse"],
+            TEACHER_TRACK,
+            dataset_link="",
+            threads=threads,
+            within=fov if fov.exists() else None,
         )
     return summaries

@@ -352,42 +352,64 @@ def tractogram_metrics(
     }
 
 
-def connectome_metrics(
-    predicted: list[np.ndarray], predicted_fa: Path, prep_dir: Path, subject: Subject, atlas_name: str
-) -> dict[str, float]:
-    """Agreement of m2m's connectome and region FA with the teacher's, on the teacher's parcellation
-    (``m2m-train prepare``'s ``seg-<atlas>`` files of ``subject`` in ``prep_dir``), so that only the
-    prediction differs, not the registration: m2m's streamlines (world mm) and FA map (resampled
-    trilinearly onto the parcellation's grid) go through the same rule as the teacher's.
-
-    ``edge_r``: Pearson r of the two count matrices over the upper triangle; ``edge_r_log``: the
-    same on log(1 + count); ``region_fa_rel_diff``: the mean over regions present in both of
-    |FA_m2m − FA_teacher| / FA_teacher (region means); ``assigned_fraction``: m2m's streamlines
-    with both ends assigned.
-    """
+def _teacher_parcellation(prep_dir: Path, subject: Subject, atlas_name: str, needed: str) -> tuple:
+    """The teacher's region files, labels ``(X, Y, Z)`` int16 and their image (``needed``: the key of
+    :func:`region_paths` that must exist)."""
     paths = region_paths(prep_dir, subject, atlas_name, TEACHER_TRACK)
-    if not paths["count"].exists():
-        raise MissingInputError(f"{subject.label}: no teacher connectome {paths['count'].name}; run m2m-train prepare")
-    atlas = ATLASES[atlas_name]()
+    if not paths[needed].exists():
+        raise MissingInputError(f"{subject.label}: no teacher {paths[needed].name}; run m2m-train prepare")
     labels_img, labels = load_image(paths["dseg"])
-    labels = np.rint(labels).astype(np.int16)
+    return paths, labels_img, np.rint(labels).astype(np.int16)
+
+
+def _fa_on(labels_img: nib.Nifti1Image, shape: tuple[int, ...], predicted_fa: Path) -> np.ndarray:
+    """m2m's FA map resampled trilinearly onto the parcellation's grid."""
     fa_img, fa = load_image(predicted_fa)
-    points = grid_points(labels.shape, labels_img.affine)
-    fa_on_labels = sample(fa, fa_img.affine, points).reshape(labels.shape)
-    ours, _, assigned = tractogram_connectome(predicted, labels, labels_img.affine, fa_on_labels, atlas)
-    rows = read_tsv(paths["count"])
-    theirs = np.array([[float(row[r["Node"]]) for r in rows] for row in rows])
-    upper = np.triu_indices(len(theirs), 1)
+    return sample(fa, fa_img.affine, grid_points(shape, labels_img.affine)).reshape(shape)
+
+
+def region_fa_metrics(predicted_fa: Path, prep_dir: Path, subject: Subject, atlas_name: str) -> dict[str, float]:
+    """Agreement of m2m's region FA with the teacher's on the teacher's parcellation (``m2m-train
+    prepare``'s ``seg-<atlas>`` files, limited to the DWI's field of view), so that only the
+    prediction differs, not the registration: ``region_fa_rel_diff``, the mean over the regions
+    both cover of |FA_m2m − FA_teacher| / FA_teacher (region means); ``region_fa_r``, Pearson r of
+    the region means; ``regions_compared``."""
+    paths, labels_img, labels = _teacher_parcellation(prep_dir, subject, atlas_name, "regions")
+    atlas = ATLASES[atlas_name]()
     teacher_fa = np.array(
         [float(row["fa_mean"]) if row["fa_mean"] != "n/a" else np.nan for row in read_tsv(paths["regions"])]
     )
-    indices = np.array([region.index for region in atlas.regions()])
-    our_fa = region_means(fa_on_labels, labels, indices)
+    our_fa = region_means(
+        _fa_on(labels_img, labels.shape, predicted_fa), labels, np.array([r.index for r in atlas.regions()])
+    )
     both = np.isfinite(teacher_fa) & np.isfinite(our_fa) & (teacher_fa > 0)
+    return {
+        "region_fa_rel_diff": float(np.mean(np.abs(our_fa[both] - teacher_fa[both]) / teacher_fa[both])),
+        "region_fa_r": pearson(our_fa[both], teacher_fa[both]),
+        "regions_compared": int(both.sum()),
+    }
+
+
+def connectome_metrics(
+    predicted: list[np.ndarray], predicted_fa: Path, prep_dir: Path, subject: Subject, atlas_name: str
+) -> dict[str, float]:
+    """Agreement of m2m's connectome with the teacher's on the teacher's parcellation (as
+    :func:`region_fa_metrics`): m2m's streamlines (world mm) go through the same end-point rule.
+
+    ``edge_r``: Pearson r of the two count matrices over the upper triangle; ``edge_r_log``: the
+    same on log(1 + count); ``assigned_fraction``: m2m's streamlines with both ends assigned; and
+    :func:`region_fa_metrics`.
+    """
+    paths, labels_img, labels = _teacher_parcellation(prep_dir, subject, atlas_name, "count")
+    atlas = ATLASES[atlas_name]()
+    fa = _fa_on(labels_img, labels.shape, predicted_fa)
+    ours, _, assigned = tractogram_connectome(predicted, labels, labels_img.affine, fa, atlas)
+    rows = read_tsv(paths["count"])
+    theirs = np.array([[float(row[r["Node"]]) for r in rows] for row in rows])
+    upper = np.triu_indices(len(theirs), 1)
     return {
         "edge_r": pearson(ours[upper], theirs[upper]),
         "edge_r_log": pearson(np.log1p(ours[upper]), np.log1p(theirs[upper])),
-        "region_fa_rel_diff": float(np.mean(np.abs(our_fa[both] - teacher_fa[both]) / teacher_fa[both])),
-        "regions_compared": int(both.sum()),
         "assigned_fraction": assigned / max(len(predicted), 1),
+        **region_fa_metrics(predicted_fa, prep_dir, subject, atlas_name),
     }
