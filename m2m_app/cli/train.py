@@ -644,16 +644,20 @@ def fit_detail(
     fit_fa_detail(prep_dir, weights_dir, list(subjects) or None, sigma_mm, weight)
 
 
-@cli.command("evaluate-tractogram")
-@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.argument("m2m_output_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option(
+#: ``--subject`` of the commands that compare the app's outputs with the teacher's.
+present_in_both = click.option(
     "--subject",
     "subjects",
     multiple=True,
     required=True,
     help="Subject(s) present in both (sub-01 or sub-01_ses-a). Repeatable.",
 )
+
+
+@cli.command("evaluate-tractogram")
+@click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("m2m_output_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@present_in_both
 @with_verbosity
 @exits_cleanly
 def evaluate_tractogram(
@@ -718,13 +722,7 @@ def evaluate_tractogram(
 @cli.command("evaluate-regions")
 @click.argument("prep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("m2m_output_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option(
-    "--subject",
-    "subjects",
-    multiple=True,
-    required=True,
-    help="Subject(s) present in both (sub-01 or sub-01_ses-a). Repeatable.",
-)
+@present_in_both
 @with_verbosity
 @exits_cleanly
 def evaluate_regions(prep_dir: Path, m2m_output_dir: Path, subjects: tuple[str, ...], verbose: int, quiet: int) -> None:

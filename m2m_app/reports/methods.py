@@ -170,32 +170,20 @@ ATLAS_REFERENCES = ("desikan2006", "markello2021")
 #: its DWI comes from (:data:`m2m_app.teacher.prepare.DWI_SOURCES`): the raw DWI, registered by m2m
 #: (ANTs' check cited), or QSIPrep's preprocessed DWI (QSIPrep cited, no registration); both register the
 #: T1w to the template for the parcellation (ANTs, the template, the atlas).
-TEACHER_REFERENCES = {
-    "raw": (
-        "fisch2024",
-        "avants2011",
-        "tustison2010",
-        "garyfallidis2014",
-        "avants2008",
-        "fonov2011",
-        "desikan2006",
-        "markello2021",
-        "gorgolewski2011",
-        "gorgolewski2016",
-    ),
+_TEACHER_UNTIL_TOOLS = {
+    "raw": ("fisch2024", "avants2011", "tustison2010", "garyfallidis2014", *TEMPLATE_REFERENCES, *ATLAS_REFERENCES),
     "qsiprep": (
         "fisch2024",
         "avants2011",
         "tustison2010",
         "cieslak2021",
         "garyfallidis2014",
-        "avants2008",
-        "fonov2011",
-        "desikan2006",
-        "markello2021",
-        "gorgolewski2011",
-        "gorgolewski2016",
+        *TEMPLATE_REFERENCES,
+        *ATLAS_REFERENCES,
     ),
+}
+TEACHER_REFERENCES = {
+    source: (*keys, "gorgolewski2011", "gorgolewski2016") for source, keys in _TEACHER_UNTIL_TOOLS.items()
 }
 #: The distributions the teacher runs on, cited with their installed versions.
 TEACHER_SOFTWARE = ("m2m-app", "deepbet", "antspyx", "dipy", "nipype", "nibabel", "torch")
