@@ -375,13 +375,15 @@ def region_fa_metrics(predicted_fa: Path, prep_dir: Path, subject: Subject, atla
     both cover of |FA_m2m − FA_teacher| / FA_teacher (region means); ``region_fa_r``, Pearson r of
     the region means; ``regions_compared``."""
     paths, labels_img, labels = _teacher_parcellation(prep_dir, subject, atlas_name, "regions")
-    atlas = ATLASES[atlas_name]()
+    return _region_fa_scores(paths, labels, _fa_on(labels_img, labels.shape, predicted_fa), atlas_name)
+
+
+def _region_fa_scores(paths: dict[str, Path], labels: np.ndarray, fa: np.ndarray, atlas_name: str) -> dict[str, float]:
+    """:func:`region_fa_metrics` from the teacher's files, its labels and m2m's FA on their grid."""
     teacher_fa = np.array(
         [float(row["fa_mean"]) if row["fa_mean"] != "n/a" else np.nan for row in read_tsv(paths["regions"])]
     )
-    our_fa = region_means(
-        _fa_on(labels_img, labels.shape, predicted_fa), labels, np.array([r.index for r in atlas.regions()])
-    )
+    our_fa = region_means(fa, labels, np.array([r.index for r in ATLASES[atlas_name]().regions()]))
     both = np.isfinite(teacher_fa) & np.isfinite(our_fa) & (teacher_fa > 0)
     return {
         "region_fa_rel_diff": float(np.mean(np.abs(our_fa[both] - teacher_fa[both]) / teacher_fa[both])),
@@ -411,5 +413,5 @@ def connectome_metrics(
         "edge_r": pearson(ours[upper], theirs[upper]),
         "edge_r_log": pearson(np.log1p(ours[upper]), np.log1p(theirs[upper])),
         "assigned_fraction": assigned / max(len(predicted), 1),
-        **region_fa_metrics(predicted_fa, prep_dir, subject, atlas_name),
+        **_region_fa_scores(paths, labels, fa, atlas_name),  # the FA resampled once for both
     }
