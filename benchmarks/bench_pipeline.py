@@ -5,8 +5,10 @@ Nipype workflow (Linear plugin, Nipype's resource monitor on) on the T1w, and, o
 unit's DWI in the same run, the classical route m2m spares its users (MRtrix3: ``dwi2mask``,
 ``dwi2tensor``, ``tensor2metric``, ``tckgen -algorithm Tensor_Det -select 45000``,
 ``tckmap``; installed with apt where missing and possible, else skipped with a message), both
-with the same number of threads. Prints a summary table (wall time of both routes, their
-ratio, peak memory) and one table per route and case with seconds and peak GB per stage.
+with the same number of threads; then the ``m2m`` command itself as a user runs it (a fresh
+process with its start-up and dataset indexing, MultiProc). Prints a summary table (wall time of
+both routes and of the command, their ratios, peak memory) and one table per route and case with
+seconds and peak GB per stage.
 Defaults: ds-real sub-01 (1 mm T1w) and ds-extra sub-03 ses-1 (0.5 mm T1w). Usage:
 
     python benchmarks/bench_pipeline.py [--case ds-real:01 --case ds-extra:03:1] [--threads 2]
@@ -108,6 +110,22 @@ def run_app(
     ordered |= {name: stages[name] for name in sorted(stages) if name not in ordered}  # template spaces
     ordered["total"] = (total, max(v[1] for v in stages.values()))
     return ordered
+
+
+def run_command(case: Case, threads: int, weights_dir: str | None) -> tuple[float, float]:
+    """The ``m2m`` command itself on the case, as a user runs it (a fresh process: start-up, dataset
+    indexing, MultiProc with ``--nprocs`` and ``--omp-nthreads`` ``threads``): wall seconds and peak GB."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            sys.executable, "-m", "m2m_app.cli.run", str(case.bids), f"{tmp}/out", "participant",
+            "--participant-label", case.participant, "-w", f"{tmp}/work",
+            "--nprocs", str(threads), "--omp-nthreads", str(threads),
+        ]  # fmt: skip
+        if case.session:
+            command += ["--session-label", case.session]
+        if weights_dir:
+            command += ["--weights-dir", weights_dir]
+        return _timed(command)
 
 
 def mrtrix_available() -> bool:
@@ -233,7 +251,9 @@ def main() -> None:
             classical = tables[f"{case.label}: MRtrix3 {args.threads} threads"] = run_mrtrix(case, args.threads)
         if args.teacher:
             tables[f"{case.label}: teacher (dipy)"] = run_teacher(case)
-        summary.append((case, app["total"], classical["total"] if classical else None))
+        log.info("%s: the m2m command", case.label)
+        command = run_command(case, args.threads, args.weights_dir)
+        summary.append((case, app["total"], classical["total"] if classical else None, command))
         if args.output_spaces:
             spaces = tuple(args.output_spaces)
             log.info("%s: m2m with --output-spaces %s", case.label, " ".join(spaces))
@@ -243,20 +263,25 @@ def main() -> None:
             registration = sum(seconds for name, (seconds, _) in spaced.items() if name.startswith("register_"))
             with_spaces.append((case, spaced["total"][0], registration))
     print(f"# m2m vs the MRtrix3 route, {args.threads} threads, {device}\n")
-    print("| case | T1w | m2m s | m2m peak GB | MRtrix3 s | MRtrix3 peak GB | ratio m2m / MRtrix3 |")
-    print("|---|---|---|---|---|---|---|")
-    for case, (app_s, app_gb), classical in summary:
+    print(
+        "| case | T1w | m2m s | m2m peak GB | MRtrix3 s | MRtrix3 peak GB | ratio m2m / MRtrix3 "
+        "| `m2m` command s | its ratio to MRtrix3 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case, (app_s, app_gb), classical, (command_s, _) in summary:
         right = f"{classical[0]:.1f} | {classical[1]:.2f} | {app_s / classical[0]:.2f}" if classical else "— | — | —"
-        print(f"| {case.label} | {t1w_description(case)} | {app_s:.1f} | {app_gb:.2f} | {right} |")
+        command_ratio = f"{command_s / classical[0]:.2f}" if classical else "—"
+        left = f"| {case.label} | {t1w_description(case)} | {app_s:.1f} | {app_gb:.2f}"
+        print(f"{left} | {right} | {command_s:.1f} | {command_ratio} |")
     if with_spaces:
         print(f"\n## With --output-spaces {' '.join(args.output_spaces)}\n")
         print("| case | m2m s (T1w only) | m2m s (with the spaces) | added | registration s |\n|---|---|---|---|---|")
-        for (case, (app_s, _), _), (_, spaced_s, registration) in zip(summary, with_spaces):
+        for (case, (app_s, _), _, _), (_, spaced_s, registration) in zip(summary, with_spaces):
             added = f"+{spaced_s - app_s:.1f} s ({(spaced_s / app_s - 1) * 100:.0f} %)"
             print(f"| {case.label} | {app_s:.1f} | {spaced_s:.1f} | {added} | {registration:.1f} |")
     if len(summary) > 1:
         first = summary[0][1][0]
-        relative = ", ".join(f"{c.label} {s / first:.2f}×" for c, (s, _), _ in summary)
+        relative = ", ".join(f"{c.label} {s / first:.2f}×" for c, (s, _), _, _ in summary)
         print(f"\nm2m wall time relative to the first case: {relative}")
     for label, stages in tables.items():
         print(f"\n## {label}\n| stage | seconds | peak GB |\n|---|---|---|")

@@ -67,28 +67,7 @@ def test_prepare_completes_on_every_unit(prepared_ds_real):
     } <= set(header)
     assert "FLAGGED" not in result.stderr
     methods = (prep / "logs" / "CITATION.md").read_text()
-    assert "deepbet" in methods and "Atropos" in methods and "ANTs" in methods and "Desikan-Killiany" in methods
-
-
-@pytest.mark.slow
-@requires_ds_real
-def test_prepare_writes_the_teachers_regions_and_connectome(prepared_ds_real, tmp_path):
-    """The teacher's parcellation, region table and connectome of every unit (its own registration,
-    brain mask, FA and tractogram)."""
-    from m2m_app.io.files import read_tsv
-    from m2m_app.io.naming import Subject
-    from m2m_app.registration.parcellation import TEACHER_TRACK, region_paths
-
-    prep, _ = prepared_ds_real
-    for unit in UNITS:
-        paths = region_paths(prep, Subject.from_label(unit), "DesikanKilliany", TEACHER_TRACK)
-        table = read_tsv(paths["regions"])
-        fa = [float(row["fa_mean"]) for row in table if row["fa_mean"] != "n/a"]
-        assert len(table) == 83 and len(fa) >= 60 and 0.1 < np.median(fa) < 0.6, unit
-        counts = read_tsv(paths["count"])
-        assert sum(float(v) for row in counts for key, v in row.items() if key != "Node") > 100, unit
-        sidecar = json.loads(paths["count"].with_name(paths["count"].name.replace(".tsv", ".json")).read_text())
-        assert sidecar["StreamlinesAssigned"] > 0 and sidecar["Sources"][0].startswith("bids::sub-")
+    assert "deepbet" in methods and "Atropos" in methods and "ANTs" in methods
 
 
 @pytest.mark.slow
@@ -166,14 +145,33 @@ def test_corpus_callosum_is_left_right(prepared_ds_real, unit):
 
 @pytest.mark.slow
 @requires_ds_real
-def test_rerun_skips_finished_units(prepared_ds_real):
+def test_rerun_skips_finished_units_and_adds_the_teachers_regions(prepared_ds_real):
+    """Prepared with --atlases none, sub-01 is not prepared again by a re-run with the default atlases;
+    only its parcellation, region table and connectome are added (its own registration, the teacher's
+    brain mask, FA and tractogram)."""
+    from m2m_app.io.files import read_tsv
+    from m2m_app.io.naming import Subject
+    from m2m_app.registration.parcellation import TEACHER_TRACK, region_paths
+
     prep, _ = prepared_ds_real
     fa_file = prep / manifest_rows(prep)["sub-01"]["fa"]
+    paths = region_paths(prep, Subject.from_label("sub-01"), "DesikanKilliany", TEACHER_TRACK)
     before = fa_file.stat().st_mtime_ns
+    assert not paths["regions"].exists()
     result = run_cli("train", "prepare", DS_REAL, prep, "--participant-label", "sub-01")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "already prepared" in result.stderr
+    assert "already prepared; its regions: DesikanKilliany" in result.stderr
     assert fa_file.stat().st_mtime_ns == before
+    table = read_tsv(paths["regions"])
+    fa = [float(row["fa_mean"]) for row in table if row["fa_mean"] != "n/a"]
+    assert len(table) == 83 and len(fa) >= 60 and 0.1 < np.median(fa) < 0.6
+    counts = read_tsv(paths["count"])
+    assert sum(float(v) for row in counts for key, v in row.items() if key != "Node") > 100
+    sidecar = json.loads(paths["count"].with_name(paths["count"].name.replace(".tsv", ".json")).read_text())
+    assert sidecar["StreamlinesAssigned"] > 0 and sidecar["Sources"][0].startswith("bids::sub-")
+    assert "Desikan-Killiany" in (prep / "logs" / "CITATION.md").read_text()
+    result = run_cli("train", "prepare", DS_REAL, prep, "--participant-label", "sub-01")
+    assert result.returncode == 0 and "already prepared, skipping" in result.stderr
 
 
 @pytest.mark.slow
@@ -190,7 +188,7 @@ def test_one_bad_unit_leaves_the_others_intact(tmp_path):
     }
     bids = make_bids(tmp_path / "bids", {**good, **bad})
     prep = tmp_path / "prep"
-    result = run_cli("train", "prepare", bids, prep, "--nprocs", "1")
+    result = run_cli("train", "prepare", bids, prep, "--nprocs", "1", "--atlases", "none")
     assert result.returncode == 65, result.stderr[-2000:]
     assert "sub-03" in result.stderr and "sub-03_dwi.nii.gz" in result.stderr
     assert "Traceback" not in result.stderr
@@ -311,7 +309,9 @@ def test_partial_slab_dwi_of_another_vendor_is_registered_from_the_headers(tmp_p
     """ds-extra ses-1 (United Imaging, 84 mm axial slab rotated 25° in-plane, T1w with the neck):
     the centre-of-mass start lands ~20 mm off, the header start wins; the FOV mask is the slab."""
     prep = tmp_path / "prep"
-    result = run_cli("train", "prepare", DS_EXTRA, prep, "--session-label", "1", "--omp-nthreads", "2")
+    result = run_cli(
+        "train", "prepare", DS_EXTRA, prep, "--session-label", "1", "--omp-nthreads", "2", "--atlases", "none"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     row = manifest_rows(prep)["sub-03_ses-1"]
     assert not row["flagged"], row["flags"]
@@ -346,7 +346,7 @@ def test_runs_with_opposite_phase_encoding_are_fitted_apart_and_averaged(prepare
             f"{stem}.json": json.dumps({"PhaseEncodingDirection": code}).encode(),
         }
     prep = tmp_path / "prep"
-    result = run_cli("train", "prepare", make_bids(tmp_path / "bids", files), prep)
+    result = run_cli("train", "prepare", make_bids(tmp_path / "bids", files), prep, "--atlases", "none")
     assert result.returncode == 0, result.stderr[-3000:]
     row = manifest_rows(prep)["sub-02_ses-hfs"]
     assert row["dwi_series"] == 2 and not row["flagged"], row["flags"]
@@ -485,7 +485,7 @@ def prepared_from_qsiprep(prepared_ds_real, tmp_path_factory):
     )
     bids = make_bids(root / "bids", ds_real_unit("01", None, ("anat",)) | ds_real_unit("02", "hfs", ("anat",)))
     prep = root / "prep"
-    result = run_cli("train", "prepare", bids, prep, "--dwi-derivatives", qsiprep, "--nprocs", "1")
+    result = run_cli("train", "prepare", bids, prep, "--dwi-derivatives", qsiprep, "--nprocs", "1", "--atlases", "none")
     return prep, result, qsiprep, (raw_prep, row)
 
 

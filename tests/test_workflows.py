@@ -181,21 +181,25 @@ def test_collect_units_keeps_failures_with_their_codes():
 
 
 @pytest.mark.parametrize("dwi_source, registration", [("raw", "avants2008"), ("qsiprep", "cieslak2021")])
-def test_teacher_methods_text_has_its_references_in_bibtex(tmp_path, dwi_source, registration):
+@pytest.mark.parametrize("atlases", [("DesikanKilliany",), ()])
+def test_teacher_methods_text_has_its_references_in_bibtex(tmp_path, dwi_source, registration, atlases):
     """Every work the teacher's methods text cites is in the .bib that prepare writes beside it, with the
-    library versions; with QSIPrep's DWI the text cites QSIPrep and says that nothing was registered."""
+    library versions; with QSIPrep's DWI the text cites QSIPrep and says that nothing was registered; the
+    atlas and its registration only with --atlases."""
     import re
     from importlib.metadata import version
 
-    from m2m_app.reports.methods import TEACHER_REFERENCES, TEACHER_SOFTWARE, write_bibtex
+    from m2m_app.reports.methods import TEACHER_SOFTWARE, teacher_cited, write_bibtex
     from m2m_app.workflows.prepare import init_prepare_wf
 
-    keys = TEACHER_REFERENCES[dwi_source]
-    text = init_prepare_wf({}, tmp_path / "prep", tmp_path / "work", dwi_source=dwi_source).visit_desc()
+    keys = teacher_cited(dwi_source, bool(atlases))
+    workflow = init_prepare_wf({}, tmp_path / "prep", tmp_path / "work", dwi_source=dwi_source, atlases=atlases)
+    text = workflow.visit_desc()
     cited = {(author.lower(), year) for author, year in re.findall(r"(\w+) et al\., (\d{4})", text)}
     assert len(cited) == 5 and cited <= {(key[:-4], key[-4:]) for key in keys}
     assert (registration[:-4], registration[-4:]) in cited
     assert ("no registration" in text) == (dwi_source == "qsiprep")
+    assert ("Desikan-Killiany" in text) == bool(atlases) == ("desikan2006" in keys)
     bib = write_bibtex(tmp_path / "CITATION.bib", keys, TEACHER_SOFTWARE).read_text()
     assert all(f"{{{key}," in bib for key in keys)
     assert f"version = {{{version('dipy')}}}" in bib and "@software{antspyx," in bib

@@ -115,6 +115,16 @@ def cli() -> None:
     show_default=True,
     help="Threads per unit (deepbet's torch, ANTs' ITK).",
 )
+@click.option(
+    "--atlases",
+    "atlases",
+    multiple=True,
+    metavar="ATLAS",
+    help="Parcellations of the teacher's region tables and connectomes, which m2m-train evaluate-regions and "
+    "evaluate-tractogram score m2m's against: per unit an ANTs registration to the atlas's template (rigid, "
+    "affine, SyN; about a minute on 2 threads). Default: every shipped atlas (DesikanKilliany); --atlases none: "
+    "none (training needs none). A unit prepared before gets the missing ones on a re-run.",
+)
 @with_verbosity
 @exits_cleanly
 def prepare(
@@ -129,6 +139,7 @@ def prepare(
     random_seed: int,
     dwi_derivatives: Path | None,
     omp_nthreads: int,
+    atlases: tuple[str, ...],
     verbose: int,
     quiet: int,
 ) -> None:
@@ -138,7 +149,8 @@ def prepare(
     of the T1w; per DWI series (same grid and phase encoding) a tensor fit (dipy WLS, shells
     up to b=1500), b0->T1w rigid registration (from the headers, checked against ANTs),
     deterministic tractography (.trx); tensor maps, track-density maps and the DWI's field
-    of view on the T1w grid, a QC figure; then PREP_DIR/manifest.tsv lists the pairs with
+    of view on the T1w grid, a QC figure, and per atlas (--atlases) a parcellation, region
+    table and connectome; then PREP_DIR/manifest.tsv lists the pairs with
     QC numbers. A unit whose QC is implausible (registration > 2.5 mm from ANTs' or > 12 mm
     from the headers, white matter outside 20-55 % of the brain, < 25 % of the brain in the
     DWI's field of view) is flagged there and left out of training unless --include-flagged.
@@ -152,8 +164,9 @@ def prepare(
     from m2m_app.io.derivatives import dataset_description, source_link_name
     from m2m_app.io.manifest import qc_path, write_manifest
     from m2m_app.io.nifti import load_t1w
+    from m2m_app.data.atlases import ATLASES, parse_atlases
     from m2m_app.registration.parcellation import TEACHER_TRACK, region_paths
-    from m2m_app.reports.methods import TEACHER_REFERENCES, TEACHER_SOFTWARE, write_bibtex
+    from m2m_app.reports.methods import TEACHER_SOFTWARE, teacher_cited, write_bibtex
     from m2m_app.teacher.prepare import load_dwi_runs
     from m2m_app.workflows.prepare import init_prepare_wf, node_name
 
@@ -169,20 +182,32 @@ def prepare(
     filters = bids_io.read_filters(bids_filter_file)
     preprocessed = bids_io.load_layout(dwi_derivatives, derivative=True) if dwi_derivatives else None
 
+    atlas_names = parse_atlases(atlases) if atlases else tuple(ATLASES)
+    prepared: set[Subject] = set()  # units whose targets are written, some of their regions missing
+
+    def missing_regions(subject: Subject) -> list[str]:
+        return [a for a in atlas_names if not region_paths(prep_dir, subject, a, TEACHER_TRACK)["regions"].exists()]
+
     def find(subject: Subject) -> tuple[Path, list[Path]] | None:
-        if qc_path(prep_dir, subject).exists():
+        done = qc_path(prep_dir, subject).exists()
+        if done and not missing_regions(subject):
             LOGGER.info("%s: already prepared, skipping", subject.label)
             return None
         if preprocessed is not None:  # a unit missing from QSIPrep's output is an error of its own
             t1w, dwi = bids_io.find_preprocessed_dwi(preprocessed, subject, filters)
         else:
             try:
-                t1w, dwi = bids_io.find_t1w(layout, subject, filters), bids_io.find_dwi(layout, subject, filters)
+                t1w = bids_io.find_t1w(layout, subject, filters)
+                dwi = [] if done else bids_io.find_dwi(layout, subject, filters)
             except M2MError as err:  # a unit without DWI is no training pair: skip unless asked for
                 LOGGER.warning("%s", err)
                 if participant_labels:
                     raise
                 return None
+        if done:
+            LOGGER.info("%s: already prepared; its regions: %s", subject.label, ", ".join(missing_regions(subject)))
+            prepared.add(subject)
+            return t1w, dwi
         load_t1w(t1w)  # read every input once now, so bad data fails with its own message and exit code
         load_dwi_runs(dwi)
         return t1w, dwi
@@ -198,10 +223,16 @@ def prepare(
         dataset_description(prep_dir, bids_dir, name=PREP_NAME, link=link)
         link = source_link_name(prep_dir, dwi_derivatives)
     if units:
-        LOGGER.info("preparing %d unit(s): %s", len(units), ", ".join(s.label for s in units))
-        workflow = init_prepare_wf(units, prep_dir, work_dir, random_seed, omp_nthreads, link, dwi_source)
+        LOGGER.info(
+            "preparing %d unit(s): %s",
+            len(units),
+            ", ".join(s.label + " (parcellations)" * (s in prepared) for s in units),
+        )
+        workflow = init_prepare_wf(
+            units, prep_dir, work_dir, random_seed, omp_nthreads, link, dwi_source, atlas_names, prepared
+        )
         citation = write_citation(prep_dir, workflow)
-        write_bibtex(citation.with_suffix(".bib"), TEACHER_REFERENCES[dwi_source], TEACHER_SOFTWARE)
+        write_bibtex(citation.with_suffix(".bib"), teacher_cited(dwi_source, bool(atlas_names)), TEACHER_SOFTWARE)
         workflow.config["execution"]["crashdump_dir"] = str(prep_dir / "logs")
         ok = run_workflow(workflow, plugin_settings(nprocs, None, use_plugin), stop_on_first_crash=False)
         reasons = crash_reasons(prep_dir / "logs")
@@ -209,10 +240,14 @@ def prepare(
             if not qc_path(prep_dir, subject).exists():
                 failures[subject.label] = reasons.get(node_name(subject), "see the crash file in PREP_DIR/logs")
                 codes.add(EX_FAILURE)
-            elif not region_paths(prep_dir, subject, "DesikanKilliany", TEACHER_TRACK)["regions"].exists():
-                # the training pair stays usable; only m2m-train evaluate-tractogram's region scores miss it
+            elif missing := missing_regions(subject):
+                # the training pair stays usable; only the evaluate commands' region scores miss it
                 reason = reasons.get(node_name(subject).replace("prepare_", "regions_", 1), "see PREP_DIR/logs")
-                click.echo(f"m2m-train prepare: {subject.label}: no teacher parcellation: {reason}", err=True)
+                click.echo(
+                    f"m2m-train prepare: {subject.label}: no teacher parcellation ({', '.join(missing)}): {reason}; "
+                    "a re-run makes it",
+                    err=True,
+                )
                 codes.add(EX_FAILURE)
     dataset_description(prep_dir, dwi_derivatives or bids_dir, name=PREP_NAME, link=link)
     manifest = write_manifest(prep_dir, failures)

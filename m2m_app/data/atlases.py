@@ -89,8 +89,11 @@ ATLASES: dict[str, Callable[[], Atlas]] = {"DesikanKilliany": _desikan_killiany}
 
 def parse_atlases(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``("DesikanKilliany",)`` → the atlas names asked for, in order, without repeats (commas or
-    spaces separate them too); an atlas that does not install offline is a usage error."""
+    spaces separate them too); ``none`` alone: none; an atlas that does not install offline is a
+    usage error."""
     names = [v for item in values for v in item.replace(",", " ").split()]
+    if names == ["none"]:
+        return ()
     for name in names:
         if name not in ATLASES:
             raise UsageError(f"--atlases {name}: unknown or not installed offline; available: {', '.join(ATLASES)}")

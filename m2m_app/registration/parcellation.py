@@ -22,6 +22,7 @@ tractogram), so that ``m2m-train evaluate-tractogram`` can score m2m's against t
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -287,9 +288,14 @@ TEACHER_TRACK = "tensordet"
 
 
 def write_teacher_regions(
-    prep_dir: Path, subject: Subject, t1w: Path, seed: int = 0, threads: int = 1
+    prep_dir: Path,
+    subject: Subject,
+    t1w: Path,
+    atlases: Sequence[str] = tuple(ATLASES),
+    seed: int = 0,
+    threads: int = 1,
 ) -> dict[str, dict]:
-    """For every shipped atlas, the teacher's parcellation, region table and connectome in
+    """For each of ``atlases``, the teacher's parcellation, region table and connectome in
     ``prep_dir``: the unit's T1w registered to the atlas's template with the teacher's brain mask
     (transforms written beside, as the app writes them; kept on a re-run), then
     :func:`write_regions` on the teacher's tensor maps and tractogram, limited to the DWI's field of
@@ -300,7 +306,7 @@ def write_teacher_regions(
     teacher = derivative_paths(prep_dir, subject, TEACHER_TRACK)
     written = {key: teacher[key] for key in ("mask", *REGION_MAPS, "tractogram") if teacher[key].exists()}
     summaries = {}
-    for name in ATLASES:
+    for name in atlases:
         atlas = ATLASES[name]()
         transforms = transform_paths(prep_dir, subject, atlas.template)
         if not all(path.exists() for path in transforms.values()):

@@ -166,25 +166,22 @@ TOOL_REFERENCES = ("gorgolewski2011", "garyfallidis2014", "gorgolewski2016")
 #: Of the registration to a template (``--output-spaces``, ``--atlases``), and of the atlas.
 TEMPLATE_REFERENCES = ("avants2008", "fonov2011")
 ATLAS_REFERENCES = ("desikan2006", "markello2021")
-#: The references of the teacher's methods text (``m2m-train prepare``), in the order it cites them, by where
-#: its DWI comes from (:data:`m2m_app.teacher.prepare.DWI_SOURCES`): the raw DWI, registered by m2m
-#: (ANTs' check cited), or QSIPrep's preprocessed DWI (QSIPrep cited, no registration); both register the
-#: T1w to the template for the parcellation (ANTs, the template, the atlas).
-_TEACHER_UNTIL_TOOLS = {
-    "raw": ("fisch2024", "avants2011", "tustison2010", "garyfallidis2014", *TEMPLATE_REFERENCES, *ATLAS_REFERENCES),
-    "qsiprep": (
-        "fisch2024",
-        "avants2011",
-        "tustison2010",
-        "cieslak2021",
-        "garyfallidis2014",
-        *TEMPLATE_REFERENCES,
-        *ATLAS_REFERENCES,
-    ),
+#: The references of the teacher's methods text (``m2m-train prepare``) before the atlas's, in the order
+#: it cites them, by where its DWI comes from (:data:`m2m_app.teacher.prepare.DWI_SOURCES`): the raw DWI,
+#: registered by m2m (ANTs' check cited), or QSIPrep's preprocessed DWI (QSIPrep cited, no registration).
+_TEACHER_UNTIL_ATLAS = {
+    "raw": ("fisch2024", "avants2011", "tustison2010", "garyfallidis2014", "avants2008"),
+    "qsiprep": ("fisch2024", "avants2011", "tustison2010", "cieslak2021", "garyfallidis2014"),
 }
-TEACHER_REFERENCES = {
-    source: (*keys, "gorgolewski2011", "gorgolewski2016") for source, keys in _TEACHER_UNTIL_TOOLS.items()
-}
+
+
+def teacher_cited(dwi_source: str, with_atlas: bool = True) -> list[str]:
+    """The BibTeX keys of ``m2m-train prepare``'s methods text: with an atlas (``--atlases``) the
+    T1w's registration to the template (ANTs, the template) and the atlas are cited too."""
+    atlas = (*TEMPLATE_REFERENCES, *ATLAS_REFERENCES) if with_atlas else ()
+    return list(dict.fromkeys((*_TEACHER_UNTIL_ATLAS[dwi_source], *atlas, "gorgolewski2011", "gorgolewski2016")))
+
+
 #: The distributions the teacher runs on, cited with their installed versions.
 TEACHER_SOFTWARE = ("m2m-app", "deepbet", "antspyx", "dipy", "nipype", "nibabel", "torch")
 

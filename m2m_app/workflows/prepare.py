@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from nipype.pipeline import engine as pe
@@ -9,6 +10,7 @@ from niworkflows.engine.workflows import LiterateWorkflow
 
 from m2m_app.interfaces.spaces import TeacherRegions
 from m2m_app.interfaces.teacher import PrepareSubject
+from m2m_app.io.manifest import qc_path
 from m2m_app.io.naming import Subject
 
 
@@ -25,11 +27,16 @@ def init_prepare_wf(
     num_threads: int = 1,
     source_link: str = "raw",
     dwi_source: str = "raw",
+    atlases: Sequence[str] = (),
+    prepared: Collection[Subject] = (),
 ) -> LiterateWorkflow:
     """Build the teacher workflow: ``units`` maps each unit to its T1w and DWI runs, all from the
     BIDS dataset that ``prep_dir`` links as ``source_link``; ``dwi_source`` ``qsiprep``: QSIPrep's
     preprocessed T1w and DWI, in one space, so not registered (see
-    :func:`~m2m_app.teacher.prepare.prepare_subject`)."""
+    :func:`~m2m_app.teacher.prepare.prepare_subject`). After each unit, its parcellation, region
+    table and connectome for each of ``atlases`` (names of
+    :data:`~m2m_app.data.atlases.ATLASES`); the units in ``prepared`` already hold their targets
+    and get only those."""
     workflow = LiterateWorkflow(name="m2m_prepare_wf", base_dir=str(work_dir))
     if dwi_source == "qsiprep":
         alignment = (
@@ -53,13 +60,35 @@ def init_prepare_wf(
         "Training targets were computed by m2m's teacher. The T1w's brain mask came from deepbet "
         "(Fisch et al., 2024) and its tissue classes from ANTs Atropos (Avants et al., 2011) after N4 bias correction "
         f"(Tustison et al., 2010). {alignment} (series averaged in the log domain), limited to the brain mask and "
-        "the DWI's field of view, and tracked deterministically (dipy EuDX, seeds in FA > 0.3). The T1w, "
-        "brain-extracted with that mask, was registered to the MNI152NLin2009aSym template with ANTs (rigid, affine, "
-        "SyN), the Desikan-Killiany atlas brought back onto the T1w grid (nearest neighbour), and per region the "
-        "tensor maps were averaged and the streamlines' end points assigned (4 mm radial search) to build a "
-        "connectome."
+        "the DWI's field of view, and tracked deterministically (dipy EuDX, seeds in FA > 0.3)."
     )
+    if atlases:
+        workflow.__desc__ += (
+            " The T1w, brain-extracted with that mask, was registered to the MNI152NLin2009aSym template with ANTs "
+            "(rigid, affine, SyN), the Desikan-Killiany atlas brought back onto the T1w grid (nearest neighbour), and "
+            "per region the tensor maps were averaged and the streamlines' end points assigned (4 mm radial search) "
+            "to build a connectome."
+        )
     for subject, (t1w, dwi) in units.items():
+        regions = pe.Node(
+            TeacherRegions(
+                participant=subject.participant,
+                session=subject.session or "",
+                t1w=str(t1w),
+                prep_dir=str(prep_dir),
+                atlases=list(atlases),
+                random_seed=random_seed,
+                num_threads=num_threads,
+            ),
+            name=node_name(subject).replace("prepare_", "regions_", 1),
+            mem_gb=3.0,
+            n_procs=num_threads,
+        )
+        if subject in prepared:
+            if atlases:
+                regions.inputs.qc_file = str(qc_path(prep_dir, subject))
+                workflow.add_nodes([regions])
+            continue
         node = pe.Node(
             PrepareSubject(
                 participant=subject.participant,
@@ -77,18 +106,8 @@ def init_prepare_wf(
             n_procs=num_threads,
             overwrite=True,
         )
-        regions = pe.Node(
-            TeacherRegions(
-                participant=subject.participant,
-                session=subject.session or "",
-                t1w=str(t1w),
-                prep_dir=str(prep_dir),
-                random_seed=random_seed,
-                num_threads=num_threads,
-            ),
-            name=node_name(subject).replace("prepare_", "regions_", 1),
-            mem_gb=3.0,
-            n_procs=num_threads,
-        )
-        workflow.connect(node, "qc_file", regions, "qc_file")
+        if atlases:
+            workflow.connect(node, "qc_file", regions, "qc_file")
+        else:
+            workflow.add_nodes([node])
     return workflow
