@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -410,6 +412,41 @@ def test_resource_options_reach_the_nipype_plugin(tmp_path):
     yaml_file.write_text("just: words\n")
     with pytest.raises(Exception, match="needs a 'plugin:' key"):
         plugin_settings(4, None, yaml_file)
+
+
+_PRELOAD_PROBE = """
+import sys
+from pathlib import Path
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from m2m_app.cli.common import plugin_settings, run_workflow
+
+
+def preloaded():
+    import sys
+    return "torch" in sys.modules and "m2m_app.inference.predict" in sys.modules
+
+
+if __name__ == "__main__":  # the forkserver imports this module too
+    workflow = pe.Workflow(name="probe", base_dir=sys.argv[1])
+    node = pe.Node(niu.Function(function=preloaded, input_names=[], output_names=["out"]), name="probe")
+    workflow.add_nodes([node])
+    assert run_workflow(workflow, plugin_settings(2, None, None), stop_on_first_crash=True)
+    print(workflow.config["execution"]["poll_sleep_duration"], "torch" in sys.modules)
+"""
+
+
+def test_multiproc_workers_start_with_torch_and_the_nodes_imported(tmp_path):
+    """MultiProc's forkserver imports torch and m2m's nodes once, so each node's worker (one per task)
+    starts with them; the main process still has no torch; the scheduler looks every 0.1 s."""
+    from nipype.utils.filemanip import loadpkl
+
+    probe = tmp_path / "probe.py"  # a file: Nipype's Function node reads its function's source
+    probe.write_text(_PRELOAD_PROBE)
+    result = subprocess.run([sys.executable, str(probe), str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["0.1", "False"]
+    assert loadpkl(tmp_path / "probe" / "probe" / "result_probe.pklz").outputs.out is True
 
 
 def test_stage_timer_keeps_each_stage_time(tmp_path, caplog):

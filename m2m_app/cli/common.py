@@ -260,16 +260,40 @@ def _configure_nipype_workers(work_dir: Path) -> None:
     os.environ["NIPYPE_CONFIG_DIR"] = str(folder)
 
 
+#: Modules the forkserver imports once (torch, dipy, matplotlib, Nipype and m2m's nodes), so that
+#: each node's worker process, forked from it for one task (``maxtasksperchild`` 1), starts with
+#: them instead of importing them again; importing runs no thread pool, so forking stays safe.
+WORKER_PRELOAD = (
+    "nipype.pipeline.engine",
+    "dipy.reconst.dti",
+    "m2m_app.inference.predict",
+    "m2m_app.tractography.views",
+    "m2m_app.io.derivatives",
+    "m2m_app.io.tractogram",
+    "m2m_app.reports.figures",
+    "m2m_app.reports.subject",
+)
+#: Seconds between two looks of MultiProc's scheduler at its workers (Nipype's default 2 s left
+#: each stage's successor waiting about 1 s); other plugins (SLURM, SGE) keep their own.
+MULTIPROC_POLL_S = 0.1
+
+
 def run_workflow(workflow, settings: dict, stop_on_first_crash: bool, status_callback=None) -> bool:
     """Run a Nipype workflow; return False when some node crashed (the others still ran).
 
     ``status_callback(node, status)`` is handed to the plugin (e.g. a
     :class:`~m2m_app.workflows.timing.StageTimer`).
     """
+    import multiprocessing
+
     _configure_nipype_workers(Path(workflow.base_dir))
     workflow.config["execution"].update(
         {"stop_on_first_crash": stop_on_first_crash, "crashfile_format": "txt", "remove_unnecessary_outputs": False}
     )
+    if settings["plugin"] == "MultiProc":
+        workflow.config["execution"]["poll_sleep_duration"] = MULTIPROC_POLL_S
+        if settings["plugin_args"].get("mp_context") == "forkserver":
+            multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", *WORKER_PRELOAD])
     plugin_args = dict(settings["plugin_args"])
     if status_callback is not None:
         plugin_args["status_callback"] = status_callback
