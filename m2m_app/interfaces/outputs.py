@@ -166,6 +166,7 @@ class _WriteReportInputSpec(_OutputGridInputSpec):
     command_line = Str("", usedefault=True, desc="the m2m command line, for the report's About section")
     spaces = traits.List(traits.Dict, desc="from WriteTemplateSpace, one per template space")
     regions = traits.List(traits.Dict, desc="from WriteRegions, one per atlas")
+    num_threads = traits.Int(1, usedefault=True, desc="threads resampling the viewer's volumes")
 
 
 class _WriteReportOutputSpec(TraitedSpec):
@@ -228,6 +229,7 @@ class WriteReport(SimpleInterface):
                 weights_dir=inputs.weights_dir,
                 spaces=spaces,
                 regions=regions,
+                threads=inputs.num_threads,
             )
         )
         self._results["qc"] = str(save_json(qc, qc_path(Path(inputs.output_dir), subject)))

@@ -88,7 +88,7 @@ def _relative(path: Path, output_dir: Path) -> str:
 
 class _Maps(Mapping[str, np.ndarray]):
     """The T1w underlay (``t1w``) and written maps by key, each read from its file when asked for
-    (so that only one full-resolution map at a time is held by the viewer's preparation)."""
+    (so that the viewer's preparation holds one full-resolution map per thread at a time)."""
 
     def __init__(self, paths: dict[str, Path]) -> None:
         self.paths = paths
@@ -317,6 +317,7 @@ def write_report(
     weights_dir: str | None = None,
     spaces: list[dict] | None = None,
     regions: list[dict] | None = None,
+    threads: int = 1,
 ) -> Path:
     """Write ``sub-<label>[_ses-<label>].html``; with ``written=None`` (a failed run) it shows no figures.
 
@@ -327,7 +328,8 @@ def write_report(
     paths, registration QC) fill the Template space section, ``regions`` (from the parcellation
     writer: atlas, written paths, summary) the Regions section. The methods' references are
     written to ``logs/CITATION.bib``; the viewer's data script and a copy of NiiVue go into the
-    unit's ``figures/`` folder (:func:`~m2m_app.reports.viewer.write_viewer`).
+    unit's ``figures/`` folder (:func:`~m2m_app.reports.viewer.write_viewer`), its volumes
+    resampled in ``threads`` threads.
     """
     output_dir = Path(output_dir)
     summary_html = _table({"m2m version": __version__, **summary})
@@ -343,7 +345,7 @@ def write_report(
         streamlines = load_streamlines(written["tractogram"], t1w) if "tractogram" in written else None
         figures = report_figures(output_dir, subject, t1w, written, streamlines)
         maps = _Maps({"t1w": Path(t1w)} | {key: written[key] for key in VIEWER_VOLUMES if key in written})
-        data = prepare_viewer_data(maps, cast(nib.Nifti1Image, nib.load(t1w)).affine, streamlines)
+        data = prepare_viewer_data(maps, cast(nib.Nifti1Image, nib.load(t1w)).affine, streamlines, threads=threads)
         viewer, scripts = viewer_html(write_viewer(output_dir, subject, data), data, output_dir)
     keys = cited(
         with_nerf=bool(written and "tractogram" in written), with_template=bool(spaces), with_atlas=bool(regions)

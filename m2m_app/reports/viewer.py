@@ -22,6 +22,7 @@ import gzip
 import html
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,7 @@ def prepare_viewer_data(
     max_streamlines: int = VIEWER_STREAMLINES,
     segment_mm: float = VIEWER_SEGMENT_MM,
     seed: int = VIEWER_SEED,
+    threads: int = 1,
 ) -> ViewerData:
     """What the viewer shows: the volumes of ``images`` on a coarser grid, and a streamline subset.
 
@@ -158,15 +160,19 @@ def prepare_viewer_data(
     ``resolution_mm`` mm (or of the smallest voxel size, when larger) with the same axes and
     field of view, then quantised (:func:`quantise`). ``streamlines`` (``(K_i, 3)`` RAS+ mm):
     at most ``max_streamlines`` of those with two points or more, drawn with ``seed``, thinned
-    to segments of about ``segment_mm`` mm.
+    to segments of about ``segment_mm`` mm. The volumes are prepared in ``threads`` threads.
     """
     voxel = max(resolution_mm, float(nib.affines.voxel_sizes(affine).min()))
     underlay = images["t1w"]
     shape, grid = isotropic_grid(underlay.shape[:3], affine, voxel)
-    volumes = []
-    for key in (key for key in VIEWER_VOLUMES if key in images):
+
+    def prepared(key: str) -> ViewerVolume:
         values = np.asarray(underlay if key == "t1w" else images[key], np.float32)
-        volumes.append(_volume(key, resample_volume(values, affine, grid, shape, 1)))
+        return _volume(key, resample_volume(values, affine, grid, shape, 1))
+
+    # one volume per thread (reading, anti-aliasing and interpolating release the GIL)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        volumes = list(pool.map(prepared, [key for key in VIEWER_VOLUMES if key in images]))
     lines = [np.asarray(s, np.float32) for s in streamlines or [] if len(s) > 1]
     subset = [thinned(s, segment_mm) for s in random_subset(lines, max_streamlines, seed)]
     return ViewerData(grid, volumes, subset, len(streamlines or []))

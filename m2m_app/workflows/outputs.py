@@ -141,7 +141,10 @@ def init_ds_wf(
         mem_gb=2,
     )
     report = pe.Node(
-        WriteReport(command_line=config.command_line, **where, **resolution), name="write_report", mem_gb=2
+        WriteReport(command_line=config.command_line, num_threads=config.omp_nthreads, **where, **resolution),
+        name="write_report",
+        n_procs=config.omp_nthreads,
+        mem_gb=2,
     )
     maps = PHASE1_INPUTS + (() if config.skip_phase2 else PHASE2_INPUTS)
     workflow.connect(
