@@ -148,7 +148,7 @@ def test_corpus_callosum_is_left_right(prepared_ds_real, unit):
 def test_rerun_skips_finished_units_and_adds_the_teachers_regions(prepared_ds_real):
     """Prepared with --atlases none, sub-01 is not prepared again by a re-run with the default atlases;
     only its parcellation, region table and connectome are added (its own registration, the teacher's
-    brain mask, FA and tractogram)."""
+    brain mask, FA and tractogram), and made again when one is deleted."""
     from m2m_app.io.files import read_tsv
     from m2m_app.io.naming import Subject
     from m2m_app.registration.parcellation import TEACHER_TRACK, region_paths
@@ -172,6 +172,10 @@ def test_rerun_skips_finished_units_and_adds_the_teachers_regions(prepared_ds_re
     assert "Desikan-Killiany" in (prep / "logs" / "CITATION.md").read_text()
     result = run_cli("train", "prepare", DS_REAL, prep, "--participant-label", "sub-01")
     assert result.returncode == 0 and "already prepared, skipping" in result.stderr
+    paths["regions"].unlink()  # a table lost from the prep dir is made again (not taken from the work cache)
+    result = run_cli("train", "prepare", DS_REAL, prep, "--participant-label", "sub-01")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(read_tsv(paths["regions"])) == 83 and fa_file.stat().st_mtime_ns == before
 
 
 @pytest.mark.slow

@@ -161,10 +161,10 @@ def prepare(
     With --dwi-derivatives QSIPREP_DIR each unit of BIDS_DIR takes QSIPrep's preprocessed T1w and
     DWI instead (no registration: identity transform); a unit missing there fails on its own.
     """
+    from m2m_app.data.atlases import ATLASES, parse_atlases
     from m2m_app.io.derivatives import dataset_description, source_link_name
     from m2m_app.io.manifest import qc_path, write_manifest
     from m2m_app.io.nifti import load_t1w
-    from m2m_app.data.atlases import ATLASES, parse_atlases
     from m2m_app.registration.parcellation import TEACHER_TRACK, region_paths
     from m2m_app.reports.methods import TEACHER_SOFTWARE, teacher_cited, write_bibtex
     from m2m_app.teacher.prepare import load_dwi_runs
@@ -183,14 +183,14 @@ def prepare(
     preprocessed = bids_io.load_layout(dwi_derivatives, derivative=True) if dwi_derivatives else None
 
     atlas_names = parse_atlases(atlases) if atlases else tuple(ATLASES)
-    prepared: set[Subject] = set()  # units whose targets are written, some of their regions missing
 
     def missing_regions(subject: Subject) -> list[str]:
         return [a for a in atlas_names if not region_paths(prep_dir, subject, a, TEACHER_TRACK)["regions"].exists()]
 
     def find(subject: Subject) -> tuple[Path, list[Path]] | None:
         done = qc_path(prep_dir, subject).exists()
-        if done and not missing_regions(subject):
+        missing = missing_regions(subject) if done else []
+        if done and not missing:
             LOGGER.info("%s: already prepared, skipping", subject.label)
             return None
         if preprocessed is not None:  # a unit missing from QSIPrep's output is an error of its own
@@ -205,8 +205,7 @@ def prepare(
                     raise
                 return None
         if done:
-            LOGGER.info("%s: already prepared; its regions: %s", subject.label, ", ".join(missing_regions(subject)))
-            prepared.add(subject)
+            LOGGER.info("%s: already prepared; its regions: %s", subject.label, ", ".join(missing))
             return t1w, dwi
         load_t1w(t1w)  # read every input once now, so bad data fails with its own message and exit code
         load_dwi_runs(dwi)
@@ -222,6 +221,7 @@ def prepare(
     if dwi_derivatives:  # the units' files come from QSIPrep's dataset, linked under a key of its own
         dataset_description(prep_dir, bids_dir, name=PREP_NAME, link=link)
         link = source_link_name(prep_dir, dwi_derivatives)
+    prepared = {subject for subject in units if qc_path(prep_dir, subject).exists()}  # their regions only
     if units:
         LOGGER.info(
             "preparing %d unit(s): %s",

@@ -70,6 +70,28 @@ def init_prepare_wf(
             "to build a connectome."
         )
     for subject, (t1w, dwi) in units.items():
+        prepare = None
+        if subject not in prepared:
+            prepare = pe.Node(
+                PrepareSubject(
+                    participant=subject.participant,
+                    session=subject.session or "",
+                    t1w=str(t1w),
+                    dwi=[str(p) for p in dwi],
+                    prep_dir=str(prep_dir),
+                    random_seed=random_seed,
+                    num_threads=num_threads,
+                    source_link=source_link,
+                    dwi_source=dwi_source,
+                ),
+                name=node_name(subject),
+                mem_gb=6.0,
+                n_procs=num_threads,
+                overwrite=True,
+            )
+            workflow.add_nodes([prepare])
+        if not atlases:
+            continue
         regions = pe.Node(
             TeacherRegions(
                 participant=subject.participant,
@@ -83,31 +105,11 @@ def init_prepare_wf(
             name=node_name(subject).replace("prepare_", "regions_", 1),
             mem_gb=3.0,
             n_procs=num_threads,
+            overwrite=True,  # built only when the prep dir lacks them: the work folder's cache must not say "done"
         )
-        if subject in prepared:
-            if atlases:
-                regions.inputs.qc_file = str(qc_path(prep_dir, subject))
-                workflow.add_nodes([regions])
-            continue
-        node = pe.Node(
-            PrepareSubject(
-                participant=subject.participant,
-                session=subject.session or "",
-                t1w=str(t1w),
-                dwi=[str(p) for p in dwi],
-                prep_dir=str(prep_dir),
-                random_seed=random_seed,
-                num_threads=num_threads,
-                source_link=source_link,
-                dwi_source=dwi_source,
-            ),
-            name=node_name(subject),
-            mem_gb=6.0,
-            n_procs=num_threads,
-            overwrite=True,
-        )
-        if atlases:
-            workflow.connect(node, "qc_file", regions, "qc_file")
+        if prepare is None:
+            regions.inputs.qc_file = str(qc_path(prep_dir, subject))
+            workflow.add_nodes([regions])
         else:
-            workflow.add_nodes([node])
+            workflow.connect(prepare, "qc_file", regions, "qc_file")
     return workflow
